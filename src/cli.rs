@@ -1,0 +1,220 @@
+//! The command line: clap definitions (the doc comments are the help text) and their resolution
+//! into the typed options the library uses.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::selection::{SelectionError, Spec};
+use crate::source::{Location, RetryPolicy, S3Options};
+use crate::units::ByteSize;
+
+/// Download exactly the bytes you need from a PyTorch Distributed Checkpoint (DCP) in S3 or a
+/// local folder.
+///
+/// dcpfetch reads the checkpoint's `.metadata` without Python (and without running anything it
+/// names), plans the byte ranges of the tensors you select, and fetches them concurrently into a
+/// sparse local copy that `torch.distributed.checkpoint.load` reads, or onto stdout.
+///
+/// Exit codes: 0 success; 1 the check or fetch found a problem (a selection that matches nothing,
+/// a failed verification, a missing or changed shard); 2 usage error or could not run (unreadable
+/// metadata, no credentials, unreachable endpoint).
+#[derive(Debug, Parser)]
+#[command(name = "dcpfetch", version, max_term_width = 100)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List the entries of a checkpoint: fqn, kind, dtype, shape, chunks, stored bytes, files.
+    Ls(LsArgs),
+    /// Show the byte ranges, range groups and requests a selection needs, without fetching.
+    Plan(PlanArgs),
+    /// Fetch the selected items into a sparse copy of the checkpoint (-o DIR) or to stdout (-o -).
+    Fetch(FetchArgs),
+    /// Print shell completions.
+    Completions {
+        /// The shell to print completions for.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Options for reaching S3 (the default credential chain applies: environment, profiles, SSO, web
+/// identity, instance metadata).
+#[derive(Debug, Clone, Args, Default)]
+#[command(next_help_heading = "S3")]
+pub struct S3Args {
+    /// AWS region of the bucket (default: from the environment or profile, else us-east-1).
+    #[arg(long, value_name = "REGION")]
+    pub region: Option<String>,
+    /// Named profile from the AWS config files.
+    #[arg(long, value_name = "NAME")]
+    pub profile: Option<String>,
+    /// Custom S3 endpoint, such as MinIO or a test server (AWS_ENDPOINT_URL also works).
+    #[arg(long, value_name = "URL")]
+    pub endpoint_url: Option<String>,
+    /// Use path-style addressing (http://host/bucket/key), as most non-AWS servers need.
+    #[arg(long)]
+    pub path_style: bool,
+    /// Send unsigned requests (public buckets).
+    #[arg(long)]
+    pub no_sign_request: bool,
+    /// Attempts per request before giving up, the first included.
+    #[arg(long, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub max_attempts: u32,
+    /// Abandon and resume a response that delivers nothing for this many seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
+    pub stall_timeout: f64,
+}
+
+impl S3Args {
+    pub fn options(&self) -> S3Options {
+        S3Options {
+            region: self.region.clone(),
+            profile: self.profile.clone(),
+            endpoint_url: self.endpoint_url.clone(),
+            path_style: self.path_style,
+            no_sign_request: self.no_sign_request,
+            retry: RetryPolicy {
+                max_attempts: self.max_attempts,
+                stall_timeout: Duration::from_secs_f64(self.stall_timeout.clamp(0.05, 86_400.0)),
+                ..RetryPolicy::default()
+            },
+        }
+    }
+}
+
+/// What to select.
+#[derive(Debug, Clone, Args, Default)]
+#[command(next_help_heading = "Selection")]
+pub struct SelectArgs {
+    /// Select entries whose fqn matches this glob (repeatable; `*` also matches dots), such as
+    /// 'model.layers.*.attn.*'. Without --select or --spec regions, everything is selected.
+    #[arg(long = "select", short = 's', value_name = "GLOB")]
+    pub select: Vec<String>,
+    /// Leave out entries whose fqn matches this glob (repeatable), such as 'optim.*'.
+    #[arg(long = "exclude", short = 'x', value_name = "GLOB")]
+    pub exclude: Vec<String>,
+    /// A JSON selection spec: {"select": [...], "exclude": [...], "regions": [{"fqn", "offsets",
+    /// "sizes"}]} (see docs/selection.md). Combined with --select and --exclude.
+    #[arg(long, value_name = "FILE")]
+    pub spec: Option<PathBuf>,
+}
+
+impl SelectArgs {
+    pub fn spec(&self) -> Result<Spec, SelectionError> {
+        let base = match &self.spec {
+            Some(path) => Spec::from_file(path)?,
+            None => Spec::default(),
+        };
+        Ok(base.with_globs(&self.select, &self.exclude))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// The checkpoint: a folder, file://PATH or s3://BUCKET/PREFIX.
+    #[arg(value_name = "CKPT")]
+    pub checkpoint: Location,
+    #[command(flatten)]
+    pub selection: SelectArgs,
+    /// Print one JSON document (schema in docs/output.md) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub s3: S3Args,
+}
+
+/// How ranges are grouped and split into requests.
+#[derive(Debug, Clone, Copy, Args)]
+#[command(next_help_heading = "Plan")]
+pub struct PlanOpts {
+    /// Join two ranges of a file into one range group when the gap between them is at most this
+    /// (0 joins only adjacent ranges; inf joins the whole file). Accepts 0, 4096, 512KiB, 32MiB,
+    /// 1GB, inf.
+    #[arg(long, value_name = "SIZE", default_value = "2MiB")]
+    pub max_gap_size: ByteSize,
+    /// Split range groups into requests of at most this size.
+    #[arg(long, value_name = "SIZE", default_value = "8MiB")]
+    pub part_size: ByteSize,
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// The checkpoint: a folder, file://PATH or s3://BUCKET/PREFIX.
+    #[arg(value_name = "CKPT")]
+    pub checkpoint: Location,
+    #[command(flatten)]
+    pub selection: SelectArgs,
+    #[command(flatten)]
+    pub plan: PlanOpts,
+    /// Print one JSON document (schema in docs/output.md) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// List every range group, not only the per-file summary.
+    #[arg(long)]
+    pub groups: bool,
+    #[command(flatten)]
+    pub s3: S3Args,
+}
+
+/// What `-o -` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StreamFormat {
+    /// The items' bytes back to back, in plan order (file, then offset).
+    Raw,
+    /// A tar stream with one entry per item, each a standalone torch.save archive.
+    Tar,
+}
+
+#[derive(Debug, Args)]
+pub struct FetchArgs {
+    /// The checkpoint: a folder, file://PATH or s3://BUCKET/PREFIX.
+    #[arg(value_name = "CKPT")]
+    pub checkpoint: Location,
+    #[command(flatten)]
+    pub selection: SelectArgs,
+    /// Output folder (a sparse copy of the checkpoint), or - for stdout.
+    #[arg(short = 'o', long = "output", value_name = "DIR|-")]
+    pub output: PathBuf,
+    /// With -o -: raw bytes or a tar stream.
+    #[arg(long, value_enum, default_value_t = StreamFormat::Raw)]
+    pub format: StreamFormat,
+    /// With -o -: write a JSON manifest mapping every item to its offset in the stream.
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
+    /// Continue an interrupted fetch into the same folder, fetching only what is missing.
+    #[arg(long)]
+    pub resume: bool,
+    /// Write into a folder that holds something else (existing files named by the checkpoint are
+    /// overwritten; nothing else is touched).
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub plan: PlanOpts,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Print a JSON summary on stdout when done (not with -o -).
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar and no warnings on stderr.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub s3: S3Args,
+}
+
+/// How hard the fetch engine pushes.
+#[derive(Debug, Clone, Copy, Args)]
+#[command(next_help_heading = "Engine")]
+pub struct EngineArgs {
+    /// Requests in flight at once.
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub concurrency: u32,
+    /// Most bytes held in memory at once (requests in flight plus data waiting to be written).
+    #[arg(long, value_name = "SIZE", default_value = "256MiB")]
+    pub max_memory: ByteSize,
+}

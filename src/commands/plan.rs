@@ -1,0 +1,239 @@
+//! `dcpfetch plan`: what a fetch of a selection would read, per file and in total.
+
+use std::collections::HashMap;
+use std::io::Write;
+
+use serde::Serialize;
+
+use crate::cli::PlanArgs;
+use crate::plan::Plan;
+use crate::report::Outcome;
+use crate::source::{ObjectMeta, ObjectName};
+use crate::units::{ByteSize, human};
+
+/// The `--json` document (docs/output.md).
+#[derive(Debug, Serialize)]
+pub struct PlanReport {
+    pub checkpoint: String,
+    /// `null` means no limit (`inf`).
+    pub max_gap_size: Option<u64>,
+    pub part_size: u64,
+    pub files: Vec<FileReport>,
+    pub totals: PlanTotals,
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FileReport {
+    pub file: String,
+    pub size: u64,
+    pub items: usize,
+    pub groups: usize,
+    pub requests: usize,
+    pub bytes_needed: u64,
+    pub gap_bytes: u64,
+    pub bytes_fetched: u64,
+    pub bytes_skipped: u64,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub range_groups: Vec<GroupReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct GroupReport {
+    pub start: u64,
+    pub end: u64,
+    pub items: usize,
+    pub requests: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PlanTotals {
+    pub files: usize,
+    pub items: usize,
+    pub groups: usize,
+    pub requests: usize,
+    pub bytes_needed: u64,
+    pub gap_bytes: u64,
+    pub bytes_fetched: u64,
+    pub bytes_skipped: u64,
+    /// Size of every shard file the metadata names.
+    pub checkpoint_bytes: u64,
+    /// `bytes_fetched / checkpoint_bytes`.
+    pub fetched_share: f64,
+}
+
+/// Builds the report; `objects` must hold every shard file of the checkpoint.
+pub fn report(
+    location: &str,
+    plan: &Plan,
+    objects: &HashMap<ObjectName, ObjectMeta>,
+    groups: bool,
+    warnings: Vec<String>,
+) -> PlanReport {
+    let files: Vec<FileReport> = plan
+        .files
+        .iter()
+        .map(|f| {
+            let size = objects.get(&f.name).map_or(0, |m| m.size);
+            let needed = f.needed();
+            let fetched = f.fetched();
+            FileReport {
+                file: f.name.to_string(),
+                size,
+                items: f.items.len(),
+                groups: f.groups.len(),
+                requests: f.parts.len(),
+                bytes_needed: needed,
+                gap_bytes: fetched - needed,
+                bytes_fetched: fetched,
+                bytes_skipped: size.saturating_sub(fetched),
+                range_groups: if groups {
+                    f.groups
+                        .iter()
+                        .enumerate()
+                        .map(|(gi, g)| GroupReport {
+                            start: g.range.start,
+                            end: g.range.end,
+                            items: g.items.len(),
+                            requests: f.parts.iter().filter(|p| p.group == gi).count(),
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                },
+            }
+        })
+        .collect();
+    let checkpoint_bytes: u64 = objects.values().map(|m| m.size).sum();
+    let bytes_fetched = plan.fetched();
+    PlanReport {
+        checkpoint: location.to_owned(),
+        max_gap_size: (!ByteSize(plan.options.max_gap).is_inf()).then_some(plan.options.max_gap),
+        part_size: plan.options.part_size,
+        totals: PlanTotals {
+            files: files.len(),
+            items: plan.items(),
+            groups: plan.groups(),
+            requests: plan.requests(),
+            bytes_needed: plan.needed(),
+            gap_bytes: bytes_fetched - plan.needed(),
+            bytes_fetched,
+            bytes_skipped: checkpoint_bytes.saturating_sub(bytes_fetched),
+            checkpoint_bytes,
+            fetched_share: if checkpoint_bytes == 0 {
+                0.0
+            } else {
+                bytes_fetched as f64 / checkpoint_bytes as f64
+            },
+        },
+        files,
+        warnings,
+    }
+}
+
+/// The table: a row per file (and per group with `--groups`), then the totals.
+pub fn write_table(out: &mut impl Write, r: &PlanReport) -> std::io::Result<()> {
+    let header = [
+        "FILE", "ITEMS", "GROUPS", "REQUESTS", "NEEDED", "GAPS", "FETCHED", "SKIPPED",
+    ];
+    let mut rows: Vec<[String; 8]> = Vec::new();
+    for f in &r.files {
+        rows.push([
+            f.file.clone(),
+            f.items.to_string(),
+            f.groups.to_string(),
+            f.requests.to_string(),
+            human(f.bytes_needed),
+            human(f.gap_bytes),
+            human(f.bytes_fetched),
+            human(f.bytes_skipped),
+        ]);
+        for g in &f.range_groups {
+            rows.push([
+                format!("  {}..{}", g.start, g.end),
+                g.items.to_string(),
+                String::new(),
+                g.requests.to_string(),
+                String::new(),
+                String::new(),
+                human(g.end - g.start),
+                String::new(),
+            ]);
+        }
+    }
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &[&str]| -> String {
+        let mut s = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i == 0 {
+                s.push_str(&format!("{cell:<w$}", w = widths[0]));
+            } else {
+                s.push_str(&format!("  {cell:>w$}", w = widths[i]));
+            }
+        }
+        s.trim_end().to_owned()
+    };
+    writeln!(out, "{}", line(&header))?;
+    for row in &rows {
+        let cells: Vec<&str> = row.iter().map(String::as_str).collect();
+        writeln!(out, "{}", line(&cells))?;
+    }
+    let t = &r.totals;
+    let gap = match r.max_gap_size {
+        Some(g) => human(g),
+        None => "inf".into(),
+    };
+    writeln!(
+        out,
+        "{} items in {} files: {} range groups (max gap {gap}), {} requests (parts of at most {}); \
+         {} needed + {} of gaps = {} fetched, {:.1}% of the checkpoint's {}",
+        t.items,
+        t.files,
+        t.groups,
+        t.requests,
+        human(r.part_size),
+        human(t.bytes_needed),
+        human(t.gap_bytes),
+        human(t.bytes_fetched),
+        t.fetched_share * 100.0,
+        human(t.checkpoint_bytes),
+    )
+}
+
+pub async fn run(args: PlanArgs) -> anyhow::Result<Outcome> {
+    let planned = super::plan(
+        &args.checkpoint,
+        &args.s3,
+        &args.selection,
+        args.plan.options(),
+        true,
+    )
+    .await?;
+    let r = report(
+        &planned.source.describe(),
+        &planned.plan,
+        &planned.objects,
+        args.groups,
+        planned.selection_warnings.clone(),
+    );
+    if !args.json {
+        super::warn_about(&planned.ck);
+        for w in &planned.selection_warnings {
+            crate::report::warn(w);
+        }
+    }
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    if args.json {
+        serde_json::to_writer_pretty(&mut out, &r)?;
+        writeln!(out)?;
+    } else {
+        write_table(&mut out, &r)?;
+    }
+    out.flush()?;
+    Ok(Outcome::Ok)
+}

@@ -1,0 +1,723 @@
+//! The DCP `Metadata` object, read from the value graph of [`super::pickle`].
+//!
+//! Only the classes torch writes are interpreted; anything else the file holds (extra attributes,
+//! Megatron's `mcore_data`) is ignored. Names of classes are matched under both the current module
+//! path (`torch.distributed.checkpoint`) and the legacy one (`torch.distributed._shard.checkpoint`).
+
+use super::dtype;
+use super::pickle::{CallKind, Node, Pickle, Value};
+
+/// One `.metadata` file, as written by one save (or by one rank with `use_collectives=False`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RankMetadata {
+    /// `Metadata.version` (`"1.0.0"` on torch >= 2.5; absent before).
+    pub version: Option<String>,
+    pub storage_meta: Option<StorageMeta>,
+    /// `state_dict_metadata`, in file order.
+    pub entries: Vec<(String, EntryMeta)>,
+    /// `storage_data`, in file order.
+    pub storage: Vec<(MetadataIndex, StorageInfo)>,
+    /// `planner_data`: fqn -> the un-flattened key path, when recorded.
+    pub planner_data: Option<Vec<(String, Vec<PathPart>)>>,
+}
+
+/// `StorageMeta`: identifiers of the save.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StorageMeta {
+    pub checkpoint_id: Option<String>,
+    pub save_id: Option<String>,
+    pub load_id: Option<String>,
+    pub modules: Vec<String>,
+}
+
+/// One element of a `planner_data` key path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathPart {
+    Key(String),
+    Index(i64),
+}
+
+/// What `state_dict_metadata` says about one fqn.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EntryMeta {
+    Tensor(TensorMeta),
+    Bytes,
+}
+
+/// `TensorStorageMetadata` with its `TensorProperties`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorMeta {
+    /// dtype name as torch pickles it (`float32`, `bfloat16`, ...).
+    pub dtype: String,
+    pub layout: String,
+    pub requires_grad: bool,
+    pub memory_format: String,
+    pub pin_memory: bool,
+    /// Present in the 6-tuple form of `TensorProperties` (newer torch).
+    pub strides: Option<Vec<i64>>,
+    pub shape: Vec<u64>,
+    pub chunks: Vec<ChunkMeta>,
+}
+
+impl TensorMeta {
+    /// Size in bytes of one element, when the dtype is known.
+    pub fn element_size(&self) -> Option<u64> {
+        dtype::element_size(&self.dtype)
+    }
+}
+
+/// `ChunkStorageMetadata`: the box of the tensor one stored chunk covers.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ChunkMeta {
+    pub offsets: Vec<u64>,
+    pub sizes: Vec<u64>,
+}
+
+/// `MetadataIndex`: the key of a storage entry.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct MetadataIndex {
+    pub fqn: String,
+    /// The chunk's offsets; `None` for bytes entries.
+    pub offset: Option<Vec<u64>>,
+    /// A lookup hint, not part of the identity.
+    pub index: Option<i64>,
+}
+
+/// `_StorageInfo`: where an item's bytes are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StorageInfo {
+    pub relative_path: String,
+    pub offset: u64,
+    pub length: u64,
+    pub transform_descriptors: Vec<String>,
+}
+
+/// Why a `.metadata` graph is not a DCP `Metadata`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{context}: {problem}")]
+pub struct ModelError {
+    pub context: String,
+    pub problem: String,
+}
+
+fn err<T>(context: impl Into<String>, problem: impl Into<String>) -> Result<T, ModelError> {
+    Err(ModelError {
+        context: context.into(),
+        problem: problem.into(),
+    })
+}
+
+const METADATA_MODULES: [&str; 2] = [
+    "torch.distributed.checkpoint.metadata",
+    "torch.distributed._shard.checkpoint.metadata",
+];
+const FILESYSTEM_MODULES: [&str; 2] = [
+    "torch.distributed.checkpoint.filesystem",
+    "torch.distributed._shard.checkpoint.filesystem",
+];
+const METADATA_CLASSES: [&str; 8] = [
+    "Metadata",
+    "TensorStorageMetadata",
+    "BytesStorageMetadata",
+    "ChunkStorageMetadata",
+    "TensorProperties",
+    "MetadataIndex",
+    "StorageMeta",
+    "_MEM_FORMAT_ENCODING",
+];
+
+/// Whether a global is one that torch's own loading of a `.metadata` resolves and that does
+/// nothing but build data. Anything else is a security finding.
+pub fn is_known_global(module: &str, name: &str) -> bool {
+    match module {
+        m if METADATA_MODULES.contains(&m) => METADATA_CLASSES.contains(&name),
+        m if FILESYSTEM_MODULES.contains(&m) => name == "_StorageInfo",
+        "torch" => name == "Size" || dtype::element_size(name).is_some(),
+        "torch.serialization" => name == "_get_layout",
+        "pathlib" => matches!(
+            name,
+            "PosixPath" | "PurePosixPath" | "WindowsPath" | "PureWindowsPath"
+        ),
+        "collections" => name == "OrderedDict",
+        _ => false,
+    }
+}
+
+struct Reader<'p> {
+    p: &'p Pickle,
+}
+
+impl<'p> Reader<'p> {
+    /// `(module, name)` of the class that made an object.
+    fn class_of(&self, v: Value) -> Option<(&'p str, &'p str)> {
+        match self.p.node(v)? {
+            Node::Object { callable, .. } => self.p.global(*callable),
+            _ => None,
+        }
+    }
+
+    fn is_class(&self, v: Value, modules: &[&str], name: &str) -> bool {
+        matches!(self.class_of(v), Some((m, n)) if n == name && modules.contains(&m))
+    }
+
+    fn describe(&self, v: Value) -> String {
+        match self.p.node(v) {
+            None => v.to_string(),
+            Some(Node::Str(s)) => format!("the string {s:?}"),
+            Some(Node::Global { module, name }) => format!("the global {module}.{name}"),
+            Some(Node::Object { .. }) => match self.class_of(v) {
+                Some((m, n)) => format!("an object of {m}.{n}"),
+                None => "an object of an unnamed class".to_string(),
+            },
+            Some(Node::Tuple(_)) => "a tuple".into(),
+            Some(Node::List(_)) => "a list".into(),
+            Some(Node::Dict(_)) => "a dict".into(),
+            Some(Node::Set(_) | Node::FrozenSet(_)) => "a set".into(),
+            Some(Node::Bytes(_)) => "bytes".into(),
+            Some(Node::BigInt(_)) => "an integer wider than 64 bits".into(),
+            Some(Node::PersistentId(_)) => "a persistent id".into(),
+        }
+    }
+
+    /// The attribute dict of an object: its `BUILD` state, or the dict half of a
+    /// `(dict, slots)` state.
+    fn attrs(&self, obj: Value, ctx: &str) -> Result<Option<Value>, ModelError> {
+        let Some(Node::Object { state, .. }) = self.p.node(obj) else {
+            return err(
+                ctx,
+                format!("expected an object, found {}", self.describe(obj)),
+            );
+        };
+        let Some(state) = *state else { return Ok(None) };
+        match self.p.node(state) {
+            Some(Node::Dict(_)) => Ok(Some(state)),
+            Some(Node::Tuple(t)) if t.len() == 2 => {
+                // (dict or None, slots dict): prefer the slots when the dict is empty.
+                for half in [t[1], t[0]] {
+                    if matches!(self.p.node(half), Some(Node::Dict(d)) if !d.is_empty()) {
+                        return Ok(Some(half));
+                    }
+                }
+                Ok(None)
+            }
+            _ if state == Value::None => Ok(None),
+            _ => err(
+                ctx,
+                format!("unexpected object state {}", self.describe(state)),
+            ),
+        }
+    }
+
+    fn attr(&self, attrs: Option<Value>, key: &str) -> Option<Value> {
+        attrs
+            .and_then(|a| self.p.get(a, key))
+            .filter(|v| *v != Value::None)
+    }
+
+    fn string(&self, v: Value, ctx: &str) -> Result<String, ModelError> {
+        match self.p.str(v) {
+            Some(s) => Ok(s.to_owned()),
+            None => err(
+                ctx,
+                format!("expected a string, found {}", self.describe(v)),
+            ),
+        }
+    }
+
+    fn int(&self, v: Value, ctx: &str) -> Result<i64, ModelError> {
+        match v {
+            Value::Int(i) => Ok(i),
+            Value::Bool(b) => Ok(b as i64),
+            _ => err(
+                ctx,
+                format!("expected an integer, found {}", self.describe(v)),
+            ),
+        }
+    }
+
+    fn uint(&self, v: Value, ctx: &str) -> Result<u64, ModelError> {
+        let i = self.int(v, ctx)?;
+        u64::try_from(i).or_else(|_| err(ctx, format!("negative value {i}")))
+    }
+
+    fn bool(&self, v: Value, ctx: &str) -> Result<bool, ModelError> {
+        match v {
+            Value::Bool(b) => Ok(b),
+            Value::Int(0) => Ok(false),
+            Value::Int(1) => Ok(true),
+            _ => err(ctx, format!("expected a bool, found {}", self.describe(v))),
+        }
+    }
+
+    /// A `torch.Size` (REDUCE of `torch.Size` with `(dims,)`), or a plain tuple of ints.
+    fn size(&self, v: Value, ctx: &str) -> Result<Vec<u64>, ModelError> {
+        let dims = match self.p.node(v) {
+            Some(Node::Object {
+                callable,
+                args,
+                kind,
+                ..
+            }) if *kind == CallKind::Reduce
+                && self.p.global(*callable) == Some(("torch", "Size")) =>
+            {
+                match self.p.seq(*args) {
+                    Some([]) => return Ok(Vec::new()),
+                    Some([dims]) => *dims,
+                    _ => return err(ctx, "torch.Size takes one tuple of dimensions"),
+                }
+            }
+            _ => v,
+        };
+        let Some(items) = self.p.seq(dims) else {
+            return err(
+                ctx,
+                format!("expected a torch.Size, found {}", self.describe(v)),
+            );
+        };
+        items.iter().map(|d| self.uint(*d, ctx)).collect()
+    }
+
+    fn ints(&self, v: Value, ctx: &str) -> Result<Vec<i64>, ModelError> {
+        let Some(items) = self.p.seq(v) else {
+            return err(
+                ctx,
+                format!("expected a tuple of integers, found {}", self.describe(v)),
+            );
+        };
+        items.iter().map(|d| self.int(*d, ctx)).collect()
+    }
+
+    /// The argument of a REDUCE of a known helper, such as `_get_layout('torch.strided')`.
+    fn reduce_arg(
+        &self,
+        v: Value,
+        module: &[&str],
+        name: &str,
+        ctx: &str,
+    ) -> Result<Value, ModelError> {
+        if let Some(Node::Object {
+            callable,
+            args,
+            kind,
+            ..
+        }) = self.p.node(v)
+            && *kind == CallKind::Reduce
+            && let Some((m, n)) = self.p.global(*callable)
+            && n == name
+            && module.contains(&m)
+            && let Some([arg]) = self.p.seq(*args)
+        {
+            return Ok(*arg);
+        }
+        err(
+            ctx,
+            format!(
+                "expected {}.{name}(...), found {}",
+                module[0],
+                self.describe(v)
+            ),
+        )
+    }
+
+    fn dtype(&self, v: Value, ctx: &str) -> Result<String, ModelError> {
+        match self.p.global(v) {
+            Some(("torch", name)) if dtype::element_size(name).is_some() => {
+                Ok(dtype::canonical(name).to_owned())
+            }
+            _ => err(
+                ctx,
+                format!("expected a torch dtype, found {}", self.describe(v)),
+            ),
+        }
+    }
+
+    fn layout(&self, v: Value, ctx: &str) -> Result<String, ModelError> {
+        let arg = self.reduce_arg(v, &["torch.serialization"], "_get_layout", ctx)?;
+        let s = self.string(arg, ctx)?;
+        Ok(s.strip_prefix("torch.").unwrap_or(&s).to_owned())
+    }
+
+    fn memory_format(&self, v: Value, ctx: &str) -> Result<String, ModelError> {
+        let arg = self.reduce_arg(v, &METADATA_MODULES, "_MEM_FORMAT_ENCODING", ctx)?;
+        Ok(match self.int(arg, ctx)? {
+            0 => "contiguous_format".into(),
+            1 => "channels_last".into(),
+            2 => "preserve_format".into(),
+            3 => "channels_last_3d".into(),
+            other => format!("unknown ({other})"),
+        })
+    }
+
+    fn metadata(&self, root: Value) -> Result<RankMetadata, ModelError> {
+        let ctx = "Metadata";
+        if !self.is_class(root, &METADATA_MODULES, "Metadata") {
+            return err(
+                ctx,
+                format!(
+                    "the pickle holds {}, not torch.distributed.checkpoint.metadata.Metadata",
+                    self.describe(root)
+                ),
+            );
+        }
+        let attrs = self.attrs(root, ctx)?;
+        let mut md = RankMetadata::default();
+        if let Some(v) = self.attr(attrs, "version") {
+            md.version = Some(self.string(v, "Metadata.version")?);
+        }
+        if let Some(v) = self.attr(attrs, "storage_meta") {
+            md.storage_meta = Some(self.storage_meta(v)?);
+        }
+        let Some(sdm) = self.attr(attrs, "state_dict_metadata") else {
+            return err(ctx, "no state_dict_metadata");
+        };
+        let Some(pairs) = self.p.pairs(sdm) else {
+            return err(
+                "Metadata.state_dict_metadata",
+                format!("expected a dict, found {}", self.describe(sdm)),
+            );
+        };
+        md.entries.reserve(pairs.len());
+        for (k, v) in pairs {
+            let fqn = self.string(*k, "state_dict_metadata key")?;
+            let entry = self.entry(*v, &fqn)?;
+            md.entries.push((fqn, entry));
+        }
+        if let Some(sd) = self.attr(attrs, "storage_data") {
+            let Some(pairs) = self.p.pairs(sd) else {
+                return err(
+                    "Metadata.storage_data",
+                    format!("expected a dict, found {}", self.describe(sd)),
+                );
+            };
+            md.storage.reserve(pairs.len());
+            for (k, v) in pairs {
+                let index = self.metadata_index(*k)?;
+                let info = self.storage_info(*v, &index.fqn)?;
+                md.storage.push((index, info));
+            }
+        }
+        if let Some(pd) = self.attr(attrs, "planner_data") {
+            md.planner_data = self.planner_data(pd);
+        }
+        Ok(md)
+    }
+
+    fn storage_meta(&self, v: Value) -> Result<StorageMeta, ModelError> {
+        let ctx = "Metadata.storage_meta";
+        if !self.is_class(v, &METADATA_MODULES, "StorageMeta") {
+            return err(
+                ctx,
+                format!("expected StorageMeta, found {}", self.describe(v)),
+            );
+        }
+        let attrs = self.attrs(v, ctx)?;
+        let mut sm = StorageMeta::default();
+        if let Some(id) = self.attr(attrs, "checkpoint_id") {
+            sm.checkpoint_id = Some(self.path_like(id, "StorageMeta.checkpoint_id")?);
+        }
+        if let Some(s) = self.attr(attrs, "save_id") {
+            sm.save_id = Some(self.string(s, "StorageMeta.save_id")?);
+        }
+        if let Some(s) = self.attr(attrs, "load_id") {
+            sm.load_id = Some(self.string(s, "StorageMeta.load_id")?);
+        }
+        if let Some(m) = self.attr(attrs, "modules")
+            && let Some(items) = self.p.seq(m)
+        {
+            for item in items {
+                sm.modules.push(self.string(*item, "StorageMeta.modules")?);
+            }
+        }
+        Ok(sm)
+    }
+
+    /// A `str` or a `pathlib.PosixPath` (REDUCE of the class with its parts).
+    fn path_like(&self, v: Value, ctx: &str) -> Result<String, ModelError> {
+        if let Some(s) = self.p.str(v) {
+            return Ok(s.to_owned());
+        }
+        if let Some(Node::Object { callable, args, .. }) = self.p.node(v)
+            && let Some(("pathlib", _)) = self.p.global(*callable)
+            && let Some(parts) = self.p.seq(*args)
+        {
+            let mut out = String::new();
+            for part in parts {
+                let part = self.string(*part, ctx)?;
+                if !out.is_empty() && !out.ends_with('/') {
+                    out.push('/');
+                }
+                out.push_str(&part);
+            }
+            return Ok(out);
+        }
+        err(
+            ctx,
+            format!("expected a string or path, found {}", self.describe(v)),
+        )
+    }
+
+    fn entry(&self, v: Value, fqn: &str) -> Result<EntryMeta, ModelError> {
+        let ctx = format!("entry {fqn:?}");
+        if self.is_class(v, &METADATA_MODULES, "BytesStorageMetadata") {
+            return Ok(EntryMeta::Bytes);
+        }
+        if !self.is_class(v, &METADATA_MODULES, "TensorStorageMetadata") {
+            return err(
+                ctx,
+                format!(
+                    "expected TensorStorageMetadata or BytesStorageMetadata, found {}",
+                    self.describe(v)
+                ),
+            );
+        }
+        let attrs = self.attrs(v, &ctx)?;
+        let Some(props) = self.attr(attrs, "properties") else {
+            return err(ctx, "no properties");
+        };
+        let Some(size) = self.attr(attrs, "size") else {
+            return err(ctx, "no size");
+        };
+        let shape = self.size(size, &format!("{ctx} size"))?;
+        let mut t = self.properties(props, &ctx, shape)?;
+        if let Some(chunks) = self.attr(attrs, "chunks") {
+            let Some(items) = self.p.seq(chunks) else {
+                return err(
+                    ctx,
+                    format!("chunks: expected a list, found {}", self.describe(chunks)),
+                );
+            };
+            t.chunks.reserve(items.len());
+            for c in items {
+                t.chunks.push(self.chunk(*c, &ctx)?);
+            }
+        }
+        Ok(EntryMeta::Tensor(t))
+    }
+
+    fn properties(&self, v: Value, ctx: &str, shape: Vec<u64>) -> Result<TensorMeta, ModelError> {
+        let ctx = format!("{ctx} properties");
+        if !self.is_class(v, &METADATA_MODULES, "TensorProperties") {
+            return err(
+                ctx,
+                format!("expected TensorProperties, found {}", self.describe(v)),
+            );
+        }
+        let Some(Node::Object {
+            state: Some(state), ..
+        }) = self.p.node(v)
+        else {
+            return err(ctx, "no state");
+        };
+        // Newer torch: a (dtype, layout, requires_grad, memory_format, pin_memory[, strides]) tuple.
+        // Older torch (a plain dataclass): a dict of the same fields.
+        let field = |i: usize, name: &str| -> Option<Value> {
+            match self.p.node(*state) {
+                Some(Node::Tuple(t)) => t.get(i).copied(),
+                Some(Node::Dict(_)) => self.p.get(*state, name),
+                _ => None,
+            }
+        };
+        if !matches!(self.p.node(*state), Some(Node::Tuple(t)) if t.len() == 5 || t.len() == 6)
+            && !matches!(self.p.node(*state), Some(Node::Dict(_)))
+        {
+            return err(
+                ctx,
+                format!(
+                    "expected a 5- or 6-tuple state, found {}",
+                    self.describe(*state)
+                ),
+            );
+        }
+        let Some(dtype) = field(0, "dtype") else {
+            return err(ctx, "no dtype");
+        };
+        let dtype = self.dtype(dtype, &ctx)?;
+        let layout = match field(1, "layout") {
+            Some(l) if l != Value::None => self.layout(l, &ctx)?,
+            _ => "strided".into(),
+        };
+        let requires_grad = match field(2, "requires_grad") {
+            Some(b) => self.bool(b, &ctx)?,
+            None => false,
+        };
+        let memory_format = match field(3, "memory_format") {
+            Some(m) if m != Value::None => self.memory_format(m, &ctx)?,
+            _ => "contiguous_format".into(),
+        };
+        let pin_memory = match field(4, "pin_memory") {
+            Some(b) => self.bool(b, &ctx)?,
+            None => false,
+        };
+        let strides = match field(5, "strides") {
+            Some(s) if s != Value::None => Some(self.ints(s, &format!("{ctx} strides"))?),
+            _ => None,
+        };
+        Ok(TensorMeta {
+            dtype,
+            layout,
+            requires_grad,
+            memory_format,
+            pin_memory,
+            strides,
+            shape,
+            chunks: Vec::new(),
+        })
+    }
+
+    fn chunk(&self, v: Value, ctx: &str) -> Result<ChunkMeta, ModelError> {
+        let ctx = format!("{ctx} chunk");
+        if !self.is_class(v, &METADATA_MODULES, "ChunkStorageMetadata") {
+            return err(
+                ctx,
+                format!("expected ChunkStorageMetadata, found {}", self.describe(v)),
+            );
+        }
+        let attrs = self.attrs(v, &ctx)?;
+        let (Some(offsets), Some(sizes)) = (self.attr(attrs, "offsets"), self.attr(attrs, "sizes"))
+        else {
+            return err(ctx, "offsets or sizes missing");
+        };
+        Ok(ChunkMeta {
+            offsets: self.size(offsets, &format!("{ctx} offsets"))?,
+            sizes: self.size(sizes, &format!("{ctx} sizes"))?,
+        })
+    }
+
+    fn metadata_index(&self, v: Value) -> Result<MetadataIndex, ModelError> {
+        let ctx = "storage_data key";
+        if !self.is_class(v, &METADATA_MODULES, "MetadataIndex") {
+            return err(
+                ctx,
+                format!("expected MetadataIndex, found {}", self.describe(v)),
+            );
+        }
+        let attrs = self.attrs(v, ctx)?;
+        let Some(fqn) = self.attr(attrs, "fqn") else {
+            return err(ctx, "MetadataIndex without fqn");
+        };
+        let fqn = self.string(fqn, ctx)?;
+        let ctx = format!("storage key for {fqn:?}");
+        let offset = match self.attr(attrs, "offset") {
+            Some(o) => Some(self.size(o, &ctx)?),
+            None => None,
+        };
+        let index = match self.attr(attrs, "index") {
+            Some(i) => Some(self.int(i, &ctx)?),
+            None => None,
+        };
+        Ok(MetadataIndex { fqn, offset, index })
+    }
+
+    fn storage_info(&self, v: Value, fqn: &str) -> Result<StorageInfo, ModelError> {
+        let ctx = format!("storage entry for {fqn:?}");
+        if !self.is_class(v, &FILESYSTEM_MODULES, "_StorageInfo") {
+            return err(
+                ctx,
+                format!("expected _StorageInfo, found {}", self.describe(v)),
+            );
+        }
+        let attrs = self.attrs(v, &ctx)?;
+        let (Some(path), Some(offset), Some(length)) = (
+            self.attr(attrs, "relative_path"),
+            self.attr(attrs, "offset"),
+            self.attr(attrs, "length"),
+        ) else {
+            return err(ctx, "relative_path, offset or length missing");
+        };
+        let mut transform_descriptors = Vec::new();
+        if let Some(t) = self.attr(attrs, "transform_descriptors") {
+            let Some(items) = self.p.seq(t) else {
+                return err(
+                    ctx,
+                    format!(
+                        "transform_descriptors: expected a list, found {}",
+                        self.describe(t)
+                    ),
+                );
+            };
+            for item in items {
+                transform_descriptors.push(self.string(*item, &ctx)?);
+            }
+        }
+        Ok(StorageInfo {
+            relative_path: self.path_like(path, &ctx)?,
+            offset: self.uint(offset, &format!("{ctx} offset"))?,
+            length: self.uint(length, &format!("{ctx} length"))?,
+            transform_descriptors,
+        })
+    }
+
+    /// Advisory data: anything not in the expected shape is dropped rather than refused.
+    fn planner_data(&self, v: Value) -> Option<Vec<(String, Vec<PathPart>)>> {
+        let pairs = self.p.pairs(v)?;
+        let mut out = Vec::with_capacity(pairs.len());
+        for (k, path) in pairs {
+            let fqn = self.p.str(*k)?.to_owned();
+            let parts = self
+                .p
+                .seq(*path)?
+                .iter()
+                .map(|part| match (self.p.str(*part), part) {
+                    (Some(s), _) => Some(PathPart::Key(s.to_owned())),
+                    (None, Value::Int(i)) => Some(PathPart::Index(*i)),
+                    _ => None,
+                })
+                .collect::<Option<Vec<_>>>()?;
+            out.push((fqn, parts));
+        }
+        Some(out)
+    }
+}
+
+/// Reads a DCP `Metadata` from a parsed pickle.
+pub fn read(p: &Pickle) -> Result<RankMetadata, ModelError> {
+    Reader { p }.metadata(p.root)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_globals() {
+        let known = [
+            ("torch.distributed.checkpoint.metadata", "Metadata"),
+            (
+                "torch.distributed._shard.checkpoint.metadata",
+                "ChunkStorageMetadata",
+            ),
+            ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+            ("torch", "Size"),
+            ("torch", "bfloat16"),
+            ("torch.serialization", "_get_layout"),
+            ("pathlib", "PosixPath"),
+        ];
+        for (m, n) in known {
+            assert!(is_known_global(m, n), "{m}.{n}");
+        }
+        let unknown = [
+            ("posix", "system"),
+            ("os", "system"),
+            ("builtins", "eval"),
+            ("builtins", "exec"),
+            ("subprocess", "Popen"),
+            ("torch", "load"),
+            ("torch.hub", "load"),
+            ("torch.distributed.checkpoint.metadata", "os"),
+        ];
+        for (m, n) in unknown {
+            assert!(!is_known_global(m, n), "{m}.{n}");
+        }
+    }
+
+    #[test]
+    fn rejects_a_pickle_that_is_not_metadata() {
+        let p = Pickle::parse(b"\x80\x04}\x94.").unwrap();
+        let e = read(&p).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("not torch.distributed.checkpoint.metadata.Metadata"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,550 @@
+//! From selected chunks to requests: per shard file, the items' byte ranges (deduplicated,
+//! sorted, validated), coalesced into range groups, and split into parts (one request each).
+//!
+//! Coalescing keeps s3torchconnector's semantics: a range joins the current group when the gap
+//! from the previous range's end is `<=` the limit. Unlike its reader, which streams each group
+//! with one GET, a group here is split into parts of at most `part_size` that start and end on
+//! needed bytes, and the parts are fetched concurrently. A gap is fetched only when it lies inside
+//! a part; a gap larger than the part size never is.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+use crate::metadata::Checkpoint;
+use crate::selection::Selected;
+use crate::source::{NameError, ObjectName};
+use crate::units::natural_cmp;
+
+/// Knobs of the plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanOptions {
+    /// Largest gap between two ranges of one group (`u64::MAX`: no limit).
+    pub max_gap: u64,
+    /// Largest request.
+    pub part_size: u64,
+}
+
+/// One item to fetch: the bytes of one stored chunk (or bytes entry).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanItem {
+    pub range: Range<u64>,
+    /// Storage entries ([`Checkpoint::storage`] indexes) stored at exactly this range; more than one
+    /// when several selected chunks share one stored copy.
+    pub storage: Vec<usize>,
+}
+
+impl PlanItem {
+    pub fn len(&self) -> u64 {
+        self.range.end - self.range.start
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.range.is_empty()
+    }
+}
+
+/// Nearby items fetched together (s3torchconnector's `RangeGroup`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RangeGroup {
+    pub range: Range<u64>,
+    /// Indexes into [`FilePlan::items`].
+    pub items: Range<usize>,
+}
+
+/// One request: a range inside one group that starts and ends on needed bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    pub range: Range<u64>,
+    pub group: usize,
+}
+
+/// What to read from one shard file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilePlan {
+    pub name: ObjectName,
+    /// Sorted by offset, non-overlapping, non-empty.
+    pub items: Vec<PlanItem>,
+    pub groups: Vec<RangeGroup>,
+    pub parts: Vec<Part>,
+}
+
+impl FilePlan {
+    /// Bytes the items need.
+    pub fn needed(&self) -> u64 {
+        self.items.iter().map(PlanItem::len).sum()
+    }
+
+    /// Bytes the parts read (needed bytes plus gaps inside parts).
+    pub fn fetched(&self) -> u64 {
+        self.parts.iter().map(|p| p.range.end - p.range.start).sum()
+    }
+
+    /// The end of the last item: the file must be at least this long.
+    pub fn end(&self) -> u64 {
+        self.items.last().map_or(0, |i| i.range.end)
+    }
+}
+
+/// The whole plan, files in natural name order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub options: PlanOptions,
+    pub files: Vec<FilePlan>,
+}
+
+impl Plan {
+    pub fn items(&self) -> usize {
+        self.files.iter().map(|f| f.items.len()).sum()
+    }
+    pub fn groups(&self) -> usize {
+        self.files.iter().map(|f| f.groups.len()).sum()
+    }
+    pub fn requests(&self) -> usize {
+        self.files.iter().map(|f| f.parts.len()).sum()
+    }
+    pub fn needed(&self) -> u64 {
+        self.files.iter().map(FilePlan::needed).sum()
+    }
+    pub fn fetched(&self) -> u64 {
+        self.files.iter().map(FilePlan::fetched).sum()
+    }
+}
+
+/// Why a set of ranges cannot be planned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error("{file}: the item of {fqn} at {offset} + {length} overflows a 64-bit offset")]
+    Overflow {
+        file: String,
+        fqn: String,
+        offset: u64,
+        length: u64,
+    },
+    #[error(
+        "{file}: bytes {a_start}..{a_end} ({a_fqn}) overlap bytes {b_start}..{b_end} ({b_fqn})"
+    )]
+    Overlap {
+        file: String,
+        a_fqn: String,
+        a_start: u64,
+        a_end: u64,
+        b_fqn: String,
+        b_start: u64,
+        b_end: u64,
+    },
+    #[error("{file}: bytes {start}..{end} ({fqn}) are past the end of the file ({size} bytes)")]
+    PastEnd {
+        file: String,
+        fqn: String,
+        start: u64,
+        end: u64,
+        size: u64,
+    },
+    #[error("ranges are not sorted: {prev_start}..{prev_end} comes before {start}..{end}")]
+    Unsorted {
+        prev_start: u64,
+        prev_end: u64,
+        start: u64,
+        end: u64,
+    },
+    #[error("ranges {a_start}..{a_end} and {b_start}..{b_end} overlap")]
+    RangesOverlap {
+        a_start: u64,
+        a_end: u64,
+        b_start: u64,
+        b_end: u64,
+    },
+    #[error(
+        "{file}: the item of {fqn} is {length} bytes, the size of its raw tensor data ({raw} bytes), not a \
+         torch.save archive: the checkpoint was saved with serialization_format=SAFETENSORS, for which torch \
+         writes .metadata offsets that do not locate the tensors (the real ones are in the file's safetensors \
+         header, and torch cannot load such a checkpoint back either); dcpfetch does not fetch from it"
+    )]
+    Safetensors {
+        file: String,
+        fqn: String,
+        length: u64,
+        raw: u64,
+    },
+    #[error("the part size must be at least 1 byte")]
+    ZeroPartSize,
+}
+
+/// Coalesces sorted ranges into groups: a range joins the current group when its gap from the
+/// previous range is `<= max_gap`. Zero-length ranges are skipped (they belong to no group).
+/// Unsorted or overlapping ranges are errors naming both ranges.
+pub fn coalesce(ranges: &[Range<u64>], max_gap: u64) -> Result<Vec<RangeGroup>, PlanError> {
+    let mut groups: Vec<RangeGroup> = Vec::new();
+    let mut prev: Option<&Range<u64>> = None;
+    for (i, r) in ranges.iter().enumerate() {
+        if r.is_empty() {
+            continue;
+        }
+        if let Some(p) = prev {
+            if r.start < p.start {
+                return Err(PlanError::Unsorted {
+                    prev_start: p.start,
+                    prev_end: p.end,
+                    start: r.start,
+                    end: r.end,
+                });
+            }
+            if r.start < p.end {
+                return Err(PlanError::RangesOverlap {
+                    a_start: p.start,
+                    a_end: p.end,
+                    b_start: r.start,
+                    b_end: r.end,
+                });
+            }
+        }
+        match groups.last_mut() {
+            Some(g) if r.start - g.range.end <= max_gap => {
+                g.range.end = r.end;
+                g.items.end = i + 1;
+            }
+            _ => groups.push(RangeGroup {
+                range: r.clone(),
+                items: i..i + 1,
+            }),
+        }
+        prev = Some(r);
+    }
+    Ok(groups)
+}
+
+/// Splits each group into parts of at most `part_size` bytes that start and end on needed bytes;
+/// a gap that would straddle a part boundary is not fetched.
+pub fn split(ranges: &[Range<u64>], groups: &[RangeGroup], part_size: u64) -> Vec<Part> {
+    let mut parts = Vec::new();
+    for (gi, g) in groups.iter().enumerate() {
+        let mut current: Option<Range<u64>> = None;
+        for r in &ranges[g.items.clone()] {
+            if r.is_empty() {
+                continue;
+            }
+            let mut start = r.start;
+            while start < r.end {
+                match &mut current {
+                    // Extend the current part over the gap and as much of this range as fits.
+                    Some(p) if start - p.start < part_size => {
+                        let end = r.end.min(p.start.saturating_add(part_size));
+                        p.end = end;
+                        start = end;
+                    }
+                    _ => {
+                        if let Some(p) = current.take() {
+                            parts.push(Part {
+                                range: p,
+                                group: gi,
+                            });
+                        }
+                        let end = r.end.min(start.saturating_add(part_size));
+                        current = Some(start..end);
+                        start = end;
+                    }
+                }
+            }
+        }
+        if let Some(p) = current {
+            parts.push(Part {
+                range: p,
+                group: gi,
+            });
+        }
+    }
+    parts
+}
+
+impl FilePlan {
+    /// Sorts, deduplicates and validates a file's items, then groups and splits them.
+    pub fn new(
+        name: ObjectName,
+        mut items: Vec<PlanItem>,
+        opts: PlanOptions,
+        fqn_of: &dyn Fn(usize) -> String,
+    ) -> Result<FilePlan, PlanError> {
+        if opts.part_size == 0 {
+            return Err(PlanError::ZeroPartSize);
+        }
+        items.retain(|i| !i.is_empty());
+        items.sort_by(|a, b| {
+            a.range
+                .start
+                .cmp(&b.range.start)
+                .then(a.range.end.cmp(&b.range.end))
+        });
+        // Identical ranges are one item; distinct overlapping ranges are an error.
+        let mut merged: Vec<PlanItem> = Vec::with_capacity(items.len());
+        for item in items {
+            match merged.last_mut() {
+                Some(last) if last.range == item.range => {
+                    for s in item.storage {
+                        if !last.storage.contains(&s) {
+                            last.storage.push(s);
+                        }
+                    }
+                }
+                Some(last) if item.range.start < last.range.end => {
+                    return Err(PlanError::Overlap {
+                        file: name.to_string(),
+                        a_fqn: fqn_of(last.storage[0]),
+                        a_start: last.range.start,
+                        a_end: last.range.end,
+                        b_fqn: fqn_of(item.storage[0]),
+                        b_start: item.range.start,
+                        b_end: item.range.end,
+                    });
+                }
+                _ => merged.push(item),
+            }
+        }
+        let ranges: Vec<Range<u64>> = merged.iter().map(|i| i.range.clone()).collect();
+        let groups = coalesce(&ranges, opts.max_gap)?;
+        let parts = split(&ranges, &groups, opts.part_size);
+        Ok(FilePlan {
+            name,
+            items: merged,
+            groups,
+            parts,
+        })
+    }
+
+    /// Fails when an item ends past the file's actual size.
+    pub fn check_size(&self, size: u64, fqn_of: &dyn Fn(usize) -> String) -> Result<(), PlanError> {
+        match self.items.iter().find(|i| i.range.end > size) {
+            Some(i) => Err(PlanError::PastEnd {
+                file: self.name.to_string(),
+                fqn: fqn_of(i.storage[0]),
+                start: i.range.start,
+                end: i.range.end,
+                size,
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Plan {
+    /// Plans the stored copies of the selected chunks.
+    pub fn build(
+        ck: &Checkpoint,
+        selected: &[Selected],
+        opts: PlanOptions,
+    ) -> Result<Plan, PlanError> {
+        let fqn_of = |s: usize| describe_storage(ck, s);
+        let mut by_file: BTreeMap<&str, Vec<PlanItem>> = BTreeMap::new();
+        for sel in selected {
+            let entry = &ck.entries[sel.entry];
+            for &ci in &sel.chunks {
+                for &si in &entry.chunks[ci].storage {
+                    let s = &ck.storage[si];
+                    if let Some(raw) = raw_tensor_bytes(ck, sel.entry, ci)
+                        && s.info.transform_descriptors.is_empty()
+                        && s.info.length > 0
+                        && s.info.length < raw.saturating_add(MIN_ARCHIVE_OVERHEAD)
+                    {
+                        return Err(PlanError::Safetensors {
+                            file: s.info.relative_path.clone(),
+                            fqn: fqn_of(si),
+                            length: s.info.length,
+                            raw,
+                        });
+                    }
+                    let Some(range) = s.range() else {
+                        return Err(PlanError::Overflow {
+                            file: s.info.relative_path.clone(),
+                            fqn: fqn_of(si),
+                            offset: s.info.offset,
+                            length: s.info.length,
+                        });
+                    };
+                    by_file
+                        .entry(&s.info.relative_path)
+                        .or_default()
+                        .push(PlanItem {
+                            range,
+                            storage: vec![si],
+                        });
+                }
+            }
+        }
+        let mut files = Vec::with_capacity(by_file.len());
+        for (name, items) in by_file {
+            files.push(FilePlan::new(ObjectName::new(name)?, items, opts, &fqn_of)?);
+        }
+        files.sort_by(|a, b| natural_cmp(a.name.as_str(), b.name.as_str()));
+        Ok(Plan {
+            options: opts,
+            files,
+        })
+    }
+
+    /// The same plan without some items (already fetched), regrouped.
+    pub fn without(
+        &self,
+        done: &dyn Fn(&ObjectName, &PlanItem) -> bool,
+        ck: &Checkpoint,
+    ) -> Result<Plan, PlanError> {
+        let fqn_of = |s: usize| describe_storage(ck, s);
+        let mut files = Vec::new();
+        for f in &self.files {
+            let items: Vec<PlanItem> = f
+                .items
+                .iter()
+                .filter(|i| !done(&f.name, i))
+                .cloned()
+                .collect();
+            if !items.is_empty() {
+                files.push(FilePlan::new(f.name.clone(), items, self.options, &fqn_of)?);
+            }
+        }
+        Ok(Plan {
+            options: self.options,
+            files,
+        })
+    }
+}
+
+/// A torch.save archive holds several zip records besides the tensor data: never fewer than this
+/// many bytes more than the data.
+const MIN_ARCHIVE_OVERHEAD: u64 = 512;
+
+/// Bytes of a chunk's raw data (elements times element size), when the dtype is known.
+fn raw_tensor_bytes(ck: &Checkpoint, entry: usize, chunk: usize) -> Option<u64> {
+    let e = &ck.entries[entry];
+    let size = e.tensor.as_ref()?.element_size()?;
+    e.chunks[chunk].numel()?.checked_mul(size)
+}
+
+/// `fqn` or `fqn [offsets]`, for messages.
+pub fn describe_storage(ck: &Checkpoint, storage: usize) -> String {
+    let s = &ck.storage[storage];
+    match &s.chunk_offsets {
+        Some(o) => format!("{} chunk {o:?}", s.fqn),
+        None => s.fqn.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn groups_of(ranges: &[Range<u64>], gap: u64) -> Vec<Range<u64>> {
+        coalesce(ranges, gap)
+            .unwrap()
+            .into_iter()
+            .map(|g| g.range)
+            .collect()
+    }
+
+    /// The cases s3torchconnector's tests spell out.
+    #[test]
+    fn gap_boundary_is_inclusive() {
+        assert_eq!(groups_of(&[0..10, 20..30], 10), vec![0..30]);
+        assert_eq!(groups_of(&[0..10, 20..30], 9), vec![0..10, 20..30]);
+        assert_eq!(groups_of(&[0..10, 10..20], 0), vec![0..20]);
+        assert_eq!(groups_of(&[0..10, 11..20], 0), vec![0..10, 11..20]);
+        assert_eq!(
+            groups_of(&[0..10, 1000..1001, 1 << 40..(1 << 40) + 1], u64::MAX),
+            vec![0..(1 << 40) + 1]
+        );
+        assert_eq!(groups_of(&[0..0, 5..5, 7..9], 0), vec![7..9]);
+        assert_eq!(groups_of(&[], 0), Vec::<Range<u64>>::new());
+    }
+
+    #[test]
+    fn unsorted_and_overlapping_ranges_are_errors() {
+        let e = coalesce(&[10..20, 0..5], 0).unwrap_err();
+        assert!(
+            e.to_string().contains("10..20") && e.to_string().contains("0..5"),
+            "{e}"
+        );
+        let e = coalesce(&[0..10, 5..20], 0).unwrap_err();
+        assert!(
+            e.to_string().contains("0..10") && e.to_string().contains("5..20"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn parts_start_and_end_on_needed_bytes() {
+        let ranges = [0..10, 12..30, 100..105];
+        let groups = coalesce(&ranges, u64::MAX).unwrap();
+        let parts: Vec<_> = split(&ranges, &groups, 16)
+            .into_iter()
+            .map(|p| p.range)
+            .collect();
+        // 0..16 (item 0, gap, start of item 1), 16..30 (rest), then the gap to 100 is skipped.
+        assert_eq!(parts, vec![0..16, 16..30, 100..105]);
+        let parts: Vec<_> = split(&ranges, &groups, 1000)
+            .into_iter()
+            .map(|p| p.range)
+            .collect();
+        assert_eq!(parts, vec![0..105]);
+    }
+
+    fn arb_ranges() -> impl Strategy<Value = Vec<Range<u64>>> {
+        proptest::collection::vec((0u64..50, 0u64..40), 0..40).prop_map(|v| {
+            let mut pos = 0;
+            v.into_iter()
+                .map(|(gap, len)| {
+                    let start = pos + gap;
+                    pos = start + len;
+                    start..pos
+                })
+                .collect()
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn coalescing_invariants(ranges in arb_ranges(), gap in prop_oneof![0u64..60, Just(u64::MAX)], part in 1u64..80) {
+            let groups = coalesce(&ranges, gap).unwrap();
+            // Every non-empty range is in exactly one group, in order.
+            let mut seen = vec![0; ranges.len()];
+            for g in &groups {
+                for i in g.items.clone() {
+                    if !ranges[i].is_empty() {
+                        seen[i] += 1;
+                        prop_assert!(g.range.start <= ranges[i].start && ranges[i].end <= g.range.end);
+                    }
+                }
+            }
+            for (i, r) in ranges.iter().enumerate() {
+                prop_assert_eq!(seen[i], usize::from(!r.is_empty()));
+            }
+            // Groups are separated by more than the gap; members by at most it.
+            for w in groups.windows(2) {
+                prop_assert!(w[1].range.start - w[0].range.end > gap);
+            }
+            for g in &groups {
+                let members: Vec<_> = ranges[g.items.clone()].iter().filter(|r| !r.is_empty()).collect();
+                for w in members.windows(2) {
+                    prop_assert!(w[1].start - w[0].end <= gap);
+                }
+            }
+            // Parts: sorted, disjoint, at most `part` long, inside their group, start and end on
+            // needed bytes, and every needed byte is covered exactly once.
+            let parts = split(&ranges, &groups, part);
+            for w in parts.windows(2) {
+                prop_assert!(w[0].range.end <= w[1].range.start);
+            }
+            let needed = |x: u64| ranges.iter().any(|r| r.contains(&x));
+            for p in &parts {
+                prop_assert!(!p.range.is_empty() && p.range.end - p.range.start <= part);
+                let g = &groups[p.group];
+                prop_assert!(g.range.start <= p.range.start && p.range.end <= g.range.end);
+                prop_assert!(needed(p.range.start) && needed(p.range.end - 1));
+            }
+            for r in &ranges {
+                for x in r.clone() {
+                    prop_assert_eq!(parts.iter().filter(|p| p.range.contains(&x)).count(), 1);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,320 @@
+//! Items onto a byte stream (stdout): raw, back to back in plan order, or as a tar archive with one
+//! entry per item. An optional JSON manifest maps every item to its place in the stream.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::fetch::{Sink, SinkError};
+use crate::metadata::Checkpoint;
+use crate::plan::{FilePlan, PlanItem};
+
+/// What the stream holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamFormat {
+    Raw,
+    Tar,
+}
+
+/// The `--manifest` document (docs/output.md).
+#[derive(Debug, Serialize)]
+pub struct Manifest {
+    pub format: StreamFormat,
+    pub total_bytes: u64,
+    pub items: Vec<ManifestItem>,
+}
+
+/// One stored item in the stream. An item shared by several selected chunks is listed once per
+/// chunk, with the same stream offset.
+#[derive(Debug, Serialize)]
+pub struct ManifestItem {
+    pub fqn: String,
+    pub kind: &'static str,
+    pub chunk_offsets: Option<Vec<u64>>,
+    pub chunk_sizes: Option<Vec<u64>>,
+    pub file: String,
+    pub offset: u64,
+    pub length: u64,
+    pub transform_descriptors: Vec<String>,
+    /// Where the item's first byte is in the stream.
+    pub stream_offset: u64,
+    /// The tar entry's name (tar format only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tar_name: Option<String>,
+}
+
+/// Writes items to a stream.
+pub struct StreamSink {
+    out: Box<dyn Write + Send>,
+    format: StreamFormat,
+    ck: Arc<Checkpoint>,
+    manifest_path: Option<PathBuf>,
+    manifest: Vec<ManifestItem>,
+    offset: u64,
+    tar_names: HashSet<String>,
+}
+
+impl std::fmt::Debug for StreamSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamSink")
+            .field("format", &self.format)
+            .field("offset", &self.offset)
+            .finish()
+    }
+}
+
+const BLOCK: usize = 512;
+
+impl StreamSink {
+    pub fn new(
+        out: Box<dyn Write + Send>,
+        format: StreamFormat,
+        ck: Arc<Checkpoint>,
+        manifest_path: Option<PathBuf>,
+    ) -> Self {
+        StreamSink {
+            out,
+            format,
+            ck,
+            manifest_path,
+            manifest: Vec::new(),
+            offset: 0,
+            tar_names: HashSet::new(),
+        }
+    }
+
+    fn emit(&mut self, data: &[u8]) -> Result<(), SinkError> {
+        self.out
+            .write_all(data)
+            .map_err(SinkError::io("writing to stdout"))?;
+        self.offset += data.len() as u64;
+        Ok(())
+    }
+
+    /// A tar entry name for an item: the fqn (percent-encoded to one safe path component), `@`
+    /// and the chunk offsets for tensors, `.pt` (`.pt.zst` for ZStandard items); `~N` makes
+    /// repeated names unique.
+    fn tar_name(&mut self, item: &PlanItem) -> String {
+        let s = &self.ck.storage[item.storage[0]];
+        let mut base = encode_component(&s.fqn);
+        if let Some(o) = &s.chunk_offsets {
+            base.push('@');
+            base.push_str(&o.iter().map(u64::to_string).collect::<Vec<_>>().join("_"));
+        }
+        let ext = if s.info.transform_descriptors.is_empty() {
+            ".pt".to_owned()
+        } else {
+            format!(
+                ".pt.{}",
+                s.info
+                    .transform_descriptors
+                    .iter()
+                    .map(|d| encode_component(d))
+                    .collect::<Vec<_>>()
+                    .join(".")
+            )
+        };
+        let mut name = format!("{base}{ext}");
+        let mut n = 2;
+        while !self.tar_names.insert(name.clone()) {
+            name = format!("{base}~{n}{ext}");
+            n += 1;
+        }
+        name
+    }
+
+    fn start_item(&mut self, file: &FilePlan, item: &PlanItem) -> Result<(), SinkError> {
+        let tar_name = match self.format {
+            StreamFormat::Raw => None,
+            StreamFormat::Tar => {
+                let name = self.tar_name(item);
+                let header = tar_header(&name, item.len());
+                self.emit(&header)?;
+                Some(name)
+            }
+        };
+        for &si in &item.storage {
+            let s = &self.ck.storage[si];
+            let entry = self.ck.entries.iter().find(|e| e.fqn == s.fqn);
+            let chunk = entry.and_then(|e| e.chunks.iter().find(|c| c.offsets == s.chunk_offsets));
+            self.manifest.push(ManifestItem {
+                fqn: s.fqn.clone(),
+                kind: if s.chunk_offsets.is_some() {
+                    "tensor"
+                } else {
+                    "bytes"
+                },
+                chunk_offsets: s.chunk_offsets.clone(),
+                chunk_sizes: chunk.and_then(|c| c.sizes.clone()),
+                file: file.name.to_string(),
+                offset: item.range.start,
+                length: item.len(),
+                transform_descriptors: s.info.transform_descriptors.clone(),
+                stream_offset: self.offset,
+                tar_name: tar_name.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Sink for StreamSink {
+    fn write(
+        &mut self,
+        file: &FilePlan,
+        item: &PlanItem,
+        at: u64,
+        data: Bytes,
+    ) -> Result<(), SinkError> {
+        if at == 0 {
+            self.start_item(file, item)?;
+        }
+        self.emit(&data)
+    }
+
+    fn item_done(&mut self, _: &FilePlan, item: &PlanItem) -> Result<(), SinkError> {
+        if self.format == StreamFormat::Tar {
+            let pad = (BLOCK - (item.len() % BLOCK as u64) as usize) % BLOCK;
+            self.emit(&[0u8; BLOCK][..pad])?;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<(), SinkError> {
+        if self.format == StreamFormat::Tar {
+            self.emit(&[0u8; 2 * BLOCK])?;
+        }
+        self.out
+            .flush()
+            .map_err(SinkError::io("writing to stdout"))?;
+        if let Some(path) = &self.manifest_path {
+            let m = Manifest {
+                format: self.format,
+                total_bytes: self.offset,
+                items: std::mem::take(&mut self.manifest),
+            };
+            let text = serde_json::to_vec_pretty(&m).expect("the manifest serializes");
+            std::fs::write(path, text).map_err(SinkError::io(format!(
+                "writing the manifest {}",
+                path.display()
+            )))?;
+        }
+        Ok(())
+    }
+}
+
+/// Percent-encodes everything but `[A-Za-z0-9._-]`, so the result is one path component that is
+/// never `.` or `..` once a suffix is added.
+fn encode_component(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The header block(s) of a regular file entry: ustar, preceded by a PAX extended header when the
+/// name is longer than 100 bytes or the size does not fit 11 octal digits.
+fn tar_header(name: &str, size: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(3 * BLOCK);
+    let long_name = name.len() > 100;
+    let big = size >= 8 << 30;
+    if long_name || big {
+        let mut records = String::new();
+        if long_name {
+            records.push_str(&pax_record("path", name));
+        }
+        if big {
+            records.push_str(&pax_record("size", &size.to_string()));
+        }
+        out.extend(ustar_block("PaxHeader", records.len() as u64, b'x'));
+        out.extend_from_slice(records.as_bytes());
+        out.resize(out.len().div_ceil(BLOCK) * BLOCK, 0);
+    }
+    let short: String = name
+        .chars()
+        .take_while({
+            let mut n = 0;
+            move |c| {
+                n += c.len_utf8();
+                n <= 100
+            }
+        })
+        .collect();
+    out.extend(ustar_block(&short, if big { 0 } else { size }, b'0'));
+    out
+}
+
+/// A PAX record: `"<len> <key>=<value>\n"`, where `<len>` counts the whole record.
+fn pax_record(key: &str, value: &str) -> String {
+    let body = format!(" {key}={value}\n");
+    let mut len = body.len() + 1;
+    while len.to_string().len() + body.len() != len {
+        len = len.to_string().len() + body.len();
+    }
+    format!("{len}{body}")
+}
+
+fn ustar_block(name: &str, size: u64, kind: u8) -> [u8; BLOCK] {
+    let mut h = [0u8; BLOCK];
+    let put = |h: &mut [u8; BLOCK], at: usize, bytes: &[u8]| {
+        h[at..at + bytes.len()].copy_from_slice(bytes)
+    };
+    put(&mut h, 0, &name.as_bytes()[..name.len().min(100)]);
+    put(&mut h, 100, b"0000644\0");
+    put(&mut h, 108, b"0000000\0");
+    put(&mut h, 116, b"0000000\0");
+    put(&mut h, 124, format!("{size:011o}\0").as_bytes());
+    put(&mut h, 136, b"00000000000\0");
+    h[156] = kind;
+    put(&mut h, 257, b"ustar\0");
+    put(&mut h, 263, b"00");
+    put(&mut h, 148, b"        ");
+    let sum: u32 = h.iter().map(|&b| b as u32).sum();
+    put(&mut h, 148, format!("{sum:06o}\0 ").as_bytes());
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pax_records_count_themselves() {
+        for value in ["a", &"x".repeat(90), &"y".repeat(995)] {
+            let r = pax_record("path", value);
+            let (len, _) = r.split_once(' ').unwrap();
+            assert_eq!(len.parse::<usize>().unwrap(), r.len(), "{r}");
+        }
+    }
+
+    #[test]
+    fn names_are_one_safe_component() {
+        assert_eq!(encode_component("model.layers.0.w"), "model.layers.0.w");
+        assert_eq!(encode_component("../etc/passwd"), "..%2Fetc%2Fpasswd");
+        assert_eq!(encode_component("a b"), "a%20b");
+    }
+
+    #[test]
+    fn header_checksum_and_size() {
+        let h = tar_header("x.pt", 1234);
+        assert_eq!(h.len(), 512);
+        assert_eq!(&h[124..136], b"00000002322\0");
+        let stored = u32::from_str_radix(std::str::from_utf8(&h[148..154]).unwrap(), 8).unwrap();
+        let mut copy = h.clone();
+        copy[148..156].copy_from_slice(b"        ");
+        assert_eq!(stored, copy.iter().map(|&b| b as u32).sum::<u32>());
+        let long = tar_header(&"n".repeat(150), 1);
+        assert_eq!(long.len(), 3 * 512);
+        assert_eq!(long[156], b'x');
+    }
+}

@@ -1,0 +1,151 @@
+//! A checkpoint in a local folder: positional reads on a blocking thread.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+
+use super::{ObjectMeta, ObjectName, SourceError, TransferStats};
+
+/// A folder holding a checkpoint.
+#[derive(Debug, Clone)]
+pub struct LocalSource {
+    root: PathBuf,
+    stats: Arc<TransferStats>,
+    /// Files kept open across reads.
+    open: Arc<Mutex<HashMap<ObjectName, Arc<File>>>>,
+}
+
+impl LocalSource {
+    pub fn new(root: PathBuf, stats: Arc<TransferStats>) -> Self {
+        LocalSource {
+            root,
+            stats,
+            open: Arc::default(),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    pub fn stats(&self) -> &Arc<TransferStats> {
+        &self.stats
+    }
+
+    fn path(&self, name: &ObjectName) -> PathBuf {
+        self.root.join(name.as_str())
+    }
+
+    fn io_error(&self, name: &ObjectName, e: std::io::Error) -> SourceError {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            SourceError::NotFound {
+                location: self.describe(),
+                name: name.to_string(),
+            }
+        } else {
+            SourceError::Io {
+                path: self.path(name).display().to_string(),
+                source: e,
+            }
+        }
+    }
+
+    fn meta_of(m: &std::fs::Metadata) -> ObjectMeta {
+        let mtime = m
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        ObjectMeta {
+            size: m.len(),
+            version: Some(format!("size {} mtime {mtime}", m.len())),
+        }
+    }
+
+    pub async fn stat(&self, name: &ObjectName) -> Result<ObjectMeta, SourceError> {
+        let path = self.path(name);
+        match tokio::fs::metadata(&path).await {
+            Ok(m) if m.is_file() => Ok(Self::meta_of(&m)),
+            Ok(_) => Err(SourceError::Io {
+                path: path.display().to_string(),
+                source: std::io::Error::other("not a regular file"),
+            }),
+            Err(e) => Err(self.io_error(name, e)),
+        }
+    }
+
+    pub async fn list(&self) -> Result<Vec<String>, SourceError> {
+        let mut dir = tokio::fs::read_dir(&self.root)
+            .await
+            .map_err(|e| SourceError::Io {
+                path: self.describe(),
+                source: e,
+            })?;
+        let mut names = Vec::new();
+        while let Some(e) = dir.next_entry().await.map_err(|e| SourceError::Io {
+            path: self.describe(),
+            source: e,
+        })? {
+            if let Some(n) = e.file_name().to_str() {
+                names.push(n.to_owned());
+            }
+        }
+        Ok(names)
+    }
+
+    fn file(&self, name: &ObjectName) -> Result<Arc<File>, SourceError> {
+        let mut open = self.open.lock().expect("no panics while holding the lock");
+        if let Some(f) = open.get(name) {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(File::open(self.path(name)).map_err(|e| self.io_error(name, e))?);
+        open.insert(name.clone(), f.clone());
+        Ok(f)
+    }
+
+    pub async fn read_range(
+        &self,
+        name: &ObjectName,
+        range: Range<u64>,
+        meta: &ObjectMeta,
+    ) -> Result<Vec<Bytes>, SourceError> {
+        let this = self.clone();
+        let name = name.clone();
+        let meta = meta.clone();
+        tokio::task::spawn_blocking(move || {
+            this.stats.add_request();
+            let file = this.file(&name)?;
+            let now = Self::meta_of(&file.metadata().map_err(|e| this.io_error(&name, e))?);
+            if now.version != meta.version {
+                return Err(SourceError::Changed {
+                    name: name.to_string(),
+                    expected: meta.version.clone().unwrap_or_default(),
+                    found: now.version.unwrap_or_default(),
+                });
+            }
+            let mut buf = BytesMut::zeroed((range.end - range.start) as usize);
+            file.read_exact_at(&mut buf, range.start).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    SourceError::BadResponse {
+                        name: name.to_string(),
+                        start: range.start,
+                        end: range.end,
+                        detail: "the file ends before the range does".into(),
+                    }
+                } else {
+                    this.io_error(&name, e)
+                }
+            })?;
+            this.stats.add_bytes(buf.len() as u64);
+            Ok(vec![buf.freeze()])
+        })
+        .await
+        .expect("reads do not panic")
+    }
+}

@@ -1,0 +1,274 @@
+//! Where a checkpoint's bytes come from: a local folder or an S3 prefix, behind one type.
+//!
+//! Everything above this module (metadata, plan, fetch) speaks only of object names relative to
+//! the checkpoint and half-open byte ranges; the backends turn them into positional reads or
+//! ranged GETs.
+
+mod local;
+mod location;
+mod name;
+pub mod s3;
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+pub use local::LocalSource;
+pub use location::Location;
+pub use name::{NameError, ObjectName};
+pub use s3::{S3Options, S3Source};
+
+/// Size and version of one object, seen once and then required of every read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    pub size: u64,
+    /// S3: the ETag, sent as `If-Match` on every ranged GET. Local: size and modification time.
+    pub version: Option<String>,
+}
+
+/// Counters shared by every read of a run.
+#[derive(Debug, Default)]
+pub struct TransferStats {
+    /// Body bytes received (including bytes of attempts that failed part-way).
+    pub bytes: AtomicU64,
+    /// Requests sent (GET, HEAD, LIST), including retries.
+    pub requests: AtomicU64,
+    /// Attempts that were retried.
+    pub retries: AtomicU64,
+}
+
+impl TransferStats {
+    pub fn add_bytes(&self, n: u64) {
+        self.bytes.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn add_request(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn add_retry(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn snapshot(&self) -> (u64, u64, u64) {
+        (
+            self.bytes.load(Ordering::Relaxed),
+            self.requests.load(Ordering::Relaxed),
+            self.retries.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// How reads are retried.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Attempts per request, the first included.
+    pub max_attempts: u32,
+    /// First backoff; doubled each attempt, with full jitter.
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+    /// A body that delivers nothing for this long is abandoned and resumed.
+    pub stall_timeout: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 10,
+            base_delay: Duration::from_millis(50),
+            max_delay: Duration::from_secs(5),
+            stall_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The delay before attempt `attempt` (1 = the first retry): full jitter over an exponential
+    /// ceiling.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let ceiling = self
+            .base_delay
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(self.max_delay);
+        ceiling.mul_f64(jitter())
+    }
+}
+
+/// A number in [0, 1) that differs between calls (no need for a cryptographic source).
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
+    );
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Why a read failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("{name} not found in {location}")]
+    NotFound { location: String, name: String },
+    #[error("access denied to {name} in {location}: {detail}")]
+    AccessDenied {
+        location: String,
+        name: String,
+        detail: String,
+    },
+    #[error("{name} changed while it was read (was {expected}, now {found})")]
+    Changed {
+        name: String,
+        expected: String,
+        found: String,
+    },
+    #[error("{name} bytes {start}..{end}: {detail}")]
+    BadResponse {
+        name: String,
+        start: u64,
+        end: u64,
+        detail: String,
+    },
+    #[error("{what}: gave up after {attempts} attempts; the last error: {last}")]
+    Exhausted {
+        what: String,
+        attempts: u32,
+        last: String,
+    },
+    #[error("{name}: {detail}")]
+    Request { name: String, detail: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Name(#[from] NameError),
+}
+
+impl SourceError {
+    /// Whether the checkpoint itself is at fault (missing or changed objects, short files), as
+    /// opposed to the environment (credentials, network, configuration).
+    pub fn is_checkpoint_problem(&self) -> bool {
+        matches!(
+            self,
+            SourceError::NotFound { .. }
+                | SourceError::Changed { .. }
+                | SourceError::BadResponse { .. }
+                | SourceError::Name(_)
+        )
+    }
+}
+
+/// A checkpoint location opened for reading.
+#[derive(Debug, Clone)]
+pub enum Source {
+    Local(LocalSource),
+    S3(S3Source),
+}
+
+impl Source {
+    /// Opens a location: a folder needs nothing; S3 builds a client from the default chain and
+    /// `opts`.
+    pub async fn open(
+        location: &Location,
+        opts: &S3Options,
+        stats: Arc<TransferStats>,
+    ) -> Result<Source, SourceError> {
+        Ok(match location {
+            Location::Local(path) => Source::Local(LocalSource::new(path.clone(), stats)),
+            Location::S3 { bucket, prefix } => {
+                Source::S3(S3Source::connect(bucket.clone(), prefix.clone(), opts, stats).await?)
+            }
+        })
+    }
+
+    /// The location as a person would write it.
+    pub fn describe(&self) -> String {
+        match self {
+            Source::Local(l) => l.describe(),
+            Source::S3(s) => s.describe(),
+        }
+    }
+
+    /// The counters every read of this source adds to.
+    pub fn stats(&self) -> &Arc<TransferStats> {
+        match self {
+            Source::Local(l) => l.stats(),
+            Source::S3(s) => s.stats(),
+        }
+    }
+
+    /// Size and version of an object.
+    pub async fn stat(&self, name: &str) -> Result<ObjectMeta, SourceError> {
+        let name = ObjectName::new(name)?;
+        match self {
+            Source::Local(l) => l.stat(&name).await,
+            Source::S3(s) => s.stat(&name).await,
+        }
+    }
+
+    /// Names of the objects directly inside the checkpoint (not in sub-folders).
+    pub async fn list(&self) -> Result<Vec<String>, SourceError> {
+        match self {
+            Source::Local(l) => l.list().await,
+            Source::S3(s) => s.list().await,
+        }
+    }
+
+    /// A whole (small) object, which must still be as `meta` describes it.
+    pub async fn read_all(&self, name: &str, meta: &ObjectMeta) -> Result<Vec<u8>, SourceError> {
+        if meta.size == 0 {
+            return Ok(Vec::new());
+        }
+        let chunks = self.read_range(name, 0..meta.size, meta).await?;
+        let mut out = Vec::with_capacity(meta.size as usize);
+        for c in chunks {
+            out.extend_from_slice(&c);
+        }
+        Ok(out)
+    }
+
+    /// The bytes `range` of an object as received (zero-copy chunks), in order. Fails unless the
+    /// object is still the version `meta` describes and the whole range arrived.
+    pub async fn read_range(
+        &self,
+        name: &str,
+        range: Range<u64>,
+        meta: &ObjectMeta,
+    ) -> Result<Vec<Bytes>, SourceError> {
+        let name = ObjectName::new(name)?;
+        if range.end > meta.size || range.start > range.end {
+            return Err(SourceError::BadResponse {
+                name: name.to_string(),
+                start: range.start,
+                end: range.end,
+                detail: format!("range is outside the object's {} bytes", meta.size),
+            });
+        }
+        match self {
+            Source::Local(l) => l.read_range(&name, range, meta).await,
+            Source::S3(s) => s.read_range(&name, range, meta).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_stays_under_its_ceiling() {
+        let p = RetryPolicy::default();
+        for attempt in 0..40 {
+            let d = p.backoff(attempt);
+            assert!(d <= p.max_delay, "{attempt}: {d:?}");
+        }
+        assert!(p.backoff(1) <= p.base_delay * 2);
+    }
+}

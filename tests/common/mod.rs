@@ -1,0 +1,252 @@
+//! Shared test support: the fixtures, their expected values, the `dcpfetch` binary, and the
+//! storage backends every suite runs against (the local folder and a real S3-protocol server).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Every fixture under `fixtures/` (written by real torch, see fixtures/README.md).
+pub const FIXTURES: [&str; 7] = [
+    "single",
+    "model",
+    "dtensor",
+    "per_item",
+    "zstd",
+    "per_rank",
+    "safetensors",
+];
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    repo().join("fixtures").join(name)
+}
+
+/// The values torch recorded for a fixture.
+pub fn expected(name: &str) -> Value {
+    let path = repo()
+        .join("fixtures/expected")
+        .join(format!("{name}.json"));
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+/// The bucket the S3 server holds the fixtures in, one prefix per fixture.
+pub const BUCKET: &str = "fixtures";
+
+/// Where a suite reads checkpoints from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Local,
+    S3,
+}
+
+impl Backend {
+    /// The location argument for a fixture.
+    pub fn location(self, name: &str) -> String {
+        match self {
+            Backend::Local => fixture(name).display().to_string(),
+            Backend::S3 => {
+                moto();
+                format!("s3://{BUCKET}/{name}")
+            }
+        }
+    }
+
+    /// Extra arguments the backend needs.
+    pub fn args(self) -> Vec<String> {
+        match self {
+            Backend::Local => vec![],
+            Backend::S3 => vec![
+                "--endpoint-url".into(),
+                moto().endpoint.clone(),
+                "--path-style".into(),
+            ],
+        }
+    }
+}
+
+/// The `dcpfetch` binary with a clean AWS environment (dummy credentials, no instance metadata).
+pub fn dcpfetch() -> assert_cmd::Command {
+    let mut c = assert_cmd::Command::cargo_bin("dcpfetch").unwrap();
+    for var in [
+        "AWS_PROFILE",
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_SESSION_TOKEN",
+        "AWS_DEFAULT_REGION",
+    ] {
+        c.env_remove(var);
+    }
+    c.env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null");
+    c
+}
+
+/// Runs dcpfetch and parses its stdout as JSON, requiring success.
+pub fn json(args: &[&str]) -> Value {
+    let out = dcpfetch().args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "dcpfetch {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// A moto server (PyPI `moto`, `moto_server`) holding every fixture, started once per test binary.
+pub struct Moto {
+    pub endpoint: String,
+    // Closing this pipe (when the test process exits) stops the server.
+    _keepalive: Mutex<ChildStdin>,
+    _child: Mutex<Child>,
+}
+
+pub fn moto() -> &'static Moto {
+    static MOTO: OnceLock<Moto> = OnceLock::new();
+    MOTO.get_or_init(start_moto)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_moto() -> Moto {
+    let endpoint = std::env::var("DCPFETCH_TEST_S3_ENDPOINT").ok();
+    let (endpoint, child, stdin) = match endpoint {
+        Some(e) => {
+            let mut child = Command::new("sh")
+                .args(["-c", "cat >/dev/null"])
+                .stdin(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let stdin = child.stdin.take().unwrap();
+            (e, child, stdin)
+        }
+        None => {
+            let port = free_port();
+            // The shell stops moto when our end of its stdin closes, however the tests end.
+            let script = format!(
+                "moto_server -H 127.0.0.1 -p {port} >/dev/null 2>&1 & pid=$!; cat >/dev/null; kill $pid"
+            );
+            let mut child = Command::new("sh")
+                .args(["-c", &script])
+                .stdin(Stdio::piped())
+                .spawn()
+                .expect("moto_server (pip install 'moto[server]') is needed for the S3 tests");
+            let stdin = child.stdin.take().unwrap();
+            (format!("http://127.0.0.1:{port}"), child, stdin)
+        }
+    };
+    wait_for_http(&endpoint);
+    upload_fixtures(&endpoint);
+    Moto {
+        endpoint,
+        _keepalive: Mutex::new(stdin),
+        _child: Mutex::new(child),
+    }
+}
+
+fn wait_for_http(endpoint: &str) {
+    let addr = endpoint.trim_start_matches("http://");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(mut s) = TcpStream::connect(addr) {
+            let _ = write!(
+                s,
+                "GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+            );
+            let mut first = String::new();
+            if BufReader::new(&mut s).read_line(&mut first).is_ok() && first.starts_with("HTTP/") {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("the S3 server at {endpoint} did not start within 60 s");
+}
+
+/// Puts every fixture file at `s3://fixtures/<name>/<file>`.
+fn upload_fixtures(endpoint: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = s3_client(endpoint).await;
+        let _ = client.create_bucket().bucket(BUCKET).send().await;
+        for name in FIXTURES {
+            for f in std::fs::read_dir(fixture(name)).unwrap() {
+                let f = f.unwrap();
+                let body = std::fs::read(f.path()).unwrap();
+                let key = format!("{name}/{}", f.file_name().to_str().unwrap());
+                client
+                    .put_object()
+                    .bucket(BUCKET)
+                    .key(&key)
+                    .body(body.into())
+                    .send()
+                    .await
+                    .unwrap_or_else(|e| panic!("uploading {key}: {e:?}"));
+            }
+        }
+    });
+}
+
+/// An SDK client for a test endpoint.
+pub async fn s3_client(endpoint: &str) -> aws_sdk_s3::Client {
+    let creds = aws_sdk_s3::config::Credentials::new("test", "test", None, None, "tests");
+    let conf = aws_sdk_s3::config::Builder::new()
+        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+        .region(aws_sdk_s3::config::Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .force_path_style(true)
+        .credentials_provider(creds)
+        .build();
+    aws_sdk_s3::Client::from_conf(conf)
+}
+
+/// Reads a whole file.
+pub fn read(path: &Path) -> Vec<u8> {
+    let mut v = Vec::new();
+    std::fs::File::open(path)
+        .unwrap()
+        .read_to_end(&mut v)
+        .unwrap();
+    v
+}
+
+/// Hex sha256.
+pub fn sha256(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Copies a fixture into a fresh temporary folder (for tests that damage it).
+pub fn copy_fixture(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(fixture(name)).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), dir.path().join(f.file_name())).unwrap();
+    }
+    dir
+}
