@@ -35,6 +35,9 @@ pub enum Command {
     Plan(PlanArgs),
     /// Fetch the selected items into a sparse copy of the checkpoint (-o DIR) or to stdout (-o -).
     Fetch(FetchArgs),
+    /// Check a checkpoint's integrity (for CI): metadata, files, sizes and, by default, every item's
+    /// bytes. Exit 0 all good, 1 problems found, 2 could not run.
+    Verify(VerifyArgs),
     /// Print shell completions.
     Completions {
         /// The shell to print completions for.
@@ -217,4 +220,33 @@ pub struct EngineArgs {
     /// Most bytes held in memory at once (requests in flight plus data waiting to be written).
     #[arg(long, value_name = "SIZE", default_value = "256MiB")]
     pub max_memory: ByteSize,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The checkpoint: a folder, file://PATH or s3://BUCKET/PREFIX.
+    #[arg(value_name = "CKPT")]
+    pub checkpoint: Location,
+    #[command(flatten)]
+    pub selection: SelectArgs,
+    /// Metadata and sizes only (HEAD/stat, no item bytes).
+    #[arg(long)]
+    pub quick: bool,
+    /// A sha256 manifest of every shard file ({"algorithm": "sha256", "files": {name: hex}}, the
+    /// integrity.json layout Megatron-Core uses): compared when FILE exists, written when not.
+    /// Reads every byte of every shard file.
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
+    /// Print one JSON document (schema in docs/output.md) instead of the report.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub plan: PlanOpts,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub s3: S3Args,
 }

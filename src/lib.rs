@@ -4,7 +4,8 @@
 //! [`metadata`] (read `.metadata` safely) -> [`selection`] (what the person asked for) ->
 //! [`plan`] (byte ranges, range groups, requests) -> [`fetch`] (concurrent reads into per-item
 //! buffers) -> [`sink`] (sparse files, stdout, tar, or nothing). [`source`] is the storage backend
-//! (a local folder or S3) the fetch engine reads from; [`commands`] ties the stages to the CLI.
+//! (a local folder or S3) the fetch engine reads from; [`verify`] checks what the stages read;
+//! [`commands`] ties the stages to the CLI.
 
 pub mod cli;
 pub mod commands;
@@ -16,6 +17,7 @@ pub mod selection;
 pub mod sink;
 pub mod source;
 pub mod units;
+pub mod verify;
 
 pub use report::Outcome;
 

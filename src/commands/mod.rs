@@ -3,6 +3,7 @@
 mod fetch;
 mod ls;
 mod plan;
+mod verify;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Ls(args) => ls::run(args).await,
         Command::Plan(args) => plan::run(args).await,
         Command::Fetch(args) => fetch::run(args).await,
+        Command::Verify(args) => verify::run(args).await,
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

@@ -5,7 +5,7 @@
 //! path (`torch.distributed.checkpoint`) and the legacy one (`torch.distributed._shard.checkpoint`).
 
 use super::dtype;
-use super::pickle::{CallKind, Node, Pickle, Value};
+use super::pickle::{CallKind, Node, Object, Pickle, Value};
 
 /// One `.metadata` file, as written by one save (or by one rank with `use_collectives=False`).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -150,10 +150,7 @@ struct Reader<'p> {
 impl<'p> Reader<'p> {
     /// `(module, name)` of the class that made an object.
     fn class_of(&self, v: Value) -> Option<(&'p str, &'p str)> {
-        match self.p.node(v)? {
-            Node::Object { callable, .. } => self.p.global(*callable),
-            _ => None,
-        }
+        self.p.global(self.p.object(v)?.callable)
     }
 
     fn is_class(&self, v: Value, modules: &[&str], name: &str) -> bool {
@@ -164,8 +161,8 @@ impl<'p> Reader<'p> {
         match self.p.node(v) {
             None => v.to_string(),
             Some(Node::Str(s)) => format!("the string {s:?}"),
-            Some(Node::Global { module, name }) => format!("the global {module}.{name}"),
-            Some(Node::Object { .. }) => match self.class_of(v) {
+            Some(Node::Global(g)) => format!("the global {}.{}", g.module, g.name),
+            Some(Node::Object(_)) => match self.class_of(v) {
                 Some((m, n)) => format!("an object of {m}.{n}"),
                 None => "an object of an unnamed class".to_string(),
             },
@@ -182,7 +179,7 @@ impl<'p> Reader<'p> {
     /// The attribute dict of an object: its `BUILD` state, or the dict half of a
     /// `(dict, slots)` state.
     fn attrs(&self, obj: Value, ctx: &str) -> Result<Option<Value>, ModelError> {
-        let Some(Node::Object { state, .. }) = self.p.node(obj) else {
+        let Some(Object { state, .. }) = self.p.object(obj) else {
             return err(
                 ctx,
                 format!("expected an object, found {}", self.describe(obj)),
@@ -251,8 +248,8 @@ impl<'p> Reader<'p> {
 
     /// A `torch.Size` (REDUCE of `torch.Size` with `(dims,)`), or a plain tuple of ints.
     fn size(&self, v: Value, ctx: &str) -> Result<Vec<u64>, ModelError> {
-        let dims = match self.p.node(v) {
-            Some(Node::Object {
+        let dims = match self.p.object(v) {
+            Some(Object {
                 callable,
                 args,
                 kind,
@@ -295,12 +292,12 @@ impl<'p> Reader<'p> {
         name: &str,
         ctx: &str,
     ) -> Result<Value, ModelError> {
-        if let Some(Node::Object {
+        if let Some(Object {
             callable,
             args,
             kind,
             ..
-        }) = self.p.node(v)
+        }) = self.p.object(v)
             && *kind == CallKind::Reduce
             && let Some((m, n)) = self.p.global(*callable)
             && n == name
@@ -436,7 +433,7 @@ impl<'p> Reader<'p> {
         if let Some(s) = self.p.str(v) {
             return Ok(s.to_owned());
         }
-        if let Some(Node::Object { callable, args, .. }) = self.p.node(v)
+        if let Some(Object { callable, args, .. }) = self.p.object(v)
             && let Some(("pathlib", _)) = self.p.global(*callable)
             && let Some(parts) = self.p.seq(*args)
         {
@@ -502,9 +499,9 @@ impl<'p> Reader<'p> {
                 format!("expected TensorProperties, found {}", self.describe(v)),
             );
         }
-        let Some(Node::Object {
+        let Some(Object {
             state: Some(state), ..
-        }) = self.p.node(v)
+        }) = self.p.object(v)
         else {
             return err(ctx, "no state");
         };

@@ -57,36 +57,44 @@ pub enum CallKind {
     Inst,
 }
 
-/// A heap value of the graph.
+/// A heap value of the graph (kept to 32 bytes: large variants are boxed).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Node {
     /// An integer wider than 64 bits: little-endian two's complement bytes.
-    BigInt(Vec<u8>),
-    Str(String),
-    Bytes(Vec<u8>),
-    Tuple(Vec<Value>),
+    BigInt(Box<[u8]>),
+    Str(Box<str>),
+    Bytes(Box<[u8]>),
+    Tuple(Box<[Value]>),
     List(Vec<Value>),
     Dict(Vec<(Value, Value)>),
     Set(Vec<Value>),
-    FrozenSet(Vec<Value>),
+    FrozenSet(Box<[Value]>),
     /// A global reference (`module.name`), never imported.
-    Global {
-        module: String,
-        name: String,
-    },
-    /// A call that was never made, with whatever `BUILD`, `APPEND(S)` and `SETITEM(S)` applied to
-    /// its result.
-    Object {
-        callable: Value,
-        args: Value,
-        kwargs: Option<Value>,
-        kind: CallKind,
-        state: Option<Value>,
-        items: Vec<Value>,
-        dict_items: Vec<(Value, Value)>,
-    },
+    Global(Box<GlobalName>),
+    /// A call that was never made.
+    Object(Box<Object>),
     /// A persistent id (`PERSID`/`BINPERSID`); torch.save archives use them for storages.
     PersistentId(Value),
+}
+
+/// `module.name` of a global.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GlobalName {
+    pub module: String,
+    pub name: String,
+}
+
+/// A call that was never made, with whatever `BUILD`, `APPEND(S)` and `SETITEM(S)` applied to its
+/// result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Object {
+    pub callable: Value,
+    pub args: Value,
+    pub kwargs: Option<Value>,
+    pub kind: CallKind,
+    pub state: Option<Value>,
+    pub items: Vec<Value>,
+    pub dict_items: Vec<(Value, Value)>,
 }
 
 /// A global that the pickle names, with the offset of the opcode that named it.
@@ -280,7 +288,8 @@ impl Pickle {
     /// The elements of a tuple or list.
     pub fn seq(&self, value: Value) -> Option<&[Value]> {
         match self.node(value)? {
-            Node::Tuple(v) | Node::List(v) => Some(v),
+            Node::Tuple(v) => Some(v),
+            Node::List(v) => Some(v),
             _ => None,
         }
     }
@@ -289,7 +298,7 @@ impl Pickle {
     pub fn pairs(&self, value: Value) -> Option<&[(Value, Value)]> {
         match self.node(value)? {
             Node::Dict(v) => Some(v),
-            Node::Object { dict_items, .. } => Some(dict_items),
+            Node::Object(o) => Some(&o.dict_items),
             _ => None,
         }
     }
@@ -302,10 +311,18 @@ impl Pickle {
             .map(|(_, v)| *v)
     }
 
+    /// The object a value refers to.
+    pub fn object(&self, value: Value) -> Option<&Object> {
+        match self.node(value)? {
+            Node::Object(o) => Some(o),
+            _ => None,
+        }
+    }
+
     /// The `(module, name)` of a global.
     pub fn global(&self, value: Value) -> Option<(&str, &str)> {
         match self.node(value)? {
-            Node::Global { module, name } => Some((module, name)),
+            Node::Global(g) => Some((&g.module, &g.name)),
             _ => None,
         }
     }
@@ -313,6 +330,145 @@ impl Pickle {
     /// Number of nodes in the graph.
     pub fn node_count(&self) -> usize {
         self.nodes.len()
+    }
+
+    /// The node a value refers to, to change it (tests and tools that make damaged files).
+    pub fn node_mut(&mut self, value: Value) -> Option<&mut Node> {
+        match value {
+            Value::Node(id) => self.nodes.get_mut(id as usize),
+            _ => None,
+        }
+    }
+
+    /// Writes the graph back as a protocol 2 pickle. Shared nodes are written once per use (no
+    /// memo), so a graph with cycles cannot be written; `max_depth` bounds the walk.
+    pub fn write(&self) -> Result<Vec<u8>, &'static str> {
+        let mut out = vec![0x80, 2];
+        self.write_value(self.root, &mut out, 0)?;
+        out.push(b'.');
+        Ok(out)
+    }
+
+    fn write_value(&self, v: Value, out: &mut Vec<u8>, depth: u32) -> Result<(), &'static str> {
+        if depth > Limits::default().max_depth {
+            return Err("the graph is too deep (or cyclic) to write");
+        }
+        let d = depth + 1;
+        match v {
+            Value::None => out.push(b'N'),
+            Value::Bool(b) => out.push(if b { 0x88 } else { 0x89 }),
+            Value::Int(i) => {
+                if let Ok(small) = i32::try_from(i) {
+                    out.push(b'J');
+                    out.extend_from_slice(&small.to_le_bytes());
+                } else {
+                    out.extend_from_slice(&[0x8a, 8]);
+                    out.extend_from_slice(&i.to_le_bytes());
+                }
+            }
+            Value::Float(f) => {
+                out.push(b'G');
+                out.extend_from_slice(&f.to_be_bytes());
+            }
+            Value::Node(_) => match self.node(v).ok_or("dangling node")? {
+                Node::BigInt(b) => {
+                    out.push(0x8b);
+                    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+                    out.extend_from_slice(b);
+                }
+                Node::Str(s) => {
+                    out.push(b'X');
+                    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+                    out.extend_from_slice(s.as_bytes());
+                }
+                Node::Bytes(b) => {
+                    out.push(b'B');
+                    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+                    out.extend_from_slice(b);
+                }
+                Node::Tuple(items) | Node::FrozenSet(items) => {
+                    out.push(b'(');
+                    for i in items.iter() {
+                        self.write_value(*i, out, d)?;
+                    }
+                    out.push(if matches!(self.node(v), Some(Node::Tuple(_))) {
+                        b't'
+                    } else {
+                        0x91
+                    });
+                }
+                Node::List(items) | Node::Set(items) => {
+                    out.push(if matches!(self.node(v), Some(Node::List(_))) {
+                        b']'
+                    } else {
+                        0x8f
+                    });
+                    out.push(b'(');
+                    for i in items {
+                        self.write_value(*i, out, d)?;
+                    }
+                    out.push(if matches!(self.node(v), Some(Node::List(_))) {
+                        b'e'
+                    } else {
+                        0x90
+                    });
+                }
+                Node::Dict(pairs) => {
+                    out.extend_from_slice(b"}(");
+                    for (k, val) in pairs {
+                        self.write_value(*k, out, d)?;
+                        self.write_value(*val, out, d)?;
+                    }
+                    out.push(b'u');
+                }
+                Node::Global(g) => {
+                    out.push(b'c');
+                    for part in [&g.module, &g.name] {
+                        if part.contains('\n') {
+                            return Err("a global name with a newline");
+                        }
+                        out.extend_from_slice(part.as_bytes());
+                        out.push(b'\n');
+                    }
+                }
+                Node::Object(o) => {
+                    self.write_value(o.callable, out, d)?;
+                    self.write_value(o.args, out, d)?;
+                    match (o.kind, o.kwargs) {
+                        (CallKind::NewObj, Some(kw)) => {
+                            self.write_value(kw, out, d)?;
+                            out.push(0x92);
+                        }
+                        (CallKind::NewObj, None) => out.push(0x81),
+                        _ => out.push(b'R'),
+                    }
+                    if !o.items.is_empty() {
+                        out.push(b'(');
+                        for i in &o.items {
+                            self.write_value(*i, out, d)?;
+                        }
+                        out.push(b'e');
+                    }
+                    if !o.dict_items.is_empty() {
+                        out.push(b'(');
+                        for (k, val) in &o.dict_items {
+                            self.write_value(*k, out, d)?;
+                            self.write_value(*val, out, d)?;
+                        }
+                        out.push(b'u');
+                    }
+                    if let Some(state) = o.state {
+                        self.write_value(state, out, d)?;
+                        out.push(b'b');
+                    }
+                }
+                Node::PersistentId(id) => {
+                    self.write_value(*id, out, d)?;
+                    out.push(b'Q');
+                }
+            },
+        }
+        Ok(())
     }
 }
 
@@ -336,14 +492,17 @@ type Step<T> = Result<T, PickleErrorKind>;
 
 impl<'a> Machine<'a> {
     fn new(data: &'a [u8], limits: Limits) -> Self {
+        // torch's metadata makes a node for every 7 bytes or so: reserve for that, so that large
+        // files do not spend their time copying the arena as it grows.
+        let expected_nodes = data.len() / 8;
         Machine {
             data,
             pos: 0,
             op_start: 0,
             op: 0,
             limits,
-            nodes: Vec::new(),
-            depth: Vec::new(),
+            nodes: Vec::with_capacity(expected_nodes),
+            depth: Vec::with_capacity(expected_nodes),
             stack: Vec::new(),
             marks: Vec::new(),
             memo: Vec::new(),
@@ -507,23 +666,27 @@ impl<'a> Machine<'a> {
         Ok(Value::Node(id))
     }
 
-    fn container(&mut self, make: fn(Vec<Value>) -> Node, items: Vec<Value>) -> Step<Value> {
+    fn container<T: From<Vec<Value>>>(
+        &mut self,
+        make: fn(T) -> Node,
+        items: Vec<Value>,
+    ) -> Step<Value> {
         if items.len() > self.limits.max_container {
             return Err(PickleErrorKind::ContainerTooLarge(
                 self.limits.max_container,
             ));
         }
         let depth = 1 + items.iter().map(|v| self.depth_of(*v)).max().unwrap_or(0);
-        self.alloc(make(items), depth)
+        self.alloc(make(T::from(items)), depth)
     }
 
     fn string(&mut self, bytes: &[u8]) -> Step<Value> {
         let s = std::str::from_utf8(bytes).map_err(|_| PickleErrorKind::InvalidUtf8)?;
-        self.alloc(Node::Str(s.to_owned()), 0)
+        self.alloc(Node::Str(s.into()), 0)
     }
 
     fn bytes(&mut self, bytes: &[u8]) -> Step<Value> {
-        self.alloc(Node::Bytes(bytes.to_vec()), 0)
+        self.alloc(Node::Bytes(bytes.into()), 0)
     }
 
     fn long(&mut self, bytes: &[u8]) -> Step<Value> {
@@ -536,7 +699,7 @@ impl<'a> Machine<'a> {
             a[..bytes.len()].copy_from_slice(bytes);
             return Ok(Value::Int(i64::from_le_bytes(a)));
         }
-        self.alloc(Node::BigInt(bytes.to_vec()), 0)
+        self.alloc(Node::BigInt(bytes.into()), 0)
     }
 
     fn global(&mut self, module: String, name: String) -> Step<Value> {
@@ -545,7 +708,7 @@ impl<'a> Machine<'a> {
             module: module.clone(),
             name: name.clone(),
         });
-        self.alloc(Node::Global { module, name }, 0)
+        self.alloc(Node::Global(Box::new(GlobalName { module, name })), 0)
     }
 
     fn object(
@@ -560,7 +723,7 @@ impl<'a> Machine<'a> {
             .max(self.depth_of(args))
             .max(kwargs.map_or(0, |k| self.depth_of(k)));
         self.alloc(
-            Node::Object {
+            Node::Object(Box::new(Object {
                 callable,
                 args,
                 kwargs,
@@ -568,7 +731,7 @@ impl<'a> Machine<'a> {
                 state: None,
                 items: Vec::new(),
                 dict_items: Vec::new(),
-            },
+            })),
             depth,
         )
     }
@@ -596,7 +759,7 @@ impl<'a> Machine<'a> {
         let (id, node) = self.node_mut(target)?;
         let list = match node {
             Node::List(v) => v,
-            Node::Object { items: v, .. } => v,
+            Node::Object(o) => &mut o.items,
             _ => return Err(PickleErrorKind::Invalid("APPEND target is not a list")),
         };
         if list.len() + items.len() > max {
@@ -615,7 +778,7 @@ impl<'a> Machine<'a> {
         let (id, node) = self.node_mut(target)?;
         let dict = match node {
             Node::Dict(v) => v,
-            Node::Object { dict_items: v, .. } => v,
+            Node::Object(o) => &mut o.dict_items,
             _ => return Err(PickleErrorKind::Invalid("SETITEM target is not a dict")),
         };
         if dict.len() + flat.len() / 2 > max {
@@ -760,7 +923,7 @@ impl<'a> Machine<'a> {
             b'V' => {
                 let line = self.line()?;
                 let s = raw_unicode_escape(line).ok_or(PickleErrorKind::BadText)?;
-                let v = self.alloc(Node::Str(s), 0)?;
+                let v = self.alloc(Node::Str(s.into()), 0)?;
                 self.push(v);
             }
             b'U' | b'T' => {
@@ -967,7 +1130,7 @@ impl<'a> Machine<'a> {
                 else {
                     return Err(PickleErrorKind::Invalid("STACK_GLOBAL needs two strings"));
                 };
-                let (module, name) = (module.clone(), name.clone());
+                let (module, name) = (module.to_string(), name.to_string());
                 let v = self.global(module, name)?;
                 self.push(v);
             }
@@ -1014,10 +1177,10 @@ impl<'a> Machine<'a> {
                 let target = self.top()?;
                 let depth = self.depth_of(state);
                 let (id, node) = self.node_mut(target)?;
-                let Node::Object { state: slot, .. } = node else {
+                let Node::Object(o) = node else {
                     return Err(PickleErrorKind::Invalid("BUILD target is not an object"));
                 };
-                *slot = Some(state);
+                o.state = Some(state);
                 self.deepen(id, depth)?;
             }
             b'P' => {
@@ -1119,18 +1282,10 @@ mod tests {
                 name: "system".into()
             }]
         );
-        let Some(Node::Object {
-            callable,
-            args,
-            kind,
-            ..
-        }) = p.node(p.root)
-        else {
-            panic!("root is not an object")
-        };
-        assert_eq!(*kind, CallKind::Reduce);
-        assert_eq!(p.global(*callable), Some(("posix", "system")));
-        assert_eq!(p.str(p.seq(*args).unwrap()[0]), Some("echo hi"));
+        let o = p.object(p.root).expect("the root is an object");
+        assert_eq!(o.kind, CallKind::Reduce);
+        assert_eq!(p.global(o.callable), Some(("posix", "system")));
+        assert_eq!(p.str(p.seq(o.args).unwrap()[0]), Some("echo hi"));
     }
 
     #[test]
@@ -1210,6 +1365,20 @@ mod tests {
         };
         let err = Pickle::parse_with(DICT_P4, limits).unwrap_err();
         assert!(matches!(err.kind, PickleErrorKind::TooLarge { .. }));
+    }
+
+    #[test]
+    fn written_pickles_read_back_the_same() {
+        for data in [
+            DICT_P4,
+            OS_SYSTEM_P2,
+            b"\x80\x04\x8a\x05\x05\x00\x00\x00\x01\x8a\x01\xff\x86.",
+        ] {
+            let p = Pickle::parse(data).unwrap();
+            let again = Pickle::parse(&p.write().unwrap()).unwrap();
+            assert_eq!(again.write().unwrap(), p.write().unwrap());
+            assert_eq!(again.globals.len(), p.globals.len());
+        }
     }
 
     proptest! {

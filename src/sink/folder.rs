@@ -115,7 +115,8 @@ fn safe_path(root: &Path, name: &ObjectName) -> Result<PathBuf, SinkError> {
     Ok(path)
 }
 
-fn sha256_hex(data: &[u8]) -> String {
+/// Hex sha256 of some bytes.
+pub fn sha256_hex(data: &[u8]) -> String {
     let digest = Sha256::digest(data);
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }

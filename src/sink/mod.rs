@@ -4,7 +4,9 @@
 pub mod folder;
 pub mod null;
 pub mod stream;
+pub mod verify;
 
 pub use folder::{FolderOptions, FolderSink};
 pub use null::NullSink;
 pub use stream::{StreamFormat, StreamSink};
+pub use verify::{VerifyResults, VerifySink};

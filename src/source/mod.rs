@@ -223,11 +223,21 @@ impl Source {
 
     /// A whole (small) object, which must still be as `meta` describes it.
     pub async fn read_all(&self, name: &str, meta: &ObjectMeta) -> Result<Vec<u8>, SourceError> {
-        if meta.size == 0 {
+        self.read_all_range(name, 0..meta.size, meta).await
+    }
+
+    /// A (small) range of an object in one buffer.
+    pub async fn read_all_range(
+        &self,
+        name: &str,
+        range: Range<u64>,
+        meta: &ObjectMeta,
+    ) -> Result<Vec<u8>, SourceError> {
+        if range.is_empty() {
             return Ok(Vec::new());
         }
-        let chunks = self.read_range(name, 0..meta.size, meta).await?;
-        let mut out = Vec::with_capacity(meta.size as usize);
+        let chunks = self.read_range(name, range.clone(), meta).await?;
+        let mut out = Vec::with_capacity((range.end - range.start) as usize);
         for c in chunks {
             out.extend_from_slice(&c);
         }

@@ -209,6 +209,86 @@ fn upload_fixtures(endpoint: &str) {
     });
 }
 
+/// Puts every file of `dir` at `s3://fixtures/<prefix>/<file>` on the moto server; returns the
+/// location.
+pub fn upload(dir: &Path, prefix: &str) -> String {
+    let endpoint = moto().endpoint.clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = s3_client(&endpoint).await;
+        for f in std::fs::read_dir(dir).unwrap() {
+            let f = f.unwrap();
+            if !f.file_type().unwrap().is_file() {
+                continue;
+            }
+            let key = format!("{prefix}/{}", f.file_name().to_str().unwrap());
+            let body = std::fs::read(f.path()).unwrap();
+            client
+                .put_object()
+                .bucket(BUCKET)
+                .key(&key)
+                .body(body.into())
+                .send()
+                .await
+                .unwrap();
+        }
+    });
+    format!("s3://{BUCKET}/{prefix}")
+}
+
+/// Rewrites a checkpoint's `.metadata` through the unpickler's value graph.
+pub fn edit_metadata(dir: &Path, edit: impl FnOnce(&mut dcpfetch::metadata::pickle::Pickle)) {
+    let path = dir.join(".metadata");
+    let mut p = dcpfetch::metadata::pickle::Pickle::parse(&std::fs::read(&path).unwrap()).unwrap();
+    edit(&mut p);
+    std::fs::write(&path, p.write().unwrap()).unwrap();
+}
+
+/// The state dict of the `Metadata` object.
+pub fn metadata_state(p: &dcpfetch::metadata::pickle::Pickle) -> dcpfetch::metadata::pickle::Value {
+    p.object(p.root).unwrap().state.unwrap()
+}
+
+/// Sets `dict[key] = value` in a dict node.
+pub fn set_item(
+    p: &mut dcpfetch::metadata::pickle::Pickle,
+    dict: dcpfetch::metadata::pickle::Value,
+    key: &str,
+    value: dcpfetch::metadata::pickle::Value,
+) {
+    let i = p
+        .pairs(dict)
+        .unwrap()
+        .iter()
+        .position(|(k, _)| p.str(*k) == Some(key))
+        .unwrap();
+    match p.node_mut(dict).unwrap() {
+        dcpfetch::metadata::pickle::Node::Dict(pairs) => pairs[i].1 = value,
+        _ => unreachable!(),
+    }
+}
+
+/// The `_StorageInfo` state dict of the storage entry of `fqn` (its first chunk).
+pub fn storage_info(
+    p: &dcpfetch::metadata::pickle::Pickle,
+    fqn: &str,
+) -> dcpfetch::metadata::pickle::Value {
+    let sd = p.get(metadata_state(p), "storage_data").unwrap();
+    let (_, info) = p
+        .pairs(sd)
+        .unwrap()
+        .iter()
+        .find(|(k, _)| {
+            let idx = p.object(*k).unwrap().state.unwrap();
+            p.str(p.get(idx, "fqn").unwrap()) == Some(fqn)
+        })
+        .unwrap();
+    p.object(*info).unwrap().state.unwrap()
+}
+
 /// An SDK client for a test endpoint.
 pub async fn s3_client(endpoint: &str) -> aws_sdk_s3::Client {
     let creds = aws_sdk_s3::config::Credentials::new("test", "test", None, None, "tests");

@@ -1,0 +1,277 @@
+//! A sink that checks items instead of keeping them: each item's archive structure and CRCs, its
+//! ZStandard transform, and its tensor against the metadata; and, with a manifest, the sha256 of
+//! every shard file (the plan then covers whole files, gaps included).
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+
+use crate::fetch::{Sink, SinkError};
+use crate::metadata::{Checkpoint, dtype};
+use crate::plan::{FilePlan, PlanItem};
+use crate::verify::archive::{Archive, ArchiveChecker};
+use crate::verify::tensor;
+
+/// What the byte checks found for one item.
+#[derive(Debug, Clone, Default)]
+pub struct ItemResult {
+    /// The storage entries stored at this range.
+    pub storage: Vec<usize>,
+    /// `items.archive`: the problem, if any.
+    pub archive: Option<String>,
+    /// `items.transform`: whether the item had a transform, and its problem.
+    pub transformed: bool,
+    pub transform: Option<String>,
+    /// `items.tensor`: whether it was checked (tensor items with a sound archive), and problems.
+    pub tensor_checked: bool,
+    pub tensor: Vec<String>,
+    /// Records saved without CRC.
+    pub unchecked_crc: Vec<String>,
+}
+
+/// Everything the sink found.
+#[derive(Debug, Default)]
+pub struct VerifyResults {
+    pub items: Vec<ItemResult>,
+    /// sha256 of every file the plan covered whole (with a manifest).
+    pub file_sha256: BTreeMap<String, String>,
+}
+
+enum Current {
+    Archive(ArchiveChecker),
+    /// A transformed item, kept whole until it can be decoded.
+    Transformed(Vec<u8>),
+    /// Bytes between items, read only for the files' sha256.
+    Filler,
+}
+
+/// Checks items as they stream past.
+pub struct VerifySink {
+    ck: Arc<Checkpoint>,
+    /// storage index -> (entry, chunk)
+    owner: HashMap<usize, (usize, usize)>,
+    hash_files: bool,
+    hashers: HashMap<String, Sha256>,
+    current: Option<Current>,
+    results: Arc<Mutex<VerifyResults>>,
+}
+
+impl std::fmt::Debug for VerifySink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifySink")
+            .field("hash_files", &self.hash_files)
+            .finish()
+    }
+}
+
+/// Decompressed size beyond which a ZStandard item is refused (a decompression bomb).
+const MAX_DECODED_SLACK: u64 = 64 << 20;
+
+impl VerifySink {
+    /// A sink that records into `results`; with `hash_files`, the plan must cover whole files.
+    pub fn new(ck: Arc<Checkpoint>, hash_files: bool, results: Arc<Mutex<VerifyResults>>) -> Self {
+        let mut owner = HashMap::new();
+        for (ei, e) in ck.entries.iter().enumerate() {
+            for (ci, c) in e.chunks.iter().enumerate() {
+                for &s in &c.storage {
+                    owner.insert(s, (ei, ci));
+                }
+            }
+        }
+        VerifySink {
+            ck,
+            owner,
+            hash_files,
+            hashers: HashMap::new(),
+            current: None,
+            results,
+        }
+    }
+
+    fn check_item(&self, item: &PlanItem, current: Current) -> ItemResult {
+        let mut r = ItemResult {
+            storage: item.storage.clone(),
+            ..ItemResult::default()
+        };
+        let archive = match current {
+            Current::Filler => return r,
+            Current::Archive(c) => c.finish(),
+            Current::Transformed(data) => {
+                r.transformed = true;
+                match self.decode(item, &data) {
+                    Ok(c) => c.finish(),
+                    Err(e) => {
+                        r.transform = Some(e);
+                        return r;
+                    }
+                }
+            }
+        };
+        let archive = match archive {
+            Ok(a) => a,
+            Err(e) => {
+                r.archive = Some(e);
+                return r;
+            }
+        };
+        r.unchecked_crc = archive.unchecked_crc.clone();
+        for &s in &item.storage {
+            if let Some(&(ei, ci)) = self.owner.get(&s)
+                && self.ck.entries[ei].tensor.is_some()
+            {
+                r.tensor_checked = true;
+                r.tensor.extend(self.check_tensor(&archive, ei, ci));
+            }
+        }
+        r
+    }
+
+    /// Decodes a ZStandard item into an archive checker.
+    fn decode(&self, item: &PlanItem, data: &[u8]) -> Result<ArchiveChecker, String> {
+        let descriptors = &self.ck.storage[item.storage[0]].info.transform_descriptors;
+        if descriptors.iter().any(|d| !d.starts_with("stream.zstd")) || descriptors.len() != 1 {
+            return Err(format!("unknown transform {descriptors:?}"));
+        }
+        let expected = item
+            .storage
+            .iter()
+            .filter_map(|s| self.owner.get(s))
+            .filter_map(|&(ei, ci)| {
+                let e = &self.ck.entries[ei];
+                e.chunks[ci]
+                    .numel()?
+                    .checked_mul(e.tensor.as_ref()?.element_size()?)
+            })
+            .max()
+            .unwrap_or(0);
+        let limit = expected.saturating_add(MAX_DECODED_SLACK);
+        let mut decoder = ruzstd::decoding::StreamingDecoder::new(data)
+            .map_err(|e| format!("not a zstd stream: {e}"))?;
+        let mut checker = ArchiveChecker::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = decoder
+                .read(&mut buf)
+                .map_err(|e| format!("zstd stream is corrupt: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            checker.feed(&buf[..n]);
+            if checker.len() > limit {
+                return Err(format!("decompresses to more than {limit} bytes: refused"));
+            }
+        }
+        Ok(checker)
+    }
+
+    /// `items.tensor` for one chunk.
+    fn check_tensor(&self, archive: &Archive, entry: usize, chunk: usize) -> Vec<String> {
+        let e = &self.ck.entries[entry];
+        let meta = e.tensor.as_ref().expect("a tensor entry");
+        let sizes = e.chunks[chunk].sizes.clone().unwrap_or_default();
+        let Some(pkl) = archive.data("/data.pkl") else {
+            return vec!["the archive has no data.pkl record".into()];
+        };
+        let t = match tensor::read(pkl) {
+            Ok(t) => t,
+            Err(msg) => return vec![msg],
+        };
+        let mut problems = Vec::new();
+        if dtype::canonical(&t.dtype) != meta.dtype {
+            problems.push(format!(
+                "the item holds {}, the metadata says {}",
+                t.dtype, meta.dtype
+            ));
+        }
+        if t.size != sizes {
+            problems.push(format!(
+                "the item holds a tensor of size {:?}, the chunk is {sizes:?}",
+                t.size
+            ));
+        }
+        let Some(record) = archive.record(&format!("/data/{}", t.key)) else {
+            problems.push(format!(
+                "the archive has no data/{} record for the tensor's storage",
+                t.key
+            ));
+            return problems;
+        };
+        let record_len = record.data.end - record.data.start;
+        if record_len != t.storage_bytes {
+            problems.push(format!(
+                "the storage record is {record_len} bytes but data.pkl declares {}",
+                t.storage_bytes
+            ));
+        }
+        let elem = dtype::element_size(&t.dtype).unwrap_or(1);
+        match t.required_elements().and_then(|n| n.checked_mul(elem)) {
+            Some(need) if need != record_len => problems.push(format!(
+                "the storage record is {record_len} bytes; the chunk's {} elements of {} at strides {:?} need {need}",
+                sizes.iter().product::<u64>(),
+                meta.dtype,
+                t.stride
+            )),
+            Some(_) => {}
+            None => problems.push("the tensor's strides overflow".into()),
+        }
+        problems
+    }
+}
+
+impl Sink for VerifySink {
+    fn write(
+        &mut self,
+        file: &FilePlan,
+        item: &PlanItem,
+        at: u64,
+        data: Bytes,
+    ) -> Result<(), SinkError> {
+        if self.hash_files {
+            self.hashers
+                .entry(file.name.to_string())
+                .or_default()
+                .update(&data);
+        }
+        if at == 0 {
+            self.current = Some(if item.storage.is_empty() {
+                Current::Filler
+            } else if self.ck.storage[item.storage[0]]
+                .info
+                .transform_descriptors
+                .is_empty()
+            {
+                Current::Archive(ArchiveChecker::new())
+            } else {
+                Current::Transformed(Vec::with_capacity(item.len().min(64 << 20) as usize))
+            });
+        }
+        match &mut self.current {
+            Some(Current::Archive(c)) => c.feed(&data),
+            Some(Current::Transformed(buf)) => buf.extend_from_slice(&data),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn item_done(&mut self, _: &FilePlan, item: &PlanItem) -> Result<(), SinkError> {
+        if let Some(current) = self.current.take() {
+            let r = self.check_item(item, current);
+            if !r.storage.is_empty() {
+                self.results.lock().expect("not poisoned").items.push(r);
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<(), SinkError> {
+        let mut results = self.results.lock().expect("not poisoned");
+        for (name, h) in self.hashers.drain() {
+            let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+            results.file_sha256.insert(name, hex);
+        }
+        Ok(())
+    }
+}
