@@ -286,33 +286,40 @@ impl Checkpoint {
 
     /// Links every chunk to the storage entries with its `(fqn, offsets)` key.
     fn link(&mut self) {
-        let mut index: HashMap<(&str, Option<&[u64]>), Vec<usize>> =
-            HashMap::with_capacity(self.storage.len());
+        // Group the storage entries by fqn, sort each group by chunk offsets, and merge it with
+        // the entry's chunks sorted the same way: no per-entry hashing of strings.
+        let mut by_fqn: HashMap<&str, Vec<usize>> = HashMap::with_capacity(self.entries.len());
         for (i, s) in self.storage.iter().enumerate() {
-            index
-                .entry((&s.fqn, s.chunk_offsets.as_deref()))
-                .or_default()
-                .push(i);
+            by_fqn.entry(&s.fqn).or_default().push(i);
         }
-        let mut linked = vec![false; self.storage.len()];
+        let storage = &self.storage;
+        let mut linked = vec![false; storage.len()];
         for e in &mut self.entries {
-            for c in &mut e.chunks {
-                if let Some(found) = index.get(&(e.fqn.as_str(), c.offsets.as_deref())) {
-                    c.storage = found.clone();
-                    for &i in found {
-                        linked[i] = true;
-                    }
-                } else {
+            let mut stored = by_fqn.remove(e.fqn.as_str()).unwrap_or_default();
+            stored.sort_by(|a, b| storage[*a].chunk_offsets.cmp(&storage[*b].chunk_offsets));
+            let mut order: Vec<usize> = (0..e.chunks.len()).collect();
+            order.sort_by(|a, b| e.chunks[*a].offsets.cmp(&e.chunks[*b].offsets));
+            let mut j = 0;
+            for ci in order {
+                let c = &mut e.chunks[ci];
+                while j < stored.len() && storage[stored[j]].chunk_offsets < c.offsets {
+                    j += 1;
+                }
+                let first = j;
+                while j < stored.len() && storage[stored[j]].chunk_offsets == c.offsets {
+                    linked[stored[j]] = true;
+                    j += 1;
+                }
+                c.storage = stored[first..j].to_vec();
+                if c.storage.is_empty() {
                     self.warnings.push(match &c.offsets {
-                        Some(o) => {
-                            format!("{}: chunk at offsets {o:?} has no storage entry", e.fqn)
-                        }
+                        Some(o) => format!("{}: chunk at offsets {o:?} has no storage entry", e.fqn),
                         None => format!("{}: bytes entry has no storage entry", e.fqn),
                     });
                 }
             }
         }
-        for (i, s) in self.storage.iter().enumerate() {
+        for (i, s) in storage.iter().enumerate() {
             if !linked[i] {
                 self.warnings.push(format!(
                     "storage entry for {:?} at offsets {:?} ({}) belongs to no entry",

@@ -100,6 +100,17 @@ pub struct ModelError {
     pub problem: String,
 }
 
+impl ModelError {
+    /// The same error, inside an outer context (built only when there is an error).
+    fn within(self, outer: impl FnOnce() -> String) -> ModelError {
+        let outer = outer();
+        ModelError {
+            context: if self.context.is_empty() { outer } else { format!("{outer} {}", self.context) },
+            problem: self.problem,
+        }
+    }
+}
+
 fn err<T>(context: impl Into<String>, problem: impl Into<String>) -> Result<T, ModelError> {
     Err(ModelError {
         context: context.into(),
@@ -188,7 +199,8 @@ impl<'p> Reader<'p> {
         let Some(state) = *state else { return Ok(None) };
         match self.p.node(state) {
             Some(Node::Dict(_)) => Ok(Some(state)),
-            Some(Node::Tuple(t)) if t.len() == 2 => {
+            Some(Node::Tuple(_)) if self.p.tuple(state).is_some_and(|t| t.len() == 2) => {
+                let t = self.p.tuple(state).expect("checked");
                 // (dict or None, slots dict): prefer the slots when the dict is empty.
                 for half in [t[1], t[0]] {
                     if matches!(self.p.node(half), Some(Node::Dict(d)) if !d.is_empty()) {
@@ -376,7 +388,7 @@ impl<'p> Reader<'p> {
         md.entries.reserve(pairs.len());
         for (k, v) in pairs {
             let fqn = self.string(*k, "state_dict_metadata key")?;
-            let entry = self.entry(*v, &fqn)?;
+            let entry = self.entry(*v).map_err(|e| e.within(|| format!("entry {fqn:?}")))?;
             md.entries.push((fqn, entry));
         }
         if let Some(sd) = self.attr(attrs, "storage_data") {
@@ -389,7 +401,9 @@ impl<'p> Reader<'p> {
             md.storage.reserve(pairs.len());
             for (k, v) in pairs {
                 let index = self.metadata_index(*k)?;
-                let info = self.storage_info(*v, &index.fqn)?;
+                let info = self
+                    .storage_info(*v)
+                    .map_err(|e| e.within(|| format!("storage entry for {:?}", index.fqn)))?;
                 md.storage.push((index, info));
             }
         }
@@ -453,8 +467,8 @@ impl<'p> Reader<'p> {
         )
     }
 
-    fn entry(&self, v: Value, fqn: &str) -> Result<EntryMeta, ModelError> {
-        let ctx = format!("entry {fqn:?}");
+    fn entry(&self, v: Value) -> Result<EntryMeta, ModelError> {
+        let ctx = "";
         if self.is_class(v, &METADATA_MODULES, "BytesStorageMetadata") {
             return Ok(EntryMeta::Bytes);
         }
@@ -467,15 +481,15 @@ impl<'p> Reader<'p> {
                 ),
             );
         }
-        let attrs = self.attrs(v, &ctx)?;
+        let attrs = self.attrs(v, ctx)?;
         let Some(props) = self.attr(attrs, "properties") else {
             return err(ctx, "no properties");
         };
         let Some(size) = self.attr(attrs, "size") else {
             return err(ctx, "no size");
         };
-        let shape = self.size(size, &format!("{ctx} size"))?;
-        let mut t = self.properties(props, &ctx, shape)?;
+        let shape = self.size(size, "size")?;
+        let mut t = self.properties(props, shape)?;
         if let Some(chunks) = self.attr(attrs, "chunks") {
             let Some(items) = self.p.seq(chunks) else {
                 return err(
@@ -485,14 +499,14 @@ impl<'p> Reader<'p> {
             };
             t.chunks.reserve(items.len());
             for c in items {
-                t.chunks.push(self.chunk(*c, &ctx)?);
+                t.chunks.push(self.chunk(*c)?);
             }
         }
         Ok(EntryMeta::Tensor(t))
     }
 
-    fn properties(&self, v: Value, ctx: &str, shape: Vec<u64>) -> Result<TensorMeta, ModelError> {
-        let ctx = format!("{ctx} properties");
+    fn properties(&self, v: Value, shape: Vec<u64>) -> Result<TensorMeta, ModelError> {
+        let ctx = "properties";
         if !self.is_class(v, &METADATA_MODULES, "TensorProperties") {
             return err(
                 ctx,
@@ -509,12 +523,12 @@ impl<'p> Reader<'p> {
         // Older torch (a plain dataclass): a dict of the same fields.
         let field = |i: usize, name: &str| -> Option<Value> {
             match self.p.node(*state) {
-                Some(Node::Tuple(t)) => t.get(i).copied(),
+                Some(Node::Tuple(_)) => self.p.tuple(*state)?.get(i).copied(),
                 Some(Node::Dict(_)) => self.p.get(*state, name),
                 _ => None,
             }
         };
-        if !matches!(self.p.node(*state), Some(Node::Tuple(t)) if t.len() == 5 || t.len() == 6)
+        if !self.p.tuple(*state).is_some_and(|t| t.len() == 5 || t.len() == 6)
             && !matches!(self.p.node(*state), Some(Node::Dict(_)))
         {
             return err(
@@ -528,25 +542,25 @@ impl<'p> Reader<'p> {
         let Some(dtype) = field(0, "dtype") else {
             return err(ctx, "no dtype");
         };
-        let dtype = self.dtype(dtype, &ctx)?;
+        let dtype = self.dtype(dtype, ctx)?;
         let layout = match field(1, "layout") {
-            Some(l) if l != Value::None => self.layout(l, &ctx)?,
+            Some(l) if l != Value::None => self.layout(l, ctx)?,
             _ => "strided".into(),
         };
         let requires_grad = match field(2, "requires_grad") {
-            Some(b) => self.bool(b, &ctx)?,
+            Some(b) => self.bool(b, ctx)?,
             None => false,
         };
         let memory_format = match field(3, "memory_format") {
-            Some(m) if m != Value::None => self.memory_format(m, &ctx)?,
+            Some(m) if m != Value::None => self.memory_format(m, ctx)?,
             _ => "contiguous_format".into(),
         };
         let pin_memory = match field(4, "pin_memory") {
-            Some(b) => self.bool(b, &ctx)?,
+            Some(b) => self.bool(b, ctx)?,
             None => false,
         };
         let strides = match field(5, "strides") {
-            Some(s) if s != Value::None => Some(self.ints(s, &format!("{ctx} strides"))?),
+            Some(s) if s != Value::None => Some(self.ints(s, "properties strides")?),
             _ => None,
         };
         Ok(TensorMeta {
@@ -561,22 +575,22 @@ impl<'p> Reader<'p> {
         })
     }
 
-    fn chunk(&self, v: Value, ctx: &str) -> Result<ChunkMeta, ModelError> {
-        let ctx = format!("{ctx} chunk");
+    fn chunk(&self, v: Value) -> Result<ChunkMeta, ModelError> {
+        let ctx = "chunk";
         if !self.is_class(v, &METADATA_MODULES, "ChunkStorageMetadata") {
             return err(
                 ctx,
                 format!("expected ChunkStorageMetadata, found {}", self.describe(v)),
             );
         }
-        let attrs = self.attrs(v, &ctx)?;
+        let attrs = self.attrs(v, ctx)?;
         let (Some(offsets), Some(sizes)) = (self.attr(attrs, "offsets"), self.attr(attrs, "sizes"))
         else {
             return err(ctx, "offsets or sizes missing");
         };
         Ok(ChunkMeta {
-            offsets: self.size(offsets, &format!("{ctx} offsets"))?,
-            sizes: self.size(sizes, &format!("{ctx} sizes"))?,
+            offsets: self.size(offsets, "chunk offsets")?,
+            sizes: self.size(sizes, "chunk sizes")?,
         })
     }
 
@@ -593,27 +607,27 @@ impl<'p> Reader<'p> {
             return err(ctx, "MetadataIndex without fqn");
         };
         let fqn = self.string(fqn, ctx)?;
-        let ctx = format!("storage key for {fqn:?}");
+        let within = |e: ModelError| e.within(|| format!("storage key for {fqn:?}"));
         let offset = match self.attr(attrs, "offset") {
-            Some(o) => Some(self.size(o, &ctx)?),
+            Some(o) => Some(self.size(o, "offset").map_err(within)?),
             None => None,
         };
         let index = match self.attr(attrs, "index") {
-            Some(i) => Some(self.int(i, &ctx)?),
+            Some(i) => Some(self.int(i, "index").map_err(within)?),
             None => None,
         };
         Ok(MetadataIndex { fqn, offset, index })
     }
 
-    fn storage_info(&self, v: Value, fqn: &str) -> Result<StorageInfo, ModelError> {
-        let ctx = format!("storage entry for {fqn:?}");
+    fn storage_info(&self, v: Value) -> Result<StorageInfo, ModelError> {
+        let ctx = "";
         if !self.is_class(v, &FILESYSTEM_MODULES, "_StorageInfo") {
             return err(
                 ctx,
                 format!("expected _StorageInfo, found {}", self.describe(v)),
             );
         }
-        let attrs = self.attrs(v, &ctx)?;
+        let attrs = self.attrs(v, ctx)?;
         let (Some(path), Some(offset), Some(length)) = (
             self.attr(attrs, "relative_path"),
             self.attr(attrs, "offset"),
@@ -633,13 +647,13 @@ impl<'p> Reader<'p> {
                 );
             };
             for item in items {
-                transform_descriptors.push(self.string(*item, &ctx)?);
+                transform_descriptors.push(self.string(*item, "transform_descriptors")?);
             }
         }
         Ok(StorageInfo {
-            relative_path: self.path_like(path, &ctx)?,
-            offset: self.uint(offset, &format!("{ctx} offset"))?,
-            length: self.uint(length, &format!("{ctx} length"))?,
+            relative_path: self.path_like(path, "relative_path")?,
+            offset: self.uint(offset, "offset")?,
+            length: self.uint(length, "length")?,
             transform_descriptors,
         })
     }

@@ -64,17 +64,32 @@ pub enum Node {
     BigInt(Box<[u8]>),
     Str(Box<str>),
     Bytes(Box<[u8]>),
-    Tuple(Box<[Value]>),
+    /// Tuples live in one shared pool: they never change once made.
+    Tuple(Span),
     List(Vec<Value>),
     Dict(Vec<(Value, Value)>),
     Set(Vec<Value>),
-    FrozenSet(Box<[Value]>),
+    FrozenSet(Span),
     /// A global reference (`module.name`), never imported.
     Global(Box<GlobalName>),
-    /// A call that was never made.
-    Object(Box<Object>),
+    /// A call that was never made: an index into the objects of the graph (see
+    /// [`Pickle::object`]).
+    Object(u32),
     /// A persistent id (`PERSID`/`BINPERSID`); torch.save archives use them for storages.
     PersistentId(Value),
+}
+
+/// Where a tuple's elements are in the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    start: u32,
+    len: u32,
+}
+
+impl Span {
+    fn range(self) -> std::ops::Range<usize> {
+        self.start as usize..self.start as usize + self.len as usize
+    }
 }
 
 /// `module.name` of a global.
@@ -90,11 +105,38 @@ pub struct GlobalName {
 pub struct Object {
     pub callable: Value,
     pub args: Value,
-    pub kwargs: Option<Value>,
     pub kind: CallKind,
     pub state: Option<Value>,
-    pub items: Vec<Value>,
-    pub dict_items: Vec<(Value, Value)>,
+    /// What few objects have (kept apart so that objects stay small).
+    extra: Option<Box<ObjectExtra>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+struct ObjectExtra {
+    kwargs: Option<Value>,
+    items: Vec<Value>,
+    dict_items: Vec<(Value, Value)>,
+}
+
+impl Object {
+    /// The keyword arguments of a `NEWOBJ_EX`.
+    pub fn kwargs(&self) -> Option<Value> {
+        self.extra.as_ref().and_then(|e| e.kwargs)
+    }
+
+    /// What `APPEND(S)` added to the object (a list subclass).
+    pub fn items(&self) -> &[Value] {
+        self.extra.as_ref().map_or(&[], |e| &e.items)
+    }
+
+    /// What `SETITEM(S)` added to the object (a dict subclass such as `OrderedDict`).
+    pub fn dict_items(&self) -> &[(Value, Value)] {
+        self.extra.as_ref().map_or(&[], |e| &e.dict_items)
+    }
+
+    fn extra_mut(&mut self) -> &mut ObjectExtra {
+        self.extra.get_or_insert_with(Box::default)
+    }
 }
 
 /// A global that the pickle names, with the offset of the opcode that named it.
@@ -109,6 +151,9 @@ pub struct GlobalRef {
 #[derive(Debug, Clone)]
 pub struct Pickle {
     nodes: Vec<Node>,
+    objects: Vec<Object>,
+    /// The elements of every tuple.
+    pool: Vec<Value>,
     /// The object `STOP` returned.
     pub root: Value,
     /// Every global named, in file order.
@@ -288,8 +333,16 @@ impl Pickle {
     /// The elements of a tuple or list.
     pub fn seq(&self, value: Value) -> Option<&[Value]> {
         match self.node(value)? {
-            Node::Tuple(v) => Some(v),
+            Node::Tuple(s) => Some(&self.pool[s.range()]),
             Node::List(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The elements of a tuple.
+    pub fn tuple(&self, value: Value) -> Option<&[Value]> {
+        match self.node(value)? {
+            Node::Tuple(s) => Some(&self.pool[s.range()]),
             _ => None,
         }
     }
@@ -298,7 +351,7 @@ impl Pickle {
     pub fn pairs(&self, value: Value) -> Option<&[(Value, Value)]> {
         match self.node(value)? {
             Node::Dict(v) => Some(v),
-            Node::Object(o) => Some(&o.dict_items),
+            Node::Object(i) => Some(self.objects[*i as usize].dict_items()),
             _ => None,
         }
     }
@@ -314,7 +367,7 @@ impl Pickle {
     /// The object a value refers to.
     pub fn object(&self, value: Value) -> Option<&Object> {
         match self.node(value)? {
-            Node::Object(o) => Some(o),
+            Node::Object(i) => Some(&self.objects[*i as usize]),
             _ => None,
         }
     }
@@ -386,9 +439,9 @@ impl Pickle {
                     out.extend_from_slice(&(b.len() as u32).to_le_bytes());
                     out.extend_from_slice(b);
                 }
-                Node::Tuple(items) | Node::FrozenSet(items) => {
+                Node::Tuple(span) | Node::FrozenSet(span) => {
                     out.push(b'(');
-                    for i in items.iter() {
+                    for i in &self.pool[span.range()] {
                         self.write_value(*i, out, d)?;
                     }
                     out.push(if matches!(self.node(v), Some(Node::Tuple(_))) {
@@ -431,10 +484,11 @@ impl Pickle {
                         out.push(b'\n');
                     }
                 }
-                Node::Object(o) => {
+                Node::Object(i) => {
+                    let o = &self.objects[*i as usize];
                     self.write_value(o.callable, out, d)?;
                     self.write_value(o.args, out, d)?;
-                    match (o.kind, o.kwargs) {
+                    match (o.kind, o.kwargs()) {
                         (CallKind::NewObj, Some(kw)) => {
                             self.write_value(kw, out, d)?;
                             out.push(0x92);
@@ -442,16 +496,16 @@ impl Pickle {
                         (CallKind::NewObj, None) => out.push(0x81),
                         _ => out.push(b'R'),
                     }
-                    if !o.items.is_empty() {
+                    if !o.items().is_empty() {
                         out.push(b'(');
-                        for i in &o.items {
+                        for i in o.items() {
                             self.write_value(*i, out, d)?;
                         }
                         out.push(b'e');
                     }
-                    if !o.dict_items.is_empty() {
+                    if !o.dict_items().is_empty() {
                         out.push(b'(');
-                        for (k, val) in &o.dict_items {
+                        for (k, val) in o.dict_items() {
                             self.write_value(*k, out, d)?;
                             self.write_value(*val, out, d)?;
                         }
@@ -479,6 +533,8 @@ struct Machine<'a> {
     op: u8,
     limits: Limits,
     nodes: Vec<Node>,
+    objects: Vec<Object>,
+    pool: Vec<Value>,
     depth: Vec<u32>,
     stack: Vec<Value>,
     marks: Vec<usize>,
@@ -502,6 +558,8 @@ impl<'a> Machine<'a> {
             op: 0,
             limits,
             nodes: Vec::with_capacity(expected_nodes),
+            objects: Vec::with_capacity(expected_nodes / 4),
+            pool: Vec::with_capacity(expected_nodes / 2),
             depth: Vec::with_capacity(expected_nodes),
             stack: Vec::new(),
             marks: Vec::new(),
@@ -528,6 +586,8 @@ impl<'a> Machine<'a> {
                         .ok_or_else(|| self.error(Some(op), PickleErrorKind::StackUnderflow))?;
                     return Ok(Pickle {
                         nodes: self.nodes,
+                        objects: self.objects,
+                        pool: self.pool,
                         root,
                         globals: self.globals,
                         protocol: self.protocol,
@@ -666,18 +726,37 @@ impl<'a> Machine<'a> {
         Ok(Value::Node(id))
     }
 
-    fn container<T: From<Vec<Value>>>(
-        &mut self,
-        make: fn(T) -> Node,
-        items: Vec<Value>,
-    ) -> Step<Value> {
+    fn container(&mut self, make: fn(Vec<Value>) -> Node, items: Vec<Value>) -> Step<Value> {
         if items.len() > self.limits.max_container {
-            return Err(PickleErrorKind::ContainerTooLarge(
-                self.limits.max_container,
-            ));
+            return Err(PickleErrorKind::ContainerTooLarge(self.limits.max_container));
         }
         let depth = 1 + items.iter().map(|v| self.depth_of(*v)).max().unwrap_or(0);
-        self.alloc(make(T::from(items)), depth)
+        self.alloc(make(items), depth)
+    }
+
+    /// A tuple (or frozenset) of the stack's items from index `from` up, moved into the pool.
+    fn pooled(&mut self, from: usize, make: fn(Span) -> Node) -> Step<Value> {
+        let len = self.stack.len() - from;
+        if len > self.limits.max_container {
+            return Err(PickleErrorKind::ContainerTooLarge(self.limits.max_container));
+        }
+        let depth = 1 + self.stack[from..].iter().map(|v| self.depth_of(*v)).max().unwrap_or(0);
+        let start = u32::try_from(self.pool.len()).map_err(|_| PickleErrorKind::Invalid("too many tuple elements"))?;
+        self.pool.extend(self.stack.drain(from..));
+        self.alloc(make(Span { start, len: len as u32 }), depth)
+    }
+
+    /// A tuple of the items above the topmost mark.
+    fn pooled_from_mark(&mut self, make: fn(Span) -> Node) -> Step<Value> {
+        let mark = self.marks.pop().ok_or(PickleErrorKind::NoMark)?;
+        self.pooled(mark, make)
+    }
+
+    /// A tuple of the given values.
+    fn pooled_from(&mut self, items: Vec<Value>) -> Step<Value> {
+        let from = self.stack.len();
+        self.stack.extend(items);
+        self.pooled(from, Node::Tuple)
     }
 
     fn string(&mut self, bytes: &[u8]) -> Step<Value> {
@@ -722,18 +801,20 @@ impl<'a> Machine<'a> {
             .depth_of(callable)
             .max(self.depth_of(args))
             .max(kwargs.map_or(0, |k| self.depth_of(k)));
-        self.alloc(
-            Node::Object(Box::new(Object {
-                callable,
-                args,
-                kwargs,
-                kind,
-                state: None,
-                items: Vec::new(),
-                dict_items: Vec::new(),
-            })),
-            depth,
-        )
+        let index = u32::try_from(self.objects.len()).map_err(|_| PickleErrorKind::Invalid("too many objects"))?;
+        self.objects.push(Object {
+            callable,
+            args,
+            kind,
+            state: None,
+            extra: kwargs.map(|k| {
+                Box::new(ObjectExtra {
+                    kwargs: Some(k),
+                    ..ObjectExtra::default()
+                })
+            }),
+        });
+        self.alloc(Node::Object(index), depth)
     }
 
     /// Raises the recorded depth of `target` after children were added to it.
@@ -746,9 +827,9 @@ impl<'a> Machine<'a> {
         Ok(())
     }
 
-    fn node_mut(&mut self, v: Value) -> Step<(u32, &mut Node)> {
+    fn node_id(v: Value) -> Step<u32> {
         match v {
-            Value::Node(id) => Ok((id, &mut self.nodes[id as usize])),
+            Value::Node(id) => Ok(id),
             _ => Err(PickleErrorKind::Invalid("target is not a container")),
         }
     }
@@ -756,10 +837,10 @@ impl<'a> Machine<'a> {
     fn append(&mut self, target: Value, items: Vec<Value>) -> Step<()> {
         let children = items.iter().map(|v| self.depth_of(*v)).max().unwrap_or(0);
         let max = self.limits.max_container;
-        let (id, node) = self.node_mut(target)?;
-        let list = match node {
+        let id = Self::node_id(target)?;
+        let list = match &mut self.nodes[id as usize] {
             Node::List(v) => v,
-            Node::Object(o) => &mut o.items,
+            Node::Object(o) => &mut self.objects[*o as usize].extra_mut().items,
             _ => return Err(PickleErrorKind::Invalid("APPEND target is not a list")),
         };
         if list.len() + items.len() > max {
@@ -775,10 +856,10 @@ impl<'a> Machine<'a> {
         }
         let children = flat.iter().map(|v| self.depth_of(*v)).max().unwrap_or(0);
         let max = self.limits.max_container;
-        let (id, node) = self.node_mut(target)?;
-        let dict = match node {
+        let id = Self::node_id(target)?;
+        let dict = match &mut self.nodes[id as usize] {
             Node::Dict(v) => v,
-            Node::Object(o) => &mut o.dict_items,
+            Node::Object(o) => &mut self.objects[*o as usize].extra_mut().dict_items,
             _ => return Err(PickleErrorKind::Invalid("SETITEM target is not a dict")),
         };
         if dict.len() + flat.len() / 2 > max {
@@ -963,7 +1044,7 @@ impl<'a> Machine<'a> {
 
             // Containers.
             b')' => {
-                let v = self.container(Node::Tuple, Vec::new())?;
+                let v = self.pooled(self.stack.len(), Node::Tuple)?;
                 self.push(v);
             }
             0x85..=0x87 => {
@@ -972,13 +1053,11 @@ impl<'a> Machine<'a> {
                 if self.stack.len() < floor + n {
                     return Err(PickleErrorKind::StackUnderflow);
                 }
-                let items = self.stack.split_off(self.stack.len() - n);
-                let v = self.container(Node::Tuple, items)?;
+                let v = self.pooled(self.stack.len() - n, Node::Tuple)?;
                 self.push(v);
             }
             b't' => {
-                let items = self.pop_mark()?;
-                let v = self.container(Node::Tuple, items)?;
+                let v = self.pooled_from_mark(Node::Tuple)?;
                 self.push(v);
             }
             b']' => {
@@ -1005,8 +1084,7 @@ impl<'a> Machine<'a> {
                 self.push(v);
             }
             0x91 => {
-                let items = self.pop_mark()?;
-                let v = self.container(Node::FrozenSet, items)?;
+                let v = self.pooled_from_mark(Node::FrozenSet)?;
                 self.push(v);
             }
             b'a' => {
@@ -1035,8 +1113,8 @@ impl<'a> Machine<'a> {
                 let target = self.top()?;
                 let children = items.iter().map(|v| self.depth_of(*v)).max().unwrap_or(0);
                 let max = self.limits.max_container;
-                let (id, node) = self.node_mut(target)?;
-                let Node::Set(set) = node else {
+                let id = Self::node_id(target)?;
+                let Node::Set(set) = &mut self.nodes[id as usize] else {
                     return Err(PickleErrorKind::Invalid("ADDITEMS target is not a set"));
                 };
                 if set.len() + items.len() > max {
@@ -1158,7 +1236,7 @@ impl<'a> Machine<'a> {
                 let name = self.line_str()?.to_owned();
                 let args = self.pop_mark()?;
                 let cls = self.global(module, name)?;
-                let args = self.container(Node::Tuple, args)?;
+                let args = self.pooled_from(args)?;
                 let v = self.object(cls, args, None, CallKind::Inst)?;
                 self.push(v);
             }
@@ -1168,7 +1246,7 @@ impl<'a> Machine<'a> {
                     return Err(PickleErrorKind::StackUnderflow);
                 }
                 let cls = items.remove(0);
-                let args = self.container(Node::Tuple, items)?;
+                let args = self.pooled_from(items)?;
                 let v = self.object(cls, args, None, CallKind::Inst)?;
                 self.push(v);
             }
@@ -1176,11 +1254,11 @@ impl<'a> Machine<'a> {
                 let state = self.pop()?;
                 let target = self.top()?;
                 let depth = self.depth_of(state);
-                let (id, node) = self.node_mut(target)?;
-                let Node::Object(o) = node else {
+                let id = Self::node_id(target)?;
+                let Node::Object(o) = self.nodes[id as usize] else {
                     return Err(PickleErrorKind::Invalid("BUILD target is not an object"));
                 };
-                o.state = Some(state);
+                self.objects[o as usize].state = Some(state);
                 self.deepen(id, depth)?;
             }
             b'P' => {

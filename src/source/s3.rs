@@ -187,7 +187,11 @@ impl S3Source {
             SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
                 Failure::Retry(format!("{what}: {}", DisplayErrorContext(&e)))
             }
-            SdkError::DispatchFailure(d) if d.is_io() || d.is_timeout() => {
+            // A connection closed before the answer's headers is a transient "other" error; the
+            // other "other" errors (no credentials, bad configuration) are not worth retrying.
+            SdkError::DispatchFailure(d)
+                if d.is_io() || d.is_timeout() || d.as_other() == Some(aws_smithy_types::retry::ErrorKind::TransientError) =>
+            {
                 Failure::Retry(format!("{what}: {}", DisplayErrorContext(&e)))
             }
             _ => Failure::Fatal(SourceError::Request {
