@@ -2,11 +2,12 @@
 //!
 //! Messages are lowercase without a trailing period, printed as `error: ...`, each cause on its own
 //! `  caused by: ...` line, and a `hint: ...` line where there is a likely fix. Exit codes: 0 ok,
-//! 1 the check or fetch found a problem, 2 usage error or could not run.
+//! 1 the check or fetch found a problem, 2 usage error or could not run, 130 interrupted (Ctrl-C).
 
 use std::io::Write;
 use std::process::ExitCode;
 
+use crate::fetch::FetchError;
 use crate::metadata::MetadataError;
 use crate::selection::SelectionError;
 use crate::source::SourceError;
@@ -124,11 +125,23 @@ pub fn fail(e: &anyhow::Error) -> ExitCode {
     if let Some(h) = hint(e) {
         let _ = writeln!(err, "hint: {h}");
     }
-    if is_problem(e) {
+    if is_interrupted(e) {
+        // The shell's convention for a run stopped by SIGINT.
+        ExitCode::from(130)
+    } else if is_problem(e) {
         ExitCode::from(1)
     } else {
         ExitCode::from(2)
     }
+}
+
+fn is_interrupted(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<FetchError>(),
+            Some(FetchError::Interrupted)
+        )
+    })
 }
 
 /// Prints a warning on stderr.

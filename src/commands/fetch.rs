@@ -8,7 +8,7 @@ use anyhow::Context;
 use serde::Serialize;
 
 use crate::cli::{FetchArgs, StreamFormat as CliFormat};
-use crate::fetch::{self, EngineOptions, Progress, Sink};
+use crate::fetch::{self, Cancel, EngineOptions, Progress, Sink};
 use crate::plan::Plan;
 use crate::report::{Outcome, Problem};
 use crate::sink::{FolderOptions, FolderSink, StreamFormat, StreamSink};
@@ -101,7 +101,7 @@ pub async fn run(args: FetchArgs) -> anyhow::Result<Outcome> {
         concurrency: args.engine.concurrency as usize,
         max_memory: args.engine.max_memory.0,
     };
-    let report = fetch::run(&planned.source, plan.clone(), &planned.objects, engine, sink, progress)
+    let report = fetch::run(&planned.source, plan.clone(), &planned.objects, engine, sink, progress, Cancel::on_ctrl_c())
         .await
         .with_context(|| match to_stdout {
             true => "the fetch to stdout failed".to_owned(),

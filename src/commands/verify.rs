@@ -9,7 +9,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use crate::cli::VerifyArgs;
-use crate::fetch::{self, EngineOptions, Progress};
+use crate::fetch::{self, Cancel, EngineOptions, Progress};
 use crate::metadata::Checkpoint;
 use crate::plan::{FilePlan, Plan, PlanItem, describe_storage};
 use crate::report::Outcome;
@@ -422,9 +422,17 @@ async fn check_bytes(
         concurrency: args.engine.concurrency as usize,
         max_memory: args.engine.max_memory.0,
     };
-    fetch::run(source, plan, &metas, engine, Box::new(sink), progress)
-        .await
-        .context("cannot read the items to check them")?;
+    fetch::run(
+        source,
+        plan,
+        &metas,
+        engine,
+        Box::new(sink),
+        progress,
+        Cancel::on_ctrl_c(),
+    )
+    .await
+    .context("cannot read the items to check them")?;
     let mut r = std::mem::take(&mut *results.lock().expect("not poisoned"));
     // An empty file has no bytes to pass the hasher.
     if whole_files {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 
 pub use progress::Progress;
@@ -50,6 +50,42 @@ pub trait Sink: Send {
     fn item_done(&mut self, file: &FilePlan, item: &PlanItem) -> Result<(), SinkError>;
     /// Every item has been delivered.
     fn finish(&mut self) -> Result<(), SinkError>;
+    /// The run stopped early (an error, or Ctrl-C): make what is complete durable.
+    fn interrupted(&mut self) -> Result<(), SinkError> {
+        Ok(())
+    }
+}
+
+/// Lets a run be stopped from outside (Ctrl-C): the engine stops, the sink records what it
+/// finished, and the run returns [`FetchError::Interrupted`].
+#[derive(Debug, Clone)]
+pub struct Cancel(watch::Receiver<bool>);
+
+impl Cancel {
+    /// A run that only ends by itself.
+    pub fn never() -> Cancel {
+        Cancel(watch::channel(false).1)
+    }
+
+    /// A run that Ctrl-C stops (call inside the runtime).
+    pub fn on_ctrl_c() -> Cancel {
+        let (tx, rx) = watch::channel(false);
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                let _ = tx.send(true);
+                // Keep the sender alive so that the receivers see the value.
+                std::future::pending::<()>().await;
+            }
+        });
+        Cancel(rx)
+    }
+
+    /// Resolves when the run is cancelled (never, for [`Cancel::never`]).
+    pub async fn cancelled(&mut self) {
+        if self.0.wait_for(|c| *c).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 /// Why a sink could not take the bytes.
@@ -74,12 +110,16 @@ impl SinkError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
-    #[error(transparent)]
+    // Not `transparent`: the inner error must stay in the cause chain, where the exit code and
+    // the hint are chosen.
+    #[error("{0}")]
     Source(#[from] SourceError),
-    #[error(transparent)]
+    #[error("{0}")]
     Sink(#[from] SinkError),
     #[error("no size known for {0}")]
     UnknownFile(String),
+    #[error("interrupted")]
+    Interrupted,
     #[error("--part-size ({part}) must not exceed --max-memory ({memory})")]
     PartTooLarge { part: u64, memory: u64 },
 }
@@ -119,6 +159,7 @@ pub async fn run(
     opts: EngineOptions,
     sink: Box<dyn Sink>,
     progress: Progress,
+    cancel: Cancel,
 ) -> Result<EngineReport, FetchError> {
     let started = Instant::now();
     let total_units = units(opts.max_memory);
@@ -140,7 +181,7 @@ pub async fn run(
     let consumer = {
         let plan = plan.clone();
         let runtime = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || consume(rx, &plan, sink, &progress, &runtime))
+        tokio::task::spawn_blocking(move || consume(rx, &plan, sink, &progress, &runtime, cancel))
     };
 
     'files: for (fi, f) in plan.files.iter().enumerate() {
@@ -188,13 +229,24 @@ fn consume(
     mut sink: Box<dyn Sink>,
     progress: &Progress,
     runtime: &tokio::runtime::Handle,
+    mut cancel: Cancel,
 ) -> Result<EngineReport, FetchError> {
     let mut report = EngineReport::default();
     // The next item to deliver: (file, item).
     let mut cursor = (0usize, 0usize);
     let result = (|| {
-        while let Some(task) = rx.blocking_recv() {
-            let fetched = runtime.block_on(task).expect("fetch tasks do not panic")?;
+        while let Some(mut task) = rx.blocking_recv() {
+            let fetched = runtime.block_on(async {
+                tokio::select! {
+                    done = &mut task => Some(done),
+                    () = cancel.cancelled() => None,
+                }
+            });
+            let Some(fetched) = fetched else {
+                task.abort();
+                return Err(FetchError::Interrupted);
+            };
+            let fetched = fetched.expect("fetch tasks do not panic")?;
             deliver(
                 plan,
                 &mut cursor,
@@ -208,7 +260,8 @@ fn consume(
         Ok(())
     })();
     if result.is_err() {
-        // Stop the producer and abandon the requests in flight.
+        // Keep what is complete, stop the producer and abandon the requests in flight.
+        let _ = sink.interrupted();
         rx.close();
         while let Ok(task) = rx.try_recv() {
             task.abort();

@@ -127,7 +127,7 @@ pub struct Checkpoint {
 /// Why the metadata could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum MetadataError {
-    #[error(transparent)]
+    #[error("{0}")]
     Source(#[from] SourceError),
     #[error("no {METADATA_FILE} and no __N.metadata files in {location}")]
     NoMetadata { location: String },
@@ -313,7 +313,9 @@ impl Checkpoint {
                 c.storage = stored[first..j].to_vec();
                 if c.storage.is_empty() {
                     self.warnings.push(match &c.offsets {
-                        Some(o) => format!("{}: chunk at offsets {o:?} has no storage entry", e.fqn),
+                        Some(o) => {
+                            format!("{}: chunk at offsets {o:?} has no storage entry", e.fqn)
+                        }
                         None => format!("{}: bytes entry has no storage entry", e.fqn),
                     });
                 }

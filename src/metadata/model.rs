@@ -105,7 +105,11 @@ impl ModelError {
     fn within(self, outer: impl FnOnce() -> String) -> ModelError {
         let outer = outer();
         ModelError {
-            context: if self.context.is_empty() { outer } else { format!("{outer} {}", self.context) },
+            context: if self.context.is_empty() {
+                outer
+            } else {
+                format!("{outer} {}", self.context)
+            },
             problem: self.problem,
         }
     }
@@ -388,7 +392,9 @@ impl<'p> Reader<'p> {
         md.entries.reserve(pairs.len());
         for (k, v) in pairs {
             let fqn = self.string(*k, "state_dict_metadata key")?;
-            let entry = self.entry(*v).map_err(|e| e.within(|| format!("entry {fqn:?}")))?;
+            let entry = self
+                .entry(*v)
+                .map_err(|e| e.within(|| format!("entry {fqn:?}")))?;
             md.entries.push((fqn, entry));
         }
         if let Some(sd) = self.attr(attrs, "storage_data") {
@@ -528,7 +534,10 @@ impl<'p> Reader<'p> {
                 _ => None,
             }
         };
-        if !self.p.tuple(*state).is_some_and(|t| t.len() == 5 || t.len() == 6)
+        if !self
+            .p
+            .tuple(*state)
+            .is_some_and(|t| t.len() == 5 || t.len() == 6)
             && !matches!(self.p.node(*state), Some(Node::Dict(_)))
         {
             return err(

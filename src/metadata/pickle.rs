@@ -728,7 +728,9 @@ impl<'a> Machine<'a> {
 
     fn container(&mut self, make: fn(Vec<Value>) -> Node, items: Vec<Value>) -> Step<Value> {
         if items.len() > self.limits.max_container {
-            return Err(PickleErrorKind::ContainerTooLarge(self.limits.max_container));
+            return Err(PickleErrorKind::ContainerTooLarge(
+                self.limits.max_container,
+            ));
         }
         let depth = 1 + items.iter().map(|v| self.depth_of(*v)).max().unwrap_or(0);
         self.alloc(make(items), depth)
@@ -738,12 +740,25 @@ impl<'a> Machine<'a> {
     fn pooled(&mut self, from: usize, make: fn(Span) -> Node) -> Step<Value> {
         let len = self.stack.len() - from;
         if len > self.limits.max_container {
-            return Err(PickleErrorKind::ContainerTooLarge(self.limits.max_container));
+            return Err(PickleErrorKind::ContainerTooLarge(
+                self.limits.max_container,
+            ));
         }
-        let depth = 1 + self.stack[from..].iter().map(|v| self.depth_of(*v)).max().unwrap_or(0);
-        let start = u32::try_from(self.pool.len()).map_err(|_| PickleErrorKind::Invalid("too many tuple elements"))?;
+        let depth = 1 + self.stack[from..]
+            .iter()
+            .map(|v| self.depth_of(*v))
+            .max()
+            .unwrap_or(0);
+        let start = u32::try_from(self.pool.len())
+            .map_err(|_| PickleErrorKind::Invalid("too many tuple elements"))?;
         self.pool.extend(self.stack.drain(from..));
-        self.alloc(make(Span { start, len: len as u32 }), depth)
+        self.alloc(
+            make(Span {
+                start,
+                len: len as u32,
+            }),
+            depth,
+        )
     }
 
     /// A tuple of the items above the topmost mark.
@@ -801,7 +816,8 @@ impl<'a> Machine<'a> {
             .depth_of(callable)
             .max(self.depth_of(args))
             .max(kwargs.map_or(0, |k| self.depth_of(k)));
-        let index = u32::try_from(self.objects.len()).map_err(|_| PickleErrorKind::Invalid("too many objects"))?;
+        let index = u32::try_from(self.objects.len())
+            .map_err(|_| PickleErrorKind::Invalid("too many objects"))?;
         self.objects.push(Object {
             callable,
             args,

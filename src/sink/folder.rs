@@ -357,6 +357,10 @@ impl Sink for FolderSink {
         Ok(())
     }
 
+    fn interrupted(&mut self) -> Result<(), SinkError> {
+        self.sync()
+    }
+
     fn finish(&mut self) -> Result<(), SinkError> {
         self.sync()?;
         // Now the metadata, each file written aside and renamed into place.

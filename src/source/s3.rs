@@ -159,11 +159,11 @@ impl S3Source {
                     }),
                     404 => Failure::Fatal(SourceError::NotFound {
                         location: self.describe(),
-                        name: name.to_owned(),
+                        name: what,
                     }),
                     403 => Failure::Fatal(SourceError::AccessDenied {
                         location: self.describe(),
-                        name: name.to_owned(),
+                        name: what,
                         detail,
                     }),
                     412 => Failure::Fatal(SourceError::Changed {
@@ -190,7 +190,9 @@ impl S3Source {
             // A connection closed before the answer's headers is a transient "other" error; the
             // other "other" errors (no credentials, bad configuration) are not worth retrying.
             SdkError::DispatchFailure(d)
-                if d.is_io() || d.is_timeout() || d.as_other() == Some(aws_smithy_types::retry::ErrorKind::TransientError) =>
+                if d.is_io()
+                    || d.is_timeout()
+                    || d.as_other() == Some(aws_smithy_types::retry::ErrorKind::TransientError) =>
             {
                 Failure::Retry(format!("{what}: {}", DisplayErrorContext(&e)))
             }

@@ -1,0 +1,420 @@
+//! Fetching through a server that injects faults (tests/support/s3_server.rs): every fetch either
+//! ends complete and byte-exact, or fails with a message naming the file and range and leaves no
+//! output folder that looks complete.
+
+mod common;
+#[path = "support/s3_server.rs"]
+mod s3_server;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{dcpfetch, expected, fixture, sha256};
+use s3_server::{Fault, FaultRule, ServerConfig, TestServer};
+use serde_json::Value;
+
+/// The `model` fixture served at `s3://ckpt/model`.
+struct Served {
+    _root: tempfile::TempDir,
+    server: TestServer,
+}
+
+fn serve(name: &str) -> Served {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("ckpt").join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in std::fs::read_dir(fixture(name)).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), dir.join(f.file_name())).unwrap();
+    }
+    let server = TestServer::start(ServerConfig::new(root.path())).unwrap();
+    Served {
+        _root: root,
+        server,
+    }
+}
+
+/// Small parts, so that one fetch makes many requests.
+const SMALL_PARTS: [&str; 4] = ["--part-size", "16KiB", "--max-gap-size", "0"];
+
+fn fetch(s: &Served, out: &Path, extra: &[&str]) -> std::process::Output {
+    dcpfetch()
+        .args([
+            "fetch",
+            "s3://ckpt/model",
+            "--endpoint-url",
+            &s.server.endpoint(),
+            "--path-style",
+            "-o",
+        ])
+        .arg(out)
+        .args(["--json", "--quiet"])
+        .args(SMALL_PARTS)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// The output is the whole fixture, byte for byte.
+fn assert_complete(out: &Path) {
+    for (file, info) in expected("model")["files"].as_object().unwrap() {
+        assert_eq!(
+            &sha256(&common::read(&out.join(file))),
+            info["sha256"].as_str().unwrap(),
+            "{file}"
+        );
+    }
+    assert_eq!(
+        common::read(&out.join(".metadata")),
+        common::read(&fixture("model").join(".metadata"))
+    );
+}
+
+fn summary(out: &std::process::Output) -> Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn out_dir() -> (tempfile::TempDir, PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("copy");
+    (d, p)
+}
+
+#[test]
+fn slow_down_is_retried() {
+    let s = serve("model");
+    s.server.add_fault(
+        FaultRule::new(Fault::Status {
+            status: 503,
+            code: "SlowDown",
+        })
+        .on_key(".distcp")
+        .on_method("GET")
+        .times(3),
+    );
+    s.server.add_fault(
+        FaultRule::new(Fault::Status {
+            status: 500,
+            code: "InternalError",
+        })
+        .on_key(".distcp")
+        .on_method("GET")
+        .times(2),
+    );
+    let (_d, out) = out_dir();
+    let r = summary(&fetch(&s, &out, &[]));
+    assert_eq!(r["retries"], 5);
+    assert_complete(&out);
+    assert_eq!(s.server.stats().faults, 5);
+}
+
+/// The GETs after a fault: the one that failed and the one that resumed it.
+fn resumed_from(s: &Served, failed_at: u64) -> bool {
+    let log = s.server.stats().get_log;
+    let first = log.iter().position(|g| g.key.ends_with(".distcp")).unwrap();
+    let (start, _) = log[first].range.unwrap();
+    log.iter()
+        .skip(first + 1)
+        .any(|g| g.range.is_some_and(|(a, _)| a == start + failed_at))
+}
+
+#[test]
+fn a_reset_mid_body_resumes_from_the_last_byte() {
+    let s = serve("model");
+    s.server.add_fault(
+        FaultRule::new(Fault::ResetAfter(5000))
+            .on_key(".distcp")
+            .on_method("GET"),
+    );
+    let (_d, out) = out_dir();
+    let r = summary(&fetch(&s, &out, &["--concurrency", "1"]));
+    assert_eq!(r["retries"], 1);
+    assert_complete(&out);
+    assert!(resumed_from(&s, 5000), "{:?}", s.server.stats().get_log);
+}
+
+#[test]
+fn a_short_body_resumes_from_the_last_byte() {
+    let s = serve("model");
+    s.server.add_fault(
+        FaultRule::new(Fault::ShortBody(7000))
+            .on_key(".distcp")
+            .on_method("GET"),
+    );
+    let (_d, out) = out_dir();
+    let r = summary(&fetch(&s, &out, &["--concurrency", "1"]));
+    assert_eq!(r["retries"], 1);
+    assert_complete(&out);
+    assert!(resumed_from(&s, 7000));
+}
+
+#[test]
+fn a_stalled_body_is_abandoned_and_resumed() {
+    let s = serve("model");
+    s.server.add_fault(
+        FaultRule::new(Fault::StallAfter {
+            after: 3000,
+            stall: Duration::from_secs(20),
+        })
+        .on_key(".distcp")
+        .on_method("GET"),
+    );
+    let (_d, out) = out_dir();
+    let started = Instant::now();
+    let r = summary(&fetch(
+        &s,
+        &out,
+        &["--concurrency", "1", "--stall-timeout", "0.5"],
+    ));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the stall was waited out"
+    );
+    assert_eq!(r["retries"], 1);
+    assert_complete(&out);
+    assert!(resumed_from(&s, 3000));
+}
+
+#[test]
+fn slow_first_bytes_are_waited_for_not_retried() {
+    let s = serve("model");
+    s.server.add_fault(
+        FaultRule::new(Fault::Latency(Duration::from_millis(300)))
+            .on_key(".distcp")
+            .times(4),
+    );
+    let (_d, out) = out_dir();
+    let r = summary(&fetch(&s, &out, &["--stall-timeout", "2"]));
+    assert_eq!(r["retries"], 0);
+    assert_complete(&out);
+}
+
+/// A failed fetch: exit code, the message names the file and range, no metadata in the folder.
+fn assert_failed(out: &std::process::Output, dir: &Path, code: i32, needles: &[&str]) {
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    for n in needles {
+        assert!(err.contains(n), "{n:?} not in {err}");
+    }
+    assert!(
+        !dir.join(".metadata").exists(),
+        "a failed fetch must not look complete"
+    );
+}
+
+#[test]
+fn a_wrong_content_range_is_refused() {
+    let s = serve("model");
+    s.server.add_fault(
+        FaultRule::new(Fault::WrongContentRange)
+            .on_key("__0_1")
+            .on_method("GET"),
+    );
+    let (_d, out) = out_dir();
+    let res = fetch(&s, &out, &[]);
+    assert_failed(&res, &out, 1, &["__0_1.distcp bytes", "Content-Range"]);
+}
+
+#[test]
+fn an_object_replaced_mid_fetch_is_refused() {
+    let s = serve("model");
+    s.server.add_fault(
+        FaultRule::new(Fault::Replace)
+            .on_key("__0_0")
+            .on_method("GET"),
+    );
+    let (_d, out) = out_dir();
+    let res = fetch(&s, &out, &[]);
+    assert_failed(
+        &res,
+        &out,
+        1,
+        &["__0_0.distcp", "changed while it was read"],
+    );
+}
+
+#[test]
+fn access_denied_fails_with_a_hint() {
+    let s = serve("model");
+    s.server.add_fault(
+        FaultRule::new(Fault::Status {
+            status: 403,
+            code: "AccessDenied",
+        })
+        .on_key("__0_1")
+        .on_method("GET")
+        .always(),
+    );
+    let (_d, out) = out_dir();
+    let res = fetch(&s, &out, &[]);
+    assert_failed(
+        &res,
+        &out,
+        2,
+        &["access denied", "__0_1.distcp bytes", "hint: "],
+    );
+}
+
+#[test]
+fn an_object_deleted_mid_fetch_is_a_problem() {
+    let s = serve("model");
+    s.server.add_fault(
+        FaultRule::new(Fault::Status {
+            status: 404,
+            code: "NoSuchKey",
+        })
+        .on_key("__0_0")
+        .on_method("GET")
+        .always(),
+    );
+    let (_d, out) = out_dir();
+    let res = fetch(&s, &out, &[]);
+    assert_failed(&res, &out, 1, &["__0_0.distcp bytes", "not found"]);
+}
+
+#[test]
+fn a_failing_endpoint_gives_up_after_the_attempts() {
+    let s = serve("model");
+    s.server.add_fault(
+        FaultRule::new(Fault::Status {
+            status: 503,
+            code: "SlowDown",
+        })
+        .on_key("__0_1")
+        .on_method("GET")
+        .always(),
+    );
+    let (_d, out) = out_dir();
+    let res = fetch(&s, &out, &["--max-attempts", "3"]);
+    assert_failed(
+        &res,
+        &out,
+        2,
+        &["__0_1.distcp bytes", "gave up after 3 attempts", "SlowDown"],
+    );
+}
+
+#[test]
+fn an_interrupted_fetch_resumes_to_a_complete_copy() {
+    let s = serve("model");
+    s.server.add_fault(
+        FaultRule::new(Fault::Status {
+            status: 403,
+            code: "AccessDenied",
+        })
+        .on_key("__0_1")
+        .on_method("GET")
+        .always(),
+    );
+    let (_d, out) = out_dir();
+    let res = fetch(&s, &out, &["--concurrency", "2"]);
+    assert_failed(&res, &out, 2, &["__0_1.distcp"]);
+    s.server.clear_faults();
+    s.server.reset_stats();
+    let r = summary(&fetch(&s, &out, &["--resume"]));
+    assert!(r["items_already_present"].as_u64().unwrap() > 0, "{r:#}");
+    assert_eq!(
+        r["items_already_present"].as_u64().unwrap() + r["items"].as_u64().unwrap(),
+        expected("model")["storage_count"].as_u64().unwrap()
+    );
+    assert_complete(&out);
+    // Only what was missing was fetched again: nothing of __0_0 (fully written before).
+    let refetched: Vec<_> = s
+        .server
+        .stats()
+        .get_log
+        .into_iter()
+        .filter(|g| g.key.ends_with("__0_0.distcp"))
+        .collect();
+    assert!(refetched.is_empty(), "{refetched:?}");
+}
+
+#[test]
+fn metadata_reads_are_retried_too() {
+    let s = serve("model");
+    s.server.add_fault(
+        FaultRule::new(Fault::Status {
+            status: 503,
+            code: "SlowDown",
+        })
+        .on_key(".metadata")
+        .times(2),
+    );
+    s.server.add_fault(
+        FaultRule::new(Fault::ResetAfter(100))
+            .on_key(".metadata")
+            .on_method("GET"),
+    );
+    let (_d, out) = out_dir();
+    summary(&fetch(&s, &out, &[]));
+    assert_complete(&out);
+}
+
+#[test]
+fn ctrl_c_keeps_what_was_written_and_resume_finishes() {
+    let s = serve("model");
+    // Slow enough that the interrupt lands mid-fetch.
+    s.server.add_fault(
+        FaultRule::new(Fault::Latency(Duration::from_millis(100)))
+            .on_key(".distcp")
+            .always(),
+    );
+    let (_d, out) = out_dir();
+    let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("dcpfetch"))
+        .args([
+            "fetch",
+            "s3://ckpt/model",
+            "--endpoint-url",
+            &s.server.endpoint(),
+            "--path-style",
+            "-o",
+        ])
+        .arg(&out)
+        .args([
+            "--quiet",
+            "--concurrency",
+            "1",
+            "--part-size",
+            "4KiB",
+            "--max-gap-size",
+            "0",
+        ])
+        .envs([
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_REGION", "us-east-1"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let res = child.wait_with_output().unwrap();
+    assert_eq!(
+        res.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert!(String::from_utf8_lossy(&res.stderr).contains("--resume"));
+    assert!(!out.join(".metadata").exists());
+    s.server.clear_faults();
+    let r = summary(&fetch(&s, &out, &["--resume"]));
+    assert!(r["items_already_present"].as_u64().unwrap() > 0, "{r:#}");
+    assert_complete(&out);
+}
