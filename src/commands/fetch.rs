@@ -1,6 +1,7 @@
 //! `dcpfetch fetch`: the selected items into a sparse copy of the checkpoint, or onto stdout.
 
 use std::io::Write;
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -62,7 +63,14 @@ pub async fn run(args: FetchArgs) -> anyhow::Result<Outcome> {
             CliFormat::Raw => StreamFormat::Raw,
             CliFormat::Tar => StreamFormat::Tar,
         };
-        let out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout());
+        // A duplicate of fd 1 as a plain file: no line buffering to scan or copy the bytes, and
+        // writes of many pieces at once (it shares the offset and flags, so `>>` appends).
+        let out = std::fs::File::from(
+            std::io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .context("cannot write to stdout")?,
+        );
         let sink = StreamSink::new(
             Box::new(out),
             format,

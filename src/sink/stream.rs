@@ -2,7 +2,7 @@
 //! entry per item. An optional JSON manifest maps every item to its place in the stream.
 
 use std::collections::HashSet;
-use std::io::Write;
+use std::io::{IoSlice, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -57,7 +57,14 @@ pub struct StreamSink {
     manifest: Vec<ManifestItem>,
     offset: u64,
     tar_names: HashSet<String>,
+    /// Pieces not yet written: gathered so that one `writev` takes many of them, without copying.
+    pending: Vec<Bytes>,
+    pending_bytes: usize,
 }
+
+/// Write the gathered pieces once they hold this many bytes, or this many pieces.
+const GATHER_BYTES: usize = 4 << 20;
+const GATHER_PIECES: usize = 512;
 
 impl std::fmt::Debug for StreamSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -85,14 +92,40 @@ impl StreamSink {
             manifest: Vec::new(),
             offset: 0,
             tar_names: HashSet::new(),
+            pending: Vec::new(),
+            pending_bytes: 0,
         }
     }
 
-    fn emit(&mut self, data: &[u8]) -> Result<(), SinkError> {
-        self.out
-            .write_all(data)
-            .map_err(SinkError::io("writing to stdout"))?;
+    /// Queues bytes for the stream.
+    fn emit(&mut self, data: Bytes) -> Result<(), SinkError> {
         self.offset += data.len() as u64;
+        self.pending_bytes += data.len();
+        self.pending.push(data);
+        if self.pending_bytes >= GATHER_BYTES || self.pending.len() >= GATHER_PIECES {
+            self.flush_pending()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the queued pieces with as few `writev` calls as the stream takes.
+    fn flush_pending(&mut self) -> Result<(), SinkError> {
+        let mut slices: Vec<IoSlice> = self.pending.iter().map(|b| IoSlice::new(b)).collect();
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            let n = self
+                .out
+                .write_vectored(rest)
+                .map_err(SinkError::io("writing to stdout"))?;
+            if n == 0 {
+                return Err(SinkError::io("writing to stdout")(
+                    std::io::ErrorKind::WriteZero.into(),
+                ));
+            }
+            IoSlice::advance_slices(&mut rest, n);
+        }
+        self.pending.clear();
+        self.pending_bytes = 0;
         Ok(())
     }
 
@@ -134,7 +167,7 @@ impl StreamSink {
             StreamFormat::Tar => {
                 let name = self.tar_name(item);
                 let header = tar_header(&name, item.len());
-                self.emit(&header)?;
+                self.emit(Bytes::from(header))?;
                 Some(name)
             }
         };
@@ -174,21 +207,22 @@ impl Sink for StreamSink {
         if at == 0 {
             self.start_item(file, item)?;
         }
-        self.emit(&data)
+        self.emit(data)
     }
 
     fn item_done(&mut self, _: &FilePlan, item: &PlanItem) -> Result<(), SinkError> {
         if self.format == StreamFormat::Tar {
             let pad = (BLOCK - (item.len() % BLOCK as u64) as usize) % BLOCK;
-            self.emit(&[0u8; BLOCK][..pad])?;
+            self.emit(Bytes::from_static(&[0u8; BLOCK][..pad]))?;
         }
         Ok(())
     }
 
     fn finish(&mut self) -> Result<(), SinkError> {
         if self.format == StreamFormat::Tar {
-            self.emit(&[0u8; 2 * BLOCK])?;
+            self.emit(Bytes::from_static(&[0u8; 2 * BLOCK]))?;
         }
+        self.flush_pending()?;
         self.out
             .flush()
             .map_err(SinkError::io("writing to stdout"))?;

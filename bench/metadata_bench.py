@@ -1,0 +1,63 @@
+"""Side by side: Python's pickle.load of a .metadata versus dcpfetch reading the same checkpoint.
+
+    python3 bench/make_metadata.py /tmp/bigmeta --tensors 10000 --chunks 100   # once, needs torch
+    python3 bench/metadata_bench.py /tmp/bigmeta --dcpfetch target/release/dcpfetch
+
+Python's side is `pickle.load` alone (torch imported beforehand, so that its classes resolve), the
+way torch's FileSystemReader.read_metadata loads it. dcpfetch's side is a whole process:
+`dcpfetch plan CKPT --select <one tensor> --json` parses the metadata, links every chunk to its
+storage entry, resolves the selection, stats the shard files and plans, so it does strictly more.
+Each is run `--repeat` times, alternating; the medians and their ratio are printed, with peak RSS.
+"""
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+PY = r"""
+import pickle, sys, time, warnings, resource
+warnings.filterwarnings("ignore")
+import torch, torch.distributed.checkpoint  # noqa: F401  (the classes the pickle names)
+t = time.perf_counter()
+with open(sys.argv[1], "rb") as f:
+    md = pickle.load(f)
+print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, len(md.storage_data))
+"""
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint")
+    ap.add_argument("--dcpfetch", default="target/release/dcpfetch")
+    ap.add_argument("--repeat", type=int, default=3)
+    a = ap.parse_args()
+    meta = os.path.join(a.checkpoint, ".metadata")
+    py, rs, py_rss, rs_rss = [], [], 0, 0
+    for _ in range(a.repeat):
+        out = subprocess.run([sys.executable, "-c", PY, meta], check=True, capture_output=True, text=True).stdout.split()
+        py.append(float(out[0]))
+        py_rss = max(py_rss, int(out[1]))
+        entries = int(out[2])
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        t = time.perf_counter()
+        subprocess.run(
+            [a.dcpfetch, "plan", a.checkpoint, "--select", "model.layers.0.block.0.weight", "--json"],
+            check=True,
+            capture_output=True,
+        )
+        rs.append(time.perf_counter() - t)
+        rs_rss = max(rs_rss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, before)
+    p, r = statistics.median(py), statistics.median(rs)
+    print(f".metadata: {os.path.getsize(meta) / 1e6:.0f} MB, {entries} storage entries, {a.repeat} runs each")
+    print(f"python pickle.load:        median {p:6.2f} s  (runs {', '.join(f'{x:.2f}' for x in py)})")
+    print(f"dcpfetch plan (process):   median {r:6.2f} s  (runs {', '.join(f'{x:.2f}' for x in rs)})")
+    print(f"ratio python / dcpfetch:   {p / r:.2f}x")
+    print(f"peak RSS: python {py_rss / 1024:.0f} MiB (includes torch), dcpfetch {rs_rss / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
