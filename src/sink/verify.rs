@@ -159,7 +159,7 @@ impl VerifySink {
             if n == 0 {
                 break;
             }
-            checker.feed(&buf[..n]);
+            checker.feed(Bytes::copy_from_slice(&buf[..n]));
             if checker.len() > limit {
                 return Err(format!("decompresses to more than {limit} bytes: refused"));
             }
@@ -249,7 +249,7 @@ impl Sink for VerifySink {
             });
         }
         match &mut self.current {
-            Some(Current::Archive(c)) => c.feed(&data),
+            Some(Current::Archive(c)) => c.feed(data),
             Some(Current::Transformed(buf)) => buf.extend_from_slice(&data),
             _ => {}
         }

@@ -1,12 +1,16 @@
 //! Checking a `torch.save` archive (a stored, uncompressed zip) as its bytes stream past, in
 //! bounded memory whatever its size.
 //!
-//! The checker keeps the first [`HEAD`] bytes, a rolling window of the last [`TAIL`] bytes, and the
-//! CRC32 of every [`BLOCK`]-sized block. At the end it reads the central directory from the tail,
+//! The checker keeps the first [`HEAD`] bytes, a rolling window of the last [`TAIL`] bytes (both as
+//! references to the received pieces, not copies), and the CRC32 of every [`BLOCK`]-sized block. At the end it reads the central directory from the tail,
 //! finds each record's data through its local header, and computes the record's CRC32 by
 //! combining block CRCs with the CRCs of the partial blocks at its edges (which lie in the kept
 //! head or tail: torch writes one large record, the tensor data, between small ones).
 
+use std::borrow::Cow;
+use std::collections::VecDeque;
+
+use bytes::Bytes;
 use crc32fast::Hasher;
 
 /// Bytes kept from the start of the archive.
@@ -52,12 +56,43 @@ impl Archive {
 #[derive(Debug)]
 pub struct ArchiveChecker {
     len: u64,
-    head: Vec<u8>,
-    tail: Vec<u8>,
-    /// Offset of `tail[0]` in the archive.
+    /// Pieces covering `[0, head_len)`.
+    head: Vec<Bytes>,
+    head_len: u64,
+    /// Pieces covering `[tail_start, len)`.
+    tail: VecDeque<Bytes>,
     tail_start: u64,
     blocks: Vec<u32>,
     current: Hasher,
+}
+
+/// The bytes `[a, b)` of consecutive pieces that start at `start`: borrowed when one piece holds
+/// them, copied together otherwise.
+fn gather<'p>(
+    pieces: impl IntoIterator<Item = &'p Bytes>,
+    start: u64,
+    a: u64,
+    b: u64,
+) -> Cow<'p, [u8]> {
+    let mut pos = start;
+    let mut out: Option<Vec<u8>> = None;
+    for p in pieces {
+        let end = pos + p.len() as u64;
+        if end > a && pos < b {
+            let from = (a.max(pos) - pos) as usize;
+            let to = (b.min(end) - pos) as usize;
+            if out.is_none() && a >= pos && b <= end {
+                return Cow::Borrowed(&p[from..to]);
+            }
+            out.get_or_insert_with(|| Vec::with_capacity((b - a) as usize))
+                .extend_from_slice(&p[from..to]);
+        }
+        if end >= b {
+            break;
+        }
+        pos = end;
+    }
+    Cow::Owned(out.unwrap_or_default())
 }
 
 impl Default for ArchiveChecker {
@@ -89,7 +124,8 @@ impl ArchiveChecker {
         ArchiveChecker {
             len: 0,
             head: Vec::new(),
-            tail: Vec::new(),
+            head_len: 0,
+            tail: VecDeque::new(),
             tail_start: 0,
             blocks: Vec::new(),
             current: Hasher::new(),
@@ -105,17 +141,27 @@ impl ArchiveChecker {
         self.len == 0
     }
 
-    pub fn feed(&mut self, mut data: &[u8]) {
-        if self.head.len() < HEAD {
-            let n = (HEAD - self.head.len()).min(data.len());
-            self.head.extend_from_slice(&data[..n]);
+    /// The next bytes of the archive (kept by reference where needed, never copied).
+    pub fn feed(&mut self, piece: Bytes) {
+        if piece.is_empty() {
+            return;
         }
-        self.tail.extend_from_slice(data);
-        if self.tail.len() > 2 * TAIL {
-            let drop = self.tail.len() - TAIL;
-            self.tail.drain(..drop);
-            self.tail_start += drop as u64;
+        if self.head_len < HEAD as u64 {
+            let n = (HEAD as u64 - self.head_len).min(piece.len() as u64) as usize;
+            self.head.push(piece.slice(..n));
+            self.head_len += n as u64;
         }
+        self.tail.push_back(piece.clone());
+        let mut kept = self.len + piece.len() as u64 - self.tail_start;
+        while let Some(front) = self.tail.front() {
+            if kept - (front.len() as u64) < TAIL as u64 {
+                break;
+            }
+            kept -= front.len() as u64;
+            self.tail_start += front.len() as u64;
+            self.tail.pop_front();
+        }
+        let mut data: &[u8] = &piece;
         while !data.is_empty() {
             let in_block = (self.len % BLOCK) as usize;
             let n = (BLOCK as usize - in_block).min(data.len());
@@ -130,17 +176,15 @@ impl ArchiveChecker {
     }
 
     /// The bytes `[a, b)` if they were kept.
-    fn bytes(&self, a: u64, b: u64) -> Option<&[u8]> {
+    fn bytes(&self, a: u64, b: u64) -> Option<Cow<'_, [u8]>> {
         if a > b {
             return None;
         }
-        if b <= self.head.len() as u64 {
-            return Some(&self.head[a as usize..b as usize]);
+        if b <= self.head_len {
+            return Some(gather(&self.head, 0, a, b));
         }
         if a >= self.tail_start && b <= self.len {
-            return Some(
-                &self.tail[(a - self.tail_start) as usize..(b - self.tail_start) as usize],
-            );
+            return Some(gather(&self.tail, self.tail_start, a, b));
         }
         None
     }
@@ -148,7 +192,7 @@ impl ArchiveChecker {
     /// CRC32 of `[a, b)`, from kept bytes and block CRCs.
     fn crc(&self, a: u64, b: u64) -> Option<u32> {
         if let Some(bytes) = self.bytes(a, b) {
-            return Some(crc32fast::hash(bytes));
+            return Some(crc32fast::hash(&bytes));
         }
         let first_full = a.div_ceil(BLOCK);
         let last_full = b / BLOCK; // blocks [first_full, last_full) are whole inside [a, b)
@@ -156,13 +200,13 @@ impl ArchiveChecker {
             return None;
         }
         let mut h = Hasher::new();
-        h.update(self.bytes(a, first_full * BLOCK)?);
+        h.update(&self.bytes(a, first_full * BLOCK)?);
         for blk in first_full..last_full {
             let crc = *self.blocks.get(blk as usize)?;
             h.combine(&Hasher::new_with_initial_len(crc, BLOCK));
         }
         let mut rest = Hasher::new();
-        rest.update(self.bytes(last_full * BLOCK, b)?);
+        rest.update(&self.bytes(last_full * BLOCK, b)?);
         h.combine(&rest);
         Some(h.finalize())
     }
@@ -173,7 +217,7 @@ impl ArchiveChecker {
         if len < 22 {
             return Err(format!("{len} bytes is too short for a torch.save archive"));
         }
-        if self.bytes(0, 4).is_none_or(|b| u32le(b, 0) != LOCAL) {
+        if self.bytes(0, 4).is_none_or(|b| u32le(&b, 0) != LOCAL) {
             return Err(
                 "does not start with a zip local header (PK\\x03\\x04): not a torch.save archive"
                     .into(),
@@ -184,6 +228,7 @@ impl ArchiveChecker {
         let window = self
             .bytes(window_start, len)
             .ok_or("the end of the archive was not kept")?;
+        let window: &[u8] = &window;
         let eocd = (0..=window.len() - 22)
             .rev()
             .find(|&i| u32le(window, i) == EOCD)
@@ -208,20 +253,20 @@ impl ArchiveChecker {
         let saturated = entries == 0xffff || cd_size == 0xffff_ffff || cd_offset == 0xffff_ffff;
         match locator {
             Some(loc) => {
-                if u32le(loc, 4) != 0 || u32le(loc, 16) != 1 {
+                if u32le(&loc, 4) != 0 || u32le(&loc, 16) != 1 {
                     return Err("the zip64 locator describes a multi-disk archive: corrupt".into());
                 }
-                let at = u64le(loc, 8);
+                let at = u64le(&loc, 8);
                 let rec = at
                     .checked_add(56)
                     .and_then(|end| self.bytes(at, end))
                     .filter(|r| r.len() == 56 && u32le(r, 0) == EOCD64)
                     .ok_or("the zip64 locator points at no zip64 end record: corrupt")?;
                 let (entries64, cd_size64, cd_offset64) =
-                    (u64le(rec, 32), u64le(rec, 40), u64le(rec, 48));
-                if u32le(rec, 16) != 0
-                    || u32le(rec, 20) != 0
-                    || u64le(rec, 24) != entries64
+                    (u64le(&rec, 32), u64le(&rec, 40), u64le(&rec, 48));
+                if u32le(&rec, 16) != 0
+                    || u32le(&rec, 20) != 0
+                    || u64le(&rec, 24) != entries64
                     || at < cd_offset64.saturating_add(cd_size64)
                 {
                     return Err("the zip64 end record is inconsistent: corrupt".into());
@@ -247,6 +292,7 @@ impl ArchiveChecker {
         let cd = self
             .bytes(cd_offset, cd_end)
             .ok_or("the central directory was not kept (it is unusually large)")?;
+        let cd: &[u8] = &cd;
 
         let mut records = Vec::new();
         let mut kept = Vec::new();
@@ -306,6 +352,7 @@ impl ArchiveChecker {
                 .ok_or(format!(
                     "record {name}: its local header at {local} is outside the archive or not kept"
                 ))?;
+            let header: &[u8] = &header;
             if u32le(header, 0) != LOCAL {
                 return Err(format!("record {name}: no local header at {local}"));
             }
@@ -341,7 +388,7 @@ impl ArchiveChecker {
                     ));
                 }
             }
-            kept.push(self.bytes(data_start, data_end).map(<[u8]>::to_vec));
+            kept.push(self.bytes(data_start, data_end).map(Cow::into_owned));
             records.push(Record {
                 name,
                 data: data_start..data_end,
@@ -410,7 +457,7 @@ mod tests {
     fn check(data: &[u8], piece: usize) -> Result<Archive, String> {
         let mut c = ArchiveChecker::new();
         for p in data.chunks(piece.max(1)) {
-            c.feed(p);
+            c.feed(Bytes::copy_from_slice(p));
         }
         c.finish()
     }
