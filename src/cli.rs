@@ -38,6 +38,9 @@ pub enum Command {
     /// Check a checkpoint's integrity (for CI): metadata, files, sizes and, by default, every item's
     /// bytes. Exit 0 all good, 1 problems found, 2 could not run.
     Verify(VerifyArgs),
+    /// Measure fetch settings on your checkpoint and link: every combination of gap size,
+    /// concurrency and part size, repeated, as a table, JSON, CSV or an SVG plot.
+    Bench(BenchArgs),
     /// Print shell completions.
     Completions {
         /// The shell to print completions for.
@@ -125,7 +128,7 @@ pub struct LsArgs {
     #[command(flatten)]
     pub selection: SelectArgs,
     /// Print one JSON document (schema in docs/output.md) instead of a table.
-    #[arg(long)]
+    #[arg(long, help_heading = "Output")]
     pub json: bool,
     #[command(flatten)]
     pub s3: S3Args,
@@ -155,10 +158,10 @@ pub struct PlanArgs {
     #[command(flatten)]
     pub plan: PlanOpts,
     /// Print one JSON document (schema in docs/output.md) instead of a table.
-    #[arg(long)]
+    #[arg(long, help_heading = "Output")]
     pub json: bool,
     /// List every range group, not only the per-file summary.
-    #[arg(long)]
+    #[arg(long, help_heading = "Output")]
     pub groups: bool,
     #[command(flatten)]
     pub s3: S3Args,
@@ -181,30 +184,36 @@ pub struct FetchArgs {
     #[command(flatten)]
     pub selection: SelectArgs,
     /// Output folder (a sparse copy of the checkpoint), or - for stdout.
-    #[arg(short = 'o', long = "output", value_name = "DIR|-")]
+    #[arg(
+        help_heading = "Output",
+        short = 'o',
+        long = "output",
+        value_name = "DIR|-"
+    )]
     pub output: PathBuf,
     /// With -o -: raw bytes or a tar stream.
-    #[arg(long, value_enum, default_value_t = StreamFormat::Raw)]
+    #[arg(help_heading = "Output", long, value_enum, default_value_t = StreamFormat::Raw)]
     pub format: StreamFormat,
     /// With -o -: write a JSON manifest mapping every item to its offset in the stream.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", help_heading = "Output")]
     pub manifest: Option<PathBuf>,
-    /// Continue an interrupted fetch into the same folder, fetching only what is missing.
-    #[arg(long)]
+    /// Continue an interrupted fetch into the same folder, fetching only what is missing (or add
+    /// more items to an earlier fetch).
+    #[arg(long, help_heading = "Output")]
     pub resume: bool,
     /// Write into a folder that holds something else (existing files named by the checkpoint are
     /// overwritten; nothing else is touched).
-    #[arg(long)]
+    #[arg(long, help_heading = "Output")]
     pub force: bool,
     #[command(flatten)]
     pub plan: PlanOpts,
     #[command(flatten)]
     pub engine: EngineArgs,
     /// Print a JSON summary on stdout when done (not with -o -).
-    #[arg(long)]
+    #[arg(long, help_heading = "Output")]
     pub json: bool,
     /// No progress bar and no warnings on stderr.
-    #[arg(long, short = 'q')]
+    #[arg(long, short = 'q', help_heading = "Output")]
     pub quiet: bool,
     #[command(flatten)]
     pub s3: S3Args,
@@ -230,23 +239,93 @@ pub struct VerifyArgs {
     #[command(flatten)]
     pub selection: SelectArgs,
     /// Metadata and sizes only (HEAD/stat, no item bytes).
-    #[arg(long)]
+    #[arg(long, help_heading = "Checks")]
     pub quick: bool,
     /// A sha256 manifest of every shard file ({"algorithm": "sha256", "files": {name: hex}}, the
     /// integrity.json layout Megatron-Core uses): compared when FILE exists, written when not.
     /// Reads every byte of every shard file.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", help_heading = "Checks")]
     pub manifest: Option<PathBuf>,
     /// Print one JSON document (schema in docs/output.md) instead of the report.
-    #[arg(long)]
+    #[arg(long, help_heading = "Output")]
     pub json: bool,
     /// No progress bar.
-    #[arg(long, short = 'q')]
+    #[arg(long, short = 'q', help_heading = "Output")]
     pub quiet: bool,
     #[command(flatten)]
     pub plan: PlanOpts,
     #[command(flatten)]
     pub engine: EngineArgs,
+    #[command(flatten)]
+    pub s3: S3Args,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// The checkpoint: a folder, file://PATH or s3://BUCKET/PREFIX.
+    #[arg(value_name = "CKPT")]
+    pub checkpoint: Location,
+    #[command(flatten)]
+    pub selection: SelectArgs,
+    /// Gap sizes to try (comma-separated).
+    #[arg(
+        long,
+        value_name = "SIZES",
+        value_delimiter = ',',
+        default_value = "0,1MiB,8MiB,32MiB,inf",
+        help_heading = "Sweep"
+    )]
+    pub gap_sizes: Vec<ByteSize>,
+    /// Concurrency levels to try (comma-separated).
+    #[arg(
+        long,
+        value_name = "NS",
+        value_delimiter = ',',
+        default_value = "16",
+        help_heading = "Sweep"
+    )]
+    pub concurrency: Vec<u32>,
+    /// Part sizes to try (comma-separated).
+    #[arg(
+        long,
+        value_name = "SIZES",
+        value_delimiter = ',',
+        default_value = "8MiB",
+        help_heading = "Sweep"
+    )]
+    pub part_sizes: Vec<ByteSize>,
+    /// Runs of every setting (the report gives the median and the spread).
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000), help_heading = "Sweep")]
+    pub repeat: u32,
+    /// Fetch into this folder (overwritten by every run) instead of a null sink.
+    #[arg(
+        short = 'o',
+        long = "output",
+        value_name = "DIR",
+        help_heading = "Sweep"
+    )]
+    pub output: Option<PathBuf>,
+    /// Most bytes held in memory at once by each run.
+    #[arg(
+        long,
+        value_name = "SIZE",
+        default_value = "256MiB",
+        help_heading = "Sweep"
+    )]
+    pub max_memory: ByteSize,
+    /// Print one JSON document (schema in docs/output.md) instead of the table.
+    #[arg(long, help_heading = "Output", conflicts_with = "csv")]
+    pub json: bool,
+    /// Print CSV instead of the table.
+    #[arg(long, help_heading = "Output")]
+    pub csv: bool,
+    /// Also draw time and bytes transferred against gap size, a line per concurrency and part
+    /// size, into this SVG file.
+    #[arg(long, value_name = "FILE.svg", help_heading = "Output")]
+    pub plot: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long, short = 'q', help_heading = "Output")]
+    pub quiet: bool,
     #[command(flatten)]
     pub s3: S3Args,
 }

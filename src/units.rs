@@ -99,6 +99,18 @@ pub fn human(bytes: u64) -> String {
     }
 }
 
+/// `1 file`, `2 files`, `3 entries`: a count and a regular English noun.
+pub fn count(n: impl Into<u64>, noun: &str) -> String {
+    let n = n.into();
+    if n == 1 {
+        return format!("1 {noun}");
+    }
+    match noun.strip_suffix('y') {
+        Some(stem) if !stem.ends_with(['a', 'e', 'i', 'o', 'u']) => format!("{n} {stem}ies"),
+        _ => format!("{n} {noun}s"),
+    }
+}
+
 /// Compares names so that runs of digits compare as numbers: `layers.2` < `layers.10`.
 pub fn natural_cmp(a: &str, b: &str) -> Ordering {
     let (mut a, mut b) = (a.as_bytes(), b.as_bytes());
@@ -181,6 +193,15 @@ mod tests {
         assert_eq!(human(32 << 20), "32.0 MiB");
         assert_eq!(human(300 << 30), "300 GiB");
         assert_eq!(ByteSize::INF.to_string(), "inf");
+    }
+
+    #[test]
+    fn counts() {
+        assert_eq!(count(1u64, "file"), "1 file");
+        assert_eq!(count(0u64, "file"), "0 files");
+        assert_eq!(count(3u32, "request"), "3 requests");
+        assert_eq!(count(2u64, "bytes entry"), "2 bytes entries");
+        assert_eq!(count(2u64, "key"), "2 keys");
     }
 
     #[test]

@@ -13,6 +13,7 @@ use crate::fetch::{self, Cancel, EngineOptions, Progress, Sink};
 use crate::plan::Plan;
 use crate::report::{Outcome, Problem};
 use crate::sink::{FolderOptions, FolderSink, StreamFormat, StreamSink};
+use crate::units::count;
 
 /// The `--json` summary (docs/output.md).
 #[derive(Debug, Serialize)]
@@ -145,15 +146,15 @@ pub async fn run(args: FetchArgs) -> anyhow::Result<Outcome> {
         writeln!(out)?;
     } else if !args.quiet && !to_stdout {
         eprintln!(
-            "fetched {} items ({}) from {} files in {:.2}s ({}/s), {} requests{}",
-            summary.items,
+            "fetched {} ({}) from {} in {:.2}s ({}/s), {}{}",
+            count(summary.items, "item"),
             crate::units::human(summary.bytes_needed),
-            summary.files,
+            count(summary.files as u64, "file"),
             secs,
             crate::units::human(summary.throughput_bytes_per_second as u64),
-            summary.requests,
+            count(summary.requests, "request"),
             if already > 0 {
-                format!(", {already} items were already present")
+                format!(", {} already present", count(already as u64, "item"))
             } else {
                 String::new()
             }

@@ -9,7 +9,7 @@ use crate::cli::LsArgs;
 use crate::metadata::Checkpoint;
 use crate::report::Outcome;
 use crate::selection::Selected;
-use crate::units::{human, natural_cmp};
+use crate::units::{count, human, natural_cmp};
 
 /// The `--json` document (docs/output.md).
 #[derive(Debug, Serialize)]
@@ -273,13 +273,13 @@ pub fn write_table(out: &mut impl Write, r: &LsReport) -> std::io::Result<()> {
     let t = &r.totals;
     writeln!(
         out,
-        "{} entries ({} tensors, {} bytes entries), {} chunks, {} stored in {} files",
-        t.entries,
-        t.tensors,
-        t.bytes_entries,
-        t.chunks,
+        "{} ({}, {}), {}, {} stored in {}",
+        count(t.entries as u64, "entry"),
+        count(t.tensors as u64, "tensor"),
+        count(t.bytes_entries as u64, "bytes entry"),
+        count(t.chunks as u64, "chunk"),
         human(t.stored_bytes),
-        t.files
+        count(t.files as u64, "file")
     )
 }
 

@@ -1,8 +1,10 @@
 //! The command layer: each subcommand wires the pipeline stages together and reports.
 
+mod bench;
 mod fetch;
 mod ls;
 mod plan;
+mod plot;
 mod verify;
 
 use std::collections::HashMap;
@@ -24,6 +26,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Plan(args) => plan::run(args).await,
         Command::Fetch(args) => fetch::run(args).await,
         Command::Verify(args) => verify::run(args).await,
+        Command::Bench(args) => bench::run(args).await,
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

@@ -9,7 +9,7 @@ use crate::cli::PlanArgs;
 use crate::plan::Plan;
 use crate::report::Outcome;
 use crate::source::{ObjectMeta, ObjectName};
-use crate::units::{ByteSize, human};
+use crate::units::{ByteSize, count, human};
 
 /// The `--json` document (docs/output.md).
 #[derive(Debug, Serialize)]
@@ -190,12 +190,12 @@ pub fn write_table(out: &mut impl Write, r: &PlanReport) -> std::io::Result<()> 
     };
     writeln!(
         out,
-        "{} items in {} files: {} range groups (max gap {gap}), {} requests (parts of at most {}); \
+        "{} in {}: {} (max gap {gap}), {} (parts of at most {}); \
          {} needed + {} of gaps = {} fetched, {:.1}% of the checkpoint's {}",
-        t.items,
-        t.files,
-        t.groups,
-        t.requests,
+        count(t.items as u64, "item"),
+        count(t.files as u64, "file"),
+        count(t.groups as u64, "range group"),
+        count(t.requests as u64, "request"),
         human(r.part_size),
         human(t.bytes_needed),
         human(t.gap_bytes),

@@ -15,6 +15,7 @@ use crate::plan::{FilePlan, Plan, PlanItem, describe_storage};
 use crate::report::Outcome;
 use crate::sink::{VerifyResults, VerifySink};
 use crate::source::{ObjectMeta, ObjectName, Source, SourceError};
+use crate::units::count;
 use crate::verify::{self, CheckResult, Checks, Finding, Status, safetensors};
 
 /// The `--json` document (docs/output.md).
@@ -577,7 +578,11 @@ fn write_report(out: &mut impl Write, r: &VerifyReport) -> std::io::Result<()> {
             Status::Skipped => "skip",
         };
         let detail = match c.status {
-            Status::Fail => format!("{} problems in {} checked", c.problems.len(), c.checked),
+            Status::Fail => format!(
+                "{} in {} checked",
+                count(c.problems.len() as u64, "problem"),
+                c.checked
+            ),
             Status::Pass => format!("{} checked", c.checked),
             Status::Skipped => c.notes.first().cloned().unwrap_or_default(),
         };

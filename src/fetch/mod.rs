@@ -133,6 +133,9 @@ pub struct EngineReport {
     pub item_bytes: u64,
     /// Bytes of the parts (item bytes plus gaps inside parts).
     pub part_bytes: u64,
+    /// The most bytes the engine held at once (parts in flight or waiting for the sink), rounded
+    /// up to its 64 KiB accounting unit.
+    pub peak_memory: u64,
     pub elapsed: Duration,
 }
 
@@ -184,6 +187,7 @@ pub async fn run(
         tokio::task::spawn_blocking(move || consume(rx, &plan, sink, &progress, &runtime, cancel))
     };
 
+    let mut peak_units = 0u64;
     'files: for (fi, f) in plan.files.iter().enumerate() {
         let meta = &objects[&f.name];
         for (pi, p) in f.parts.iter().enumerate() {
@@ -191,6 +195,7 @@ pub async fn run(
             let Ok(mem) = memory.clone().acquire_many_owned(units(len)).await else {
                 break 'files;
             };
+            peak_units = peak_units.max(total_units as u64 - memory.available_permits() as u64);
             let Ok(slot) = in_flight.clone().acquire_owned().await else {
                 break 'files;
             };
@@ -219,6 +224,7 @@ pub async fn run(
     drop(tx);
     let mut report = consumer.await.expect("the consumer does not panic")?;
     report.elapsed = started.elapsed();
+    report.peak_memory = peak_units * UNIT;
     Ok(report)
 }
 

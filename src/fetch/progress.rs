@@ -36,6 +36,36 @@ impl Progress {
         }
     }
 
+    /// A bar over `runs` runs of a sweep (`bench`), drawn when stderr is a terminal and not
+    /// `quiet`; [`Progress::set_message`] names the current run.
+    pub fn runs(runs: u64, quiet: bool) -> Progress {
+        if quiet || !std::io::stderr().is_terminal() {
+            return Progress::hidden();
+        }
+        let bar = ProgressBar::with_draw_target(Some(runs), ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] [{wide_bar}] {pos}/{len} runs, ETA {eta} {msg}",
+            )
+            .expect("the template is valid")
+            .progress_chars("=> "),
+        );
+        Progress {
+            bar,
+            items: 0,
+            done: Arc::default(),
+        }
+    }
+
+    pub fn set_message(&self, msg: String) {
+        self.bar.set_message(msg);
+    }
+
+    /// One step done (a run of a sweep).
+    pub fn step(&self) {
+        self.bar.inc(1);
+    }
+
     pub fn hidden() -> Progress {
         Progress {
             bar: ProgressBar::hidden(),

@@ -130,8 +130,8 @@ impl StreamSink {
     }
 
     /// A tar entry name for an item: the fqn (percent-encoded to one safe path component), `@`
-    /// and the chunk offsets for tensors, `.pt` (`.pt.zst` for ZStandard items); `~N` makes
-    /// repeated names unique.
+    /// and the chunk offsets for tensors, `.pt` (`.pt.zst` for ZStandard items); `~N` before the
+    /// extension makes repeated names unique.
     fn tar_name(&mut self, item: &PlanItem) -> String {
         let s = &self.ck.storage[item.storage[0]];
         let mut base = encode_component(&s.fqn);
@@ -139,19 +139,17 @@ impl StreamSink {
             base.push('@');
             base.push_str(&o.iter().map(u64::to_string).collect::<Vec<_>>().join("_"));
         }
-        let ext = if s.info.transform_descriptors.is_empty() {
-            ".pt".to_owned()
-        } else {
-            format!(
-                ".pt.{}",
-                s.info
-                    .transform_descriptors
-                    .iter()
-                    .map(|d| encode_component(d))
-                    .collect::<Vec<_>>()
-                    .join(".")
-            )
-        };
+        // `.pt`, then one extension per transform: `.zst` for ZStandard, the encoded descriptor
+        // for anything else.
+        let mut ext = ".pt".to_owned();
+        for d in &s.info.transform_descriptors {
+            ext.push('.');
+            ext.push_str(&if d.starts_with("stream.zstd/") {
+                "zst".to_owned()
+            } else {
+                encode_component(d)
+            });
+        }
         let mut name = format!("{base}{ext}");
         let mut n = 2;
         while !self.tar_names.insert(name.clone()) {

@@ -1,0 +1,69 @@
+//! The command line itself: help text kept in golden files (docs/help/), completions, usage
+//! errors. Regenerate the golden files with `DCPFETCH_BLESS=1 cargo test --test cli`.
+
+mod common;
+
+use common::{dcpfetch, repo};
+
+const COMMANDS: [&str; 6] = ["", "ls", "plan", "fetch", "verify", "bench"];
+
+#[test]
+fn help_matches_the_golden_files() {
+    let bless = std::env::var_os("DCPFETCH_BLESS").is_some();
+    for cmd in COMMANDS {
+        let mut c = dcpfetch();
+        if !cmd.is_empty() {
+            c.arg(cmd);
+        }
+        let out = c.arg("--help").env_remove("COLUMNS").output().unwrap();
+        assert!(out.status.success());
+        let text = String::from_utf8(out.stdout).unwrap();
+        let name = if cmd.is_empty() { "dcpfetch" } else { cmd };
+        let path = repo().join("docs/help").join(format!("{name}.txt"));
+        if bless {
+            std::fs::write(&path, &text).unwrap();
+        }
+        let golden = std::fs::read_to_string(&path).unwrap_or_default();
+        assert_eq!(
+            text, golden,
+            "`dcpfetch {cmd} --help` changed: run DCPFETCH_BLESS=1 cargo test --test cli and review"
+        );
+    }
+}
+
+#[test]
+fn completions_are_generated() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = dcpfetch().args(["completions", shell]).output().unwrap();
+        assert!(out.status.success());
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            text.contains("dcpfetch") && text.contains("verify"),
+            "{shell}"
+        );
+    }
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let cases: &[&[&str]] = &[
+        &["fetch", "fixtures/model"],
+        &["ls"],
+        &["plan", "fixtures/model", "--max-gap-size", "12XB"],
+        &["ls", "gs://bucket/x"],
+        &["fetch", "fixtures/model", "-o", "x", "--concurrency", "0"],
+    ];
+    for args in cases {
+        let out = dcpfetch().current_dir(repo()).args(*args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.contains("error"), "{args:?}: {err}");
+    }
+    let out = dcpfetch()
+        .current_dir(repo())
+        .args(["fetch", "fixtures/model", "-o", "d", "--manifest", "m.json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("-o -"));
+}
