@@ -198,6 +198,11 @@ impl Checkpoint {
             if ck.planner_data.is_none() {
                 ck.planner_data = md.planner_data;
             }
+            for fqn in &md.duplicate_keys {
+                ck.warnings.push(format!(
+                    "{name}: state_dict_metadata sets {fqn:?} more than once; the last value is kept, as in Python"
+                ));
+            }
             for (fqn, meta) in md.entries {
                 ck.merge_entry(&mut by_fqn, name, fqn, meta)?;
             }
@@ -294,9 +299,28 @@ impl Checkpoint {
         }
         let storage = &self.storage;
         let mut linked = vec![false; storage.len()];
+        let mut dropped = vec![false; storage.len()];
         for e in &mut self.entries {
             let mut stored = by_fqn.remove(e.fqn.as_str()).unwrap_or_default();
-            stored.sort_by(|a, b| storage[*a].chunk_offsets.cmp(&storage[*b].chunk_offsets));
+            // By key, then file, then position: a key that one file sets twice keeps its last
+            // value, as a Python dict does (MetadataIndex compares fqn and offsets only).
+            stored.sort_by(|a, b| {
+                (&storage[*a].chunk_offsets, storage[*a].metadata_file, *a).cmp(&(
+                    &storage[*b].chunk_offsets,
+                    storage[*b].metadata_file,
+                    *b,
+                ))
+            });
+            stored.dedup_by(|later, earlier| {
+                let same = storage[*later].chunk_offsets == storage[*earlier].chunk_offsets
+                    && storage[*later].metadata_file == storage[*earlier].metadata_file;
+                if same {
+                    // `dedup_by` keeps the earlier element: move the later one into its place.
+                    dropped[*earlier] = true;
+                    std::mem::swap(later, earlier);
+                }
+                same
+            });
             let mut order: Vec<usize> = (0..e.chunks.len()).collect();
             order.sort_by(|a, b| e.chunks[*a].offsets.cmp(&e.chunks[*b].offsets));
             let mut j = 0;
@@ -322,11 +346,39 @@ impl Checkpoint {
             }
         }
         for (i, s) in storage.iter().enumerate() {
-            if !linked[i] {
+            if dropped[i] {
+                self.warnings.push(format!(
+                    "{}: storage_data sets the key of {:?} at offsets {:?} more than once; the last value is kept, as in Python",
+                    self.metadata_files[s.metadata_file].name, s.fqn, s.chunk_offsets
+                ));
+            } else if !linked[i] {
                 self.warnings.push(format!(
                     "storage entry for {:?} at offsets {:?} ({}) belongs to no entry",
                     s.fqn, s.chunk_offsets, s.info.relative_path
                 ));
+            }
+        }
+        if dropped.contains(&true) {
+            // Remove the overridden entries and renumber the links.
+            let mut new_index = vec![usize::MAX; self.storage.len()];
+            let mut next = 0;
+            for (i, d) in dropped.iter().enumerate() {
+                if !d {
+                    new_index[i] = next;
+                    next += 1;
+                }
+            }
+            let mut i = 0;
+            self.storage.retain(|_| {
+                i += 1;
+                !dropped[i - 1]
+            });
+            for e in &mut self.entries {
+                for c in &mut e.chunks {
+                    for s in &mut c.storage {
+                        *s = new_index[*s];
+                    }
+                }
             }
         }
     }

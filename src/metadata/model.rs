@@ -4,6 +4,8 @@
 //! Megatron's `mcore_data`) is ignored. Names of classes are matched under both the current module
 //! path (`torch.distributed.checkpoint`) and the legacy one (`torch.distributed._shard.checkpoint`).
 
+use std::collections::HashMap;
+
 use super::dtype;
 use super::pickle::{CallKind, Node, Object, Pickle, Value};
 
@@ -19,6 +21,8 @@ pub struct RankMetadata {
     pub storage: Vec<(MetadataIndex, StorageInfo)>,
     /// `planner_data`: fqn -> the un-flattened key path, when recorded.
     pub planner_data: Option<Vec<(String, Vec<PathPart>)>>,
+    /// fqns that `state_dict_metadata` sets more than once (the last value is kept).
+    pub duplicate_keys: Vec<String>,
 }
 
 /// `StorageMeta`: identifiers of the save.
@@ -390,12 +394,23 @@ impl<'p> Reader<'p> {
             );
         };
         md.entries.reserve(pairs.len());
+        // A key set twice keeps its first place and takes its last value, as a Python dict does.
+        let mut position: HashMap<String, usize> = HashMap::with_capacity(pairs.len());
         for (k, v) in pairs {
             let fqn = self.string(*k, "state_dict_metadata key")?;
             let entry = self
                 .entry(*v)
                 .map_err(|e| e.within(|| format!("entry {fqn:?}")))?;
-            md.entries.push((fqn, entry));
+            match position.get(&fqn) {
+                Some(&i) => {
+                    md.duplicate_keys.push(fqn.clone());
+                    md.entries[i].1 = entry;
+                }
+                None => {
+                    position.insert(fqn.clone(), md.entries.len());
+                    md.entries.push((fqn, entry));
+                }
+            }
         }
         if let Some(sd) = self.attr(attrs, "storage_data") {
             let Some(pairs) = self.p.pairs(sd) else {

@@ -356,10 +356,12 @@ impl Pickle {
         }
     }
 
-    /// The value stored under a string key in a dict.
+    /// The value stored under a string key in a dict: the last one when the key is set more than
+    /// once, as in Python.
     pub fn get(&self, dict: Value, key: &str) -> Option<Value> {
         self.pairs(dict)?
             .iter()
+            .rev()
             .find(|(k, _)| self.str(*k) == Some(key))
             .map(|(_, v)| *v)
     }
@@ -538,7 +540,10 @@ struct Machine<'a> {
     depth: Vec<u32>,
     stack: Vec<Value>,
     marks: Vec<usize>,
+    /// Memo entries at the indexes Python's pickler uses (0, 1, 2, ...).
     memo: Vec<Option<Value>>,
+    /// Entries at indexes far from those (any `u32` is allowed, as in Python).
+    sparse_memo: std::collections::HashMap<u64, Value>,
     memo_len: usize,
     globals: Vec<GlobalRef>,
     protocol: u8,
@@ -564,6 +569,7 @@ impl<'a> Machine<'a> {
             stack: Vec::new(),
             marks: Vec::new(),
             memo: Vec::new(),
+            sparse_memo: std::collections::HashMap::new(),
             memo_len: 0,
             globals: Vec::new(),
             protocol: 0,
@@ -891,17 +897,20 @@ impl<'a> Machine<'a> {
         if index >= self.limits.max_memo {
             return Err(PickleErrorKind::TooManyMemo(self.limits.max_memo));
         }
-        if index >= self.memo.len() {
-            // Memo indexes come from the input: grow only as far as the input could have filled.
-            let bound = self.memo.len().max(16) * 2 + self.pos;
-            if index > bound {
-                return Err(PickleErrorKind::Invalid(
-                    "memo index far beyond the entries defined",
-                ));
-            }
-            self.memo.resize(index + 1, None);
+        if self.memo_len >= self.limits.max_memo {
+            return Err(PickleErrorKind::TooManyMemo(self.limits.max_memo));
         }
-        if self.memo[index].replace(v).is_none() {
+        // Dense indexes grow the vector; an index far beyond it (a declared number, not an
+        // allocation size) goes to the map.
+        let fresh = if index <= self.memo.len() + 1024 {
+            if index >= self.memo.len() {
+                self.memo.resize(index + 1, None);
+            }
+            self.memo[index].replace(v).is_none()
+        } else {
+            self.sparse_memo.insert(index as u64, v).is_none()
+        };
+        if fresh {
             self.memo_len += 1;
         }
         Ok(())
@@ -911,6 +920,7 @@ impl<'a> Machine<'a> {
         usize::try_from(index)
             .ok()
             .and_then(|i| self.memo.get(i).copied().flatten())
+            .or_else(|| self.sparse_memo.get(&index).copied())
             .ok_or(PickleErrorKind::MissingMemo(index))
     }
 
@@ -1449,6 +1459,14 @@ mod tests {
         let data = b"\x80\x04Nr\xff\xff\xff\x7f.";
         let err = Pickle::parse(data).unwrap_err();
         assert!(err.to_string().contains("memo"), "{err}");
+    }
+
+    #[test]
+    fn sparse_memo_indexes_are_kept_without_allocating_to_them() {
+        // PUT at 100,000 and 50,000,000, then GET both: Python accepts any index.
+        let data = b"\x80\x04Kxr\xa0\x86\x01\x00Kyr\x80\xf0\xfa\x02j\xa0\x86\x01\x00j\x80\xf0\xfa\x02\x86.";
+        let p = Pickle::parse(data).unwrap();
+        assert_eq!(p.seq(p.root).unwrap(), &[Value::Int(120), Value::Int(121)]);
     }
 
     #[test]
