@@ -418,3 +418,99 @@ fn ctrl_c_keeps_what_was_written_and_resume_finishes() {
     assert!(r["items_already_present"].as_u64().unwrap() > 0, "{r:#}");
     assert_complete(&out);
 }
+
+/// A mount that is undone when dropped; `None` where this user may not mount (the tests that
+/// need it then say so and pass: they cover what the machine allows).
+struct Mount(PathBuf);
+
+impl Mount {
+    fn new(args: &[&str], at: &Path) -> Option<Mount> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(args)
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!(
+                "skipped: cannot run `mount {}` here (needs root)",
+                args.join(" ")
+            );
+        }
+        ok.then(|| Mount(at.to_path_buf()))
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_fails_naming_the_file_and_leaves_no_complete_folder() {
+    let d = tempfile::tempdir().unwrap();
+    let at = d.path().join("small");
+    let Some(_m) = Mount::new(&["-t", "tmpfs", "-o", "size=96k", "tmpfs"], &at) else {
+        return;
+    };
+    let out = at.join("copy");
+    let res = dcpfetch()
+        .args(["fetch"])
+        .arg(fixture("model"))
+        .arg("-o")
+        .arg(&out)
+        .args(["--quiet"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        res.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        err.contains("No space left on device") && err.contains(".distcp"),
+        "{err}"
+    );
+    assert!(!out.join(".metadata").exists());
+}
+
+#[test]
+fn a_read_only_output_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("empty");
+    std::fs::create_dir_all(&src).unwrap();
+    let at = d.path().join("ro");
+    let Some(_m) = Mount::new(&["--bind", "-o", "ro", src.to_str().unwrap()], &at) else {
+        return;
+    };
+    let res = dcpfetch()
+        .args(["fetch"])
+        .arg(fixture("model"))
+        .arg("-o")
+        .arg(&at)
+        .output()
+        .unwrap();
+    assert_eq!(res.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(err.contains("Read-only file system"), "{err}");
+}
+
+#[test]
+fn a_full_stdout_is_an_error() {
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let res = std::process::Command::new(assert_cmd::cargo::cargo_bin("dcpfetch"))
+        .args(["fetch"])
+        .arg(fixture("model"))
+        .args(["-o", "-"])
+        .stdout(full)
+        .output()
+        .unwrap();
+    assert_eq!(res.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&res.stderr).contains("No space left on device"));
+}
