@@ -85,17 +85,19 @@ def main():
                                              check=True, capture_output=True, env=env).stdout)["totals"]
             items = [(c["file"], c["offset"], c["length"]) for e in listing["entries"] for c in e["chunks"]]
             needed = sum(length for _, _, length in items)
+            # One block per transfer, `next` between them: without it curl applies the last `range`
+            # to every URL. Per-transfer options (`fail`, `create-dirs`) go inside each block.
             with tempfile.NamedTemporaryFile("w", suffix=".curl", delete=False) as cfg:
                 for f, off, length in items:
                     cfg.write(f'url = "{endpoint}/{a.bucket}/{a.prefix}/{f}"\nrange = "{off}-{off + length - 1}"\n'
-                              f'output = "/dev/null"\n')
-            curl = ["curl", "-s", "--fail", "--parallel", "--parallel-max", str(a.concurrency), "-K", cfg.name]
+                              f'output = "/dev/null"\nfail\nnext\n')
+            curl = ["curl", "-s", "--parallel", "--parallel-max", str(a.concurrency), "-K", cfg.name]
             files_dir = os.path.join(out_root, "curl-files")
             with tempfile.NamedTemporaryFile("w", suffix=".curl", delete=False) as cfg_files:
                 for i, (f, off, length) in enumerate(items):
                     cfg_files.write(f'url = "{endpoint}/{a.bucket}/{a.prefix}/{f}"\nrange = "{off}-{off + length - 1}"\n'
-                                    f'output = "{files_dir}/{i}"\n')
-            curl_files = ["curl", "-s", "--fail", "--create-dirs", "--parallel", "--parallel-max", str(a.concurrency),
+                                    f'output = "{files_dir}/{i}"\nfail\ncreate-dirs\nnext\n')
+            curl_files = ["curl", "-s", "--parallel", "--parallel-max", str(a.concurrency),
                           "-K", cfg_files.name]
             fetch = [a.dcpfetch, "fetch", location, *sel, *s3, "--quiet", "--concurrency", str(a.concurrency),
                      *a.extra.split()]

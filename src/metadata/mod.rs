@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
-use crate::source::{Source, SourceError};
+use crate::source::{ObjectMeta, Source, SourceError};
 use model::{EntryMeta, ModelError, RankMetadata, StorageInfo, StorageMeta, TensorMeta};
 use pickle::{Limits, Pickle, PickleError};
 
@@ -385,8 +385,9 @@ impl Checkpoint {
 
     /// Reads the metadata of the checkpoint at `source`.
     pub async fn load(source: &Source) -> Result<Checkpoint, MetadataError> {
-        let names = match source.stat(METADATA_FILE).await {
-            Ok(_) => vec![METADATA_FILE.to_owned()],
+        // The `.metadata`, or every rank's `__N.metadata`, each with its size (one HEAD each).
+        let names: Vec<(String, Option<ObjectMeta>)> = match source.stat(METADATA_FILE).await {
+            Ok(meta) => vec![(METADATA_FILE.to_owned(), Some(meta))],
             Err(SourceError::NotFound { .. }) => {
                 let mut ranks: Vec<(u64, String)> = source
                     .list()
@@ -400,14 +401,17 @@ impl Checkpoint {
                     });
                 }
                 ranks.sort();
-                ranks.into_iter().map(|(_, n)| n).collect()
+                ranks.into_iter().map(|(_, n)| (n, None)).collect()
             }
             Err(e) => return Err(e.into()),
         };
         let limit = Limits::default().max_input as u64;
         let mut files = Vec::with_capacity(names.len());
-        for name in names {
-            let meta = source.stat(&name).await?;
+        for (name, meta) in names {
+            let meta = match meta {
+                Some(m) => m,
+                None => source.stat(&name).await?,
+            };
             if meta.size > limit {
                 return Err(MetadataError::TooLarge {
                     file: name,
