@@ -198,6 +198,23 @@ pub fn report(
     }
 }
 
+/// An fqn for the table: control characters (a tab, a newline) written as escapes, so that one
+/// odd key cannot break the layout.
+fn printable(fqn: &str) -> String {
+    if !fqn.chars().any(char::is_control) {
+        return fqn.to_owned();
+    }
+    fqn.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 fn shape_text(shape: &Option<Vec<u64>>) -> String {
     match shape {
         None => "-".into(),
@@ -225,7 +242,7 @@ pub fn write_table(out: &mut impl Write, r: &LsReport) -> std::io::Result<()> {
         .map(|e| {
             let chunks: BTreeSet<_> = e.chunks.iter().map(|c| &c.offsets).collect();
             [
-                e.fqn.clone(),
+                printable(&e.fqn),
                 e.kind.to_owned(),
                 e.dtype.clone().unwrap_or_else(|| "-".into()),
                 shape_text(&e.shape),

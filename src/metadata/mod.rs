@@ -271,6 +271,20 @@ impl Checkpoint {
                 ),
             });
         }
+        // Ranks record the strides of their own shard: they may differ; the first file's stay.
+        if let (Some(a), Some(b)) = (&existing.tensor, &tensor)
+            && a.strides != b.strides
+        {
+            let text = |s: &Option<Vec<i64>>| {
+                s.as_ref()
+                    .map_or_else(|| "none".to_owned(), |v| format!("{v:?}"))
+            };
+            self.warnings.push(format!(
+                "{file}: entry {fqn:?} records strides {}, another file {}; listing the first",
+                text(&b.strides),
+                text(&a.strides)
+            ));
+        }
         for c in chunks {
             match existing.chunks.iter().find(|e| e.offsets == c.offsets) {
                 Some(e) if e.sizes != c.sizes => {

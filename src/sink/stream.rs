@@ -76,6 +76,8 @@ impl std::fmt::Debug for StreamSink {
 }
 
 const BLOCK: usize = 512;
+/// Longest tar entry name before its extension, so that names extract on common file systems.
+const MAX_NAME: usize = 200;
 
 impl StreamSink {
     pub fn new(
@@ -134,22 +136,11 @@ impl StreamSink {
     /// extension makes repeated names unique.
     fn tar_name(&mut self, item: &PlanItem) -> String {
         let s = &self.ck.storage[item.storage[0]];
-        let mut base = encode_component(&s.fqn);
-        if let Some(o) = &s.chunk_offsets {
-            base.push('@');
-            base.push_str(&o.iter().map(u64::to_string).collect::<Vec<_>>().join("_"));
-        }
-        // `.pt`, then one extension per transform: `.zst` for ZStandard, the encoded descriptor
-        // for anything else.
-        let mut ext = ".pt".to_owned();
-        for d in &s.info.transform_descriptors {
-            ext.push('.');
-            ext.push_str(&if d.starts_with("stream.zstd/") {
-                "zst".to_owned()
-            } else {
-                encode_component(d)
-            });
-        }
+        let (base, ext) = entry_name(
+            &s.fqn,
+            s.chunk_offsets.as_deref(),
+            &s.info.transform_descriptors,
+        );
         let mut name = format!("{base}{ext}");
         let mut n = 2;
         while !self.tar_names.insert(name.clone()) {
@@ -238,6 +229,36 @@ impl Sink for StreamSink {
         }
         Ok(())
     }
+}
+
+/// The name of an item's tar entry, as (base, extension): the fqn percent-encoded into one safe
+/// path component, `@` and the chunk offsets for tensors; `.pt`, then `.zst` for the ZStandard
+/// transform (any other transform: its encoded descriptor). A base longer than [`MAX_NAME`] bytes
+/// keeps its start and gets a hash of the whole, since file systems allow 255 bytes per name.
+fn entry_name(fqn: &str, chunk_offsets: Option<&[u64]>, transforms: &[String]) -> (String, String) {
+    let mut base = encode_component(fqn);
+    if let Some(o) = chunk_offsets {
+        base.push('@');
+        base.push_str(&o.iter().map(u64::to_string).collect::<Vec<_>>().join("_"));
+    }
+    let mut ext = ".pt".to_owned();
+    for d in transforms {
+        ext.push('.');
+        ext.push_str(&if d.starts_with("stream.zstd/") {
+            "zst".to_owned()
+        } else {
+            encode_component(d)
+        });
+    }
+    if base.len() > MAX_NAME {
+        let digest = crate::sink::folder::sha256_hex(base.as_bytes());
+        let mut cut = MAX_NAME - 20;
+        while !base.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        base = format!("{}~{}", &base[..cut], &digest[..16]);
+    }
+    (base, ext)
 }
 
 /// Percent-encodes everything but `[A-Za-z0-9._-]`, so the result is one path component that is
@@ -334,6 +355,27 @@ mod tests {
         assert_eq!(encode_component("model.layers.0.w"), "model.layers.0.w");
         assert_eq!(encode_component("../etc/passwd"), "..%2Fetc%2Fpasswd");
         assert_eq!(encode_component("a b"), "a%20b");
+    }
+
+    #[test]
+    fn entry_names() {
+        let zstd = vec!["stream.zstd/1".to_owned()];
+        assert_eq!(
+            entry_name("model.w", Some(&[0, 128]), &[]),
+            ("model.w@0_128".into(), ".pt".into())
+        );
+        assert_eq!(
+            entry_name("step", None, &zstd),
+            ("step".into(), ".pt.zst".into())
+        );
+        assert_eq!(entry_name("s", Some(&[]), &[]).0, "s@");
+        // Long names (and long multi-byte ones) stay under 255 bytes and stay distinct.
+        for unit in ["layer.", "слой.", "層."] {
+            let a = entry_name(&unit.repeat(100), Some(&[0]), &[]);
+            let b = entry_name(&format!("{}x", unit.repeat(100)), Some(&[0]), &[]);
+            assert!(a.0.len() + a.1.len() <= 255, "{}", a.0.len());
+            assert_ne!(a.0, b.0);
+        }
     }
 
     #[test]

@@ -38,9 +38,16 @@ pub fn is_known_global(module: &str, name: &str) -> bool {
     match module {
         "torch._utils" => matches!(
             name,
-            "_rebuild_tensor_v2" | "_rebuild_tensor_v3" | "_rebuild_parameter"
+            "_rebuild_tensor_v2" | "_rebuild_tensor_v3" | "_rebuild_parameter" | "_rebuild_qtensor"
         ),
-        "torch" => name.ends_with("Storage") || dtype::element_size(name).is_some(),
+        "torch" => {
+            name.ends_with("Storage")
+                || dtype::element_size(name).is_some()
+                || matches!(
+                    name,
+                    "per_tensor_affine" | "per_channel_affine" | "per_channel_affine_float_qparams"
+                )
+        }
         "torch.storage" => name == "UntypedStorage",
         "collections" => name == "OrderedDict",
         _ => false,
@@ -79,10 +86,15 @@ pub fn read(data: &[u8]) -> Result<StoredTensor, String> {
             .ok_or("malformed _rebuild_parameter")?;
         call = p.object(inner).ok_or("malformed _rebuild_parameter")?;
     }
+    // Quantized tensors (`_rebuild_qtensor`) take their storage, offset, size and stride in the
+    // same places as `_rebuild_tensor_v2`.
     let version = match p.global(call.callable) {
-        Some(("torch._utils", "_rebuild_tensor_v2")) => 2,
+        Some(("torch._utils", "_rebuild_tensor_v2" | "_rebuild_qtensor")) => 2,
         Some(("torch._utils", "_rebuild_tensor_v3")) => 3,
-        _ => return Err("data.pkl does not hold a plain tensor (no _rebuild_tensor_v2/v3)".into()),
+        _ => return Err(
+            "data.pkl does not hold a plain tensor (no _rebuild_tensor_v2/v3 or _rebuild_qtensor)"
+                .into(),
+        ),
     };
     if call.kind != CallKind::Reduce {
         return Err("data.pkl does not hold a plain tensor".into());
@@ -194,6 +206,17 @@ mod tests {
         assert_eq!(t.size, vec![4, 3]);
         assert_eq!(t.stride, vec![1, 4]);
         assert_eq!(t.required_elements(), Some(12));
+    }
+
+    /// `data.pkl` of `torch.save(torch.quantize_per_tensor(torch.arange(4.), 0.5, 1, torch.qint8))`.
+    const QTENSOR: &[u8] = b"\x80\x02ctorch._utils\n_rebuild_qtensor\nq\x00((X\x07\x00\x00\x00storageq\x01ctorch\nQInt8Storage\nq\x02X\x01\x00\x00\x000q\x03X\x03\x00\x00\x00cpuq\x04K\x04tq\x05QK\x00K\x04\x85q\x06K\x01\x85q\x07ctorch\nper_tensor_affine\nq\x08G?\xe0\x00\x00\x00\x00\x00\x00K\x01\x87q\t\x89ccollections\nOrderedDict\nq\n)Rq\x0btq\x0cRq\r.";
+
+    #[test]
+    fn reads_a_quantized_tensor() {
+        let t = read(QTENSOR).unwrap();
+        assert_eq!(t.dtype, "qint8");
+        assert_eq!(t.storage_bytes, 4);
+        assert_eq!(t.size, vec![4]);
     }
 
     #[test]

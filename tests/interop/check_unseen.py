@@ -40,7 +40,6 @@ Exit status: 0 when every check passed, 1 otherwise.
 
 import argparse
 import collections
-import io
 import json
 import logging
 import os
@@ -141,7 +140,7 @@ def probe_dtypes(scratch):
         except BaseException as e:  # CheckpointException is a BaseException
             if isinstance(e, KeyboardInterrupt):
                 raise
-            notes.append(f"{name}: dcp.save/load fails: {_first_line(e)}")
+            notes.append(f"{name}: torch's dcp.save/load fails: {_first_line(e)}")
         shutil.rmtree(p, ignore_errors=True)
     return ok, notes
 
@@ -228,6 +227,7 @@ def names_state_dict():
             "back\\slash": torch.randn(2),
             "tab\there": torch.randn(2),
             "sp ace": torch.randn(2),
+            "path/like/../../x": torch.randn(2),  # a '/' and '..' in an fqn (tar member names?)
         },
     }
 
@@ -472,10 +472,6 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_ranks(world, root, jobs):
-    mp.spawn(_worker, args=(world, free_port(), root, jobs), nprocs=world, join=True)
-
-
 # ----------------------------------------------------------------------------------------------
 # the cases: what to generate and which selections to fetch
 # ----------------------------------------------------------------------------------------------
@@ -494,7 +490,8 @@ CASES = {
     "names": (0, "fqns of 200-500 characters, unicode (NFC vs NFD), glob metacharacters", [
         (["--select", "long.*", "--select", "unicode.🔥*", "--select", "unicode.caf*"], []),
         # docs/selection.md: `?` is one character and `[...]` one character of the set
-        (["--select", "unicode.🔥*", "--select", "unicode.caf?", "--select", "unicode.[ﬁx]", "--select", "unicode.сл??"], []),
+        (["--select", "unicode.🔥*", "--select", "unicode.caf?", "--select", "unicode.[ﬁx]",
+          "--select", "unicode.сл??"], []),
         (["--select", "glob.a\\*b", "--select", "glob.w\\[0]", "--select", "glob.\\{x,y\\}",
           "--select", "glob.back\\\\slash", "--select", "unicode.模型.权重"], []),
     ]),
@@ -695,22 +692,22 @@ def check_ls(binary, path):
     if got["totals"] != want_totals:
         problems.append(f"totals {got['totals']} != {want_totals}")
     require(not problems, "; ".join(problems[:6]) + (f" (+{len(problems) - 6} more)" if len(problems) > 6 else ""))
-    note = "".join(
-        f"; rank files disagree on {d[0]!r} ({d[1]}: {', '.join(f'{k} {d[3][k]}' for k in d[3] if d[3][k] != d[2][k])};"
-        f" dcpfetch reports the first file's)"
-        for d in disagreements
-    )
+    note = ""
+    for fqn, mname, first, other in disagreements:
+        diff = ", ".join(f"{k} {other[k]}" for k in other if other[k] != first[k])
+        note += f"; rank files disagree on {fqn!r} ({mname}: {diff}; dcpfetch reports the first file's)"
     warn = f"; warnings: {got['warnings']}" if got["warnings"] else ""
     t = want_totals
-    return got, f"{t['entries']} entries, {t['chunks']} chunks, {t['storage_entries']} storage entries match torch{note}{warn}"
+    return got, (f"{t['entries']} entries, {t['chunks']} chunks, {t['storage_entries']} storage entries match torch"
+                 f"{note}{warn}")
 
 
 def check_verify(binary, path, tmp):
     p = run(binary, "verify", path, "--json", "--quiet", ok_codes=(0, 1))
     doc = json.loads(p.stdout)
     bad = [c for c in doc["checks"] if c["status"] not in ("pass", "skipped")]
-    require(p.returncode == 0 and doc["ok"] and not bad,
-            f"exit {p.returncode}, ok={doc['ok']}: " + "; ".join(f"{c['name']} {c['status']}: {c['problems'][:2]}" for c in bad))
+    require(p.returncode == 0 and doc["ok"] and not bad, f"exit {p.returncode}, ok={doc['ok']}: " + "; ".join(
+        f"{c['name']} {c['status']} ({len(c['problems'])} problems), first: {c['problems'][:1]}" for c in bad))
     statuses = collections.Counter(c["status"] for c in doc["checks"])
     manifest = os.path.join(tmp, os.path.basename(path) + ".manifest.json")
     run(binary, "verify", path, "--quiet", "--manifest", manifest)
@@ -719,7 +716,8 @@ def check_verify(binary, path, tmp):
     man = [c for c in again["checks"] if c["name"] == "manifest"]
     require(man and man[0]["status"] == "pass", f"manifest check on the second run: {man}")
     skipped = [c["name"] for c in doc["checks"] if c["status"] == "skipped"]
-    return f"{len(doc['checks'])} checks: {statuses['pass']} pass, {statuses['skipped']} skipped ({', '.join(skipped)}); manifest written and matched"
+    return (f"{len(doc['checks'])} checks: {statuses['pass']} pass, {statuses['skipped']} skipped "
+            f"({', '.join(skipped)}); manifest written and matched")
 
 
 def glob_regex(glob):
@@ -851,6 +849,7 @@ def check_fetch(binary, case, path, selection, extra, tmp):
     out = os.path.join(tmp, "out")
     shutil.rmtree(out, ignore_errors=True)
     summary = json.loads(run(binary, "fetch", path, "-o", out, "--quiet", "--json", *selection, *extra).stdout)
+    nfiles = check_sparse_copy(path, out, mds, want)  # first: the most precise message
     custom = TEMPLATES.get(case)
     fetched = load_selected(out, want, custom)
     original = load_selected(path, want, custom)
@@ -862,7 +861,6 @@ def check_fetch(binary, case, path, selection, extra, tmp):
         for k in b:
             require(same(a[k], b[k]), f"{mname}: {k!r} loaded from the copy differs from the original")
             n += 1
-    nfiles = check_sparse_copy(path, out, mds, want)
     if case == "overwrite":  # the folder must read as the second save
         second = overwrite_second()
         require(all(same(original[".metadata"][k], second[k]) for k in second), "original is not the second save")
@@ -875,36 +873,11 @@ def check_fetch(binary, case, path, selection, extra, tmp):
 # main
 # ----------------------------------------------------------------------------------------------
 
-
-def generate(root, names, log):
-    """Write the checkpoints named in `names` under root; returns notes on what torch cannot do."""
-    notes = []
-    single = {
-        "shapes": gen_shapes, "quantized": gen_quantized, "names": gen_names, "large": gen_large,
-        "many_tiny": gen_many_tiny, "writer_opts": gen_writer_opts, "sgd_model": gen_sgd_model,
-        "overwrite": gen_overwrite,
-    }
-    for name in names:
-        t0 = time.time()
-        if name == "dtypes":
-            ok, skipped = probe_dtypes(root)
-            notes += [f"dtypes: {s}" for s in skipped]
-            gen_dtypes(os.path.join(root, name), ok)
-        elif name in single:
-            single[name](os.path.join(root, name))
-        else:
-            continue
-        log(f"gen   {name:<16} {time.time() - t0:6.2f}s  {folder_summary(os.path.join(root, name))}")
-    by_world = collections.defaultdict(list)
-    for name in names:
-        if CASES[name][0] > 1:
-            by_world[CASES[name][0]].append(name)
-    for world, jobs in sorted(by_world.items()):
-        t0 = time.time()
-        run_ranks(world, root, jobs)
-        for j in jobs:
-            log(f"gen   {j:<16} {time.time() - t0:6.2f}s  {folder_summary(os.path.join(root, j))} ({world} ranks, one spawn for {', '.join(jobs)})")
-    return notes
+SINGLE = {
+    "shapes": gen_shapes, "quantized": gen_quantized, "names": gen_names, "large": gen_large,
+    "many_tiny": gen_many_tiny, "writer_opts": gen_writer_opts, "sgd_model": gen_sgd_model,
+    "overwrite": gen_overwrite,
+}
 
 
 def folder_summary(path):
@@ -913,11 +886,66 @@ def folder_summary(path):
     return f"{len(files)} files, {size / 2**20:.2f} MiB"
 
 
+class Runner:
+    def __init__(self, binary, root, scratch):
+        self.binary, self.root, self.scratch = binary, root, scratch
+        self.results = collections.Counter()
+
+    def log(self, status, name, label, msg, seconds):
+        if status in ("ok", "FAIL"):
+            self.results[status] += 1
+        print(f"{status:<5} {name:<16} {label}: {msg} [{seconds:.2f}s]", flush=True)
+
+    def attempt(self, name, label, fn):
+        t0 = time.time()
+        try:
+            msg, status = fn(), "ok"
+        except Failed as e:
+            msg, status = str(e), "FAIL"
+        except BaseException as e:  # torch's CheckpointException is a BaseException
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            msg, status = f"error: {_first_line(e)}", "FAIL"
+            traceback.print_exc(file=sys.stderr)
+        self.log(status, name, label, msg, time.time() - t0)
+        return status == "ok"
+
+    def check(self, name):
+        binary, path, scratch = self.binary, os.path.join(self.root, name), self.scratch
+        self.attempt(name, "ls", lambda: check_ls(binary, path)[1])
+        self.attempt(name, "verify", lambda: check_verify(binary, path, scratch))
+        for sel, extra in CASES[name][2]:
+            label = "fetch " + (" ".join(sel) or "(everything)") + (" " + " ".join(extra) if extra else "")
+            self.attempt(name, label, lambda sel=sel, extra=extra: check_fetch(binary, name, path, sel, extra, scratch))
+
+    def single(self, name):
+        path = os.path.join(self.root, name)
+
+        notes = []
+
+        def gen():
+            if name == "dtypes":
+                ok, skipped = probe_dtypes(self.scratch)
+                notes.extend(skipped)
+                gen_dtypes(path, ok)
+                return f"{folder_summary(path)}; {len(ok)} dtypes: {' '.join(ok)}"
+            SINGLE[name](path)
+            return folder_summary(path)
+
+        ok = self.attempt(name, "generate", gen)
+        for note in notes:
+            print(f"note  {name:<16} not covered: {note}", flush=True)
+        if ok:
+            self.check(name)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dcpfetch", default=os.path.join(REPO, "target/release/dcpfetch"), help="the binary to test")
-    ap.add_argument("--keep", metavar="DIR", help="write the checkpoints into DIR (must not exist) and keep them")
-    ap.add_argument("--only", action="append", choices=sorted(CASES), help="run only these checkpoints (repeatable)")
+    ap.add_argument("--dcpfetch", default=os.path.join(REPO, "target/release/dcpfetch"), metavar="PATH",
+                    help="the dcpfetch binary to test (default: target/release/dcpfetch)")
+    ap.add_argument("--keep", metavar="DIR", help="write the checkpoints into DIR (new or empty) and keep them")
+    ap.add_argument("--only", action="append", choices=list(CASES), metavar="NAME",
+                    help=f"run only this checkpoint (repeatable): {', '.join(CASES)}")
     a = ap.parse_args()
     binary = os.path.abspath(a.dcpfetch)
     if not os.access(binary, os.X_OK):
@@ -925,51 +953,55 @@ def main():
     names = a.only or list(CASES)
     start = time.time()
     if a.keep:
-        os.makedirs(a.keep)
+        if os.path.exists(a.keep) and os.listdir(a.keep):
+            sys.exit(f"error: --keep {a.keep}: the folder is not empty")
+        os.makedirs(a.keep, exist_ok=True)
         root = os.path.abspath(a.keep)
-        tmp_holder = None
     else:
-        tmp_holder = tempfile.TemporaryDirectory(prefix="dcpfetch-unseen-")
-        root = tmp_holder.name
-    results = collections.Counter()
-
-    def log(line):
-        print(line, flush=True)
-
+        root = tempfile.mkdtemp(prefix="dcpfetch-unseen-")
+    scratch = tempfile.mkdtemp(prefix="dcpfetch-unseen-work-")
+    r = Runner(binary, root, scratch)
+    print(f"dcpfetch {binary}, torch {torch.__version__}, checkpoints in {root}", flush=True)
     try:
-        for note in generate(root, names, log):
-            log(f"note  {note}")
-        gen_time = time.time() - start
-        scratch = tempfile.mkdtemp(prefix="dcpfetch-unseen-work-")
+        # The multi-rank saves start first, in the background (spawning and importing torch takes
+        # most of their time); the single-process checkpoints are written and checked meanwhile.
+        groups = collections.defaultdict(list)
         for name in names:
-            path = os.path.join(root, name)
-            checks = [("ls", lambda: check_ls(binary, path)[1]), ("verify", lambda: check_verify(binary, path, scratch))]
-            for sel, extra in CASES[name][2]:
-                label = "fetch " + (" ".join(sel) or "(everything)") + (" " + " ".join(extra) if extra else "")
-                checks.append((label, lambda sel=sel, extra=extra: check_fetch(binary, name, path, sel, extra, scratch)))
-            for label, fn in checks:
-                t0 = time.time()
-                try:
-                    msg = fn()
-                    status = "ok"
-                except Failed as e:
-                    msg, status = str(e), "FAIL"
-                except BaseException as e:  # torch's CheckpointException is a BaseException
-                    if isinstance(e, KeyboardInterrupt):
-                        raise
-                    msg, status = f"error: {_first_line(e)}", "FAIL"
-                    traceback.print_exc(file=sys.stderr)
-                results[status] += 1
-                log(f"{status:<5} {name:<16} {label}: {msg} [{time.time() - t0:.2f}s]")
-        shutil.rmtree(scratch, ignore_errors=True)
+            if CASES[name][0] > 1:
+                groups[CASES[name][0]].append(name)
+        spawned = []
+        for world, jobs in sorted(groups.items()):
+            ctx = mp.start_processes(_worker, args=(world, free_port(), root, jobs), nprocs=world, join=False,
+                                     start_method="spawn")
+            spawned.append((world, jobs, ctx))
+        for name in names:
+            if CASES[name][0] == 0:
+                r.single(name)
+        for world, jobs, ctx in spawned:
+            t0 = time.time()
+            err = None
+            try:
+                while not ctx.join():
+                    pass
+            except Exception as e:  # a rank raised or died: its message is in e
+                err = str(e).strip().splitlines()[-1][:300]
+            waited = time.time() - t0
+            for j in jobs:
+                path = os.path.join(root, j)
+                if err is None:
+                    r.log("ok", j, "generate", f"{folder_summary(path)} ({world} ranks, one background spawn for "
+                          f"{', '.join(jobs)})", waited)
+                    r.check(j)
+                else:
+                    r.log("FAIL", j, "generate", f"{world}-rank spawn for {', '.join(jobs)} failed: {err}", waited)
     finally:
-        if tmp_holder is not None:
-            tmp_holder.cleanup()
-    total = time.time() - start
-    log(f"summary: {len(names)} checkpoints, {sum(results.values())} checks, {results['ok']} ok, "
-        f"{results['FAIL']} failed; {total:.1f}s ({gen_time:.1f}s generating)"
-        + (f"; checkpoints kept in {root}" if a.keep else ""))
-    return 1 if results["FAIL"] else 0
+        shutil.rmtree(scratch, ignore_errors=True)
+        if not a.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    res = r.results
+    print(f"summary: {len(names)} checkpoints, {sum(res.values())} checks, {res['ok']} ok, {res['FAIL']} failed; "
+          f"{time.time() - start:.1f}s" + (f"; checkpoints kept in {root}" if a.keep else ""), flush=True)
+    return 1 if res["FAIL"] else 0
 
 
 if __name__ == "__main__":

@@ -7,10 +7,12 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
 use serde::{Deserialize, Serialize};
 
+pub mod glob;
+
 use crate::metadata::Checkpoint;
+use glob::Glob;
 
 /// A selection as written in a spec file: see docs/selection.md.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,10 +133,12 @@ impl Spec {
 
         let mut out = Vec::new();
         for (i, e) in ck.entries.iter().enumerate() {
-            if exclude.is_match(&e.fqn) {
+            if exclude.iter().any(|g| g.is_match(&e.fqn)) {
                 continue;
             }
-            let matched = include.matches(&e.fqn);
+            let matched: Vec<usize> = (0..include.len())
+                .filter(|&i| include[i].is_match(&e.fqn))
+                .collect();
             for m in &matched {
                 hits[*m] += 1;
             }
@@ -205,26 +209,17 @@ impl Spec {
     }
 }
 
-fn glob(pattern: &str) -> Result<Glob, SelectionError> {
-    GlobBuilder::new(pattern)
-        .literal_separator(false)
-        .backslash_escape(true)
-        .build()
-        .map_err(|e| SelectionError::BadGlob {
-            pattern: pattern.to_owned(),
-            detail: e.kind().to_string(),
+/// Compiles each pattern.
+fn build_set(patterns: &[String]) -> Result<Vec<Glob>, SelectionError> {
+    patterns
+        .iter()
+        .map(|p| {
+            Glob::new(p).map_err(|e| SelectionError::BadGlob {
+                pattern: p.clone(),
+                detail: e.to_string(),
+            })
         })
-}
-
-fn build_set(patterns: &[String]) -> Result<GlobSet, SelectionError> {
-    let mut b = GlobSetBuilder::new();
-    for p in patterns {
-        b.add(glob(p)?);
-    }
-    b.build().map_err(|e| SelectionError::BadGlob {
-        pattern: patterns.join(" "),
-        detail: e.to_string(),
-    })
+        .collect()
 }
 
 fn check_region(r: &Region, shape: &[u64]) -> Result<(), SelectionError> {
