@@ -34,6 +34,11 @@ fn serve(name: &str) -> Served {
     }
 }
 
+/// A rule answering with an HTTP status and S3 error code.
+fn status(status: u16, code: &'static str) -> FaultRule {
+    FaultRule::new(Fault::Status { status, code })
+}
+
 /// Small parts, so that one fetch makes many requests.
 const SMALL_PARTS: [&str; 4] = ["--part-size", "16KiB", "--max-gap-size", "0"];
 
@@ -89,22 +94,16 @@ fn out_dir() -> (tempfile::TempDir, PathBuf) {
 fn slow_down_is_retried() {
     let s = serve("model");
     s.server.add_fault(
-        FaultRule::new(Fault::Status {
-            status: 503,
-            code: "SlowDown",
-        })
-        .on_key(".distcp")
-        .on_method("GET")
-        .times(3),
+        status(503, "SlowDown")
+            .on_key(".distcp")
+            .on_method("GET")
+            .times(3),
     );
     s.server.add_fault(
-        FaultRule::new(Fault::Status {
-            status: 500,
-            code: "InternalError",
-        })
-        .on_key(".distcp")
-        .on_method("GET")
-        .times(2),
+        status(500, "InternalError")
+            .on_key(".distcp")
+            .on_method("GET")
+            .times(2),
     );
     let (_d, out) = out_dir();
     let r = summary(&fetch(&s, &out, &[]));
@@ -247,13 +246,10 @@ fn an_object_replaced_mid_fetch_is_refused() {
 fn access_denied_fails_with_a_hint() {
     let s = serve("model");
     s.server.add_fault(
-        FaultRule::new(Fault::Status {
-            status: 403,
-            code: "AccessDenied",
-        })
-        .on_key("__0_1")
-        .on_method("GET")
-        .always(),
+        status(403, "AccessDenied")
+            .on_key("__0_1")
+            .on_method("GET")
+            .always(),
     );
     let (_d, out) = out_dir();
     let res = fetch(&s, &out, &[]);
@@ -269,13 +265,10 @@ fn access_denied_fails_with_a_hint() {
 fn an_object_deleted_mid_fetch_is_a_problem() {
     let s = serve("model");
     s.server.add_fault(
-        FaultRule::new(Fault::Status {
-            status: 404,
-            code: "NoSuchKey",
-        })
-        .on_key("__0_0")
-        .on_method("GET")
-        .always(),
+        status(404, "NoSuchKey")
+            .on_key("__0_0")
+            .on_method("GET")
+            .always(),
     );
     let (_d, out) = out_dir();
     let res = fetch(&s, &out, &[]);
@@ -286,13 +279,10 @@ fn an_object_deleted_mid_fetch_is_a_problem() {
 fn a_failing_endpoint_gives_up_after_the_attempts() {
     let s = serve("model");
     s.server.add_fault(
-        FaultRule::new(Fault::Status {
-            status: 503,
-            code: "SlowDown",
-        })
-        .on_key("__0_1")
-        .on_method("GET")
-        .always(),
+        status(503, "SlowDown")
+            .on_key("__0_1")
+            .on_method("GET")
+            .always(),
     );
     let (_d, out) = out_dir();
     let res = fetch(&s, &out, &["--max-attempts", "3"]);
@@ -308,13 +298,10 @@ fn a_failing_endpoint_gives_up_after_the_attempts() {
 fn an_interrupted_fetch_resumes_to_a_complete_copy() {
     let s = serve("model");
     s.server.add_fault(
-        FaultRule::new(Fault::Status {
-            status: 403,
-            code: "AccessDenied",
-        })
-        .on_key("__0_1")
-        .on_method("GET")
-        .always(),
+        status(403, "AccessDenied")
+            .on_key("__0_1")
+            .on_method("GET")
+            .always(),
     );
     let (_d, out) = out_dir();
     let res = fetch(&s, &out, &["--concurrency", "2"]);
@@ -342,14 +329,8 @@ fn an_interrupted_fetch_resumes_to_a_complete_copy() {
 #[test]
 fn metadata_reads_are_retried_too() {
     let s = serve("model");
-    s.server.add_fault(
-        FaultRule::new(Fault::Status {
-            status: 503,
-            code: "SlowDown",
-        })
-        .on_key(".metadata")
-        .times(2),
-    );
+    s.server
+        .add_fault(status(503, "SlowDown").on_key(".metadata").times(2));
     s.server.add_fault(
         FaultRule::new(Fault::ResetAfter(100))
             .on_key(".metadata")

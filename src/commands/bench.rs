@@ -262,16 +262,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
         std::fs::write(path, plot::svg(&report))
             .with_context(|| format!("cannot write the plot {}", path.display()))?;
     }
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    if args.json {
-        serde_json::to_writer_pretty(&mut out, &report)?;
-        writeln!(out)?;
-    } else if args.csv {
-        write_csv(&mut out, &report)?;
-    } else {
-        write_table(&mut out, &report)?;
-    }
-    out.flush()?;
+    super::print(args.json, &report, |out| {
+        if args.csv {
+            write_csv(out, &report)
+        } else {
+            write_table(out, &report)
+        }
+    })?;
     if interrupted {
         return Err(FetchError::Interrupted)
             .context("the sweep was interrupted; the results above are those measured so far");
@@ -302,7 +299,7 @@ fn gap_text(g: Option<u64>) -> String {
     g.map_or_else(|| "inf".to_owned(), human)
 }
 
-fn write_table(out: &mut impl Write, r: &BenchReport) -> std::io::Result<()> {
+fn write_table(out: &mut dyn Write, r: &BenchReport) -> std::io::Result<()> {
     writeln!(
         out,
         "{}: {} items, {} needed, {} sink, {} runs per setting{}",
@@ -370,7 +367,7 @@ fn write_table(out: &mut impl Write, r: &BenchReport) -> std::io::Result<()> {
     Ok(())
 }
 
-fn write_csv(out: &mut impl Write, r: &BenchReport) -> std::io::Result<()> {
+fn write_csv(out: &mut dyn Write, r: &BenchReport) -> std::io::Result<()> {
     writeln!(
         out,
         "max_gap_size,concurrency,part_size,groups,requests,requests_sent,bytes_needed,bytes_transferred,wasted_share,\

@@ -51,12 +51,7 @@ pub async fn run(args: FetchArgs) -> anyhow::Result<Outcome> {
         !to_stdout,
     )
     .await?;
-    if !args.quiet {
-        super::warn_about(&planned.ck);
-        for w in &planned.selection_warnings {
-            crate::report::warn(w);
-        }
-    }
+    super::warn_about(&planned.ck, &planned.selection_warnings, args.quiet);
     let location = planned.source.describe();
 
     let (plan, sink, already): (Plan, Box<dyn Sink>, usize) = if to_stdout {

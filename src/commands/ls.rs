@@ -234,7 +234,7 @@ fn files_text(files: &[String]) -> String {
 }
 
 /// The table: one row per entry, then the totals.
-pub fn write_table(out: &mut impl Write, r: &LsReport) -> std::io::Result<()> {
+pub fn write_table(out: &mut dyn Write, r: &LsReport) -> std::io::Result<()> {
     let header = ["FQN", "KIND", "DTYPE", "SHAPE", "CHUNKS", "STORED", "FILES"];
     let rows: Vec<[String; 7]> = r
         .entries
@@ -305,24 +305,7 @@ pub async fn run(args: LsArgs) -> anyhow::Result<Outcome> {
     let (source, ck) = super::open(&args.checkpoint, &args.s3).await?;
     let (selected, selection_warnings) = spec.resolve(&ck)?;
     let r = report(&source.describe(), &ck, &selected, &selection_warnings);
-    if !args.json {
-        super::warn_about(&ck);
-        for w in &selection_warnings {
-            crate::report::warn(w);
-        }
-    } else if !ck.findings.is_empty() {
-        // Security findings always reach stderr, even when stdout carries JSON.
-        for f in &ck.findings {
-            crate::report::warn(&f.to_string());
-        }
-    }
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    if args.json {
-        serde_json::to_writer_pretty(&mut out, &r)?;
-        writeln!(out)?;
-    } else {
-        write_table(&mut out, &r)?;
-    }
-    out.flush()?;
+    super::warn_about(&ck, &selection_warnings, args.json);
+    super::print(args.json, &r, |out| write_table(out, &r))?;
     Ok(Outcome::Ok)
 }

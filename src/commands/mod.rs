@@ -18,7 +18,7 @@ use crate::cli::{Cli, Command, PlanOpts, S3Args, SelectArgs};
 use crate::metadata::Checkpoint;
 use crate::plan::{Plan, PlanOptions, describe_storage};
 use crate::report::{self, Outcome, Problem};
-use crate::source::{Location, ObjectMeta, ObjectName, Source, TransferStats};
+use crate::source::{Location, ObjectMeta, ObjectName, Source, SourceError, TransferStats};
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<Outcome> {
     match cli.command {
@@ -51,23 +51,27 @@ pub(crate) async fn open(location: &Location, s3: &S3Args) -> anyhow::Result<(So
     Ok((source, ck))
 }
 
-/// Prints the metadata's security findings and warnings on stderr.
-pub(crate) fn warn_about(ck: &Checkpoint) {
+/// Prints warnings on stderr: the metadata's security findings always (even when stdout carries
+/// JSON, and with `--quiet`), its other warnings and the selection's unless `quiet`.
+pub(crate) fn warn_about(ck: &Checkpoint, selection_warnings: &[String], quiet: bool) {
     for f in &ck.findings {
         report::warn(&f.to_string());
     }
-    for w in &ck.warnings {
-        report::warn(w);
+    if !quiet {
+        for w in ck.warnings.iter().chain(selection_warnings) {
+            report::warn(w);
+        }
     }
 }
 
-/// Size and version of each named object, asked for concurrently.
-pub(crate) async fn stat_all(
+/// Size and version of each named object, asked for concurrently (HEADs or stats), each with
+/// its own result.
+pub(crate) async fn stat_each(
     source: &Source,
     names: &[ObjectName],
-) -> anyhow::Result<HashMap<ObjectName, ObjectMeta>> {
+) -> Vec<(ObjectName, Result<ObjectMeta, SourceError>)> {
     const IN_FLIGHT: usize = 32;
-    let mut out = HashMap::with_capacity(names.len());
+    let mut out = Vec::with_capacity(names.len());
     let mut tasks = JoinSet::new();
     let mut pending = names.iter().cloned();
     loop {
@@ -82,11 +86,40 @@ pub(crate) async fn stat_all(
         let Some(done) = tasks.join_next().await else {
             break;
         };
-        let (name, meta) = done.expect("stat tasks do not panic");
+        out.push(done.expect("stat tasks do not panic"));
+    }
+    out
+}
+
+/// Size and version of every named object; a missing one is a problem with the checkpoint.
+pub(crate) async fn stat_all(
+    source: &Source,
+    names: &[ObjectName],
+) -> anyhow::Result<HashMap<ObjectName, ObjectMeta>> {
+    let mut out = HashMap::with_capacity(names.len());
+    for (name, meta) in stat_each(source, names).await {
         let meta = meta.with_context(|| Problem(format!("cannot find the shard file {name}")))?;
         out.insert(name, meta);
     }
     Ok(out)
+}
+
+/// Prints a report on stdout: one JSON document, or what `human` writes.
+pub(crate) fn print(
+    json: bool,
+    report: &impl serde::Serialize,
+    human: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    if json {
+        serde_json::to_writer_pretty(&mut out, report)?;
+        writeln!(out)?;
+    } else {
+        human(&mut out)?;
+    }
+    out.flush()?;
+    Ok(())
 }
 
 /// A checkpoint opened, a selection resolved and planned, and the planned files' sizes checked.

@@ -132,7 +132,7 @@ pub fn report(
 }
 
 /// The table: a row per file (and per group with `--groups`), then the totals.
-pub fn write_table(out: &mut impl Write, r: &PlanReport) -> std::io::Result<()> {
+pub fn write_table(out: &mut dyn Write, r: &PlanReport) -> std::io::Result<()> {
     let header = [
         "FILE", "ITEMS", "GROUPS", "REQUESTS", "NEEDED", "GAPS", "FETCHED", "SKIPPED",
     ];
@@ -221,19 +221,7 @@ pub async fn run(args: PlanArgs) -> anyhow::Result<Outcome> {
         args.groups,
         planned.selection_warnings.clone(),
     );
-    if !args.json {
-        super::warn_about(&planned.ck);
-        for w in &planned.selection_warnings {
-            crate::report::warn(w);
-        }
-    }
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    if args.json {
-        serde_json::to_writer_pretty(&mut out, &r)?;
-        writeln!(out)?;
-    } else {
-        write_table(&mut out, &r)?;
-    }
-    out.flush()?;
+    super::warn_about(&planned.ck, &planned.selection_warnings, args.json);
+    super::print(args.json, &r, |out| write_table(out, &r))?;
     Ok(Outcome::Ok)
 }

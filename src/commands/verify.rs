@@ -147,14 +147,7 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<Outcome> {
         checks: results,
         elapsed_seconds: started.elapsed().as_secs_f64(),
     };
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    if args.json {
-        serde_json::to_writer_pretty(&mut out, &report)?;
-        writeln!(out)?;
-    } else {
-        write_report(&mut out, &report)?;
-    }
-    out.flush()?;
+    super::print(args.json, &report, |out| write_report(out, &report))?;
     Ok(if ok { Outcome::Ok } else { Outcome::Problems })
 }
 
@@ -163,25 +156,15 @@ async fn stat_files(
     source: &Source,
     names: &BTreeSet<String>,
 ) -> anyhow::Result<HashMap<String, ObjectMeta>> {
+    let names: Vec<ObjectName> = names
+        .iter()
+        .map(|n| ObjectName::new(n))
+        .collect::<Result<_, _>>()?;
     let mut out = HashMap::new();
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut pending = names.iter().cloned();
-    loop {
-        while tasks.len() < 32 {
-            let Some(name) = pending.next() else { break };
-            let source = source.clone();
-            tasks.spawn(async move {
-                let meta = source.stat(&name).await;
-                (name, meta)
-            });
-        }
-        let Some(done) = tasks.join_next().await else {
-            break;
-        };
-        let (name, meta) = done.expect("stat tasks do not panic");
+    for (name, meta) in super::stat_each(source, &names).await {
         match meta {
             Ok(m) => {
-                out.insert(name, m);
+                out.insert(name.to_string(), m);
             }
             Err(SourceError::NotFound { .. }) => {}
             Err(e) => return Err(e).with_context(|| format!("cannot inspect {name}")),
@@ -558,7 +541,7 @@ fn check_manifest(
 }
 
 /// The human report.
-fn write_report(out: &mut impl Write, r: &VerifyReport) -> std::io::Result<()> {
+fn write_report(out: &mut dyn Write, r: &VerifyReport) -> std::io::Result<()> {
     let failed = r.checks.iter().filter(|c| c.status == Status::Fail).count();
     let width = r.checks.iter().map(|c| c.name.len()).max().unwrap_or(0);
     writeln!(
