@@ -10,6 +10,7 @@
 //! copying (a "memo bomb" cannot expand) and dropping the graph never recurses. Every length read
 //! from the input is checked against the bytes that remain before anything is allocated.
 
+use std::collections::HashMap;
 use std::fmt;
 
 /// Hard limits that bound time and memory on hostile input.
@@ -399,12 +400,69 @@ impl Pickle {
     /// memo), so a graph with cycles cannot be written; `max_depth` bounds the walk.
     pub fn write(&self) -> Result<Vec<u8>, &'static str> {
         let mut out = vec![0x80, 2];
-        self.write_value(self.root, &mut out, 0)?;
+        let shared = self.shared_nodes();
+        let mut writer = Writer {
+            shared: &shared,
+            memo: HashMap::new(),
+        };
+        self.write_value(self.root, &mut out, &mut writer, 0)?;
         out.push(b'.');
         Ok(out)
     }
 
-    fn write_value(&self, v: Value, out: &mut Vec<u8>, depth: u32) -> Result<(), &'static str> {
+    /// The children of a node.
+    fn children(&self, node: &Node) -> Vec<Value> {
+        match node {
+            Node::Tuple(s) | Node::FrozenSet(s) => self.pool[s.range()].to_vec(),
+            Node::List(v) | Node::Set(v) => v.clone(),
+            Node::Dict(pairs) => pairs.iter().flat_map(|(k, v)| [*k, *v]).collect(),
+            Node::Object(i) => {
+                let o = &self.objects[*i as usize];
+                let mut c = vec![o.callable, o.args];
+                c.extend(o.kwargs());
+                c.extend(o.state);
+                c.extend(o.items());
+                c.extend(o.dict_items().iter().flat_map(|(k, v)| [*k, *v]));
+                c
+            }
+            Node::PersistentId(v) => vec![*v],
+            Node::BigInt(_) | Node::Str(_) | Node::Bytes(_) | Node::Global(_) => Vec::new(),
+        }
+    }
+
+    /// The nodes referred to from more than one place (counted once per edge, each node visited
+    /// once, so this is linear in the graph).
+    fn shared_nodes(&self) -> std::collections::HashSet<u32> {
+        let mut refs: HashMap<u32, u32> = HashMap::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut todo = vec![self.root];
+        while let Some(v) = todo.pop() {
+            let Value::Node(id) = v else { continue };
+            if !seen.insert(id) {
+                continue;
+            }
+            for c in self.children(&self.nodes[id as usize]) {
+                if let Value::Node(cid) = c {
+                    *refs.entry(cid).or_default() += 1;
+                    todo.push(c);
+                }
+            }
+        }
+        refs.into_iter()
+            .filter(|(_, n)| *n > 1)
+            .map(|(id, _)| id)
+            .collect()
+    }
+
+    /// Writes one value; a node written before is referenced through the memo (so shared nodes
+    /// cost one write, however often they are used).
+    fn write_value(
+        &self,
+        v: Value,
+        out: &mut Vec<u8>,
+        memo: &mut Writer,
+        depth: u32,
+    ) -> Result<(), &'static str> {
         if depth > Limits::default().max_depth {
             return Err("the graph is too deep (or cyclic) to write");
         }
@@ -425,7 +483,32 @@ impl Pickle {
                 out.push(b'G');
                 out.extend_from_slice(&f.to_be_bytes());
             }
-            Value::Node(_) => match self.node(v).ok_or("dangling node")? {
+            Value::Node(id) if memo.memo.contains_key(&id) => {
+                out.push(b'j');
+                out.extend_from_slice(&memo.memo[&id].to_le_bytes());
+            }
+            Value::Node(id) => {
+                self.write_node(v, out, memo, d)?;
+                if memo.shared.contains(&id) {
+                    let index = memo.memo.len() as u32;
+                    memo.memo.insert(id, index);
+                    out.push(b'r');
+                    out.extend_from_slice(&index.to_le_bytes());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn write_node(
+        &self,
+        v: Value,
+        out: &mut Vec<u8>,
+        memo: &mut Writer,
+        d: u32,
+    ) -> Result<(), &'static str> {
+        {
+            match self.node(v).ok_or("dangling node")? {
                 Node::BigInt(b) => {
                     out.push(0x8b);
                     out.extend_from_slice(&(b.len() as u32).to_le_bytes());
@@ -444,7 +527,7 @@ impl Pickle {
                 Node::Tuple(span) | Node::FrozenSet(span) => {
                     out.push(b'(');
                     for i in &self.pool[span.range()] {
-                        self.write_value(*i, out, d)?;
+                        self.write_value(*i, out, memo, d)?;
                     }
                     out.push(if matches!(self.node(v), Some(Node::Tuple(_))) {
                         b't'
@@ -460,7 +543,7 @@ impl Pickle {
                     });
                     out.push(b'(');
                     for i in items {
-                        self.write_value(*i, out, d)?;
+                        self.write_value(*i, out, memo, d)?;
                     }
                     out.push(if matches!(self.node(v), Some(Node::List(_))) {
                         b'e'
@@ -471,8 +554,8 @@ impl Pickle {
                 Node::Dict(pairs) => {
                     out.extend_from_slice(b"}(");
                     for (k, val) in pairs {
-                        self.write_value(*k, out, d)?;
-                        self.write_value(*val, out, d)?;
+                        self.write_value(*k, out, memo, d)?;
+                        self.write_value(*val, out, memo, d)?;
                     }
                     out.push(b'u');
                 }
@@ -488,11 +571,11 @@ impl Pickle {
                 }
                 Node::Object(i) => {
                     let o = &self.objects[*i as usize];
-                    self.write_value(o.callable, out, d)?;
-                    self.write_value(o.args, out, d)?;
+                    self.write_value(o.callable, out, memo, d)?;
+                    self.write_value(o.args, out, memo, d)?;
                     match (o.kind, o.kwargs()) {
                         (CallKind::NewObj, Some(kw)) => {
-                            self.write_value(kw, out, d)?;
+                            self.write_value(kw, out, memo, d)?;
                             out.push(0x92);
                         }
                         (CallKind::NewObj, None) => out.push(0x81),
@@ -501,31 +584,37 @@ impl Pickle {
                     if !o.items().is_empty() {
                         out.push(b'(');
                         for i in o.items() {
-                            self.write_value(*i, out, d)?;
+                            self.write_value(*i, out, memo, d)?;
                         }
                         out.push(b'e');
                     }
                     if !o.dict_items().is_empty() {
                         out.push(b'(');
                         for (k, val) in o.dict_items() {
-                            self.write_value(*k, out, d)?;
-                            self.write_value(*val, out, d)?;
+                            self.write_value(*k, out, memo, d)?;
+                            self.write_value(*val, out, memo, d)?;
                         }
                         out.push(b'u');
                     }
                     if let Some(state) = o.state {
-                        self.write_value(state, out, d)?;
+                        self.write_value(state, out, memo, d)?;
                         out.push(b'b');
                     }
                 }
                 Node::PersistentId(id) => {
-                    self.write_value(*id, out, d)?;
+                    self.write_value(*id, out, memo, d)?;
                     out.push(b'Q');
                 }
-            },
+            }
         }
         Ok(())
     }
+}
+
+/// The writer's state: which nodes are shared, and where those already written are in the memo.
+struct Writer<'a> {
+    shared: &'a std::collections::HashSet<u32>,
+    memo: HashMap<u32, u32>,
 }
 
 struct Machine<'a> {
@@ -543,7 +632,7 @@ struct Machine<'a> {
     /// Memo entries at the indexes Python's pickler uses (0, 1, 2, ...).
     memo: Vec<Option<Value>>,
     /// Entries at indexes far from those (any `u32` is allowed, as in Python).
-    sparse_memo: std::collections::HashMap<u64, Value>,
+    sparse_memo: HashMap<u64, Value>,
     memo_len: usize,
     globals: Vec<GlobalRef>,
     protocol: u8,
@@ -569,7 +658,7 @@ impl<'a> Machine<'a> {
             stack: Vec::new(),
             marks: Vec::new(),
             memo: Vec::new(),
-            sparse_memo: std::collections::HashMap::new(),
+            sparse_memo: HashMap::new(),
             memo_len: 0,
             globals: Vec::new(),
             protocol: 0,
@@ -1477,6 +1566,24 @@ mod tests {
         };
         let err = Pickle::parse_with(DICT_P4, limits).unwrap_err();
         assert!(matches!(err.kind, PickleErrorKind::TooLarge { .. }));
+    }
+
+    #[test]
+    fn shared_nodes_are_written_once() {
+        // 60 levels of (t, t, t): 3**60 tuples if expanded. Found by the unpickler fuzz target,
+        // whose round trip through the writer timed out before shared nodes went through the memo.
+        let mut data = b"\x80\x04)".to_vec();
+        for _ in 0..60 {
+            data.extend_from_slice(b"22\x87");
+        }
+        data.push(b'.');
+        let p = Pickle::parse(&data).unwrap();
+        let written = p.write().unwrap();
+        assert!(written.len() < 2000, "{}", written.len());
+        assert_eq!(
+            Pickle::parse(&written).unwrap().node_count(),
+            p.node_count()
+        );
     }
 
     #[test]
