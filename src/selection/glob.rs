@@ -8,6 +8,8 @@ use std::fmt;
 
 /// Most alternatives one pattern may expand to.
 const MAX_ALTERNATIVES: usize = 4096;
+/// Most brace groups in one pattern.
+const MAX_GROUPS: usize = 64;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Token {
@@ -41,6 +43,10 @@ impl fmt::Display for GlobError {
 impl Glob {
     pub fn new(pattern: &str) -> Result<Glob, GlobError> {
         let chars: Vec<char> = pattern.chars().collect();
+        // Expansion recurses once per brace group: bound their number (and so the stack).
+        if chars.iter().filter(|c| **c == '{').count() > MAX_GROUPS {
+            return Err(GlobError("more than 64 '{' groups"));
+        }
         let mut alternatives = Vec::new();
         for alt in expand(&chars)? {
             alternatives.push(tokens(&alt)?);
@@ -283,6 +289,12 @@ mod tests {
         }
         let many = "{a,b}".repeat(13);
         assert!(Glob::new(&many).is_err(), "2^13 alternatives");
+        assert!(
+            Glob::new(&"{a}".repeat(100_000)).is_err(),
+            "groups that would recurse deeply"
+        );
+        assert!(Glob::new(&format!("{}{}", "{".repeat(100_000), "}".repeat(100_000))).is_err());
+        assert!(Glob::new(&"{a}".repeat(64)).is_ok());
     }
 
     proptest! {

@@ -113,8 +113,14 @@ impl Spec {
         for r in &self.regions {
             regions.entry(r.fqn.as_str()).or_default().push(r);
         }
+        let by_fqn: std::collections::HashMap<&str, &crate::metadata::Entry> = if regions.is_empty()
+        {
+            Default::default()
+        } else {
+            ck.entries.iter().map(|e| (e.fqn.as_str(), e)).collect()
+        };
         for (fqn, rs) in &regions {
-            let Some(entry) = ck.entries.iter().find(|e| e.fqn == *fqn) else {
+            let Some(entry) = by_fqn.get(fqn) else {
                 return Err(SelectionError::BadRegion {
                     fqn: fqn.to_string(),
                     detail: format!("no such entry{}", suggestions_text(&near_misses(fqn, ck))),
