@@ -470,6 +470,42 @@ fn duplicate_keys_keep_the_later_value_as_python_does() {
     assert_eq!(got["totals"]["storage_entries"], 2);
 }
 
+/// Inputs the fuzzers found (fuzz/regressions/): each finishes quickly now.
+#[test]
+fn fuzz_regressions_stay_fixed() {
+    let dir = repo().join("fuzz/regressions");
+    let mut replayed = 0;
+    for f in std::fs::read_dir(dir.join("unpickler")).unwrap() {
+        let data = std::fs::read(f.unwrap().path()).unwrap();
+        let started = Instant::now();
+        if let Ok(p) = Pickle::parse(&data) {
+            let again = Pickle::parse(&p.write().unwrap()).unwrap();
+            assert_eq!(again.node_count(), p.node_count());
+        }
+        assert!(started.elapsed() < Duration::from_secs(2));
+        replayed += 1;
+    }
+    let ck = dcpfetch::metadata::Checkpoint::from_files(&[(
+        ".metadata".into(),
+        std::fs::read(fixture("model").join(".metadata")).unwrap(),
+    )])
+    .unwrap();
+    for f in std::fs::read_dir(dir.join("selection")).unwrap() {
+        let data = std::fs::read(f.unwrap().path()).unwrap();
+        let started = Instant::now();
+        if let Ok(spec) = serde_json::from_slice::<dcpfetch::selection::Spec>(&data) {
+            let _ = spec.resolve(&ck);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        replayed += 1;
+    }
+    assert!(replayed >= 3);
+}
+
 /// Every prefix of every fixture's metadata is refused cleanly.
 #[test]
 fn truncation_at_every_byte_is_an_error() {

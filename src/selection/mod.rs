@@ -191,10 +191,10 @@ impl Spec {
             }
             suggestions.truncate(5);
             return Err(SelectionError::NothingMatched {
-                patterns: if words.is_empty() {
-                    "the checkpoint has no entries".into()
-                } else {
-                    words.join(", ")
+                patterns: match words.len() {
+                    0 => "the checkpoint has no entries".into(),
+                    n if n > 5 => format!("{} and {} more", words[..5].join(", "), n - 5),
+                    _ => words.join(", "),
                 },
                 suggestions,
             });
