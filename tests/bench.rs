@@ -149,7 +149,7 @@ fn table_csv_and_plot() {
     assert_eq!(rows.len(), 3);
     let columns = rows[0].split(',').count();
     assert!(rows.iter().all(|r| r.split(',').count() == columns));
-    assert!(rows[2].starts_with("inf,16,8388608,2,"));
+    assert!(rows[2].starts_with("inf,32,8388608,2,"));
 }
 
 #[test]
