@@ -56,7 +56,7 @@ def main():
     ap.add_argument("--dcpfetch", default="target/release/dcpfetch")
     ap.add_argument("--server", default="target/release/examples/s3-test-server")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--concurrency", type=int, default=32, help="for both curl and dcpfetch")
     ap.add_argument("--out", default=None, help="folder for the -o DIR runs (default: a temp dir)")
     ap.add_argument("--link-latency-ms", type=int, default=0)
     ap.add_argument("--link-conn-bandwidth", default=None)
@@ -88,15 +88,14 @@ def main():
             # One block per transfer, `next` between them: without it curl applies the last `range`
             # to every URL. Per-transfer options (`fail`, `create-dirs`) go inside each block.
             with tempfile.NamedTemporaryFile("w", suffix=".curl", delete=False) as cfg:
-                for f, off, length in items:
-                    cfg.write(f'url = "{endpoint}/{a.bucket}/{a.prefix}/{f}"\nrange = "{off}-{off + length - 1}"\n'
-                              f'output = "/dev/null"\nfail\nnext\n')
+                cfg.write("next\n".join(f'url = "{endpoint}/{a.bucket}/{a.prefix}/{f}"\nrange = "{off}-{off + length - 1}"\n'
+                                         f'output = "/dev/null"\nfail\n' for f, off, length in items))
             curl = ["curl", "-s", "--parallel", "--parallel-max", str(a.concurrency), "-K", cfg.name]
             files_dir = os.path.join(out_root, "curl-files")
             with tempfile.NamedTemporaryFile("w", suffix=".curl", delete=False) as cfg_files:
-                for i, (f, off, length) in enumerate(items):
-                    cfg_files.write(f'url = "{endpoint}/{a.bucket}/{a.prefix}/{f}"\nrange = "{off}-{off + length - 1}"\n'
-                                    f'output = "{files_dir}/{i}"\nfail\ncreate-dirs\nnext\n')
+                cfg_files.write("next\n".join(f'url = "{endpoint}/{a.bucket}/{a.prefix}/{f}"\nrange = "{off}-{off + length - 1}"\n'
+                                               f'output = "{files_dir}/{i}"\nfail\ncreate-dirs\n'
+                                               for i, (f, off, length) in enumerate(items)))
             curl_files = ["curl", "-s", "--parallel", "--parallel-max", str(a.concurrency),
                           "-K", cfg_files.name]
             fetch = [a.dcpfetch, "fetch", location, *sel, *s3, "--quiet", "--concurrency", str(a.concurrency),

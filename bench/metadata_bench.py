@@ -7,7 +7,9 @@ Python's side is `pickle.load` alone (torch imported beforehand, so that its cla
 way torch's FileSystemReader.read_metadata loads it. dcpfetch's side is a whole process:
 `dcpfetch plan CKPT --select <one tensor> --json` parses the metadata, links every chunk to its
 storage entry, resolves the selection, stats the shard files and plans, so it does strictly more.
-Each is run `--repeat` times, alternating; the medians and their ratio are printed, with peak RSS.
+Each is run `--repeat` times, alternating and swapping which goes first; the medians and their
+ratio are printed, with peak RSS. Times on this VM vary by up to 2x from run to run with how fast
+the kernel hands back freed memory: use several repeats.
 """
 
 import argparse
@@ -36,11 +38,15 @@ def main():
     a = ap.parse_args()
     meta = os.path.join(a.checkpoint, ".metadata")
     py, rs, py_rss, rs_rss = [], [], 0, 0
-    for _ in range(a.repeat):
+    def run_python():
+        nonlocal py_rss, entries
         out = subprocess.run([sys.executable, "-c", PY, meta], check=True, capture_output=True, text=True).stdout.split()
         py.append(float(out[0]))
         py_rss = max(py_rss, int(out[1]))
         entries = int(out[2])
+
+    def run_dcpfetch():
+        nonlocal rs_rss
         t = time.perf_counter()
         p = subprocess.Popen(
             [a.dcpfetch, "plan", a.checkpoint, "--select", "model.layers.0.block.0.weight", "--json"],
@@ -51,6 +57,12 @@ def main():
         if os.waitstatus_to_exitcode(status) != 0:
             raise SystemExit("dcpfetch plan failed")
         rs_rss = max(rs_rss, ru.ru_maxrss)
+
+    entries = 0
+    # Alternate which goes first: each frees gigabytes the next one must get back from the kernel.
+    for i in range(a.repeat):
+        for f in (run_python, run_dcpfetch) if i % 2 == 0 else (run_dcpfetch, run_python):
+            f()
     p, r = statistics.median(py), statistics.median(rs)
     print(f".metadata: {os.path.getsize(meta) / 1e6:.0f} MB, {entries} storage entries, {a.repeat} runs each")
     print(f"python pickle.load:        median {p:6.2f} s  (runs {', '.join(f'{x:.2f}' for x in py)})")
