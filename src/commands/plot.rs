@@ -9,12 +9,26 @@ use crate::units::human;
 const WIDTH: f64 = 900.0;
 const PANEL: f64 = 380.0;
 const LEFT: f64 = 90.0;
-const RIGHT: f64 = 220.0;
+const RIGHT: f64 = 270.0;
 const TOP: f64 = 50.0;
 const BOTTOM: f64 = 60.0;
-const COLORS: [&str; 8] = [
+const COLORS: [&str; 10] = [
     "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+    "#7f7f7f", "#bcbd22",
 ];
+/// After every color is used once, the lines are dashed, then dotted.
+const DASHES: [&str; 3] = ["", "8 4", "2 3"];
+
+/// A value on an axis with about three significant digits.
+fn tick(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.3}")
+    }
+}
 
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
@@ -81,7 +95,8 @@ fn panel(
         let (x2, yv, xl, yl) = (LEFT + plot_w, y(v), LEFT - 6.0, y(v) + 4.0);
         let _ = writeln!(
             out,
-            r##"<line x1="{LEFT}" x2="{x2}" y1="{yv}" y2="{yv}" stroke="#ddd"/><text x="{xl}" y="{yl}" font-size="12" text-anchor="end">{v:.3} {unit}</text>"##
+            r##"<line x1="{LEFT}" x2="{x2}" y1="{yv}" y2="{yv}" stroke="#ddd"/><text x="{xl}" y="{yl}" font-size="12" text-anchor="end">{} {unit}</text>"##,
+            tick(v)
         );
     }
     for (i, g) in gaps.iter().enumerate() {
@@ -103,6 +118,7 @@ fn panel(
     // A line per series.
     for (k, (conc, part)) in series.iter().enumerate() {
         let color = COLORS[k % COLORS.len()];
+        let dash = DASHES[(k / COLORS.len()) % DASHES.len()];
         let points: Vec<String> = gaps
             .iter()
             .enumerate()
@@ -115,7 +131,7 @@ fn panel(
             .collect();
         let _ = writeln!(
             out,
-            r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
+            r#"<polyline fill="none" stroke="{color}" stroke-width="2" stroke-dasharray="{dash}" points="{}"/>"#,
             points.join(" ")
         );
         for p in &points {
@@ -128,7 +144,7 @@ fn panel(
         let ly = y0 + TOP + 18.0 * k as f64;
         let _ = writeln!(
             out,
-            r#"<line x1="{0}" x2="{1}" y1="{ly}" y2="{ly}" stroke="{color}" stroke-width="3"/><text x="{2}" y="{3}" font-size="12">concurrency {conc}, part {4}</text>"#,
+            r#"<line x1="{0}" x2="{1}" y1="{ly}" y2="{ly}" stroke="{color}" stroke-width="3" stroke-dasharray="{dash}"/><text x="{2}" y="{3}" font-size="12">concurrency {conc}, part {4}</text>"#,
             WIDTH - RIGHT + 15.0,
             WIDTH - RIGHT + 40.0,
             WIDTH - RIGHT + 46.0,
