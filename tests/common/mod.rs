@@ -184,27 +184,11 @@ fn wait_for_http(endpoint: &str) {
 
 /// Puts every fixture file at `s3://fixtures/<name>/<file>`.
 fn upload_fixtures(endpoint: &str) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    block_on(async {
         let client = s3_client(endpoint).await;
         let _ = client.create_bucket().bucket(BUCKET).send().await;
         for name in FIXTURES {
-            for f in std::fs::read_dir(fixture(name)).unwrap() {
-                let f = f.unwrap();
-                let body = std::fs::read(f.path()).unwrap();
-                let key = format!("{name}/{}", f.file_name().to_str().unwrap());
-                client
-                    .put_object()
-                    .bucket(BUCKET)
-                    .key(&key)
-                    .body(body.into())
-                    .send()
-                    .await
-                    .unwrap_or_else(|e| panic!("uploading {key}: {e:?}"));
-            }
+            put_dir(&client, &fixture(name), name).await;
         }
     });
 }
@@ -213,30 +197,36 @@ fn upload_fixtures(endpoint: &str) {
 /// location.
 pub fn upload(dir: &Path, prefix: &str) -> String {
     let endpoint = moto().endpoint.clone();
-    let rt = tokio::runtime::Builder::new_current_thread()
+    block_on(async { put_dir(&s3_client(&endpoint).await, dir, prefix).await });
+    format!("s3://{BUCKET}/{prefix}")
+}
+
+/// Puts the regular files of a folder under a prefix.
+async fn put_dir(client: &aws_sdk_s3::Client, dir: &Path, prefix: &str) {
+    for f in std::fs::read_dir(dir).unwrap() {
+        let f = f.unwrap();
+        if !f.file_type().unwrap().is_file() {
+            continue;
+        }
+        let key = format!("{prefix}/{}", f.file_name().to_str().unwrap());
+        let body = std::fs::read(f.path()).unwrap();
+        client
+            .put_object()
+            .bucket(BUCKET)
+            .key(&key)
+            .body(body.into())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("uploading {key}: {e:?}"));
+    }
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .unwrap();
-    rt.block_on(async {
-        let client = s3_client(&endpoint).await;
-        for f in std::fs::read_dir(dir).unwrap() {
-            let f = f.unwrap();
-            if !f.file_type().unwrap().is_file() {
-                continue;
-            }
-            let key = format!("{prefix}/{}", f.file_name().to_str().unwrap());
-            let body = std::fs::read(f.path()).unwrap();
-            client
-                .put_object()
-                .bucket(BUCKET)
-                .key(&key)
-                .body(body.into())
-                .send()
-                .await
-                .unwrap();
-        }
-    });
-    format!("s3://{BUCKET}/{prefix}")
+        .unwrap()
+        .block_on(f)
 }
 
 /// Rewrites a checkpoint's `.metadata` through the unpickler's value graph.
