@@ -4,6 +4,7 @@ use std::collections::BTreeSet;
 use std::io::Write;
 
 use serde::Serialize;
+use unicode_width::UnicodeWidthStr;
 
 use crate::cli::LsArgs;
 use crate::metadata::Checkpoint;
@@ -255,13 +256,13 @@ pub fn write_table(out: &mut dyn Write, r: &LsReport) -> std::io::Result<()> {
     let mut widths = header.map(str::len);
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
+            *w = (*w).max(cell.width());
         }
     }
     let line = |out: &mut dyn Write, cells: [&str; 7]| -> std::io::Result<()> {
         let mut s = String::new();
         for (i, cell) in cells.iter().enumerate() {
-            let pad = widths[i] - cell.chars().count();
+            let pad = widths[i] - cell.width();
             let right = matches!(i, 4 | 5);
             if i > 0 {
                 s.push_str("  ");
@@ -308,4 +309,48 @@ pub async fn run(args: LsArgs) -> anyhow::Result<Outcome> {
     super::warn_about(&ck, &selection_warnings, args.json);
     super::print(args.json, &r, |out| write_table(out, &r))?;
     Ok(Outcome::Ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(fqn: &str) -> EntryJson {
+        EntryJson {
+            fqn: fqn.into(),
+            kind: "tensor",
+            dtype: Some("float32".into()),
+            shape: Some(vec![2]),
+            strides: None,
+            requires_grad: None,
+            stored_bytes: 8,
+            files: vec!["__0_0.distcp".into()],
+            chunks: vec![],
+        }
+    }
+
+    #[test]
+    fn columns_align_by_display_width() {
+        // CJK characters take two columns, a combining accent none.
+        let report = LsReport {
+            checkpoint: "ck".into(),
+            version: None,
+            metadata_files: vec![],
+            entries: vec![entry("w"), entry("权重.层"), entry("cafe\u{301}")],
+            totals: Totals::default(),
+            warnings: vec![],
+        };
+        let mut out = Vec::new();
+        write_table(&mut out, &report).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let kind_columns: Vec<usize> = text
+            .lines()
+            .take(4)
+            .map(|l| {
+                let at = l.find("tensor").or_else(|| l.find("KIND")).unwrap();
+                l[..at].width()
+            })
+            .collect();
+        assert_eq!(kind_columns, vec![9, 9, 9, 9], "{text}");
+    }
 }
