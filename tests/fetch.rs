@@ -144,12 +144,16 @@ macro_rules! fetch_suite {
 
 mod everything_local {
     use super::*;
-    fetch_suite!(Local, single, model, dtensor, per_item, zstd, per_rank);
+    fetch_suite!(
+        Local, single, model, dtensor, per_item, zstd, per_rank, torch1_13, torch2_5
+    );
 }
 
 mod everything_s3 {
     use super::*;
-    fetch_suite!(S3, single, model, dtensor, per_item, zstd, per_rank);
+    fetch_suite!(
+        S3, single, model, dtensor, per_item, zstd, per_rank, torch1_13, torch2_5
+    );
 }
 
 /// Selections, with settings that split items across many small requests.
@@ -313,7 +317,14 @@ fn untar(data: &[u8]) -> Vec<(String, Vec<u8>)> {
 #[test]
 fn stdout_raw_tar_and_manifest_agree_with_torch() {
     for backend in [Backend::Local, Backend::S3] {
-        for name in ["single", "dtensor", "zstd", "per_rank"] {
+        for name in [
+            "single",
+            "dtensor",
+            "zstd",
+            "per_rank",
+            "torch1_13",
+            "torch2_5",
+        ] {
             let items = expected_items(name);
             let dir = tempfile::tempdir().unwrap();
             let manifest = dir.path().join("m.json");
@@ -345,7 +356,7 @@ fn stdout_raw_tar_and_manifest_agree_with_torch() {
                 assert_eq!(m["total_bytes"], stream.len());
                 let entries = m["items"].as_array().unwrap();
                 assert_eq!(entries.len(), items.len(), "{name}: every stored item once");
-                let mut last = None;
+                let mut last: Option<(String, u64)> = None;
                 for e in entries {
                     let key = (
                         e["file"].as_str().unwrap().to_owned(),
@@ -364,7 +375,9 @@ fn stdout_raw_tar_and_manifest_agree_with_torch() {
                         e["offset"].as_u64().unwrap(),
                     );
                     if let Some(prev) = &last {
-                        assert!(prev < &order, "{name}: {prev:?} before {order:?}");
+                        let ordered = dcpfetch::units::natural_cmp(&prev.0, &order.0)
+                            .then(prev.1.cmp(&order.1));
+                        assert!(ordered.is_lt(), "{name}: {prev:?} before {order:?}");
                     }
                     last = Some(order);
                 }

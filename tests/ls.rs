@@ -162,7 +162,9 @@ mod local {
         per_item,
         zstd,
         per_rank,
-        safetensors
+        safetensors,
+        torch1_13,
+        torch2_5
     );
 }
 
@@ -176,7 +178,9 @@ mod s3 {
         per_item,
         zstd,
         per_rank,
-        safetensors
+        safetensors,
+        torch1_13,
+        torch2_5
     );
 }
 

@@ -38,7 +38,14 @@ impl Rng {
     }
 }
 
-const NAMES: [&str; 5] = ["model", "single", "dtensor", "zstd", "per_rank"];
+const NAMES: [&str; 6] = [
+    "model",
+    "single",
+    "dtensor",
+    "zstd",
+    "per_rank",
+    "torch1_13",
+];
 
 /// A glob that matches exactly this fqn.
 fn literal(fqn: &str) -> String {

@@ -2,7 +2,9 @@
 //!
 //! Only the classes torch writes are interpreted; anything else the file holds (extra attributes,
 //! Megatron's `mcore_data`) is ignored. Names of classes are matched under both the current module
-//! path (`torch.distributed.checkpoint`) and the legacy one (`torch.distributed._shard.checkpoint`).
+//! path (`torch.distributed.checkpoint`) and the legacy one of torch 1.13
+//! (`torch.distributed._shard.checkpoint`, whose `TensorProperties` and `MEM_FORMAT_ENCODING` live
+//! in `torch.distributed._shard.sharded_tensor.metadata`).
 
 use std::collections::HashMap;
 
@@ -134,6 +136,13 @@ const FILESYSTEM_MODULES: [&str; 2] = [
     "torch.distributed.checkpoint.filesystem",
     "torch.distributed._shard.checkpoint.filesystem",
 ];
+/// Where torch 1.13 kept `TensorProperties` and `MEM_FORMAT_ENCODING` (no leading underscore).
+const SHARDED_TENSOR_MODULE: &str = "torch.distributed._shard.sharded_tensor.metadata";
+const PROPERTIES_MODULES: [&str; 3] = [
+    METADATA_MODULES[0],
+    METADATA_MODULES[1],
+    SHARDED_TENSOR_MODULE,
+];
 const METADATA_CLASSES: [&str; 8] = [
     "Metadata",
     "TensorStorageMetadata",
@@ -151,6 +160,7 @@ pub fn is_known_global(module: &str, name: &str) -> bool {
     match module {
         m if METADATA_MODULES.contains(&m) => METADATA_CLASSES.contains(&name),
         m if FILESYSTEM_MODULES.contains(&m) => name == "_StorageInfo",
+        SHARDED_TENSOR_MODULE => matches!(name, "TensorProperties" | "MEM_FORMAT_ENCODING"),
         "torch" => name == "Size" || dtype::element_size(name).is_some(),
         "torch.serialization" => name == "_get_layout",
         "pathlib" => matches!(
@@ -355,7 +365,11 @@ impl<'p> Reader<'p> {
     }
 
     fn memory_format(&self, v: Value, ctx: &str) -> Result<String, ModelError> {
-        let arg = self.reduce_arg(v, &METADATA_MODULES, "_MEM_FORMAT_ENCODING", ctx)?;
+        let arg = self
+            .reduce_arg(v, &METADATA_MODULES, "_MEM_FORMAT_ENCODING", ctx)
+            .or_else(|_| {
+                self.reduce_arg(v, &[SHARDED_TENSOR_MODULE], "MEM_FORMAT_ENCODING", ctx)
+            })?;
         Ok(match self.int(arg, ctx)? {
             0 => "contiguous_format".into(),
             1 => "channels_last".into(),
@@ -528,7 +542,7 @@ impl<'p> Reader<'p> {
 
     fn properties(&self, v: Value, shape: Vec<u64>) -> Result<TensorMeta, ModelError> {
         let ctx = "properties";
-        if !self.is_class(v, &METADATA_MODULES, "TensorProperties") {
+        if !self.is_class(v, &PROPERTIES_MODULES, "TensorProperties") {
             return err(
                 ctx,
                 format!("expected TensorProperties, found {}", self.describe(v)),
@@ -726,6 +740,10 @@ mod tests {
             ("torch", "bfloat16"),
             ("torch.serialization", "_get_layout"),
             ("pathlib", "PosixPath"),
+            (
+                "torch.distributed._shard.sharded_tensor.metadata",
+                "MEM_FORMAT_ENCODING",
+            ),
         ];
         for (m, n) in known {
             assert!(is_known_global(m, n), "{m}.{n}");

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 /// Every fixture under `fixtures/` (written by real torch, see fixtures/README.md).
-pub const FIXTURES: [&str; 7] = [
+pub const FIXTURES: [&str; 9] = [
     "single",
     "model",
     "dtensor",
@@ -20,6 +20,8 @@ pub const FIXTURES: [&str; 7] = [
     "zstd",
     "per_rank",
     "safetensors",
+    "torch1_13",
+    "torch2_5",
 ];
 
 pub fn repo() -> PathBuf {

@@ -11,7 +11,11 @@ a fresh folder; then `torch.distributed.checkpoint.load`s those fqns from the fe
 the original, and requires every tensor to be equal (bit for bit) and every bytes entry to be equal.
 It also checks that the fetched shard files have their original sizes and hold zeros outside the
 selected items. Any extra arguments after `--` go to `dcpfetch fetch` (e.g. `-- --max-gap-size 0`).
-Without --checkpoint it runs a built-in list of fixtures and selections.
+Without --checkpoint it runs a built-in list of fixtures and selections, those the running torch
+can load: under torch 2.15 every fixture but `torch1_13`; under torch 2.5.1 or 1.13.1 (each in its
+own venv: `pip install torch==1.13.1 'numpy<2'`) the fixture that version wrote:
+
+    /path/to/venv-1.13/bin/python tests/interop/check_fetch.py
 """
 
 import argparse
@@ -24,8 +28,12 @@ import warnings
 
 warnings.filterwarnings("ignore")
 
+# The DCP API of the running torch (2.15, 2.5 or 1.13: fixtures/torch_compat.py).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "fixtures"))
+import torch_compat  # noqa: E402
+from torch_compat import dcp  # noqa: E402
+
 import torch  # noqa: E402
-import torch.distributed.checkpoint as dcp  # noqa: E402
 
 CASES = [
     ("fixtures/single", []),
@@ -38,7 +46,23 @@ CASES = [
     ("fixtures/per_item", ["--select", "*"]),
     ("fixtures/zstd", []),
     ("fixtures/per_rank", []),
+    ("fixtures/torch2_5", []),
+    ("fixtures/torch2_5", ["--select", "dtypes.*", "--exclude", "*.bool"]),
+    ("fixtures/torch1_13", []),
+    ("fixtures/torch1_13", ["--select", "model.*", "--select", "config"]),
 ]
+
+
+def cases_for_this_torch():
+    """The fixtures the running torch can load: each older torch its own; torch 2.15 all but
+    torch1_13, whose legacy classes it refuses ("expected BytesStorageMetadata but found
+    <class 'torch.distributed._shard.checkpoint.metadata.BytesStorageMetadata'>")."""
+    version = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    if version < (2, 0):
+        return [c for c in CASES if c[0] == "fixtures/torch1_13"]
+    if version < (2, 15):
+        return [c for c in CASES if c[0] == "fixtures/torch2_5"]
+    return [c for c in CASES if c[0] != "fixtures/torch1_13"]
 
 
 def dcpfetch(binary, *args):
@@ -54,9 +78,9 @@ def template(meta, fqn):
     return torch.zeros(e["shape"], dtype=getattr(torch, e["dtype"]))
 
 
-def load(folder, fqns, meta, **kw):
+def load(folder, fqns, meta):
     sd = {f: template(meta, f) for f in fqns}
-    dcp.load(sd, checkpoint_id=folder, **kw)
+    torch_compat.load(sd, folder)
     return sd
 
 
@@ -90,7 +114,7 @@ def _load_rank(folder, rank, fqns, meta):
     sd = {f: template(meta, f) for f in present}
     # A single process reads `.metadata`; hand the reader this rank's file instead.
     reader.read_metadata = lambda *a, **k: md
-    dcp.load(sd, storage_reader=reader, no_dist=True)
+    torch_compat.load(sd, storage_reader=reader)
     return sd
 
 
@@ -142,7 +166,7 @@ def main():
         sel = [x for s in a.select for x in ("--select", s)] + [x for s in a.exclude for x in ("--exclude", s)]
         check(a.dcpfetch, a.checkpoint, sel, a.rest)
     else:
-        for ck, sel in CASES:
+        for ck, sel in cases_for_this_torch():
             check(a.dcpfetch, ck, sel, a.rest)
             check(a.dcpfetch, ck, sel, ["--max-gap-size", "0", "--part-size", "4KiB", "--concurrency", "3"])
 
