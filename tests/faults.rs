@@ -495,3 +495,55 @@ fn a_full_stdout_is_an_error() {
     assert_eq!(res.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&res.stderr).contains("No space left on device"));
 }
+
+/// Fetches all of `s3://ckpt/{name}` into `out` with default settings.
+fn fetch_all(s: &Served, name: &str, out: &Path) -> std::process::Output {
+    dcpfetch()
+        .args(["fetch", &format!("s3://ckpt/{name}")])
+        .args(["--endpoint-url", &s.server.endpoint(), "--path-style", "-o"])
+        .arg(out)
+        .args(["--json", "--quiet"])
+        .output()
+        .unwrap()
+}
+
+/// Every shard file of `name` in `out` is the original, byte for byte.
+fn assert_files_as_torch_wrote(name: &str, out: &Path) {
+    for (file, info) in expected(name)["files"].as_object().unwrap() {
+        assert_eq!(
+            &sha256(&common::read(&out.join(file))),
+            info["sha256"].as_str().unwrap(),
+            "{name}: {file}"
+        );
+    }
+}
+
+/// torch 1.13 writes a file per item (46 here): more than dcpfetch asks for one by one, so one
+/// listing gives every size and ETag.
+#[test]
+fn many_shard_files_are_listed_not_asked_for_one_by_one() {
+    let files = expected("torch1_13")["files"].as_object().unwrap().len();
+    assert!(files > 32, "{files}");
+    let s = serve("torch1_13");
+    let (_d, out) = out_dir();
+    summary(&fetch_all(&s, "torch1_13", &out));
+    assert_files_as_torch_wrote("torch1_13", &out);
+    let stats = s.server.stats();
+    assert_eq!(stats.lists, 1, "{stats:?}");
+    assert_eq!(stats.heads, 1, "only .metadata: {stats:?}");
+}
+
+/// Without permission to list (a policy with s3:GetObject only), every file gets its own HEAD.
+#[test]
+fn without_list_permission_each_file_is_asked_for() {
+    let files = expected("torch1_13")["files"].as_object().unwrap().len() as u64;
+    let s = serve("torch1_13");
+    s.server
+        .add_fault(status(403, "AccessDenied").on_method("LIST").always());
+    let (_d, out) = out_dir();
+    summary(&fetch_all(&s, "torch1_13", &out));
+    assert_files_as_torch_wrote("torch1_13", &out);
+    let stats = s.server.stats();
+    assert_eq!(stats.lists, 1, "{stats:?}");
+    assert_eq!(stats.heads, 1 + files, "{stats:?}");
+}

@@ -64,16 +64,32 @@ pub(crate) fn warn_about(ck: &Checkpoint, selection_warnings: &[String], quiet: 
     }
 }
 
-/// Size and version of each named object, asked for concurrently (HEADs or stats), each with
-/// its own result.
+/// Size and version of each named object, each with its own result. Up to 32 objects are asked
+/// for concurrently (HEADs or stats). More than that are looked up in one listing of the
+/// checkpoint (on S3 a request per 1,000 objects instead of one per object: checkpoints saved with
+/// a file per item have thousands); what the listing lacks (a name in a sub-folder, a missing
+/// object), or everything when listing is not allowed, is then asked for one by one.
 pub(crate) async fn stat_each(
     source: &Source,
     names: &[ObjectName],
 ) -> Vec<(ObjectName, Result<ObjectMeta, SourceError>)> {
     const IN_FLIGHT: usize = 32;
     let mut out = Vec::with_capacity(names.len());
+    let mut rest = names.to_vec();
+    if names.len() > IN_FLIGHT
+        && let Ok(listed) = source.list().await
+    {
+        let mut listed: HashMap<String, ObjectMeta> = listed.into_iter().collect();
+        rest.retain(|name| match listed.remove(name.as_str()) {
+            Some(meta) => {
+                out.push((name.clone(), Ok(meta)));
+                false
+            }
+            None => true,
+        });
+    }
     let mut tasks = JoinSet::new();
-    let mut pending = names.iter().cloned();
+    let mut pending = rest.into_iter();
     loop {
         while tasks.len() < IN_FLIGHT {
             let Some(name) = pending.next() else { break };

@@ -400,32 +400,28 @@ impl Checkpoint {
     /// Reads the metadata of the checkpoint at `source`.
     pub async fn load(source: &Source) -> Result<Checkpoint, MetadataError> {
         // The `.metadata`, or every rank's `__N.metadata`, each with its size (one HEAD each).
-        let names: Vec<(String, Option<ObjectMeta>)> = match source.stat(METADATA_FILE).await {
-            Ok(meta) => vec![(METADATA_FILE.to_owned(), Some(meta))],
+        let names: Vec<(String, ObjectMeta)> = match source.stat(METADATA_FILE).await {
+            Ok(meta) => vec![(METADATA_FILE.to_owned(), meta)],
             Err(SourceError::NotFound { .. }) => {
-                let mut ranks: Vec<(u64, String)> = source
+                let mut ranks: Vec<(u64, String, ObjectMeta)> = source
                     .list()
                     .await?
                     .into_iter()
-                    .filter_map(|n| rank_metadata(&n).map(|r| (r, n)))
+                    .filter_map(|(n, m)| rank_metadata(&n).map(|r| (r, n, m)))
                     .collect();
                 if ranks.is_empty() {
                     return Err(MetadataError::NoMetadata {
                         location: source.describe(),
                     });
                 }
-                ranks.sort();
-                ranks.into_iter().map(|(_, n)| (n, None)).collect()
+                ranks.sort_by_key(|(r, ..)| *r);
+                ranks.into_iter().map(|(_, n, m)| (n, m)).collect()
             }
             Err(e) => return Err(e.into()),
         };
         let limit = Limits::default().max_input as u64;
         let mut files = Vec::with_capacity(names.len());
         for (name, meta) in names {
-            let meta = match meta {
-                Some(m) => m,
-                None => source.stat(&name).await?,
-            };
             if meta.size > limit {
                 return Err(MetadataError::TooLarge {
                     file: name,

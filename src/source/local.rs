@@ -80,23 +80,25 @@ impl LocalSource {
         }
     }
 
-    pub async fn list(&self) -> Result<Vec<String>, SourceError> {
-        let mut dir = tokio::fs::read_dir(&self.root)
-            .await
-            .map_err(|e| SourceError::Io {
-                path: self.describe(),
-                source: e,
-            })?;
-        let mut names = Vec::new();
-        while let Some(e) = dir.next_entry().await.map_err(|e| SourceError::Io {
+    /// The regular files directly in the folder (links followed, as [`LocalSource::stat`] does).
+    pub async fn list(&self) -> Result<Vec<(String, ObjectMeta)>, SourceError> {
+        let io = |e| SourceError::Io {
             path: self.describe(),
             source: e,
-        })? {
-            if let Some(n) = e.file_name().to_str() {
-                names.push(n.to_owned());
+        };
+        let mut dir = tokio::fs::read_dir(&self.root).await.map_err(io)?;
+        let mut out = Vec::new();
+        while let Some(e) = dir.next_entry().await.map_err(io)? {
+            let Some(name) = e.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if let Ok(m) = tokio::fs::metadata(e.path()).await
+                && m.is_file()
+            {
+                out.push((name, Self::meta_of(&m)));
             }
         }
-        Ok(names)
+        Ok(out)
     }
 
     fn file(&self, name: &ObjectName) -> Result<Arc<File>, SourceError> {

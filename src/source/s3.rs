@@ -250,7 +250,7 @@ impl S3Source {
         .await
     }
 
-    pub async fn list(&self) -> Result<Vec<String>, SourceError> {
+    pub async fn list(&self) -> Result<Vec<(String, ObjectMeta)>, SourceError> {
         let prefix = if self.prefix.is_empty() {
             String::new()
         } else {
@@ -272,11 +272,14 @@ impl S3Source {
                         .map_err(|e| self.classify(&self.describe(), None, e))
                 })
                 .await?;
-            names.extend(
-                page.contents()
-                    .iter()
-                    .filter_map(|o| o.key()?.strip_prefix(&prefix).map(str::to_owned)),
-            );
+            names.extend(page.contents().iter().filter_map(|o| {
+                let name = o.key()?.strip_prefix(&prefix)?.to_owned();
+                let meta = ObjectMeta {
+                    size: u64::try_from(o.size()?).ok()?,
+                    version: o.e_tag().map(str::to_owned),
+                };
+                Some((name, meta))
+            }));
             match page.next_continuation_token() {
                 Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_owned()),
                 _ => break,
