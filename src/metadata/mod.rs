@@ -399,7 +399,7 @@ impl Checkpoint {
 
     /// Reads the metadata of the checkpoint at `source`.
     pub async fn load(source: &Source) -> Result<Checkpoint, MetadataError> {
-        // The `.metadata`, or every rank's `__N.metadata`, each with its size (one HEAD each).
+        // The `.metadata` (one HEAD), or every rank's `__N.metadata` (one listing), with sizes.
         let names: Vec<(String, ObjectMeta)> = match source.stat(METADATA_FILE).await {
             Ok(meta) => vec![(METADATA_FILE.to_owned(), meta)],
             Err(SourceError::NotFound { .. }) => {
