@@ -339,6 +339,26 @@ fn metadata_reads_are_retried_too() {
     let (_d, out) = out_dir();
     summary(&fetch(&s, &out, &[]));
     assert_complete(&out);
+    // `.metadata` is read with plain GETs (no HEAD): two refused, one cut after 100 bytes, and
+    // the rest asked for from byte 100 on.
+    let stats = s.server.stats();
+    let metadata: Vec<_> = stats
+        .get_log
+        .iter()
+        .filter(|g| g.key.ends_with(".metadata"))
+        .map(|g| (g.range, g.status))
+        .collect();
+    let size = common::read(&fixture("model").join(".metadata")).len() as u64;
+    assert_eq!(
+        metadata,
+        vec![
+            (None, 503),
+            (None, 503),
+            (None, 200),
+            (Some((100, size)), 206)
+        ]
+    );
+    assert_eq!(stats.heads, 2, "the two shard files: {stats:?}");
 }
 
 #[test]
@@ -519,7 +539,7 @@ fn assert_files_as_torch_wrote(name: &str, out: &Path) {
 }
 
 /// torch 1.13 writes a file per item (46 here): more than dcpfetch asks for one by one, so one
-/// listing gives every size and ETag.
+/// listing gives every size and ETag (the `.metadata` GET gives its own).
 #[test]
 fn many_shard_files_are_listed_not_asked_for_one_by_one() {
     let files = expected("torch1_13")["files"].as_object().unwrap().len();
@@ -530,7 +550,7 @@ fn many_shard_files_are_listed_not_asked_for_one_by_one() {
     assert_files_as_torch_wrote("torch1_13", &out);
     let stats = s.server.stats();
     assert_eq!(stats.lists, 1, "{stats:?}");
-    assert_eq!(stats.heads, 1, "only .metadata: {stats:?}");
+    assert_eq!(stats.heads, 0, "{stats:?}");
 }
 
 /// Without permission to list (a policy with s3:GetObject only), every file gets its own HEAD.
@@ -545,5 +565,40 @@ fn without_list_permission_each_file_is_asked_for() {
     assert_files_as_torch_wrote("torch1_13", &out);
     let stats = s.server.stats();
     assert_eq!(stats.lists, 1, "{stats:?}");
-    assert_eq!(stats.heads, 1 + files, "{stats:?}");
+    assert_eq!(stats.heads, files, "{stats:?}");
+}
+
+/// A `.metadata` larger than dcpfetch parses (2 GiB) is refused from the size its GET announces,
+/// without reading the body; from a folder, from its size.
+#[test]
+fn oversized_metadata_is_refused_before_it_is_read() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("ckpt").join("huge");
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = std::fs::File::create(dir.join(".metadata")).unwrap();
+    f.set_len((2 << 30) + 1).unwrap(); // sparse: no disk used
+    let server = TestServer::start(ServerConfig::new(root.path())).unwrap();
+    let endpoint = server.endpoint();
+    for location in [
+        vec![
+            "s3://ckpt/huge",
+            "--endpoint-url",
+            &endpoint,
+            "--path-style",
+        ],
+        vec![dir.to_str().unwrap()],
+    ] {
+        let out = dcpfetch().arg("ls").args(&location).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains(".metadata is 2147483649 bytes, more than the 2147483648 bytes"),
+            "{err}"
+        );
+    }
+    assert!(
+        server.stats().body_bytes < 64 << 20,
+        "{:?}",
+        server.stats().body_bytes
+    );
 }

@@ -399,9 +399,12 @@ impl Checkpoint {
 
     /// Reads the metadata of the checkpoint at `source`.
     pub async fn load(source: &Source) -> Result<Checkpoint, MetadataError> {
-        // The `.metadata` (one HEAD), or every rank's `__N.metadata` (one listing), with sizes.
-        let names: Vec<(String, ObjectMeta)> = match source.stat(METADATA_FILE).await {
-            Ok(meta) => vec![(METADATA_FILE.to_owned(), meta)],
+        // The `.metadata` (one GET), or every rank's `__N.metadata` (one listing, a GET each).
+        let limit = Limits::default().max_input as u64;
+        let too_large = |file: String, size: u64| MetadataError::TooLarge { file, size, limit };
+        let files = match source.read_object(METADATA_FILE, limit).await {
+            Ok((_, data)) => vec![(METADATA_FILE.to_owned(), data)],
+            Err(SourceError::TooLarge { name, size, .. }) => return Err(too_large(name, size)),
             Err(SourceError::NotFound { .. }) => {
                 let mut ranks: Vec<(u64, String, ObjectMeta)> = source
                     .list()
@@ -415,23 +418,18 @@ impl Checkpoint {
                     });
                 }
                 ranks.sort_by_key(|(r, ..)| *r);
-                ranks.into_iter().map(|(_, n, m)| (n, m)).collect()
+                let mut files = Vec::with_capacity(ranks.len());
+                for (_, name, meta) in ranks {
+                    if meta.size > limit {
+                        return Err(too_large(name, meta.size));
+                    }
+                    let data = source.read_all(&name, &meta).await?;
+                    files.push((name, data));
+                }
+                files
             }
             Err(e) => return Err(e.into()),
         };
-        let limit = Limits::default().max_input as u64;
-        let mut files = Vec::with_capacity(names.len());
-        for (name, meta) in names {
-            if meta.size > limit {
-                return Err(MetadataError::TooLarge {
-                    file: name,
-                    size: meta.size,
-                    limit,
-                });
-            }
-            let data = source.read_all(&name, &meta).await?;
-            files.push((name, data));
-        }
         tokio::task::spawn_blocking(move || Checkpoint::from_files(&files))
             .await
             .expect("metadata parsing does not panic")

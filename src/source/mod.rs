@@ -145,6 +145,8 @@ pub enum SourceError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{name} is {size} bytes, more than the {limit} bytes dcpfetch reads whole")]
+    TooLarge { name: String, size: u64, limit: u64 },
     #[error("{0}")]
     Config(String),
     #[error(transparent)]
@@ -220,6 +222,32 @@ impl Source {
             Source::Local(l) => l.list().await,
             Source::S3(s) => s.list().await,
         }
+    }
+
+    /// A whole object of at most `limit` bytes, and its size and version, in as few requests as
+    /// the store allows (one GET on S3).
+    pub async fn read_object(
+        &self,
+        name: &str,
+        limit: u64,
+    ) -> Result<(ObjectMeta, Vec<u8>), SourceError> {
+        let name = ObjectName::new(name)?;
+        let (meta, chunks) = match self {
+            Source::Local(l) => {
+                let meta = l.stat(&name).await?;
+                if meta.size > limit {
+                    return Err(SourceError::TooLarge {
+                        name: name.to_string(),
+                        size: meta.size,
+                        limit,
+                    });
+                }
+                let chunks = self.read_range(name.as_str(), 0..meta.size, &meta).await?;
+                (meta, chunks)
+            }
+            Source::S3(s) => s.read_object(&name, limit).await?,
+        };
+        Ok((meta, chunks.concat()))
     }
 
     /// A whole (small) object, which must still be as `meta` describes it.

@@ -288,6 +288,65 @@ impl S3Source {
         Ok(names)
     }
 
+    /// A whole object of at most `limit` bytes in one GET, with the size and ETag of its answer
+    /// (no HEAD first: the metadata is read this way). A body that breaks or stalls is resumed
+    /// from the last byte received, pinned to that ETag.
+    pub async fn read_object(
+        &self,
+        name: &ObjectName,
+        limit: u64,
+    ) -> Result<(ObjectMeta, Vec<Bytes>), SourceError> {
+        let key = self.key(name);
+        let out = self
+            .retrying(name.as_str(), || async {
+                self.client
+                    .get_object()
+                    .bucket(&self.bucket)
+                    .key(&key)
+                    .send()
+                    .await
+                    .map_err(|e| self.classify(name.as_str(), None, e))
+            })
+            .await?;
+        let meta = ObjectMeta {
+            size: out
+                .content_length()
+                .and_then(|n| u64::try_from(n).ok())
+                .unwrap_or(0),
+            version: out.e_tag().map(str::to_owned),
+        };
+        if meta.size > limit {
+            return Err(SourceError::TooLarge {
+                name: name.to_string(),
+                size: meta.size,
+                limit,
+            });
+        }
+        let mut chunks = Vec::new();
+        let mut pos = 0u64;
+        let mut body = out.body;
+        // Until the body ends, breaks or stalls; what is missing then is read again below.
+        while let Ok(Some(Ok(chunk))) =
+            tokio::time::timeout(self.retry.stall_timeout, body.next()).await
+        {
+            if pos + chunk.len() as u64 > meta.size {
+                return Err(SourceError::BadResponse {
+                    name: name.to_string(),
+                    start: 0,
+                    end: meta.size,
+                    detail: "the body is longer than its Content-Length".into(),
+                });
+            }
+            self.stats.add_bytes(chunk.len() as u64);
+            pos += chunk.len() as u64;
+            chunks.push(chunk);
+        }
+        if pos < meta.size {
+            chunks.extend(self.read_range(name, pos..meta.size, &meta).await?);
+        }
+        Ok((meta, chunks))
+    }
+
     /// One ranged read, resumed from the last byte received when the body breaks.
     pub async fn read_range(
         &self,
