@@ -322,7 +322,7 @@ pub struct BenchArgs {
     #[arg(long, help_heading = "Output")]
     pub csv: bool,
     /// Also draw time and bytes transferred against gap size, a line per concurrency and part
-    /// size, into this SVG file.
+    /// size, into this SVG file (its name must end in .svg).
     #[arg(long, value_name = "FILE.svg", help_heading = "Output")]
     pub plot: Option<PathBuf>,
     /// No progress bar.

@@ -150,6 +150,14 @@ fn table_csv_and_plot() {
     let columns = rows[0].split(',').count();
     assert!(rows.iter().all(|r| r.split(',').count() == columns));
     assert!(rows[2].starts_with("inf,32,8388608,2,"));
+
+    // The plot is SVG: any other file name is refused before the sweep runs.
+    let png = dir.path().join("sweep.png");
+    let out = bench(&server, &["--repeat", "1", "--plot", png.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("must end in .svg"), "{err}");
+    assert!(!png.exists());
 }
 
 #[test]

@@ -139,6 +139,17 @@ fn setting(opts: PlanOptions, concurrency: u32, plan: &Plan, runs: &[Run]) -> Se
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
+    if let Some(path) = &args.plot
+        && !path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("svg"))
+    {
+        anyhow::bail!(
+            "--plot draws SVG, so its file must end in .svg (not {}); for a PNG, convert it, e.g. \
+             `rsvg-convert -o sweep.png sweep.svg`",
+            path.display()
+        );
+    }
     let spec = args.selection.spec()?;
     let (source, ck) = super::open(&args.checkpoint, &args.s3).await?;
     let (selected, _) = spec.resolve(&ck)?;
