@@ -50,16 +50,7 @@ fn failed(report: &Json) -> Vec<String> {
 #[test]
 fn every_fixture_passes_except_safetensors() {
     for backend in [Backend::Local, Backend::S3] {
-        for name in [
-            "single",
-            "model",
-            "dtensor",
-            "per_item",
-            "zstd",
-            "per_rank",
-            "torch1_13",
-            "torch2_5",
-        ] {
+        for name in common::FIXTURES.iter().filter(|n| **n != "safetensors") {
             let (code, r) = verify(&backend.location(name), backend, &[]);
             assert_eq!(code, Some(0), "{name}: {r:#}");
             assert_eq!(r["ok"], true);
