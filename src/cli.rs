@@ -210,7 +210,7 @@ pub struct FetchArgs {
     pub plan: PlanOpts,
     #[command(flatten)]
     pub engine: EngineArgs,
-    /// Print a JSON summary on stdout when done (not with -o -).
+    /// Print a JSON summary when done: on stdout, or on stderr with -o -.
     #[arg(long, help_heading = "Output")]
     pub json: bool,
     /// No progress bar and no warnings on stderr.

@@ -613,3 +613,22 @@ fn closed_stdout_is_not_an_error() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// With `-o -` the stream stays pure on stdout and the `--json` summary goes to stderr.
+#[test]
+fn stdout_json_summary_goes_to_stderr() {
+    let items = expected_items("single");
+    let out = dcpfetch()
+        .args(["fetch"])
+        .arg(fixture("single"))
+        .args(["-o", "-", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let total: u64 = items.values().map(|(l, _)| l).sum();
+    assert_eq!(out.stdout.len() as u64, total);
+    let summary: Value = serde_json::from_slice(&out.stderr).unwrap();
+    assert_eq!(summary["output"], "-");
+    assert_eq!(summary["items"], items.len());
+    assert_eq!(summary["bytes_needed"], total);
+}

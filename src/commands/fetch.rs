@@ -40,8 +40,8 @@ pub async fn run(args: FetchArgs) -> anyhow::Result<Outcome> {
     if !to_stdout && (args.manifest.is_some() || args.format != CliFormat::Raw) {
         anyhow::bail!("--manifest and --format go with -o - (stdout)");
     }
-    if to_stdout && (args.resume || args.json) {
-        anyhow::bail!("--resume and --json go with -o DIR, not with stdout");
+    if to_stdout && args.resume {
+        anyhow::bail!("--resume goes with -o DIR, not with stdout");
     }
     let planned = super::plan(
         &args.checkpoint,
@@ -136,7 +136,12 @@ pub async fn run(args: FetchArgs) -> anyhow::Result<Outcome> {
         },
     };
     if args.json {
-        let mut out = std::io::stdout().lock();
+        // With -o -, stdout carries the items: the summary goes to stderr.
+        let mut out: Box<dyn Write> = if to_stdout {
+            Box::new(std::io::stderr().lock())
+        } else {
+            Box::new(std::io::stdout().lock())
+        };
         serde_json::to_writer_pretty(&mut out, &summary)?;
         writeln!(out)?;
     } else if !args.quiet && !to_stdout {
