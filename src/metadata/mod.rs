@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
-use crate::source::{ObjectMeta, Source, SourceError};
+use crate::source::{Source, SourceError};
 use model::{EntryMeta, ModelError, RankMetadata, StorageInfo, StorageMeta, TensorMeta};
 use pickle::{Limits, Pickle, PickleError};
 
@@ -399,36 +399,41 @@ impl Checkpoint {
 
     /// Reads the metadata of the checkpoint at `source`.
     pub async fn load(source: &Source) -> Result<Checkpoint, MetadataError> {
-        // The `.metadata` (one GET), or every rank's `__N.metadata` (one listing, a GET each).
+        // The `.metadata`, or every rank's `__N.metadata` (found by listing), one GET each.
         let limit = Limits::default().max_input as u64;
-        let too_large = |file: String, size: u64| MetadataError::TooLarge { file, size, limit };
-        let files = match source.read_object(METADATA_FILE, limit).await {
-            Ok((_, data)) => vec![(METADATA_FILE.to_owned(), data)],
-            Err(SourceError::TooLarge { name, size, .. }) => return Err(too_large(name, size)),
-            Err(SourceError::NotFound { .. }) => {
-                let mut ranks: Vec<(u64, String, ObjectMeta)> = source
+        let read = |name: String| async move {
+            match source.read_object(&name, limit).await {
+                Ok((_, data)) => Ok((name, data)),
+                Err(SourceError::TooLarge { name, size, limit }) => Err(MetadataError::TooLarge {
+                    file: name,
+                    size,
+                    limit,
+                }),
+                Err(e) => Err(MetadataError::Source(e)),
+            }
+        };
+        let files = match read(METADATA_FILE.to_owned()).await {
+            Ok(file) => vec![file],
+            Err(MetadataError::Source(SourceError::NotFound { .. })) => {
+                let mut ranks: Vec<(u64, String)> = source
                     .list()
                     .await?
                     .into_iter()
-                    .filter_map(|(n, m)| rank_metadata(&n).map(|r| (r, n, m)))
+                    .filter_map(|(n, _)| rank_metadata(&n).map(|r| (r, n)))
                     .collect();
                 if ranks.is_empty() {
                     return Err(MetadataError::NoMetadata {
                         location: source.describe(),
                     });
                 }
-                ranks.sort_by_key(|(r, ..)| *r);
+                ranks.sort();
                 let mut files = Vec::with_capacity(ranks.len());
-                for (_, name, meta) in ranks {
-                    if meta.size > limit {
-                        return Err(too_large(name, meta.size));
-                    }
-                    let data = source.read_all(&name, &meta).await?;
-                    files.push((name, data));
+                for (_, name) in ranks {
+                    files.push(read(name).await?);
                 }
                 files
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         };
         tokio::task::spawn_blocking(move || Checkpoint::from_files(&files))
             .await

@@ -367,8 +367,10 @@ impl<'p> Reader<'p> {
     fn memory_format(&self, v: Value, ctx: &str) -> Result<String, ModelError> {
         let arg = self
             .reduce_arg(v, &METADATA_MODULES, "_MEM_FORMAT_ENCODING", ctx)
-            .or_else(|_| {
+            .or_else(|current| {
+                // torch 1.13's name; an error speaks of the current one.
                 self.reduce_arg(v, &[SHARDED_TENSOR_MODULE], "MEM_FORMAT_ENCODING", ctx)
+                    .map_err(|_| current)
             })?;
         Ok(match self.int(arg, ctx)? {
             0 => "contiguous_format".into(),

@@ -107,6 +107,18 @@ fn jitter() -> f64 {
     (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// Refuses an object of more than `limit` bytes before its body is read.
+fn fits(name: &ObjectName, size: u64, limit: u64) -> Result<(), SourceError> {
+    if size > limit {
+        return Err(SourceError::TooLarge {
+            name: name.to_string(),
+            size,
+            limit,
+        });
+    }
+    Ok(())
+}
+
 /// Why a read failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -235,13 +247,7 @@ impl Source {
         let (meta, chunks) = match self {
             Source::Local(l) => {
                 let meta = l.stat(&name).await?;
-                if meta.size > limit {
-                    return Err(SourceError::TooLarge {
-                        name: name.to_string(),
-                        size: meta.size,
-                        limit,
-                    });
-                }
+                fits(&name, meta.size, limit)?;
                 let chunks = self.read_range(name.as_str(), 0..meta.size, &meta).await?;
                 (meta, chunks)
             }

@@ -315,34 +315,19 @@ impl S3Source {
                 .unwrap_or(0),
             version: out.e_tag().map(str::to_owned),
         };
-        if meta.size > limit {
-            return Err(SourceError::TooLarge {
-                name: name.to_string(),
-                size: meta.size,
-                limit,
-            });
-        }
+        super::fits(name, meta.size, limit)?;
         let mut chunks = Vec::new();
         let mut pos = 0u64;
-        let mut body = out.body;
-        // Until the body ends, breaks or stalls; what is missing then is read again below.
-        while let Ok(Some(Ok(chunk))) =
-            tokio::time::timeout(self.retry.stall_timeout, body.next()).await
+        match self
+            .receive(name, out.body, 0..meta.size, &mut chunks, &mut pos)
+            .await
         {
-            if pos + chunk.len() as u64 > meta.size {
-                return Err(SourceError::BadResponse {
-                    name: name.to_string(),
-                    start: 0,
-                    end: meta.size,
-                    detail: "the body is longer than its Content-Length".into(),
-                });
+            Ok(()) => {}
+            Err(Failure::Fatal(e)) => return Err(e),
+            // Broke, stalled or ended short: the rest, pinned to this answer's ETag.
+            Err(Failure::Retry(_)) => {
+                chunks.extend(self.read_range(name, pos..meta.size, &meta).await?);
             }
-            self.stats.add_bytes(chunk.len() as u64);
-            pos += chunk.len() as u64;
-            chunks.push(chunk);
-        }
-        if pos < meta.size {
-            chunks.extend(self.read_range(name, pos..meta.size, &meta).await?);
         }
         Ok((meta, chunks))
     }
@@ -461,7 +446,21 @@ impl S3Source {
                 found: now.to_owned(),
             }));
         }
-        let mut body = out.body;
+        self.receive(name, out.body, range, chunks, pos).await
+    }
+
+    /// Reads a GET's body for the bytes `range` (the body starts at `*pos`), appending what
+    /// arrives to `chunks` and advancing `*pos`. A body that stalls, breaks or ends short is a
+    /// [`Failure::Retry`] (the caller resumes from `*pos`); one longer than the range is fatal.
+    async fn receive(
+        &self,
+        name: &ObjectName,
+        mut body: aws_sdk_s3::primitives::ByteStream,
+        range: Range<u64>,
+        chunks: &mut Vec<Bytes>,
+        pos: &mut u64,
+    ) -> Result<(), Failure> {
+        let stall = self.retry.stall_timeout;
         loop {
             let next = match tokio::time::timeout(stall, body.next()).await {
                 Err(_) => {
@@ -477,10 +476,15 @@ impl S3Source {
                 Some(Ok(chunk)) => {
                     let room = range.end - *pos;
                     if chunk.len() as u64 > room {
-                        return Err(bad(format!(
-                            "the body is longer than {} bytes",
-                            range.end - range.start
-                        )));
+                        return Err(Failure::Fatal(SourceError::BadResponse {
+                            name: name.to_string(),
+                            start: range.start,
+                            end: range.end,
+                            detail: format!(
+                                "the body is longer than {} bytes",
+                                range.end - range.start
+                            ),
+                        }));
                     }
                     self.stats.add_bytes(chunk.len() as u64);
                     *pos += chunk.len() as u64;
