@@ -118,9 +118,10 @@ impl LocalSource {
         meta: &ObjectMeta,
     ) -> Result<Vec<Bytes>, SourceError> {
         let this = self.clone();
+        let path = self.path(name);
         let name = name.clone();
         let meta = meta.clone();
-        tokio::task::spawn_blocking(move || {
+        let read = tokio::task::spawn_blocking(move || {
             this.stats.add_request();
             let file = this.file(&name)?;
             let now = Self::meta_of(&file.metadata().map_err(|e| this.io_error(&name, e))?);
@@ -146,8 +147,16 @@ impl LocalSource {
             })?;
             this.stats.add_bytes(buf.len() as u64);
             Ok(vec![buf.freeze()])
-        })
-        .await
-        .expect("reads do not panic")
+        });
+        match read.await {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // The runtime is shutting down (a closed stdout ends the run early) before the read
+            // ran: nobody waits for it any more, and it must not print a panic on the way out.
+            Err(_) => Err(SourceError::Io {
+                path: path.display().to_string(),
+                source: std::io::Error::other("the read was cancelled"),
+            }),
+        }
     }
 }
