@@ -11,6 +11,7 @@ pub mod cli;
 pub mod commands;
 pub mod fetch;
 pub mod metadata;
+pub mod pipeline;
 pub mod plan;
 pub mod report;
 pub mod selection;
@@ -21,11 +22,13 @@ pub mod verify;
 
 pub use report::Outcome;
 
-/// Runs one command line to completion.
+/// Runs one command line to completion: its flags are resolved (and refused if they cannot run)
+/// before anything is read or written.
 pub fn run(cli: cli::Cli) -> anyhow::Result<Outcome> {
+    let settings = cli::Settings::resolve(cli.command)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
-    runtime.block_on(commands::dispatch(cli))
+    runtime.block_on(commands::dispatch(settings))
 }

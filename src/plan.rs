@@ -7,7 +7,7 @@
 //! needed bytes, and the parts are fetched concurrently. A gap is fetched only when it lies inside
 //! a part; a gap larger than the part size never is.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 
 use crate::metadata::Checkpoint;
@@ -324,6 +324,75 @@ impl FilePlan {
             }),
             None => Ok(()),
         }
+    }
+}
+
+impl Plan {
+    /// A plan that reads each given storage entry as an item of its own (the byte checks of
+    /// `verify`: every stored copy is checked, selected or not). With `whole_files`, the size of
+    /// every file to read whole: the bytes between and around the items become items with no
+    /// storage entry, so that every byte of those files passes the sink (a sha256 manifest).
+    pub fn of_storage(
+        ck: &Checkpoint,
+        storage: &[usize],
+        opts: PlanOptions,
+        whole_files: Option<&HashMap<ObjectName, u64>>,
+    ) -> Result<Plan, PlanError> {
+        let fqn_of = |s: usize| describe_storage(ck, s);
+        let mut by_file: BTreeMap<ObjectName, Vec<PlanItem>> = BTreeMap::new();
+        for &s in storage {
+            let info = &ck.storage[s].info;
+            let Some(range) = ck.storage[s].range() else {
+                return Err(PlanError::Overflow {
+                    file: info.relative_path.clone(),
+                    fqn: fqn_of(s),
+                    offset: info.offset,
+                    length: info.length,
+                });
+            };
+            by_file
+                .entry(ObjectName::new(&info.relative_path)?)
+                .or_default()
+                .push(PlanItem {
+                    range,
+                    storage: vec![s],
+                });
+        }
+        if let Some(sizes) = whole_files {
+            for name in sizes.keys() {
+                by_file.entry(name.clone()).or_default();
+            }
+        }
+        let mut files = Vec::with_capacity(by_file.len());
+        for (name, items) in by_file {
+            let mut plan = FilePlan::new(name, items, opts, &fqn_of)?;
+            if let Some(size) = whole_files.and_then(|sizes| sizes.get(&plan.name)) {
+                let mut items = plan.items.clone();
+                let mut pos = 0;
+                for it in &plan.items {
+                    if it.range.start > pos {
+                        items.push(PlanItem {
+                            range: pos..it.range.start,
+                            storage: Vec::new(),
+                        });
+                    }
+                    pos = pos.max(it.range.end);
+                }
+                if pos < *size {
+                    items.push(PlanItem {
+                        range: pos..*size,
+                        storage: Vec::new(),
+                    });
+                }
+                plan = FilePlan::new(plan.name, items, opts, &fqn_of)?;
+            }
+            files.push(plan);
+        }
+        files.sort_by(|a, b| natural_cmp(a.name.as_str(), b.name.as_str()));
+        Ok(Plan {
+            options: opts,
+            files,
+        })
     }
 }
 

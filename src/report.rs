@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use crate::fetch::FetchError;
 use crate::metadata::MetadataError;
+use crate::pipeline::PipelineError;
 use crate::selection::SelectionError;
 use crate::source::SourceError;
 
@@ -42,6 +43,8 @@ fn is_problem(e: &anyhow::Error) -> bool {
     e.downcast_ref::<Problem>().is_some()
         || e.chain().any(|c| {
             c.is::<Problem>()
+                || c.downcast_ref::<PipelineError>()
+                    .is_some_and(PipelineError::is_problem)
                 || matches!(
                     c.downcast_ref::<SelectionError>(),
                     Some(SelectionError::NothingMatched { .. })

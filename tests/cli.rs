@@ -52,6 +52,17 @@ fn usage_errors_exit_2() {
         &["plan", "fixtures/model", "--max-gap-size", "12XB"],
         &["ls", "gs://bucket/x"],
         &["fetch", "fixtures/model", "-o", "x", "--concurrency", "0"],
+        &["fetch", "fixtures/model", "-o", "x", "--part-size", "0"],
+        &[
+            "verify",
+            "fixtures/model",
+            "--part-size",
+            "9MiB",
+            "--max-memory",
+            "8MiB",
+        ],
+        &["bench", "fixtures/model", "--concurrency", "8,0"],
+        &["plan", "fixtures/model", "--part-size", "0"],
     ];
     for args in cases {
         let out = dcpfetch().current_dir(repo()).args(*args).output().unwrap();
@@ -66,4 +77,46 @@ fn usage_errors_exit_2() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("-o -"));
+}
+
+/// Settings that cannot run are refused before the output folder is touched: a complete copy keeps
+/// its metadata and its shard files.
+#[test]
+fn invalid_settings_leave_the_output_folder_alone() {
+    let copy = common::copy_fixture("model");
+    let before: Vec<(String, Vec<u8>)> = files_of(copy.path());
+    let invalid: &[&[&str]] = &[
+        &["--part-size", "64MiB", "--max-memory", "32MiB"],
+        &["--part-size", "0"],
+        &["--max-memory", "0"],
+    ];
+    for flags in invalid {
+        for mode in ["--force", "--resume"] {
+            let out = dcpfetch()
+                .current_dir(repo())
+                .args(["fetch", "fixtures/model", "-o"])
+                .arg(copy.path())
+                .arg(mode)
+                .args(*flags)
+                .output()
+                .unwrap();
+            assert_eq!(out.status.code(), Some(2), "{flags:?} {mode}");
+            assert_eq!(files_of(copy.path()), before, "{flags:?} {mode}");
+        }
+    }
+}
+
+fn files_of(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    files.sort();
+    files
 }

@@ -8,12 +8,13 @@ use std::sync::Arc;
 use anyhow::Context;
 use serde::Serialize;
 
-use crate::cli::BenchArgs;
-use crate::fetch::{self, Cancel, EngineOptions, FetchError, Progress, Sink};
-use crate::plan::{Plan, PlanOptions, describe_storage};
-use crate::report::{Outcome, Problem};
+use crate::cli::ReportFormat;
+use crate::cli::settings::{BenchSettings, Trial};
+use crate::fetch::{self, Cancel, FetchError, Progress, Sink};
+use crate::pipeline::{Files, Planned};
+use crate::plan::Plan;
+use crate::report::Outcome;
 use crate::sink::{FolderOptions, FolderSink, NullSink};
-use crate::source::ObjectName;
 use crate::units::{ByteSize, human};
 
 use super::plot;
@@ -104,13 +105,14 @@ struct Run {
     peak_rss: Option<u64>,
 }
 
-fn setting(opts: PlanOptions, concurrency: u32, plan: &Plan, runs: &[Run]) -> Setting {
+fn setting(trial: Trial, plan: &Plan, runs: &[Run]) -> Setting {
+    let opts = trial.plan;
     let secs: Vec<f64> = runs.iter().map(|r| r.seconds).collect();
     let med = median(&secs);
     let transferred = median_u64(&runs.iter().map(|r| r.bytes).collect::<Vec<_>>());
     Setting {
         max_gap_size: (!ByteSize(opts.max_gap).is_inf()).then_some(opts.max_gap),
-        concurrency,
+        concurrency: trial.engine.concurrency as u32,
         part_size: opts.part_size,
         groups: plan.groups(),
         requests: plan.requests(),
@@ -138,93 +140,44 @@ fn setting(opts: PlanOptions, concurrency: u32, plan: &Plan, runs: &[Run]) -> Se
     }
 }
 
-pub async fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
-    if let Some(path) = &args.plot
-        && !path
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("svg"))
-    {
-        anyhow::bail!(
-            "--plot draws SVG, so its file must end in .svg (not {}); for a PNG, convert it, e.g. \
-             `rsvg-convert -o sweep.png sweep.svg`",
-            path.display()
-        );
-    }
-    let spec = args.selection.spec()?;
-    let (source, ck) = super::open(&args.checkpoint, &args.s3).await?;
-    let (selected, _) = spec.resolve(&ck)?;
-    let fqn_of = |s: usize| describe_storage(&ck, s);
-    let first = PlanOptions {
-        max_gap: 0,
-        part_size: args.part_sizes.first().map_or(8 << 20, |p| p.0),
+pub async fn run(s: BenchSettings) -> anyhow::Result<Outcome> {
+    let first = s.trials[0];
+    // A folder copy creates every shard file; the null sink needs only the planned ones.
+    let files = match &s.output {
+        Some(_) => Files::Every,
+        None => Files::Planned,
     };
-    let base =
-        Plan::build(&ck, &selected, first).context(Problem("cannot plan the fetch".into()))?;
-    let names: Vec<ObjectName> = match &args.output {
-        Some(_) => ck
-            .files()
-            .into_iter()
-            .map(ObjectName::new)
-            .collect::<Result<_, _>>()
-            .context(Problem("cannot plan the fetch".into()))?,
-        None => base.files.iter().map(|f| f.name.clone()).collect(),
-    };
-    let objects = super::stat_all(&source, &names).await?;
-    for f in &base.files {
-        f.check_size(objects[&f.name].size, &fqn_of)
-            .context(Problem(
-                "the checkpoint is inconsistent with its metadata".into(),
-            ))?;
-    }
+    let planned = Planned::new(&s.target, first.plan, files, first.engine.concurrency).await?;
+    let source = planned.source();
 
-    let mut settings = Vec::new();
-    for &gap in &args.gap_sizes {
-        for &concurrency in &args.concurrency {
-            for &part in &args.part_sizes {
-                settings.push((
-                    PlanOptions {
-                        max_gap: gap.0,
-                        part_size: part.0,
-                    },
-                    concurrency,
-                ));
-            }
-        }
-    }
-    let progress = Progress::runs(
-        settings.len() as u64 * args.repeat as u64,
-        args.quiet || args.json || args.csv,
-    );
+    let progress = s
+        .printer
+        .sweep_progress(s.trials.len() as u64 * s.repeat as u64);
     let cancel = Cancel::on_ctrl_c();
     let mut results = Vec::new();
     let mut interrupted = false;
-    'sweep: for (opts, concurrency) in settings {
-        let plan = Arc::new(
-            Plan::build(&ck, &selected, opts).context(Problem("cannot plan the fetch".into()))?,
-        );
+    'sweep: for trial in &s.trials {
+        let plan = Arc::new(planned.replan(trial.plan)?);
         let mut runs = Vec::new();
-        for r in 0..args.repeat {
+        for r in 0..s.repeat {
             progress.set_message(format!(
-                "gap {}, concurrency {concurrency}, part {}, run {}",
-                ByteSize(opts.max_gap),
-                human(opts.part_size),
+                "gap {}, concurrency {}, part {}, run {}",
+                ByteSize(trial.plan.max_gap),
+                trial.engine.concurrency,
+                human(trial.plan.part_size),
                 r + 1
             ));
-            let sink: Box<dyn Sink> = match &args.output {
-                Some(dir) => Box::new(prepare_folder(dir, &source.describe(), &ck, &objects)?.0),
+            let sink: Box<dyn Sink> = match &s.output {
+                Some(dir) => Box::new(prepare_folder(dir, &planned, r > 0 || !results.is_empty())?),
                 None => Box::new(NullSink::default()),
             };
             reset_peak_rss();
             let (bytes_before, requests_before, _) = source.stats().snapshot();
-            let engine = EngineOptions {
-                concurrency: concurrency as usize,
-                max_memory: args.max_memory.0,
-            };
             match fetch::run(
-                &source,
+                source,
                 plan.clone(),
-                &objects,
-                engine,
+                &planned.objects,
+                trial.engine,
                 sink,
                 Progress::hidden(),
                 cancel.clone(),
@@ -244,7 +197,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
                 Err(FetchError::Interrupted) => {
                     interrupted = true;
                     if !runs.is_empty() {
-                        results.push(setting(opts, concurrency, &plan, &runs));
+                        results.push(setting(*trial, &plan, &runs));
                     }
                     break 'sweep;
                 }
@@ -252,29 +205,25 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
             }
             progress.step();
         }
-        results.push(setting(opts, concurrency, &plan, &runs));
+        results.push(setting(*trial, &plan, &runs));
     }
     progress.finish();
 
     let report = BenchReport {
         checkpoint: source.describe(),
-        sink: if args.output.is_some() {
-            "folder"
-        } else {
-            "null"
-        },
-        items: base.items(),
-        bytes_needed: base.needed(),
-        runs_per_setting: args.repeat,
+        sink: if s.output.is_some() { "folder" } else { "null" },
+        items: planned.plan.items(),
+        bytes_needed: planned.plan.needed(),
+        runs_per_setting: s.repeat,
         interrupted,
         results,
     };
-    if let Some(path) = &args.plot {
+    if let Some(path) = &s.plot {
         std::fs::write(path, plot::svg(&report))
             .with_context(|| format!("cannot write the plot {}", path.display()))?;
     }
-    super::print(args.json, &report, |out| {
-        if args.csv {
+    s.printer.print(&report, |out| {
+        if s.printer.format() == ReportFormat::Csv {
             write_csv(out, &report)
         } else {
             write_table(out, &report)
@@ -287,23 +236,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
     Ok(Outcome::Ok)
 }
 
-fn prepare_folder(
-    dir: &Path,
-    source: &str,
-    ck: &crate::metadata::Checkpoint,
-    objects: &std::collections::HashMap<ObjectName, crate::source::ObjectMeta>,
-) -> anyhow::Result<(FolderSink, crate::sink::folder::Written)> {
-    FolderSink::prepare(
+/// The output folder of one run. The first run refuses a folder that is not empty (like `fetch`
+/// without `--force`); later runs overwrite what the earlier runs of this sweep wrote.
+fn prepare_folder(dir: &Path, planned: &Planned, ours: bool) -> anyhow::Result<FolderSink> {
+    let (sink, _) = FolderSink::prepare(
         dir,
-        source,
-        ck,
-        objects,
+        &planned.source().describe(),
+        planned.ck(),
+        &planned.objects,
         FolderOptions {
             resume: false,
-            force: true,
+            force: ours,
         },
     )
-    .with_context(|| format!("cannot fetch into {}", dir.display()))
+    .with_context(|| format!("cannot fetch into {}", dir.display()))?;
+    Ok(sink)
 }
 
 fn gap_text(g: Option<u64>) -> String {

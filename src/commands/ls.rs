@@ -6,8 +6,9 @@ use std::io::Write;
 use serde::Serialize;
 use unicode_width::UnicodeWidthStr;
 
-use crate::cli::LsArgs;
+use crate::cli::settings::LsSettings;
 use crate::metadata::Checkpoint;
+use crate::pipeline::Opened;
 use crate::report::Outcome;
 use crate::selection::Selected;
 use crate::units::{count, human, natural_cmp};
@@ -301,13 +302,17 @@ pub fn write_table(out: &mut dyn Write, r: &LsReport) -> std::io::Result<()> {
     )
 }
 
-pub async fn run(args: LsArgs) -> anyhow::Result<Outcome> {
-    let spec = args.selection.spec()?;
-    let (source, ck) = super::open(&args.checkpoint, &args.s3).await?;
-    let (selected, selection_warnings) = spec.resolve(&ck)?;
-    let r = report(&source.describe(), &ck, &selected, &selection_warnings);
-    super::warn_about(&ck, &selection_warnings, args.json);
-    super::print(args.json, &r, |out| write_table(out, &r))?;
+pub async fn run(s: LsSettings) -> anyhow::Result<Outcome> {
+    let opened = Opened::open(&s.target).await?;
+    let selection = opened.select(&s.target.spec)?;
+    let r = report(
+        &opened.source.describe(),
+        &opened.ck,
+        &selection.selected,
+        &selection.warnings,
+    );
+    s.printer.warnings(&opened.ck, &selection.warnings);
+    s.printer.print(&r, |out| write_table(out, &r))?;
     Ok(Outcome::Ok)
 }
 

@@ -5,7 +5,8 @@ use std::io::Write;
 
 use serde::Serialize;
 
-use crate::cli::PlanArgs;
+use crate::cli::settings::PlanSettings;
+use crate::pipeline::{Files, Planned};
 use crate::plan::Plan;
 use crate::report::Outcome;
 use crate::source::{ObjectMeta, ObjectName};
@@ -205,23 +206,17 @@ pub fn write_table(out: &mut dyn Write, r: &PlanReport) -> std::io::Result<()> {
     )
 }
 
-pub async fn run(args: PlanArgs) -> anyhow::Result<Outcome> {
-    let planned = super::plan(
-        &args.checkpoint,
-        &args.s3,
-        &args.selection,
-        args.plan.options(),
-        true,
-    )
-    .await?;
+pub async fn run(s: PlanSettings) -> anyhow::Result<Outcome> {
+    let planned = Planned::new(&s.target, s.plan, Files::Every, s.in_flight).await?;
     let r = report(
-        &planned.source.describe(),
+        &planned.source().describe(),
         &planned.plan,
         &planned.objects,
-        args.groups,
-        planned.selection_warnings.clone(),
+        s.groups,
+        planned.selection.warnings.clone(),
     );
-    super::warn_about(&planned.ck, &planned.selection_warnings, args.json);
-    super::print(args.json, &r, |out| write_table(out, &r))?;
+    s.printer
+        .warnings(planned.ck(), &planned.selection.warnings);
+    s.printer.print(&r, |out| write_table(out, &r))?;
     Ok(Outcome::Ok)
 }

@@ -13,11 +13,13 @@ use crate::fetch::{Sink, SinkError};
 use crate::metadata::Checkpoint;
 use crate::plan::{FilePlan, PlanItem};
 
-/// What the stream holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// What the stream holds (`--format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum StreamFormat {
+    /// The items' bytes back to back, in plan order (file, then offset).
     Raw,
+    /// A tar stream with one entry per item, each a standalone torch.save archive.
     Tar,
 }
 
@@ -97,6 +99,19 @@ impl StreamSink {
             pending: Vec::new(),
             pending_bytes: 0,
         }
+    }
+
+    /// A sink writing to stdout through a duplicate of fd 1 as a plain file: no line buffering to
+    /// scan or copy the bytes, and writes of many pieces at once (it shares the offset and flags,
+    /// so `>>` appends).
+    pub fn stdout(
+        format: StreamFormat,
+        ck: Arc<Checkpoint>,
+        manifest_path: Option<PathBuf>,
+    ) -> std::io::Result<Self> {
+        use std::os::fd::AsFd;
+        let out = std::fs::File::from(std::io::stdout().as_fd().try_clone_to_owned()?);
+        Ok(StreamSink::new(Box::new(out), format, ck, manifest_path))
     }
 
     /// Queues bytes for the stream.

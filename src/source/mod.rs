@@ -8,6 +8,7 @@ mod local;
 mod location;
 mod name;
 pub mod s3;
+mod stat;
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ pub use local::LocalSource;
 pub use location::Location;
 pub use name::{NameError, ObjectName};
 pub use s3::{S3Options, S3Source};
+pub use stat::stat_each;
 
 /// Size and version of one object, seen once and then required of every read.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,63 +1,110 @@
-//! Checkpoint integrity checks: each has a stable name and reports its problems per item.
+//! Checkpoint integrity checks, all in one place: each check has a stable name ([`Check`]) and
+//! reports its problems per item.
 //!
-//! Checks over the metadata alone are pure functions here; the checks of item bytes run through
-//! the fetch engine with [`crate::sink::VerifySink`], which uses [`archive`] and [`tensor`].
+//! [`run`] wires them: the checks over the metadata alone ([`metadata`]), over the shard files'
+//! sizes, format and sha256 manifest ([`files`]), and over item bytes, which run through the fetch
+//! engine into [`sink::VerifySink`] (with [`archive`], [`tensor`] and [`safetensors`]).
 
 pub mod archive;
+pub mod files;
+pub mod metadata;
 pub mod safetensors;
+pub mod sink;
 pub mod tensor;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::fetch::{EngineOptions, FetchError};
 use crate::metadata::Checkpoint;
-use crate::plan::describe_storage;
-use crate::selection::Selected;
-use crate::source::ObjectName;
+use crate::pipeline::{Opened, Selection};
+use crate::plan::{PlanError, PlanOptions, describe_storage};
+use crate::source::{ObjectName, SourceError};
 
 /// The checks, in report order.
-pub const CHECKS: [(&str, &str); 12] = [
-    (
-        "metadata.globals",
-        "the metadata names no global outside the known DCP/torch set",
-    ),
-    (
-        "storage.paths",
-        "every relative_path stays inside the checkpoint",
-    ),
-    (
-        "storage.linked",
-        "every chunk has a storage entry and every storage entry belongs to a chunk",
-    ),
-    (
-        "chunks.tile",
-        "every tensor's chunks tile its shape: in bounds, no gaps, no overlaps",
-    ),
-    (
-        "storage.files_exist",
-        "every shard file the metadata names exists",
-    ),
-    ("storage.in_bounds", "every item lies inside its file"),
-    (
-        "storage.no_overlap",
-        "distinct items of a file do not overlap",
-    ),
-    (
-        "storage.format",
-        "shard files are in the torch.save format that .metadata offsets describe",
-    ),
-    (
-        "items.archive",
-        "every item is a well-formed torch.save archive whose records match their CRC32",
-    ),
-    ("items.transform", "every ZStandard item decompresses"),
-    (
-        "items.tensor",
-        "every tensor item holds the dtype, shape and number of bytes the metadata says",
-    ),
-    ("manifest", "every shard file matches the sha256 manifest"),
-];
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Check {
+    MetadataGlobals,
+    StoragePaths,
+    StorageLinked,
+    ChunksTile,
+    StorageFilesExist,
+    StorageInBounds,
+    StorageNoOverlap,
+    StorageFormat,
+    ItemsArchive,
+    ItemsTransform,
+    ItemsTensor,
+    Manifest,
+}
+
+impl Check {
+    /// Every check, in report order.
+    pub const ALL: [Check; 12] = [
+        Check::MetadataGlobals,
+        Check::StoragePaths,
+        Check::StorageLinked,
+        Check::ChunksTile,
+        Check::StorageFilesExist,
+        Check::StorageInBounds,
+        Check::StorageNoOverlap,
+        Check::StorageFormat,
+        Check::ItemsArchive,
+        Check::ItemsTransform,
+        Check::ItemsTensor,
+        Check::Manifest,
+    ];
+
+    /// The name in reports and `--json` (docs/output.md).
+    pub fn name(self) -> &'static str {
+        match self {
+            Check::MetadataGlobals => "metadata.globals",
+            Check::StoragePaths => "storage.paths",
+            Check::StorageLinked => "storage.linked",
+            Check::ChunksTile => "chunks.tile",
+            Check::StorageFilesExist => "storage.files_exist",
+            Check::StorageInBounds => "storage.in_bounds",
+            Check::StorageNoOverlap => "storage.no_overlap",
+            Check::StorageFormat => "storage.format",
+            Check::ItemsArchive => "items.archive",
+            Check::ItemsTransform => "items.transform",
+            Check::ItemsTensor => "items.tensor",
+            Check::Manifest => "manifest",
+        }
+    }
+
+    pub fn description(self) -> &'static str {
+        match self {
+            Check::MetadataGlobals => {
+                "the metadata names no global outside the known DCP/torch set"
+            }
+            Check::StoragePaths => "every relative_path stays inside the checkpoint",
+            Check::StorageLinked => {
+                "every chunk has a storage entry and every storage entry belongs to a chunk"
+            }
+            Check::ChunksTile => {
+                "every tensor's chunks tile its shape: in bounds, no gaps, no overlaps"
+            }
+            Check::StorageFilesExist => "every shard file the metadata names exists",
+            Check::StorageInBounds => "every item lies inside its file",
+            Check::StorageNoOverlap => "distinct items of a file do not overlap",
+            Check::StorageFormat => {
+                "shard files are in the torch.save format that .metadata offsets describe"
+            }
+            Check::ItemsArchive => {
+                "every item is a well-formed torch.save archive whose records match their CRC32"
+            }
+            Check::ItemsTransform => "every ZStandard item decompresses",
+            Check::ItemsTensor => {
+                "every tensor item holds the dtype, shape and number of bytes the metadata says"
+            }
+            Check::Manifest => "every shard file matches the sha256 manifest",
+        }
+    }
+}
 
 /// How a check went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -121,9 +168,9 @@ pub struct CheckResult {
     pub notes: Vec<String>,
 }
 
-/// All checks, by name, in report order.
+/// All checks, in report order.
 #[derive(Debug, Clone)]
-pub struct Checks(BTreeMap<usize, CheckResult>);
+pub struct Checks([CheckResult; 12]);
 
 impl Default for Checks {
     fn default() -> Self {
@@ -133,38 +180,23 @@ impl Default for Checks {
 
 impl Checks {
     pub fn new() -> Self {
-        Checks(
-            CHECKS
-                .iter()
-                .enumerate()
-                .map(|(i, (name, description))| {
-                    (
-                        i,
-                        CheckResult {
-                            name,
-                            description,
-                            status: Status::Skipped,
-                            checked: 0,
-                            problems: Vec::new(),
-                            notes: Vec::new(),
-                        },
-                    )
-                })
-                .collect(),
-        )
+        Checks(Check::ALL.map(|check| CheckResult {
+            name: check.name(),
+            description: check.description(),
+            status: Status::Skipped,
+            checked: 0,
+            problems: Vec::new(),
+            notes: Vec::new(),
+        }))
     }
 
-    pub fn get(&mut self, name: &str) -> &mut CheckResult {
-        let i = CHECKS
-            .iter()
-            .position(|(n, _)| *n == name)
-            .expect("a known check");
-        self.0.get_mut(&i).expect("every check exists")
+    pub fn get(&mut self, check: Check) -> &mut CheckResult {
+        &mut self.0[check as usize]
     }
 
     /// Records that a check ran over `checked` things and found `problems`.
-    pub fn record(&mut self, name: &str, checked: u64, problems: Vec<Finding>) {
-        let c = self.get(name);
+    pub fn record(&mut self, check: Check, checked: u64, problems: Vec<Finding>) {
+        let c = self.get(check);
         c.checked += checked;
         c.problems.extend(problems);
         c.status = if !c.problems.is_empty() {
@@ -179,10 +211,15 @@ impl Checks {
         }
     }
 
+    /// Notes that a check did not run, and why.
+    pub fn not_run(&mut self, check: Check, why: &str) {
+        self.get(check).notes.push(format!("not run: {why}"));
+    }
+
     /// The results in report order, problems sorted.
     pub fn into_results(self) -> Vec<CheckResult> {
         self.0
-            .into_values()
+            .into_iter()
             .map(|mut c| {
                 c.problems.sort();
                 c.problems.dedup();
@@ -192,264 +229,138 @@ impl Checks {
     }
 }
 
-/// `metadata.globals`: globals outside the known set are a failed check.
-pub fn check_globals(ck: &Checkpoint, checks: &mut Checks) {
-    let problems = ck
-        .findings
+/// What `verify` is asked to do besides the checks over the metadata.
+#[derive(Debug, Clone)]
+pub struct VerifyOptions {
+    /// Metadata and sizes only: no item bytes are read.
+    pub quick: bool,
+    /// A sha256 manifest of every shard file: compared when it exists, written when not.
+    pub manifest: Option<PathBuf>,
+    pub plan: PlanOptions,
+    pub engine: EngineOptions,
+    /// Draw a progress bar for the byte checks (on a terminal).
+    pub progress: bool,
+}
+
+/// The report (`verify --json`, docs/output.md).
+#[derive(Debug, Serialize)]
+pub struct VerifyReport {
+    pub checkpoint: String,
+    /// Every check passed or was skipped.
+    pub ok: bool,
+    pub checks: Vec<CheckResult>,
+    pub elapsed_seconds: f64,
+}
+
+/// Why verification could not run to the end (problems it finds are in the report instead).
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("cannot inspect {name}")]
+    Stat {
+        name: ObjectName,
+        #[source]
+        source: SourceError,
+    },
+    #[error("cannot read the safetensors header of {name}")]
+    Header {
+        name: String,
+        #[source]
+        source: SourceError,
+    },
+    #[error("cannot plan the byte checks")]
+    Plan(#[source] PlanError),
+    #[error("cannot read the items to check them")]
+    Fetch(#[source] FetchError),
+    #[error("{path} is not a sha256 manifest")]
+    ManifestFormat {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{path}: algorithm {algorithm:?} is not supported (only sha256)")]
+    ManifestAlgorithm { path: String, algorithm: String },
+    #[error("cannot read the manifest {path}")]
+    ManifestRead {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write the manifest {path}")]
+    ManifestWrite {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Runs every check over the selected part of an opened checkpoint.
+pub async fn run(
+    opened: &Opened,
+    selection: &Selection,
+    opts: &VerifyOptions,
+) -> Result<VerifyReport, VerifyError> {
+    let started = Instant::now();
+    let (source, ck) = (&opened.source, &opened.ck);
+    let mut checks = Checks::new();
+
+    metadata::check_globals(ck, &mut checks);
+    let storage = metadata::selected_storage(ck, &selection.selected, selection.everything);
+    let storage = metadata::check_paths(ck, &storage, &mut checks);
+    metadata::check_chunks(ck, &selection.selected, selection.everything, &mut checks);
+
+    // The files: the selected items' files, or (with a manifest) every shard file.
+    let mut names: BTreeSet<ObjectName> = storage
         .iter()
-        .map(|f| Finding {
-            file: Some(f.file.clone()),
-            offset: Some(f.offset),
-            length: None,
-            fqn: None,
-            message: f.to_string(),
-        })
+        .filter_map(|&s| ObjectName::new(&ck.storage[s].info.relative_path).ok())
         .collect();
-    checks.record("metadata.globals", ck.metadata_files.len() as u64, problems);
-}
+    if opts.manifest.is_some() {
+        names.extend(
+            ck.files()
+                .into_iter()
+                .filter_map(|n| ObjectName::new(n).ok()),
+        );
+    }
+    let objects = files::check_exist(source, &names, opts.engine.concurrency, &mut checks).await?;
+    let in_bounds = files::check_in_bounds(ck, &storage, &objects, &mut checks);
+    let overlapping = metadata::check_overlaps(ck, &in_bounds, &mut checks);
+    let raw_files = files::check_format(source, ck, &objects, &mut checks).await?;
 
-/// The storage entries of the selected chunks (and, with everything selected, the storage
-/// entries that belong to no chunk).
-pub fn selected_storage(ck: &Checkpoint, selected: &[Selected], everything: bool) -> Vec<usize> {
-    let mut out: Vec<usize> = selected
-        .iter()
-        .flat_map(|s| {
-            s.chunks
-                .iter()
-                .flat_map(move |&c| ck.entries[s.entry].chunks[c].storage.iter().copied())
-        })
-        .collect();
-    if everything {
-        let mut linked = vec![false; ck.storage.len()];
-        for &i in &out {
-            linked[i] = true;
+    if opts.quick {
+        for check in [
+            Check::ItemsArchive,
+            Check::ItemsTransform,
+            Check::ItemsTensor,
+        ] {
+            checks.not_run(check, "--quick");
         }
-        out.extend((0..ck.storage.len()).filter(|i| !linked[*i]));
+    } else {
+        let deep: Vec<usize> = in_bounds
+            .iter()
+            .copied()
+            .filter(|s| overlapping.binary_search(s).is_err())
+            .filter(|&s| {
+                !(raw_files.contains(ck.storage[s].info.relative_path.as_str())
+                    && files::is_raw_tensor(ck, s))
+            })
+            .collect();
+        let whole_files = opts.manifest.is_some();
+        let results = sink::check_bytes(source, ck, &deep, &objects, whole_files, opts).await?;
+        results.record(ck, &mut checks);
+        if let Some(path) = &opts.manifest {
+            files::check_manifest(path, &names, &objects, &results.file_sha256, &mut checks)?;
+        }
     }
-    out.sort_unstable();
-    out.dedup();
-    out
-}
+    if opts.manifest.is_none() {
+        checks.not_run(Check::Manifest, "no --manifest");
+    } else if opts.quick {
+        checks.not_run(Check::Manifest, "--quick");
+    }
 
-/// `storage.paths`: returns the storage entries whose names are safe.
-pub fn check_paths(ck: &Checkpoint, storage: &[usize], checks: &mut Checks) -> Vec<usize> {
-    let mut ok = Vec::new();
-    let mut problems = Vec::new();
-    for &s in storage {
-        match ObjectName::new(&ck.storage[s].info.relative_path) {
-            Ok(_) => ok.push(s),
-            Err(e) => problems.push(Finding::item(ck, s, e.to_string())),
-        }
-    }
-    checks.record("storage.paths", storage.len() as u64, problems);
-    ok
-}
-
-/// `storage.linked` and `chunks.tile` over the selected entries.
-pub fn check_chunks(ck: &Checkpoint, selected: &[Selected], everything: bool, checks: &mut Checks) {
-    let mut linked = Vec::new();
-    let mut tile = Vec::new();
-    let mut entries = 0u64;
-    for sel in selected {
-        let e = &ck.entries[sel.entry];
-        entries += 1;
-        for &ci in &sel.chunks {
-            let c = &e.chunks[ci];
-            if c.storage.is_empty() {
-                let what = match &c.offsets {
-                    Some(o) => format!("chunk at offsets {o:?} has no storage entry"),
-                    None => "the bytes entry has no storage entry".into(),
-                };
-                linked.push(Finding {
-                    fqn: Some(e.fqn.clone()),
-                    ..Finding::new(what)
-                });
-            }
-        }
-        if let Some(t) = &e.tensor
-            && let Some(problem) = tiling_problem(
-                &t.shape,
-                e.chunks
-                    .iter()
-                    .filter_map(|c| Some((c.offsets.as_deref()?, c.sizes.as_deref()?))),
-            )
-        {
-            tile.push(Finding {
-                fqn: Some(e.fqn.clone()),
-                ..Finding::new(problem)
-            });
-        }
-    }
-    if everything {
-        let mut used = vec![false; ck.storage.len()];
-        for e in &ck.entries {
-            for c in &e.chunks {
-                for &s in &c.storage {
-                    used[s] = true;
-                }
-            }
-        }
-        for (i, u) in used.iter().enumerate() {
-            if !u {
-                linked.push(Finding::item(
-                    ck,
-                    i,
-                    "this storage entry belongs to no entry or chunk of the metadata",
-                ));
-            }
-        }
-    }
-    checks.record("storage.linked", entries, linked);
-    checks.record("chunks.tile", entries, tile);
-}
-
-/// Why chunks do not tile a shape exactly, if they do not: each inside the bounds, pairwise
-/// disjoint, and together as many elements as the shape (which with disjointness means full
-/// coverage).
-pub fn tiling_problem<'a>(
-    shape: &[u64],
-    chunks: impl Iterator<Item = (&'a [u64], &'a [u64])>,
-) -> Option<String> {
-    let chunks: Vec<(&[u64], &[u64])> = chunks.collect();
-    let total: u128 = shape.iter().map(|&d| d as u128).product();
-    let mut sum: u128 = 0;
-    for (o, s) in &chunks {
-        if o.len() != shape.len() || s.len() != shape.len() {
-            return Some(format!(
-                "a chunk at {o:?} of size {s:?} does not have the tensor's {} dimensions",
-                shape.len()
-            ));
-        }
-        for d in 0..shape.len() {
-            if o[d].checked_add(s[d]).is_none_or(|end| end > shape[d]) {
-                return Some(format!(
-                    "the chunk at {o:?} of size {s:?} reaches past the shape {shape:?}"
-                ));
-            }
-        }
-        sum += s.iter().map(|&d| d as u128).product::<u128>();
-    }
-    // Pairwise overlap of non-empty boxes. Sorting by the first dimension lets most pairs be
-    // skipped; the worst case stays quadratic in the number of chunks of one tensor.
-    let mut boxes: Vec<&(&[u64], &[u64])> = chunks
-        .iter()
-        .filter(|(_, s)| s.iter().all(|&d| d > 0))
-        .collect();
-    boxes.sort_by_key(|(o, _)| o.first().copied().unwrap_or(0));
-    for i in 0..boxes.len() {
-        for j in i + 1..boxes.len() {
-            let (ao, asz) = boxes[i];
-            let (bo, bsz) = boxes[j];
-            if !ao.is_empty() && bo[0] >= ao[0] + asz[0] {
-                break;
-            }
-            if (0..ao.len()).all(|d| ao[d].max(bo[d]) < (ao[d] + asz[d]).min(bo[d] + bsz[d])) {
-                return Some(format!(
-                    "the chunks at {ao:?} (size {asz:?}) and {bo:?} (size {bsz:?}) overlap"
-                ));
-            }
-        }
-    }
-    if shape.is_empty() && chunks.is_empty() {
-        return Some("a 0-dim tensor without a chunk".into());
-    }
-    if sum != total {
-        return Some(format!(
-            "the chunks hold {sum} elements but the shape {shape:?} has {total}: part of the tensor is not stored"
-        ));
-    }
-    None
-}
-
-/// `storage.no_overlap`: distinct items of one file overlap. Returns the storage entries
-/// involved, which the byte checks then skip.
-pub fn check_overlaps(ck: &Checkpoint, storage: &[usize], checks: &mut Checks) -> Vec<usize> {
-    let mut by_file: HashMap<&str, Vec<usize>> = HashMap::new();
-    for &s in storage {
-        by_file
-            .entry(&ck.storage[s].info.relative_path)
-            .or_default()
-            .push(s);
-    }
-    let mut problems = Vec::new();
-    let mut bad = Vec::new();
-    let mut files: Vec<_> = by_file.into_iter().collect();
-    files.sort();
-    for (_, mut items) in files {
-        items.sort_by_key(|&s| (ck.storage[s].info.offset, ck.storage[s].info.length));
-        let mut reach: Option<(u64, usize)> = None;
-        for &s in &items {
-            let info = &ck.storage[s].info;
-            let Some(end) = info.offset.checked_add(info.length) else {
-                continue;
-            };
-            if let Some((prev_end, prev)) = reach {
-                let p = &ck.storage[prev].info;
-                let identical = p.offset == info.offset && p.length == info.length;
-                if info.offset < prev_end && !identical && info.length > 0 {
-                    problems.push(Finding::item(
-                        ck,
-                        s,
-                        format!(
-                            "bytes {}..{} overlap bytes {}..{} of {}",
-                            info.offset,
-                            end,
-                            p.offset,
-                            p.offset + p.length,
-                            describe_storage(ck, prev)
-                        ),
-                    ));
-                    bad.push(s);
-                    bad.push(prev);
-                }
-            }
-            if reach.is_none_or(|(e, _)| end > e) {
-                reach = Some((end, s));
-            }
-        }
-    }
-    checks.record("storage.no_overlap", storage.len() as u64, problems);
-    bad.sort_unstable();
-    bad.dedup();
-    bad
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    type Boxes<'a> = &'a [(&'a [u64], &'a [u64])];
-
-    #[test]
-    fn tiling_cases() {
-        let ok: &[(&[u64], Boxes)] = &[
-            (&[5, 6], &[(&[0, 0], &[3, 6]), (&[3, 0], &[2, 6])]),
-            (&[4, 7], &[(&[0, 0], &[4, 4]), (&[0, 4], &[4, 3])]),
-            (&[], &[(&[], &[])]),
-            (&[0, 3], &[(&[0, 0], &[0, 3])]),
-            (&[1, 4], &[(&[0, 0], &[1, 4]), (&[1, 0], &[0, 4])]),
-        ];
-        for (shape, chunks) in ok {
-            assert_eq!(
-                tiling_problem(shape, chunks.iter().copied()),
-                None,
-                "{shape:?}"
-            );
-        }
-        let bad: &[(&[u64], Boxes, &str)] = &[
-            (&[5, 6], &[(&[0, 0], &[3, 6])], "not stored"),
-            (
-                &[5, 6],
-                &[(&[0, 0], &[3, 6]), (&[2, 0], &[3, 6])],
-                "overlap",
-            ),
-            (&[5, 6], &[(&[0, 0], &[6, 6])], "past the shape"),
-            (&[5, 6], &[(&[0], &[5])], "dimensions"),
-            (&[], &[], "without a chunk"),
-        ];
-        for (shape, chunks, needle) in bad {
-            let p = tiling_problem(shape, chunks.iter().copied()).unwrap();
-            assert!(p.contains(needle), "{p}");
-        }
-    }
+    let results = checks.into_results();
+    Ok(VerifyReport {
+        checkpoint: source.describe(),
+        ok: results.iter().all(|c| c.status != Status::Fail),
+        checks: results,
+        elapsed_seconds: started.elapsed().as_secs_f64(),
+    })
 }

@@ -1,6 +1,7 @@
-//! A sink that checks items instead of keeping them: each item's archive structure and CRCs, its
-//! ZStandard transform, and its tensor against the metadata; and, with a manifest, the sha256 of
-//! every shard file (the plan then covers whole files, gaps included).
+//! The byte checks: a sink that checks items instead of keeping them (each item's archive
+//! structure and CRCs, its ZStandard transform, and its tensor against the metadata; with a
+//! manifest, the sha256 of every shard file, the plan then covering whole files, gaps included),
+//! and the run of the fetch engine that feeds it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
@@ -9,11 +10,56 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-use crate::fetch::{Sink, SinkError};
+use super::archive::{Archive, ArchiveChecker};
+use super::{Check, Checks, Finding, VerifyError, VerifyOptions, tensor};
+use crate::fetch::{self, Cancel, Progress, Sink, SinkError};
 use crate::metadata::{Checkpoint, dtype};
-use crate::plan::{FilePlan, PlanItem};
-use crate::verify::archive::{Archive, ArchiveChecker};
-use crate::verify::tensor;
+use crate::plan::{FilePlan, Plan, PlanItem, describe_storage};
+use crate::source::{ObjectMeta, ObjectName, Source};
+
+/// Reads the given storage entries through the fetch engine into a [`VerifySink`]; with
+/// `whole_files`, every byte of every file in `objects` too (for their sha256).
+pub async fn check_bytes(
+    source: &Source,
+    ck: &Arc<Checkpoint>,
+    storage: &[usize],
+    objects: &HashMap<ObjectName, ObjectMeta>,
+    whole_files: bool,
+    opts: &VerifyOptions,
+) -> Result<VerifyResults, VerifyError> {
+    let sizes: Option<HashMap<ObjectName, u64>> = whole_files.then(|| {
+        objects
+            .iter()
+            .map(|(name, meta)| (name.clone(), meta.size))
+            .collect()
+    });
+    let plan = Arc::new(
+        Plan::of_storage(ck, storage, opts.plan, sizes.as_ref()).map_err(VerifyError::Plan)?,
+    );
+    let results = Arc::new(Mutex::new(VerifyResults::default()));
+    let sink = VerifySink::new(ck.clone(), whole_files, results.clone());
+    let progress = Progress::new(plan.fetched(), plan.items() as u64, !opts.progress);
+    fetch::run(
+        source,
+        plan,
+        objects,
+        opts.engine,
+        Box::new(sink),
+        progress,
+        Cancel::on_ctrl_c(),
+    )
+    .await
+    .map_err(VerifyError::Fetch)?;
+    let mut r = std::mem::take(&mut *results.lock().expect("not poisoned"));
+    // An empty file has no bytes to pass the hasher.
+    for (name, meta) in objects.iter().filter(|_| whole_files) {
+        if meta.size == 0 {
+            r.file_sha256
+                .insert(name.to_string(), crate::sink::folder::sha256_hex(b""));
+        }
+    }
+    Ok(r)
+}
 
 /// What the byte checks found for one item.
 #[derive(Debug, Clone, Default)]
@@ -273,5 +319,51 @@ impl Sink for VerifySink {
             results.file_sha256.insert(name, hex);
         }
         Ok(())
+    }
+}
+
+impl VerifyResults {
+    /// Records what the sink found as the results of the byte checks.
+    pub fn record(&self, ck: &Checkpoint, checks: &mut Checks) {
+        let results = self;
+        let (mut archive, mut transform, mut tensor) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut n_archive, mut n_transform, mut n_tensor) = (0u64, 0u64, 0u64);
+        let mut unchecked = Vec::new();
+        for r in &results.items {
+            let s = r.storage[0];
+            if r.transformed {
+                n_transform += 1;
+                if let Some(e) = &r.transform {
+                    transform.push(Finding::item(ck, s, e.clone()));
+                    continue;
+                }
+            }
+            n_archive += 1;
+            if let Some(e) = &r.archive {
+                archive.push(Finding::item(ck, s, e.clone()));
+                continue;
+            }
+            for name in &r.unchecked_crc {
+                unchecked.push(format!(
+                    "{}: record {name} has no CRC32 (saved with compute_crc32=False)",
+                    describe_storage(ck, s)
+                ));
+            }
+            if r.tensor_checked {
+                n_tensor += 1;
+                tensor.extend(r.tensor.iter().map(|m| Finding::item(ck, s, m.clone())));
+            }
+        }
+        checks.record(Check::ItemsArchive, n_archive, archive);
+        checks.get(Check::ItemsArchive).notes.extend(unchecked);
+        if n_transform > 0 {
+            checks.record(Check::ItemsTransform, n_transform, transform);
+        } else {
+            checks
+                .get(Check::ItemsTransform)
+                .notes
+                .push("no item has a transform".into());
+        }
+        checks.record(Check::ItemsTensor, n_tensor, tensor);
     }
 }

@@ -1,13 +1,12 @@
-//! The command line: clap definitions (the doc comments are the help text) and their resolution
-//! into the typed options the library uses.
+//! The command line as clap parses it (the doc comments are the help text): flags as typed, not
+//! yet checked against each other. [`super::settings`] resolves them into what the library uses.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
-use crate::selection::{SelectionError, Spec};
-use crate::source::{Location, RetryPolicy, S3Options};
+use crate::sink::StreamFormat;
+use crate::source::Location;
 use crate::units::ByteSize;
 
 /// Download exactly the bytes you need from a PyTorch Distributed Checkpoint (DCP) in S3 or a
@@ -52,7 +51,7 @@ pub enum Command {
 /// identity, instance metadata).
 #[derive(Debug, Clone, Args, Default)]
 #[command(next_help_heading = "S3")]
-pub struct S3Args {
+pub struct S3Flags {
     /// AWS region of the bucket (default: from the environment or profile, else us-east-1).
     #[arg(long, value_name = "REGION")]
     pub region: Option<String>,
@@ -76,27 +75,10 @@ pub struct S3Args {
     pub stall_timeout: f64,
 }
 
-impl S3Args {
-    pub fn options(&self) -> S3Options {
-        S3Options {
-            region: self.region.clone(),
-            profile: self.profile.clone(),
-            endpoint_url: self.endpoint_url.clone(),
-            path_style: self.path_style,
-            no_sign_request: self.no_sign_request,
-            retry: RetryPolicy {
-                max_attempts: self.max_attempts,
-                stall_timeout: Duration::from_secs_f64(self.stall_timeout.clamp(0.05, 86_400.0)),
-                ..RetryPolicy::default()
-            },
-        }
-    }
-}
-
 /// What to select.
 #[derive(Debug, Clone, Args, Default)]
 #[command(next_help_heading = "Selection")]
-pub struct SelectArgs {
+pub struct SelectFlags {
     /// Select entries whose fqn matches this glob (repeatable; `*` also matches dots), such as
     /// 'model.layers.*.attn.*'. Without --select or --spec regions, everything is selected.
     #[arg(long = "select", short = 's', value_name = "GLOB")]
@@ -110,34 +92,24 @@ pub struct SelectArgs {
     pub spec: Option<PathBuf>,
 }
 
-impl SelectArgs {
-    pub fn spec(&self) -> Result<Spec, SelectionError> {
-        let base = match &self.spec {
-            Some(path) => Spec::from_file(path)?,
-            None => Spec::default(),
-        };
-        Ok(base.with_globs(&self.select, &self.exclude))
-    }
-}
-
 #[derive(Debug, Args)]
 pub struct LsArgs {
     /// The checkpoint: a folder, file://PATH or s3://BUCKET/PREFIX.
     #[arg(value_name = "CKPT")]
     pub checkpoint: Location,
     #[command(flatten)]
-    pub selection: SelectArgs,
+    pub selection: SelectFlags,
     /// Print one JSON document (schema in docs/output.md) instead of a table.
     #[arg(long, help_heading = "Output")]
     pub json: bool,
     #[command(flatten)]
-    pub s3: S3Args,
+    pub s3: S3Flags,
 }
 
 /// How ranges are grouped and split into requests.
 #[derive(Debug, Clone, Copy, Args)]
 #[command(next_help_heading = "Plan")]
-pub struct PlanOpts {
+pub struct PlanFlags {
     /// Join two ranges of a file into one range group when the gap between them is at most this
     /// (0 joins only adjacent ranges; inf joins the whole file). Accepts 0, 4096, 512KiB, 32MiB,
     /// 1GB, inf. 2MiB is about S3's first-byte latency times one connection's throughput: a
@@ -155,9 +127,9 @@ pub struct PlanArgs {
     #[arg(value_name = "CKPT")]
     pub checkpoint: Location,
     #[command(flatten)]
-    pub selection: SelectArgs,
+    pub selection: SelectFlags,
     #[command(flatten)]
-    pub plan: PlanOpts,
+    pub plan: PlanFlags,
     /// Print one JSON document (schema in docs/output.md) instead of a table.
     #[arg(long, help_heading = "Output")]
     pub json: bool,
@@ -165,16 +137,7 @@ pub struct PlanArgs {
     #[arg(long, help_heading = "Output")]
     pub groups: bool,
     #[command(flatten)]
-    pub s3: S3Args,
-}
-
-/// What `-o -` writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum StreamFormat {
-    /// The items' bytes back to back, in plan order (file, then offset).
-    Raw,
-    /// A tar stream with one entry per item, each a standalone torch.save archive.
-    Tar,
+    pub s3: S3Flags,
 }
 
 #[derive(Debug, Args)]
@@ -183,7 +146,7 @@ pub struct FetchArgs {
     #[arg(value_name = "CKPT")]
     pub checkpoint: Location,
     #[command(flatten)]
-    pub selection: SelectArgs,
+    pub selection: SelectFlags,
     /// Output folder (a sparse copy of the checkpoint), or - for stdout.
     #[arg(
         help_heading = "Output",
@@ -207,9 +170,9 @@ pub struct FetchArgs {
     #[arg(long, help_heading = "Output")]
     pub force: bool,
     #[command(flatten)]
-    pub plan: PlanOpts,
+    pub plan: PlanFlags,
     #[command(flatten)]
-    pub engine: EngineArgs,
+    pub engine: EngineFlags,
     /// Print a JSON summary when done: on stdout, or on stderr with -o -.
     #[arg(long, help_heading = "Output")]
     pub json: bool,
@@ -217,18 +180,29 @@ pub struct FetchArgs {
     #[arg(long, short = 'q', help_heading = "Output")]
     pub quiet: bool,
     #[command(flatten)]
-    pub s3: S3Args,
+    pub s3: S3Flags,
 }
+
+/// Requests in flight unless `--concurrency` says otherwise (also the HEADs of `plan`).
+pub const DEFAULT_CONCURRENCY: u32 = 32;
 
 /// How hard the fetch engine pushes.
 #[derive(Debug, Clone, Copy, Args)]
 #[command(next_help_heading = "Engine")]
-pub struct EngineArgs {
+pub struct EngineFlags {
     /// Requests in flight at once (32: at S3's ~30 ms first byte and ~90 MB/s per connection,
     /// 1.6x the throughput of 16; docs/performance.md).
-    #[arg(long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_CONCURRENCY, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub concurrency: u32,
-    /// Most bytes held in memory at once (requests in flight plus data waiting to be written).
+    #[command(flatten)]
+    pub memory: MemoryFlag,
+}
+
+/// The memory budget of a run: the same flag for fetch, verify and each run of bench.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct MemoryFlag {
+    /// Most bytes held in memory at once (requests in flight plus data waiting to be written); at
+    /// least --part-size.
     #[arg(long, value_name = "SIZE", default_value = "256MiB")]
     pub max_memory: ByteSize,
 }
@@ -239,7 +213,7 @@ pub struct VerifyArgs {
     #[arg(value_name = "CKPT")]
     pub checkpoint: Location,
     #[command(flatten)]
-    pub selection: SelectArgs,
+    pub selection: SelectFlags,
     /// Metadata and sizes only (HEAD/stat, no item bytes).
     #[arg(long, help_heading = "Checks")]
     pub quick: bool,
@@ -255,11 +229,11 @@ pub struct VerifyArgs {
     #[arg(long, short = 'q', help_heading = "Output")]
     pub quiet: bool,
     #[command(flatten)]
-    pub plan: PlanOpts,
+    pub plan: PlanFlags,
     #[command(flatten)]
-    pub engine: EngineArgs,
+    pub engine: EngineFlags,
     #[command(flatten)]
-    pub s3: S3Args,
+    pub s3: S3Flags,
 }
 
 #[derive(Debug, Args)]
@@ -268,7 +242,7 @@ pub struct BenchArgs {
     #[arg(value_name = "CKPT")]
     pub checkpoint: Location,
     #[command(flatten)]
-    pub selection: SelectArgs,
+    pub selection: SelectFlags,
     /// Gap sizes to try (comma-separated).
     #[arg(
         long,
@@ -299,7 +273,8 @@ pub struct BenchArgs {
     /// Runs of every setting (the report gives the median and the spread).
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000), help_heading = "Sweep")]
     pub repeat: u32,
-    /// Fetch into this folder (overwritten by every run) instead of a null sink.
+    /// Fetch into this folder instead of a null sink: a new or empty one, which each run then
+    /// overwrites (a folder holding anything else is refused).
     #[arg(
         short = 'o',
         long = "output",
@@ -307,14 +282,8 @@ pub struct BenchArgs {
         help_heading = "Sweep"
     )]
     pub output: Option<PathBuf>,
-    /// Most bytes held in memory at once by each run.
-    #[arg(
-        long,
-        value_name = "SIZE",
-        default_value = "256MiB",
-        help_heading = "Sweep"
-    )]
-    pub max_memory: ByteSize,
+    #[command(flatten, next_help_heading = "Sweep")]
+    pub memory: MemoryFlag,
     /// Print one JSON document (schema in docs/output.md) instead of the table.
     #[arg(long, help_heading = "Output", conflicts_with = "csv")]
     pub json: bool,
@@ -329,5 +298,5 @@ pub struct BenchArgs {
     #[arg(long, short = 'q', help_heading = "Output")]
     pub quiet: bool,
     #[command(flatten)]
-    pub s3: S3Args,
+    pub s3: S3Flags,
 }

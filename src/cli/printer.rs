@@ -1,0 +1,140 @@
+//! One printer decides, for every command, what goes where: reports on stdout (a table, CSV or
+//! JSON), warnings and the progress bar on stderr, and what `--quiet` and `--json` silence
+//! (uv's `Printer`).
+//!
+//! - Security findings of the metadata (globals outside the known set) are always printed.
+//! - Other warnings are printed unless `--quiet`, or unless the JSON report carries them itself
+//!   (`ls --json`, `plan --json`).
+//! - The progress bar is drawn only on a terminal, and not with `--quiet` or a machine-readable
+//!   report (`--json`, `--csv`).
+//! - When stdout carries data (`fetch -o -`), the JSON summary goes to stderr instead.
+
+use std::io::Write;
+
+use serde::Serialize;
+
+use crate::fetch::Progress;
+use crate::metadata::Checkpoint;
+use crate::report;
+
+/// How a command's report is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportFormat {
+    Table,
+    Json,
+    Csv,
+}
+
+impl ReportFormat {
+    pub fn json_if(json: bool) -> ReportFormat {
+        if json {
+            ReportFormat::Json
+        } else {
+            ReportFormat::Table
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Printer {
+    format: ReportFormat,
+    quiet: bool,
+    /// stdout carries fetched bytes: reports go to stderr.
+    data_on_stdout: bool,
+    /// The JSON report lists the warnings itself.
+    warnings_in_report: bool,
+}
+
+impl Printer {
+    /// For commands whose output is the report (`ls`, `plan`): their JSON carries the warnings.
+    pub fn report(format: ReportFormat) -> Printer {
+        Printer {
+            format,
+            quiet: false,
+            data_on_stdout: false,
+            warnings_in_report: format == ReportFormat::Json,
+        }
+    }
+
+    /// For commands that run the engine (`fetch`, `verify`, `bench`).
+    pub fn run(format: ReportFormat, quiet: bool, data_on_stdout: bool) -> Printer {
+        Printer {
+            format,
+            quiet,
+            data_on_stdout,
+            warnings_in_report: false,
+        }
+    }
+
+    pub fn format(&self) -> ReportFormat {
+        self.format
+    }
+
+    fn bar_hidden(&self) -> bool {
+        self.quiet || self.format != ReportFormat::Table
+    }
+
+    /// Whether a run's progress bar may be drawn (it still needs a terminal).
+    pub fn shows_progress(&self) -> bool {
+        !self.bar_hidden()
+    }
+
+    /// A bar over the bytes and items of a run.
+    pub fn progress(&self, bytes: u64, items: u64) -> Progress {
+        Progress::new(bytes, items, self.bar_hidden())
+    }
+
+    /// A bar over the runs of a sweep.
+    pub fn sweep_progress(&self, runs: u64) -> Progress {
+        Progress::runs(runs, self.bar_hidden())
+    }
+
+    /// The metadata's findings and warnings and the selection's warnings, on stderr.
+    pub fn warnings(&self, ck: &Checkpoint, selection: &[String]) {
+        for f in &ck.findings {
+            report::warn(&f.to_string());
+        }
+        if !self.quiet && !self.warnings_in_report {
+            for w in ck.warnings.iter().chain(selection) {
+                report::warn(w);
+            }
+        }
+    }
+
+    /// The command's report: JSON, or what `human` writes (a table or CSV), on stdout.
+    pub fn print(
+        &self,
+        report: &impl Serialize,
+        human: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+    ) -> anyhow::Result<()> {
+        let mut out: Box<dyn Write> = if self.data_on_stdout {
+            Box::new(std::io::stderr().lock())
+        } else {
+            Box::new(std::io::BufWriter::new(std::io::stdout().lock()))
+        };
+        if self.format == ReportFormat::Json {
+            serde_json::to_writer_pretty(&mut out, report)?;
+            writeln!(out)?;
+        } else {
+            human(&mut out)?;
+        }
+        out.flush()?;
+        Ok(())
+    }
+
+    /// A run's summary: JSON (as [`Printer::print`]), or one line on stderr unless `--quiet` or
+    /// stdout carries data.
+    pub fn summary(
+        &self,
+        report: &impl Serialize,
+        line: impl FnOnce() -> String,
+    ) -> anyhow::Result<()> {
+        if self.format == ReportFormat::Json {
+            return self.print(report, |_| Ok(()));
+        }
+        if !self.quiet && !self.data_on_stdout {
+            eprintln!("{}", line());
+        }
+        Ok(())
+    }
+}

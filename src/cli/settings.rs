@@ -1,0 +1,439 @@
+//! Flags resolved once, before anything is read or written: each command's flags become one
+//! settings value of library types (ripgrep's `LowArgs` -> `HiArgs`). Every rule that relates
+//! flags to each other is here, so an invalid combination is a usage error (exit 2) raised before
+//! the output folder is touched.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::args::{
+    BenchArgs, Command, DEFAULT_CONCURRENCY, EngineFlags, FetchArgs, LsArgs, MemoryFlag, PlanArgs,
+    PlanFlags, S3Flags, SelectFlags, VerifyArgs,
+};
+use super::printer::{Printer, ReportFormat};
+use crate::fetch::EngineOptions;
+use crate::pipeline::Target;
+use crate::plan::PlanOptions;
+use crate::selection::{SelectionError, Spec};
+use crate::sink::StreamFormat;
+use crate::source::{RetryPolicy, S3Options};
+use crate::units::{ByteSize, human};
+
+/// A combination of flags that cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum UsageError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Selection(#[from] SelectionError),
+}
+
+fn invalid(message: impl Into<String>) -> UsageError {
+    UsageError::Invalid(message.into())
+}
+
+/// A command with its settings resolved.
+#[derive(Debug)]
+pub enum Settings {
+    Ls(LsSettings),
+    Plan(PlanSettings),
+    Fetch(FetchSettings),
+    Verify(VerifySettings),
+    Bench(BenchSettings),
+    Completions(clap_complete::Shell),
+}
+
+#[derive(Debug)]
+pub struct LsSettings {
+    pub target: Target,
+    pub printer: Printer,
+}
+
+#[derive(Debug)]
+pub struct PlanSettings {
+    pub target: Target,
+    pub plan: PlanOptions,
+    /// List every range group, not only the per-file summary.
+    pub groups: bool,
+    /// Files statted at once.
+    pub in_flight: usize,
+    pub printer: Printer,
+}
+
+/// Where fetched items go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// A sparse copy of the checkpoint in a folder.
+    Dir {
+        path: PathBuf,
+        resume: bool,
+        force: bool,
+    },
+    /// A byte stream on stdout, with an optional JSON manifest of where each item is.
+    Stdout {
+        format: StreamFormat,
+        manifest: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug)]
+pub struct FetchSettings {
+    pub target: Target,
+    pub plan: PlanOptions,
+    pub engine: EngineOptions,
+    pub output: Output,
+    pub printer: Printer,
+}
+
+#[derive(Debug)]
+pub struct VerifySettings {
+    pub target: Target,
+    pub plan: PlanOptions,
+    pub engine: EngineOptions,
+    /// Metadata and sizes only.
+    pub quick: bool,
+    /// A sha256 manifest to compare with, or to write.
+    pub manifest: Option<PathBuf>,
+    pub printer: Printer,
+}
+
+/// One setting of a sweep.
+#[derive(Debug, Clone, Copy)]
+pub struct Trial {
+    pub plan: PlanOptions,
+    pub engine: EngineOptions,
+}
+
+#[derive(Debug)]
+pub struct BenchSettings {
+    pub target: Target,
+    /// Every combination of gap size, concurrency and part size, in sweep order.
+    pub trials: Vec<Trial>,
+    pub repeat: u32,
+    /// Fetch into this folder (refused unless it is empty or an earlier bench's) instead of a
+    /// null sink.
+    pub output: Option<PathBuf>,
+    pub plot: Option<PathBuf>,
+    pub printer: Printer,
+}
+
+impl Settings {
+    /// Resolves a parsed command line.
+    pub fn resolve(command: Command) -> Result<Settings, UsageError> {
+        Ok(match command {
+            Command::Ls(a) => Settings::Ls(ls(a)?),
+            Command::Plan(a) => Settings::Plan(plan(a)?),
+            Command::Fetch(a) => Settings::Fetch(fetch(a)?),
+            Command::Verify(a) => Settings::Verify(verify(a)?),
+            Command::Bench(a) => Settings::Bench(bench(a)?),
+            Command::Completions { shell } => Settings::Completions(shell),
+        })
+    }
+}
+
+/// The checkpoint, how to reach it and what to select.
+fn target(
+    location: crate::source::Location,
+    s3: &S3Flags,
+    select: &SelectFlags,
+) -> Result<Target, UsageError> {
+    let spec = match &select.spec {
+        Some(path) => Spec::from_file(path)?,
+        None => Spec::default(),
+    };
+    Ok(Target {
+        location,
+        store: store_options(s3),
+        spec: spec.with_globs(&select.select, &select.exclude),
+    })
+}
+
+fn store_options(s3: &S3Flags) -> S3Options {
+    S3Options {
+        region: s3.region.clone(),
+        profile: s3.profile.clone(),
+        endpoint_url: s3.endpoint_url.clone(),
+        path_style: s3.path_style,
+        no_sign_request: s3.no_sign_request,
+        retry: RetryPolicy {
+            max_attempts: s3.max_attempts,
+            stall_timeout: Duration::from_secs_f64(s3.stall_timeout.clamp(0.05, 86_400.0)),
+            ..RetryPolicy::default()
+        },
+    }
+}
+
+/// The one builder of plan and engine options, shared by fetch, verify and every trial of bench.
+pub fn plan_and_engine(
+    max_gap: ByteSize,
+    part_size: ByteSize,
+    concurrency: u32,
+    memory: MemoryFlag,
+) -> Result<Trial, UsageError> {
+    if part_size.0 == 0 || part_size.is_inf() {
+        return Err(invalid(format!(
+            "--part-size must be a positive number of bytes, not {part_size}"
+        )));
+    }
+    if concurrency == 0 {
+        return Err(invalid("--concurrency must be at least 1"));
+    }
+    let max_memory = memory.max_memory;
+    if max_memory.0 == 0 || max_memory.is_inf() {
+        return Err(invalid(format!(
+            "--max-memory must be a positive number of bytes, not {max_memory}"
+        )));
+    }
+    if part_size.0 > max_memory.0 {
+        return Err(invalid(format!(
+            "--part-size ({}) must not exceed --max-memory ({}): a request is held whole",
+            human(part_size.0),
+            human(max_memory.0)
+        )));
+    }
+    Ok(Trial {
+        plan: PlanOptions {
+            max_gap: max_gap.0,
+            part_size: part_size.0,
+        },
+        engine: EngineOptions {
+            concurrency: concurrency as usize,
+            max_memory: max_memory.0,
+        },
+    })
+}
+
+fn engine_flags(plan: &PlanFlags, engine: &EngineFlags) -> Result<Trial, UsageError> {
+    plan_and_engine(
+        plan.max_gap_size,
+        plan.part_size,
+        engine.concurrency,
+        engine.memory,
+    )
+}
+
+/// The plan options alone (`plan`), validated as a fetch would validate them.
+fn plan_flags(plan: &PlanFlags) -> Result<PlanOptions, UsageError> {
+    let memory = MemoryFlag {
+        max_memory: ByteSize(u64::MAX - 1),
+    };
+    Ok(plan_and_engine(plan.max_gap_size, plan.part_size, 1, memory)?.plan)
+}
+
+fn ls(a: LsArgs) -> Result<LsSettings, UsageError> {
+    Ok(LsSettings {
+        target: target(a.checkpoint, &a.s3, &a.selection)?,
+        printer: Printer::report(ReportFormat::json_if(a.json)),
+    })
+}
+
+fn plan(a: PlanArgs) -> Result<PlanSettings, UsageError> {
+    Ok(PlanSettings {
+        plan: plan_flags(&a.plan)?,
+        target: target(a.checkpoint, &a.s3, &a.selection)?,
+        groups: a.groups,
+        in_flight: DEFAULT_CONCURRENCY as usize,
+        printer: Printer::report(ReportFormat::json_if(a.json)),
+    })
+}
+
+fn fetch(a: FetchArgs) -> Result<FetchSettings, UsageError> {
+    let to_stdout = a.output == Path::new("-");
+    let output = if to_stdout {
+        if a.resume {
+            return Err(invalid("--resume goes with -o DIR, not with stdout"));
+        }
+        if a.force {
+            return Err(invalid("--force goes with -o DIR, not with stdout"));
+        }
+        Output::Stdout {
+            format: a.format,
+            manifest: a.manifest,
+        }
+    } else {
+        if a.manifest.is_some() || a.format != StreamFormat::Raw {
+            return Err(invalid("--manifest and --format go with -o - (stdout)"));
+        }
+        Output::Dir {
+            path: a.output,
+            resume: a.resume,
+            force: a.force,
+        }
+    };
+    let trial = engine_flags(&a.plan, &a.engine)?;
+    Ok(FetchSettings {
+        target: target(a.checkpoint, &a.s3, &a.selection)?,
+        plan: trial.plan,
+        engine: trial.engine,
+        printer: Printer::run(ReportFormat::json_if(a.json), a.quiet, to_stdout),
+        output,
+    })
+}
+
+fn verify(a: VerifyArgs) -> Result<VerifySettings, UsageError> {
+    let trial = engine_flags(&a.plan, &a.engine)?;
+    Ok(VerifySettings {
+        target: target(a.checkpoint, &a.s3, &a.selection)?,
+        plan: trial.plan,
+        engine: trial.engine,
+        quick: a.quick,
+        manifest: a.manifest,
+        printer: Printer::run(ReportFormat::json_if(a.json), a.quiet, false),
+    })
+}
+
+fn bench(a: BenchArgs) -> Result<BenchSettings, UsageError> {
+    if let Some(path) = &a.plot
+        && !path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("svg"))
+    {
+        return Err(invalid(format!(
+            "--plot draws SVG, so its file must end in .svg (not {}); for a PNG, convert it, e.g. \
+             `rsvg-convert -o sweep.png sweep.svg`",
+            path.display()
+        )));
+    }
+    let mut trials = Vec::new();
+    for &gap in &a.gap_sizes {
+        for &concurrency in &a.concurrency {
+            for &part in &a.part_sizes {
+                trials.push(plan_and_engine(gap, part, concurrency, a.memory)?);
+            }
+        }
+    }
+    if trials.is_empty() {
+        return Err(invalid(
+            "the sweep is empty: give at least one gap size, concurrency and part size",
+        ));
+    }
+    let format = if a.json {
+        ReportFormat::Json
+    } else if a.csv {
+        ReportFormat::Csv
+    } else {
+        ReportFormat::Table
+    };
+    Ok(BenchSettings {
+        target: target(a.checkpoint, &a.s3, &a.selection)?,
+        trials,
+        repeat: a.repeat,
+        output: a.output,
+        plot: a.plot,
+        printer: Printer::run(format, a.quiet, false),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::Cli;
+    use clap::Parser;
+
+    fn resolve(args: &[&str]) -> Result<Settings, UsageError> {
+        let cli = Cli::try_parse_from(std::iter::once("dcpfetch").chain(args.iter().copied()))
+            .expect("parses");
+        Settings::resolve(cli.command)
+    }
+
+    #[test]
+    fn invalid_combinations_are_usage_errors() {
+        let cases: &[(&[&str], &str)] = &[
+            (
+                &["fetch", "x", "-o", "d", "--part-size", "0"],
+                "--part-size",
+            ),
+            (
+                &["fetch", "x", "-o", "d", "--part-size", "inf"],
+                "--part-size",
+            ),
+            (
+                &[
+                    "fetch",
+                    "x",
+                    "-o",
+                    "d",
+                    "--part-size",
+                    "64MiB",
+                    "--max-memory",
+                    "32MiB",
+                ],
+                "must not exceed --max-memory",
+            ),
+            (
+                &["fetch", "x", "-o", "d", "--max-memory", "0"],
+                "--max-memory",
+            ),
+            (&["fetch", "x", "-o", "-", "--resume"], "--resume"),
+            (&["fetch", "x", "-o", "-", "--force"], "--force"),
+            (&["fetch", "x", "-o", "d", "--format", "tar"], "-o -"),
+            (&["fetch", "x", "-o", "d", "--manifest", "m.json"], "-o -"),
+            (&["verify", "x", "--part-size", "0"], "--part-size"),
+            (
+                &["verify", "x", "--part-size", "1GiB", "--max-memory", "8MiB"],
+                "--max-memory",
+            ),
+            (&["plan", "x", "--part-size", "0"], "--part-size"),
+            (&["bench", "x", "--concurrency", "4,0"], "--concurrency"),
+            (&["bench", "x", "--part-sizes", "8MiB,0"], "--part-size"),
+            (
+                &["bench", "x", "--part-sizes", "1GiB", "--max-memory", "8MiB"],
+                "--max-memory",
+            ),
+            (&["bench", "x", "--plot", "sweep.png"], ".svg"),
+        ];
+        for (args, needle) in cases {
+            match resolve(args) {
+                Err(e) => assert!(e.to_string().contains(needle), "{args:?}: {e}"),
+                Ok(s) => panic!("{args:?} resolved to {s:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn output_is_one_enum() {
+        let Settings::Fetch(f) = resolve(&["fetch", "x", "-o", "-", "--format", "tar"]).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            f.output,
+            Output::Stdout {
+                format: StreamFormat::Tar,
+                manifest: None
+            }
+        );
+        let Settings::Fetch(f) = resolve(&["fetch", "x", "-o", "d", "--resume"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            f.output,
+            Output::Dir {
+                path: "d".into(),
+                resume: true,
+                force: false
+            }
+        );
+    }
+
+    #[test]
+    fn bench_trials_are_the_product_of_the_lists() {
+        let Settings::Bench(b) = resolve(&[
+            "bench",
+            "x",
+            "--gap-sizes",
+            "0,inf",
+            "--concurrency",
+            "1,8,32",
+            "--part-sizes",
+            "1MiB",
+        ])
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(b.trials.len(), 6);
+        assert_eq!(b.trials[1].engine.concurrency, 8);
+        assert!(ByteSize(b.trials[5].plan.max_gap).is_inf());
+        assert!(b.trials.iter().all(|t| t.plan.part_size == 1 << 20));
+    }
+}

@@ -1,0 +1,212 @@
+//! The stages every command shares, wired once: open a checkpoint (its source and metadata),
+//! resolve a selection, stat the shard files and plan. Commands call these and hold no rules of
+//! their own; `bench` re-plans each setting through [`Planned::replan`], and `verify` opens and
+//! selects here before its own checks.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::metadata::{Checkpoint, MetadataError};
+use crate::plan::{Plan, PlanError, PlanOptions, describe_storage};
+use crate::selection::{Selected, SelectionError, Spec};
+use crate::source::{
+    Location, NameError, ObjectMeta, ObjectName, S3Options, Source, SourceError, TransferStats,
+    stat_each,
+};
+
+/// What a command reads: the checkpoint, how to reach it, and what to select.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub location: Location,
+    pub store: S3Options,
+    pub spec: Spec,
+}
+
+/// Why the shared stages stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("cannot open {location}")]
+    Open {
+        location: String,
+        #[source]
+        source: SourceError,
+    },
+    #[error("cannot read the metadata of {location}")]
+    Metadata {
+        location: String,
+        #[source]
+        source: MetadataError,
+    },
+    #[error("{0}")]
+    Selection(#[from] SelectionError),
+    #[error("cannot find the shard file {name}")]
+    MissingFile {
+        name: ObjectName,
+        #[source]
+        source: SourceError,
+    },
+    #[error("cannot plan the fetch")]
+    Plan(#[source] PlanError),
+    #[error("cannot plan the fetch")]
+    Name(#[source] NameError),
+    #[error("the checkpoint is inconsistent with its metadata")]
+    Inconsistent(#[source] PlanError),
+}
+
+impl PipelineError {
+    /// Whether the checkpoint or the selection is at fault (exit 1), not the environment.
+    pub fn is_problem(&self) -> bool {
+        match self {
+            PipelineError::Open { .. } | PipelineError::Metadata { .. } => false,
+            PipelineError::Selection(e) => matches!(e, SelectionError::NothingMatched { .. }),
+            PipelineError::MissingFile { .. }
+            | PipelineError::Plan(_)
+            | PipelineError::Name(_)
+            | PipelineError::Inconsistent(_) => true,
+        }
+    }
+}
+
+/// A checkpoint opened for reading: its source and its metadata.
+#[derive(Debug, Clone)]
+pub struct Opened {
+    pub source: Source,
+    pub ck: Arc<Checkpoint>,
+}
+
+/// A selection resolved against a checkpoint.
+#[derive(Debug, Clone)]
+pub struct Selection {
+    pub selected: Vec<Selected>,
+    pub warnings: Vec<String>,
+    /// Everything was asked for (no globs, no exclusions, no regions).
+    pub everything: bool,
+}
+
+/// Which files to stat when planning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Files {
+    /// The files the plan reads.
+    Planned,
+    /// Every shard file the metadata names (a folder copy creates them all; `plan` reports the
+    /// checkpoint's size).
+    Every,
+}
+
+impl Opened {
+    /// Opens the source and reads the metadata.
+    pub async fn open(target: &Target) -> Result<Opened, PipelineError> {
+        let location = target.location.to_string();
+        let stats = Arc::new(TransferStats::default());
+        let source = Source::open(&target.location, &target.store, stats)
+            .await
+            .map_err(|source| PipelineError::Open {
+                location: location.clone(),
+                source,
+            })?;
+        let ck = Checkpoint::load(&source)
+            .await
+            .map_err(|source| PipelineError::Metadata { location, source })?;
+        Ok(Opened {
+            source,
+            ck: Arc::new(ck),
+        })
+    }
+
+    /// Resolves a selection.
+    pub fn select(&self, spec: &Spec) -> Result<Selection, PipelineError> {
+        let (selected, warnings) = spec.resolve(&self.ck)?;
+        Ok(Selection {
+            selected,
+            warnings,
+            everything: spec.selects_all() && spec.exclude.is_empty(),
+        })
+    }
+
+    /// Every shard file the metadata names.
+    pub fn every_file(&self) -> Result<Vec<ObjectName>, PipelineError> {
+        self.ck
+            .files()
+            .into_iter()
+            .map(ObjectName::new)
+            .collect::<Result<_, _>>()
+            .map_err(PipelineError::Name)
+    }
+
+    /// Size and version of every named file; a missing one is a problem with the checkpoint.
+    pub async fn stat_all(
+        &self,
+        names: &[ObjectName],
+        in_flight: usize,
+    ) -> Result<HashMap<ObjectName, ObjectMeta>, PipelineError> {
+        let mut out = HashMap::with_capacity(names.len());
+        for (name, meta) in stat_each(&self.source, names, in_flight).await {
+            match meta {
+                Ok(meta) => {
+                    out.insert(name, meta);
+                }
+                Err(source) => return Err(PipelineError::MissingFile { name, source }),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The fetch plan of a selection.
+    pub fn plan(&self, selection: &Selection, opts: PlanOptions) -> Result<Plan, PipelineError> {
+        Plan::build(&self.ck, &selection.selected, opts).map_err(PipelineError::Plan)
+    }
+}
+
+/// A checkpoint opened, a selection resolved and planned, and the files' sizes checked.
+#[derive(Debug)]
+pub struct Planned {
+    pub opened: Opened,
+    pub selection: Selection,
+    pub plan: Plan,
+    /// Size and version of the files asked for ([`Files`]).
+    pub objects: HashMap<ObjectName, ObjectMeta>,
+}
+
+impl Planned {
+    /// Opens, selects, plans with `opts`, stats `files` (`in_flight` at a time) and checks that
+    /// every planned item lies inside its file.
+    pub async fn new(
+        target: &Target,
+        opts: PlanOptions,
+        files: Files,
+        in_flight: usize,
+    ) -> Result<Planned, PipelineError> {
+        let opened = Opened::open(target).await?;
+        let selection = opened.select(&target.spec)?;
+        let plan = opened.plan(&selection, opts)?;
+        let names = match files {
+            Files::Every => opened.every_file()?,
+            Files::Planned => plan.files.iter().map(|f| f.name.clone()).collect(),
+        };
+        let objects = opened.stat_all(&names, in_flight).await?;
+        for f in &plan.files {
+            f.check_size(objects[&f.name].size, &|s| describe_storage(&opened.ck, s))
+                .map_err(PipelineError::Inconsistent)?;
+        }
+        Ok(Planned {
+            opened,
+            selection,
+            plan,
+            objects,
+        })
+    }
+
+    /// The same selection planned with other options (same items, so the sizes checked by
+    /// [`Planned::new`] still hold).
+    pub fn replan(&self, opts: PlanOptions) -> Result<Plan, PipelineError> {
+        self.opened.plan(&self.selection, opts)
+    }
+
+    pub fn source(&self) -> &Source {
+        &self.opened.source
+    }
+
+    pub fn ck(&self) -> &Arc<Checkpoint> {
+        &self.opened.ck
+    }
+}
