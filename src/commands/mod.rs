@@ -12,13 +12,12 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::CommandFactory;
-use tokio::task::JoinSet;
 
 use crate::cli::{Cli, Command, PlanOpts, S3Args, SelectArgs};
 use crate::metadata::Checkpoint;
 use crate::plan::{Plan, PlanOptions, describe_storage};
 use crate::report::{self, Outcome, Problem};
-use crate::source::{Location, ObjectMeta, ObjectName, Source, SourceError, TransferStats};
+use crate::source::{self, Location, ObjectMeta, ObjectName, Source, TransferStats};
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<Outcome> {
     match cli.command {
@@ -64,60 +63,21 @@ pub(crate) fn warn_about(ck: &Checkpoint, selection_warnings: &[String], quiet: 
     }
 }
 
-/// Size and version of each named object, each with its own result. Up to 32 objects are asked
-/// for concurrently (HEADs or stats). More than that are looked up in one listing of the
-/// checkpoint (on S3 a request per 1,000 objects instead of one per object: checkpoints saved with
-/// a file per item have thousands); what the listing lacks (a name in a sub-folder, a missing
-/// object), or everything when listing is not allowed, is then asked for one by one.
-pub(crate) async fn stat_each(
-    source: &Source,
-    names: &[ObjectName],
-) -> Vec<(ObjectName, Result<ObjectMeta, SourceError>)> {
-    const IN_FLIGHT: usize = 32;
-    let mut out = Vec::with_capacity(names.len());
-    let mut rest = names.to_vec();
-    if names.len() > IN_FLIGHT
-        && let Ok(listed) = source.list().await
-    {
-        let mut listed: HashMap<String, ObjectMeta> = listed.into_iter().collect();
-        rest.retain(|name| match listed.remove(name.as_str()) {
-            Some(meta) => {
-                out.push((name.clone(), Ok(meta)));
-                false
-            }
-            None => true,
-        });
-    }
-    let mut tasks = JoinSet::new();
-    let mut pending = rest.into_iter();
-    loop {
-        while tasks.len() < IN_FLIGHT {
-            let Some(name) = pending.next() else { break };
-            let source = source.clone();
-            tasks.spawn(async move {
-                let meta = source.stat(name.as_str()).await;
-                (name, meta)
-            });
-        }
-        let Some(done) = tasks.join_next().await else {
-            break;
-        };
-        out.push(done.expect("stat tasks do not panic"));
-    }
-    out
-}
+/// Stats (HEADs) in flight at once when looking up shard files.
+pub(crate) const STATS_IN_FLIGHT: usize = 32;
 
 /// Size and version of every named object; a missing one is a problem with the checkpoint.
 pub(crate) async fn stat_all(
     source: &Source,
     names: &[ObjectName],
 ) -> anyhow::Result<HashMap<ObjectName, ObjectMeta>> {
-    let mut out = HashMap::with_capacity(names.len());
-    for (name, meta) in stat_each(source, names).await {
-        let meta = meta.with_context(|| Problem(format!("cannot find the shard file {name}")))?;
-        out.insert(name, meta);
-    }
-    Ok(out)
+    source::stat_all(source, names, STATS_IN_FLIGHT)
+        .await
+        .map_err(|e| {
+            // "cannot find the shard file NAME", then the source's error as its cause.
+            let message = e.to_string();
+            anyhow::Error::new(e.source).context(Problem(message))
+        })
 }
 
 /// Prints a report on stdout: one JSON document, or what `human` writes.

@@ -161,7 +161,7 @@ async fn stat_files(
         .map(|n| ObjectName::new(n))
         .collect::<Result<_, _>>()?;
     let mut out = HashMap::new();
-    for (name, meta) in super::stat_each(source, &names).await {
+    for (name, meta) in crate::source::stat_each(source, &names, super::STATS_IN_FLIGHT).await {
         match meta {
             Ok(m) => {
                 out.insert(name.to_string(), m);

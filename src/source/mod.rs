@@ -3,12 +3,14 @@
 //! Everything above this module (metadata, plan, fetch) speaks only of object names relative to
 //! the checkpoint and half-open byte ranges, through a [`Source`]: a handle on an [`ObjectStore`]
 //! (the way mountpoint-s3 injects its object client). The backends turn names and ranges into
-//! positional reads or ranged GETs.
+//! positional reads or ranged GETs; [`FaultStore`] wraps any backend to inject failures in tests.
 
+pub mod fault;
 mod local;
 mod location;
 mod name;
 pub mod s3;
+mod stat;
 
 use std::fmt;
 use std::future::Future;
@@ -20,10 +22,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+pub use fault::FaultStore;
 pub use local::LocalSource;
 pub use location::Location;
 pub use name::{NameError, ObjectName};
 pub use s3::{S3Options, S3Source};
+pub use stat::{StatError, stat_all, stat_each};
 
 /// Size and version of one object, seen once and then required of every read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -187,7 +191,8 @@ impl SourceError {
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A storage backend: what the engine, the metadata reader and the checks need of a place that
-/// holds a checkpoint's objects. [`LocalSource`] and [`S3Source`] implement it. To add a backend, implement this trait and
+/// holds a checkpoint's objects. [`LocalSource`] and [`S3Source`] implement it; [`FaultStore`]
+/// wraps any of them to inject failures in tests. To add a backend, implement this trait and
 /// build a [`Source`] with [`Source::new`].
 ///
 /// Names come already checked ([`ObjectName`]) and ranges already inside the object: [`Source`]
