@@ -10,8 +10,8 @@ use crate::metadata::{Checkpoint, MetadataError};
 use crate::plan::{Plan, PlanError, PlanOptions, describe_storage};
 use crate::selection::{Selected, SelectionError, Spec};
 use crate::source::{
-    Location, NameError, ObjectMeta, ObjectName, S3Options, Source, SourceError, TransferStats,
-    stat_each,
+    Location, NameError, ObjectMeta, ObjectName, S3Options, Source, SourceError, StatError,
+    TransferStats, stat_all,
 };
 
 /// What a command reads: the checkpoint, how to reach it, and what to select.
@@ -39,12 +39,8 @@ pub enum PipelineError {
     },
     #[error("{0}")]
     Selection(#[from] SelectionError),
-    #[error("cannot find the shard file {name}")]
-    MissingFile {
-        name: ObjectName,
-        #[source]
-        source: SourceError,
-    },
+    #[error("{0}")]
+    MissingFile(#[source] StatError),
     #[error("cannot plan the fetch")]
     Plan(#[source] PlanError),
     #[error("cannot plan the fetch")]
@@ -59,7 +55,7 @@ impl PipelineError {
         match self {
             PipelineError::Open { .. } | PipelineError::Metadata { .. } => false,
             PipelineError::Selection(e) => matches!(e, SelectionError::NothingMatched { .. }),
-            PipelineError::MissingFile { .. }
+            PipelineError::MissingFile(_)
             | PipelineError::Plan(_)
             | PipelineError::Name(_)
             | PipelineError::Inconsistent(_) => true,
@@ -139,16 +135,9 @@ impl Opened {
         names: &[ObjectName],
         in_flight: usize,
     ) -> Result<HashMap<ObjectName, ObjectMeta>, PipelineError> {
-        let mut out = HashMap::with_capacity(names.len());
-        for (name, meta) in stat_each(&self.source, names, in_flight).await {
-            match meta {
-                Ok(meta) => {
-                    out.insert(name, meta);
-                }
-                Err(source) => return Err(PipelineError::MissingFile { name, source }),
-            }
-        }
-        Ok(out)
+        stat_all(&self.source, names, in_flight)
+            .await
+            .map_err(PipelineError::MissingFile)
     }
 
     /// The fetch plan of a selection.

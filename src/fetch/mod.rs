@@ -11,6 +11,7 @@
 mod progress;
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -207,7 +208,10 @@ pub async fn run(
             let range = p.range.clone();
             let meta = meta.clone();
             let task = tokio::spawn(async move {
-                let chunks = source.read_range(&name, range, &meta).await;
+                let chunks = source
+                    .read_range(&name, range.clone(), &meta)
+                    .await
+                    .and_then(|chunks| whole(&name, &range, chunks));
                 drop(slot);
                 chunks.map(|chunks| Fetched {
                     file: fi,
@@ -226,6 +230,22 @@ pub async fn run(
     report.elapsed = started.elapsed();
     report.peak_memory = peak_units * UNIT;
     Ok(report)
+}
+
+/// A part's chunks, if they hold exactly its range's bytes: a store that sent fewer or more must
+/// not have any of them reach the sink.
+fn whole(name: &str, range: &Range<u64>, chunks: Vec<Bytes>) -> Result<Vec<Bytes>, SourceError> {
+    let received: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+    let want = range.end - range.start;
+    if received != want {
+        return Err(SourceError::BadResponse {
+            name: name.to_owned(),
+            start: range.start,
+            end: range.end,
+            detail: format!("{received} bytes arrived for a range of {want}"),
+        });
+    }
+    Ok(chunks)
 }
 
 /// Waits for the parts in order and cuts them into item pieces for the sink.

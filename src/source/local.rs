@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 
-use super::{ObjectMeta, ObjectName, SourceError, TransferStats};
+use super::{BoxFuture, ObjectMeta, ObjectName, ObjectStore, SourceError, TransferStats};
 
 /// A folder holding a checkpoint.
 #[derive(Debug, Clone)]
@@ -27,14 +27,6 @@ impl LocalSource {
             stats,
             open: Arc::default(),
         }
-    }
-
-    pub fn describe(&self) -> String {
-        self.root.display().to_string()
-    }
-
-    pub fn stats(&self) -> &Arc<TransferStats> {
-        &self.stats
     }
 
     fn path(&self, name: &ObjectName) -> PathBuf {
@@ -68,39 +60,6 @@ impl LocalSource {
         }
     }
 
-    pub async fn stat(&self, name: &ObjectName) -> Result<ObjectMeta, SourceError> {
-        let path = self.path(name);
-        match tokio::fs::metadata(&path).await {
-            Ok(m) if m.is_file() => Ok(Self::meta_of(&m)),
-            Ok(_) => Err(SourceError::Io {
-                path: path.display().to_string(),
-                source: std::io::Error::other("not a regular file"),
-            }),
-            Err(e) => Err(self.io_error(name, e)),
-        }
-    }
-
-    /// The regular files directly in the folder (links followed, as [`LocalSource::stat`] does).
-    pub async fn list(&self) -> Result<Vec<(String, ObjectMeta)>, SourceError> {
-        let io = |e| SourceError::Io {
-            path: self.describe(),
-            source: e,
-        };
-        let mut dir = tokio::fs::read_dir(&self.root).await.map_err(io)?;
-        let mut out = Vec::new();
-        while let Some(e) = dir.next_entry().await.map_err(io)? {
-            let Some(name) = e.file_name().to_str().map(str::to_owned) else {
-                continue;
-            };
-            if let Ok(m) = tokio::fs::metadata(e.path()).await
-                && m.is_file()
-            {
-                out.push((name, Self::meta_of(&m)));
-            }
-        }
-        Ok(out)
-    }
-
     fn file(&self, name: &ObjectName) -> Result<Arc<File>, SourceError> {
         let mut open = self.open.lock().expect("no panics while holding the lock");
         if let Some(f) = open.get(name) {
@@ -110,53 +69,102 @@ impl LocalSource {
         open.insert(name.clone(), f.clone());
         Ok(f)
     }
+}
 
-    pub async fn read_range(
-        &self,
-        name: &ObjectName,
-        range: Range<u64>,
-        meta: &ObjectMeta,
-    ) -> Result<Vec<Bytes>, SourceError> {
-        let this = self.clone();
-        let path = self.path(name);
-        let name = name.clone();
-        let meta = meta.clone();
-        let read = tokio::task::spawn_blocking(move || {
-            this.stats.add_request();
-            let file = this.file(&name)?;
-            let now = Self::meta_of(&file.metadata().map_err(|e| this.io_error(&name, e))?);
-            if now.version != meta.version {
-                return Err(SourceError::Changed {
-                    name: name.to_string(),
-                    expected: meta.version.clone().unwrap_or_default(),
-                    found: now.version.unwrap_or_default(),
-                });
+impl ObjectStore for LocalSource {
+    fn describe(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    fn stats(&self) -> &Arc<TransferStats> {
+        &self.stats
+    }
+
+    fn stat<'a>(&'a self, name: &'a ObjectName) -> BoxFuture<'a, Result<ObjectMeta, SourceError>> {
+        Box::pin(async move {
+            let path = self.path(name);
+            match tokio::fs::metadata(&path).await {
+                Ok(m) if m.is_file() => Ok(Self::meta_of(&m)),
+                Ok(_) => Err(SourceError::Io {
+                    path: path.display().to_string(),
+                    source: std::io::Error::other("not a regular file"),
+                }),
+                Err(e) => Err(self.io_error(name, e)),
             }
-            let mut buf = BytesMut::zeroed((range.end - range.start) as usize);
-            file.read_exact_at(&mut buf, range.start).map_err(|e| {
-                if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                    SourceError::BadResponse {
-                        name: name.to_string(),
-                        start: range.start,
-                        end: range.end,
-                        detail: "the file ends before the range does".into(),
-                    }
-                } else {
-                    this.io_error(&name, e)
+        })
+    }
+
+    /// The regular files directly in the folder (links followed, as `stat` does).
+    fn list(&self) -> BoxFuture<'_, Result<Vec<(String, ObjectMeta)>, SourceError>> {
+        Box::pin(async move {
+            let io = |e| SourceError::Io {
+                path: self.describe(),
+                source: e,
+            };
+            let mut dir = tokio::fs::read_dir(&self.root).await.map_err(io)?;
+            let mut out = Vec::new();
+            while let Some(e) = dir.next_entry().await.map_err(io)? {
+                let Some(name) = e.file_name().to_str().map(str::to_owned) else {
+                    continue;
+                };
+                if let Ok(m) = tokio::fs::metadata(e.path()).await
+                    && m.is_file()
+                {
+                    out.push((name, Self::meta_of(&m)));
                 }
-            })?;
-            this.stats.add_bytes(buf.len() as u64);
-            Ok(vec![buf.freeze()])
-        });
-        match read.await {
-            Ok(result) => result,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            // The runtime is shutting down (a closed stdout ends the run early) before the read
-            // ran: nobody waits for it any more, and it must not print a panic on the way out.
-            Err(_) => Err(SourceError::Io {
-                path: path.display().to_string(),
-                source: std::io::Error::other("the read was cancelled"),
-            }),
-        }
+            }
+            Ok(out)
+        })
+    }
+
+    fn read_range<'a>(
+        &'a self,
+        name: &'a ObjectName,
+        range: Range<u64>,
+        meta: &'a ObjectMeta,
+    ) -> BoxFuture<'a, Result<Vec<Bytes>, SourceError>> {
+        Box::pin(async move {
+            let this = self.clone();
+            let path = self.path(name);
+            let name = name.clone();
+            let meta = meta.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                this.stats.add_request();
+                let file = this.file(&name)?;
+                let now = Self::meta_of(&file.metadata().map_err(|e| this.io_error(&name, e))?);
+                if now.version != meta.version {
+                    return Err(SourceError::Changed {
+                        name: name.to_string(),
+                        expected: meta.version.clone().unwrap_or_default(),
+                        found: now.version.unwrap_or_default(),
+                    });
+                }
+                let mut buf = BytesMut::zeroed((range.end - range.start) as usize);
+                file.read_exact_at(&mut buf, range.start).map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        SourceError::BadResponse {
+                            name: name.to_string(),
+                            start: range.start,
+                            end: range.end,
+                            detail: "the file ends before the range does".into(),
+                        }
+                    } else {
+                        this.io_error(&name, e)
+                    }
+                })?;
+                this.stats.add_bytes(buf.len() as u64);
+                Ok(vec![buf.freeze()])
+            });
+            match read.await {
+                Ok(result) => result,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                // The runtime is shutting down (a closed stdout ends the run early) before the read
+                // ran: nobody waits for it any more, and it must not print a panic on the way out.
+                Err(_) => Err(SourceError::Io {
+                    path: path.display().to_string(),
+                    source: std::io::Error::other("the read was cancelled"),
+                }),
+            }
+        })
     }
 }

@@ -1,27 +1,33 @@
-//! Where a checkpoint's bytes come from: a local folder or an S3 prefix, behind one type.
+//! Where a checkpoint's bytes come from: a local folder or an S3 prefix, behind one trait.
 //!
 //! Everything above this module (metadata, plan, fetch) speaks only of object names relative to
-//! the checkpoint and half-open byte ranges; the backends turn them into positional reads or
-//! ranged GETs.
+//! the checkpoint and half-open byte ranges, through a [`Source`]: a handle on an [`ObjectStore`]
+//! (the way mountpoint-s3 injects its object client). The backends turn names and ranges into
+//! positional reads or ranged GETs; [`FaultStore`] wraps any backend to inject failures in tests.
 
+pub mod fault;
 mod local;
 mod location;
 mod name;
 pub mod s3;
 mod stat;
 
+use std::fmt;
+use std::future::Future;
 use std::ops::Range;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 
+pub use fault::FaultStore;
 pub use local::LocalSource;
 pub use location::Location;
 pub use name::{NameError, ObjectName};
 pub use s3::{S3Options, S3Source};
-pub use stat::stat_each;
+pub use stat::{StatError, stat_all, stat_each};
 
 /// Size and version of one object, seen once and then required of every read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -181,14 +187,67 @@ impl SourceError {
     }
 }
 
-/// A checkpoint location opened for reading.
-#[derive(Debug, Clone)]
-pub enum Source {
-    Local(LocalSource),
-    S3(S3Source),
+/// A future returned by an [`ObjectStore`] method: boxed, so that the trait stays dyn-compatible.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A storage backend: what the engine, the metadata reader and the checks need of a place that
+/// holds a checkpoint's objects. [`LocalSource`] and [`S3Source`] implement it; [`FaultStore`]
+/// wraps any of them to inject failures in tests. To add a backend, implement this trait and
+/// build a [`Source`] with [`Source::new`].
+///
+/// Names come already checked ([`ObjectName`]) and ranges already inside the object: [`Source`]
+/// validates both once for every backend.
+pub trait ObjectStore: Send + Sync + fmt::Debug {
+    /// The location as a person would write it.
+    fn describe(&self) -> String;
+
+    /// The counters every read of this store adds to.
+    fn stats(&self) -> &Arc<TransferStats>;
+
+    /// Size and version of an object.
+    fn stat<'a>(&'a self, name: &'a ObjectName) -> BoxFuture<'a, Result<ObjectMeta, SourceError>>;
+
+    /// The objects directly inside the checkpoint (not in sub-folders), with their size and
+    /// version as [`ObjectStore::stat`] gives them.
+    fn list(&self) -> BoxFuture<'_, Result<Vec<(String, ObjectMeta)>, SourceError>>;
+
+    /// A whole object of at most `limit` bytes (refused with [`SourceError::TooLarge`] before its
+    /// body is read), and its size and version. The default stats the object and reads its whole
+    /// range; a store that can do it in fewer requests (one GET on S3) overrides it.
+    fn read_object<'a>(
+        &'a self,
+        name: &'a ObjectName,
+        limit: u64,
+    ) -> BoxFuture<'a, Result<(ObjectMeta, Vec<Bytes>), SourceError>> {
+        Box::pin(async move {
+            let meta = self.stat(name).await?;
+            fits(name, meta.size, limit)?;
+            let chunks = self.read_range(name, 0..meta.size, &meta).await?;
+            Ok((meta, chunks))
+        })
+    }
+
+    /// The bytes `range` (inside the object) of an object as received, in order. Fails unless the
+    /// object is still the version `meta` describes ([`SourceError::Changed`]).
+    fn read_range<'a>(
+        &'a self,
+        name: &'a ObjectName,
+        range: Range<u64>,
+        meta: &'a ObjectMeta,
+    ) -> BoxFuture<'a, Result<Vec<Bytes>, SourceError>>;
 }
 
+/// A checkpoint location opened for reading: a cheap-to-clone handle on an [`ObjectStore`] that
+/// checks names and ranges once for every backend.
+#[derive(Debug, Clone)]
+pub struct Source(Arc<dyn ObjectStore>);
+
 impl Source {
+    /// A handle on any store (a test double, another backend).
+    pub fn new(store: Arc<dyn ObjectStore>) -> Source {
+        Source(store)
+    }
+
     /// Opens a location: a folder needs nothing; S3 builds a client from the default chain and
     /// `opts`.
     pub async fn open(
@@ -197,45 +256,33 @@ impl Source {
         stats: Arc<TransferStats>,
     ) -> Result<Source, SourceError> {
         Ok(match location {
-            Location::Local(path) => Source::Local(LocalSource::new(path.clone(), stats)),
-            Location::S3 { bucket, prefix } => {
-                Source::S3(S3Source::connect(bucket.clone(), prefix.clone(), opts, stats).await?)
-            }
+            Location::Local(path) => Source::new(Arc::new(LocalSource::new(path.clone(), stats))),
+            Location::S3 { bucket, prefix } => Source::new(Arc::new(
+                S3Source::connect(bucket.clone(), prefix.clone(), opts, stats).await?,
+            )),
         })
     }
 
     /// The location as a person would write it.
     pub fn describe(&self) -> String {
-        match self {
-            Source::Local(l) => l.describe(),
-            Source::S3(s) => s.describe(),
-        }
+        self.0.describe()
     }
 
     /// The counters every read of this source adds to.
     pub fn stats(&self) -> &Arc<TransferStats> {
-        match self {
-            Source::Local(l) => l.stats(),
-            Source::S3(s) => s.stats(),
-        }
+        self.0.stats()
     }
 
     /// Size and version of an object.
     pub async fn stat(&self, name: &str) -> Result<ObjectMeta, SourceError> {
         let name = ObjectName::new(name)?;
-        match self {
-            Source::Local(l) => l.stat(&name).await,
-            Source::S3(s) => s.stat(&name).await,
-        }
+        self.0.stat(&name).await
     }
 
     /// The objects directly inside the checkpoint (not in sub-folders), with their size and
     /// version as [`Source::stat`] gives them: one listing request per 1,000 objects on S3.
     pub async fn list(&self) -> Result<Vec<(String, ObjectMeta)>, SourceError> {
-        match self {
-            Source::Local(l) => l.list().await,
-            Source::S3(s) => s.list().await,
-        }
+        self.0.list().await
     }
 
     /// A whole object of at most `limit` bytes, and its size and version, in as few requests as
@@ -246,21 +293,10 @@ impl Source {
         limit: u64,
     ) -> Result<(ObjectMeta, Vec<u8>), SourceError> {
         let name = ObjectName::new(name)?;
-        let (meta, chunks) = match self {
-            Source::Local(l) => {
-                let meta = l.stat(&name).await?;
-                fits(&name, meta.size, limit)?;
-                let chunks = self.read_range(name.as_str(), 0..meta.size, &meta).await?;
-                (meta, chunks)
-            }
-            Source::S3(s) => s.read_object(&name, limit).await?,
-        };
-        Ok((meta, chunks.concat()))
-    }
-
-    /// A whole (small) object, which must still be as `meta` describes it.
-    pub async fn read_all(&self, name: &str, meta: &ObjectMeta) -> Result<Vec<u8>, SourceError> {
-        self.read_all_range(name, 0..meta.size, meta).await
+        let (meta, chunks) = self.0.read_object(&name, limit).await?;
+        let data = chunks.concat();
+        received_whole(&name, 0..meta.size, data.len())?;
+        Ok((meta, data))
     }
 
     /// A (small) range of an object in one buffer.
@@ -274,11 +310,9 @@ impl Source {
             return Ok(Vec::new());
         }
         let chunks = self.read_range(name, range.clone(), meta).await?;
-        let mut out = Vec::with_capacity((range.end - range.start) as usize);
-        for c in chunks {
-            out.extend_from_slice(&c);
-        }
-        Ok(out)
+        let data = chunks.concat();
+        received_whole(&ObjectName::new(name)?, range, data.len())?;
+        Ok(data)
     }
 
     /// The bytes `range` of an object as received (zero-copy chunks), in order. Fails unless the
@@ -298,11 +332,22 @@ impl Source {
                 detail: format!("range is outside the object's {} bytes", meta.size),
             });
         }
-        match self {
-            Source::Local(l) => l.read_range(&name, range, meta).await,
-            Source::S3(s) => s.read_range(&name, range, meta).await,
-        }
+        self.0.read_range(&name, range, meta).await
     }
+}
+
+/// Refuses a buffer whose length is not that of the range it was read for.
+fn received_whole(name: &ObjectName, range: Range<u64>, len: usize) -> Result<(), SourceError> {
+    let want = range.end - range.start;
+    if len as u64 != want {
+        return Err(SourceError::BadResponse {
+            name: name.to_string(),
+            start: range.start,
+            end: range.end,
+            detail: format!("{len} bytes arrived for a range of {want}"),
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

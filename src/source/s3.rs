@@ -21,7 +21,9 @@ use aws_sdk_s3::config::{
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use bytes::Bytes;
 
-use super::{ObjectMeta, ObjectName, RetryPolicy, SourceError, TransferStats};
+use super::{
+    BoxFuture, ObjectMeta, ObjectName, ObjectStore, RetryPolicy, SourceError, TransferStats,
+};
 
 /// How to reach S3: everything not given here comes from aws-config's default chain (environment,
 /// profiles, SSO, web identity, instance metadata).
@@ -102,18 +104,6 @@ impl S3Source {
             retry: opts.retry,
             stats,
         })
-    }
-
-    pub fn describe(&self) -> String {
-        if self.prefix.is_empty() {
-            format!("s3://{}", self.bucket)
-        } else {
-            format!("s3://{}/{}", self.bucket, self.prefix)
-        }
-    }
-
-    pub fn stats(&self) -> &Arc<TransferStats> {
-        &self.stats
     }
 
     fn key(&self, name: &ObjectName) -> String {
@@ -228,156 +218,6 @@ impl S3Source {
             attempts: self.retry.max_attempts,
             last,
         })
-    }
-
-    pub async fn stat(&self, name: &ObjectName) -> Result<ObjectMeta, SourceError> {
-        let key = self.key(name);
-        self.retrying(name.as_str(), || async {
-            let out = self
-                .client
-                .head_object()
-                .bucket(&self.bucket)
-                .key(&key)
-                .send()
-                .await
-                .map_err(|e| self.classify(name.as_str(), None, e))?;
-            let size = out.content_length().unwrap_or(0);
-            Ok(ObjectMeta {
-                size: u64::try_from(size).unwrap_or(0),
-                version: out.e_tag().map(str::to_owned),
-            })
-        })
-        .await
-    }
-
-    pub async fn list(&self) -> Result<Vec<(String, ObjectMeta)>, SourceError> {
-        let prefix = if self.prefix.is_empty() {
-            String::new()
-        } else {
-            format!("{}/", self.prefix)
-        };
-        let mut names = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let page = self
-                .retrying(&self.describe(), || async {
-                    self.client
-                        .list_objects_v2()
-                        .bucket(&self.bucket)
-                        .prefix(&prefix)
-                        .delimiter("/")
-                        .set_continuation_token(token.clone())
-                        .send()
-                        .await
-                        .map_err(|e| self.classify(&self.describe(), None, e))
-                })
-                .await?;
-            names.extend(page.contents().iter().filter_map(|o| {
-                let name = o.key()?.strip_prefix(&prefix)?.to_owned();
-                let meta = ObjectMeta {
-                    size: u64::try_from(o.size()?).ok()?,
-                    version: o.e_tag().map(str::to_owned),
-                };
-                Some((name, meta))
-            }));
-            match page.next_continuation_token() {
-                Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_owned()),
-                _ => break,
-            }
-        }
-        Ok(names)
-    }
-
-    /// A whole object of at most `limit` bytes in one GET, with the size and ETag of its answer
-    /// (no HEAD first: the metadata is read this way). A body that breaks or stalls is resumed
-    /// from the last byte received, pinned to that ETag.
-    pub async fn read_object(
-        &self,
-        name: &ObjectName,
-        limit: u64,
-    ) -> Result<(ObjectMeta, Vec<Bytes>), SourceError> {
-        let key = self.key(name);
-        let out = self
-            .retrying(name.as_str(), || async {
-                self.client
-                    .get_object()
-                    .bucket(&self.bucket)
-                    .key(&key)
-                    .send()
-                    .await
-                    .map_err(|e| self.classify(name.as_str(), None, e))
-            })
-            .await?;
-        let meta = ObjectMeta {
-            size: out
-                .content_length()
-                .and_then(|n| u64::try_from(n).ok())
-                .unwrap_or(0),
-            version: out.e_tag().map(str::to_owned),
-        };
-        super::fits(name, meta.size, limit)?;
-        let mut chunks = Vec::new();
-        let mut pos = 0u64;
-        match self
-            .receive(name, out.body, 0..meta.size, &mut chunks, &mut pos)
-            .await
-        {
-            Ok(()) => {}
-            Err(Failure::Fatal(e)) => return Err(e),
-            // Broke, stalled or ended short: the rest, pinned to this answer's ETag.
-            Err(Failure::Retry(_)) => {
-                chunks.extend(self.read_range(name, pos..meta.size, &meta).await?);
-            }
-        }
-        Ok((meta, chunks))
-    }
-
-    /// One ranged read, resumed from the last byte received when the body breaks.
-    pub async fn read_range(
-        &self,
-        name: &ObjectName,
-        range: Range<u64>,
-        meta: &ObjectMeta,
-    ) -> Result<Vec<Bytes>, SourceError> {
-        let key = self.key(name);
-        let mut chunks: Vec<Bytes> = Vec::new();
-        let mut pos = range.start;
-        let mut failures = 0u32;
-        let mut attempts = 0u32;
-        let mut last = String::new();
-        let max_total = self.retry.max_attempts.saturating_mul(4);
-        while pos < range.end {
-            if failures >= self.retry.max_attempts || attempts >= max_total {
-                return Err(SourceError::Exhausted {
-                    what: format!("{name} bytes {}..{}", range.start, range.end),
-                    attempts,
-                    last,
-                });
-            }
-            if attempts > 0 {
-                self.stats.add_retry();
-                tokio::time::sleep(self.retry.backoff(failures.max(1))).await;
-            }
-            attempts += 1;
-            self.stats.add_request();
-            let before = pos;
-            match self
-                .get_part(name, &key, pos..range.end, meta, &mut chunks, &mut pos)
-                .await
-            {
-                Ok(()) => {}
-                Err(Failure::Fatal(e)) => return Err(e),
-                Err(Failure::Retry(msg)) => {
-                    last = msg;
-                    if pos == before {
-                        failures += 1;
-                    } else {
-                        failures = 0;
-                    }
-                }
-            }
-        }
-        Ok(chunks)
     }
 
     /// One GET of `range`, appending what arrives to `chunks` and advancing `pos`.
@@ -509,6 +349,180 @@ impl S3Source {
             )));
         }
         Ok(())
+    }
+}
+
+impl ObjectStore for S3Source {
+    fn describe(&self) -> String {
+        if self.prefix.is_empty() {
+            format!("s3://{}", self.bucket)
+        } else {
+            format!("s3://{}/{}", self.bucket, self.prefix)
+        }
+    }
+
+    fn stats(&self) -> &Arc<TransferStats> {
+        &self.stats
+    }
+
+    /// One HEAD.
+    fn stat<'a>(&'a self, name: &'a ObjectName) -> BoxFuture<'a, Result<ObjectMeta, SourceError>> {
+        Box::pin(async move {
+            let key = self.key(name);
+            self.retrying(name.as_str(), || async {
+                let out = self
+                    .client
+                    .head_object()
+                    .bucket(&self.bucket)
+                    .key(&key)
+                    .send()
+                    .await
+                    .map_err(|e| self.classify(name.as_str(), None, e))?;
+                let size = out.content_length().unwrap_or(0);
+                Ok(ObjectMeta {
+                    size: u64::try_from(size).unwrap_or(0),
+                    version: out.e_tag().map(str::to_owned),
+                })
+            })
+            .await
+        })
+    }
+
+    /// One ListObjectsV2 request per 1,000 objects.
+    fn list(&self) -> BoxFuture<'_, Result<Vec<(String, ObjectMeta)>, SourceError>> {
+        Box::pin(async move {
+            let prefix = if self.prefix.is_empty() {
+                String::new()
+            } else {
+                format!("{}/", self.prefix)
+            };
+            let mut names = Vec::new();
+            let mut token: Option<String> = None;
+            loop {
+                let page = self
+                    .retrying(&self.describe(), || async {
+                        self.client
+                            .list_objects_v2()
+                            .bucket(&self.bucket)
+                            .prefix(&prefix)
+                            .delimiter("/")
+                            .set_continuation_token(token.clone())
+                            .send()
+                            .await
+                            .map_err(|e| self.classify(&self.describe(), None, e))
+                    })
+                    .await?;
+                names.extend(page.contents().iter().filter_map(|o| {
+                    let name = o.key()?.strip_prefix(&prefix)?.to_owned();
+                    let meta = ObjectMeta {
+                        size: u64::try_from(o.size()?).ok()?,
+                        version: o.e_tag().map(str::to_owned),
+                    };
+                    Some((name, meta))
+                }));
+                match page.next_continuation_token() {
+                    Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_owned()),
+                    _ => break,
+                }
+            }
+            Ok(names)
+        })
+    }
+
+    /// A whole object of at most `limit` bytes in one GET, with the size and ETag of its answer
+    /// (no HEAD first: the metadata is read this way). A body that breaks or stalls is resumed
+    /// from the last byte received, pinned to that ETag.
+    fn read_object<'a>(
+        &'a self,
+        name: &'a ObjectName,
+        limit: u64,
+    ) -> BoxFuture<'a, Result<(ObjectMeta, Vec<Bytes>), SourceError>> {
+        Box::pin(async move {
+            let key = self.key(name);
+            let out = self
+                .retrying(name.as_str(), || async {
+                    self.client
+                        .get_object()
+                        .bucket(&self.bucket)
+                        .key(&key)
+                        .send()
+                        .await
+                        .map_err(|e| self.classify(name.as_str(), None, e))
+                })
+                .await?;
+            let meta = ObjectMeta {
+                size: out
+                    .content_length()
+                    .and_then(|n| u64::try_from(n).ok())
+                    .unwrap_or(0),
+                version: out.e_tag().map(str::to_owned),
+            };
+            super::fits(name, meta.size, limit)?;
+            let mut chunks = Vec::new();
+            let mut pos = 0u64;
+            match self
+                .receive(name, out.body, 0..meta.size, &mut chunks, &mut pos)
+                .await
+            {
+                Ok(()) => {}
+                Err(Failure::Fatal(e)) => return Err(e),
+                // Broke, stalled or ended short: the rest, pinned to this answer's ETag.
+                Err(Failure::Retry(_)) => {
+                    chunks.extend(self.read_range(name, pos..meta.size, &meta).await?);
+                }
+            }
+            Ok((meta, chunks))
+        })
+    }
+
+    /// One ranged read, resumed from the last byte received when the body breaks.
+    fn read_range<'a>(
+        &'a self,
+        name: &'a ObjectName,
+        range: Range<u64>,
+        meta: &'a ObjectMeta,
+    ) -> BoxFuture<'a, Result<Vec<Bytes>, SourceError>> {
+        Box::pin(async move {
+            let key = self.key(name);
+            let mut chunks: Vec<Bytes> = Vec::new();
+            let mut pos = range.start;
+            let mut failures = 0u32;
+            let mut attempts = 0u32;
+            let mut last = String::new();
+            let max_total = self.retry.max_attempts.saturating_mul(4);
+            while pos < range.end {
+                if failures >= self.retry.max_attempts || attempts >= max_total {
+                    return Err(SourceError::Exhausted {
+                        what: format!("{name} bytes {}..{}", range.start, range.end),
+                        attempts,
+                        last,
+                    });
+                }
+                if attempts > 0 {
+                    self.stats.add_retry();
+                    tokio::time::sleep(self.retry.backoff(failures.max(1))).await;
+                }
+                attempts += 1;
+                self.stats.add_request();
+                let before = pos;
+                match self
+                    .get_part(name, &key, pos..range.end, meta, &mut chunks, &mut pos)
+                    .await
+                {
+                    Ok(()) => {}
+                    Err(Failure::Fatal(e)) => return Err(e),
+                    Err(Failure::Retry(msg)) => {
+                        last = msg;
+                        if pos == before {
+                            failures += 1;
+                        } else {
+                            failures = 0;
+                        }
+                    }
+                }
+            }
+            Ok(chunks)
+        })
     }
 }
 

@@ -1,4 +1,5 @@
-//! Size and version of many objects at once: HEADs (or stats) in parallel, or one listing.
+//! Sizes and versions of many objects at once: a bounded number of stats in flight, or one
+//! listing when there are many.
 
 use std::collections::HashMap;
 
@@ -6,20 +7,32 @@ use tokio::task::JoinSet;
 
 use super::{ObjectMeta, ObjectName, Source, SourceError};
 
-/// Size and version of each named object, each with its own result. Up to `in_flight` objects are asked
-/// for concurrently (HEADs or stats). More than that are looked up in one listing of the
-/// checkpoint (on S3 a request per 1,000 objects instead of one per object: checkpoints saved with
-/// a file per item have thousands); what the listing lacks (a name in a sub-folder, a missing
-/// object), or everything when listing is not allowed, is then asked for one by one.
+/// A named object could not be looked up.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot find the shard file {name}")]
+pub struct StatError {
+    pub name: ObjectName,
+    #[source]
+    pub source: SourceError,
+}
+
+/// Size and version of each named object, each with its own result, in no particular order.
+///
+/// Up to `in_flight` objects are asked for concurrently (HEADs or stats). More than that are
+/// looked up in one listing of the checkpoint (on S3 a request per 1,000 objects instead of one
+/// per object: checkpoints saved with a file per item have thousands); what the listing lacks (a
+/// name in a sub-folder, a missing object), or everything when listing is not allowed, is then
+/// asked for one by one.
 pub async fn stat_each(
     source: &Source,
     names: &[ObjectName],
     in_flight: usize,
 ) -> Vec<(ObjectName, Result<ObjectMeta, SourceError>)> {
+    let in_flight = in_flight.max(1);
     let mut out = Vec::with_capacity(names.len());
     let mut rest = names.to_vec();
-    if names.len() > in_flight.max(1)
-        && let Ok(listed) = source.list().await
+    if names.len() > in_flight
+        && let Ok(listed) = source.0.list().await
     {
         let mut listed: HashMap<String, ObjectMeta> = listed.into_iter().collect();
         rest.retain(|name| match listed.remove(name.as_str()) {
@@ -33,11 +46,11 @@ pub async fn stat_each(
     let mut tasks = JoinSet::new();
     let mut pending = rest.into_iter();
     loop {
-        while tasks.len() < in_flight.max(1) {
+        while tasks.len() < in_flight {
             let Some(name) = pending.next() else { break };
-            let source = source.clone();
+            let store = source.0.clone();
             tasks.spawn(async move {
-                let meta = source.stat(name.as_str()).await;
+                let meta = store.stat(&name).await;
                 (name, meta)
             });
         }
@@ -47,4 +60,143 @@ pub async fn stat_each(
         out.push(done.expect("stat tasks do not panic"));
     }
     out
+}
+
+/// Size and version of every named object; the first that cannot be found (in the order
+/// [`stat_each`] answers) is the error.
+pub async fn stat_all(
+    source: &Source,
+    names: &[ObjectName],
+    in_flight: usize,
+) -> Result<HashMap<ObjectName, ObjectMeta>, StatError> {
+    let mut out = HashMap::with_capacity(names.len());
+    for (name, meta) in stat_each(source, names, in_flight).await {
+        match meta {
+            Ok(meta) => {
+                out.insert(name, meta);
+            }
+            Err(source) => return Err(StatError { name, source }),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::source::fault::{Fault, Method, Rule};
+    use crate::source::{FaultStore, LocalSource, TransferStats};
+
+    /// A folder with `n` files `f0`..: file `fi` holds `i` bytes.
+    fn folder(n: usize) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..n {
+            std::fs::write(dir.path().join(format!("f{i}")), vec![7u8; i]).unwrap();
+        }
+        dir
+    }
+
+    fn faulty(dir: &tempfile::TempDir) -> (Arc<FaultStore>, Source) {
+        let local = LocalSource::new(dir.path().to_owned(), Arc::new(TransferStats::default()));
+        let store = Arc::new(FaultStore::new(Arc::new(local)));
+        (store.clone(), Source::new(store))
+    }
+
+    fn names(n: usize) -> Vec<ObjectName> {
+        (0..n)
+            .map(|i| ObjectName::new(&format!("f{i}")).unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn few_names_are_stat_one_by_one() {
+        let dir = folder(5);
+        let (store, source) = faulty(&dir);
+        let got = stat_all(&source, &names(5), 8).await.unwrap();
+        for (i, name) in names(5).iter().enumerate() {
+            assert_eq!(got[name].size, i as u64);
+        }
+        let calls = store.calls();
+        assert_eq!(calls.len(), 5);
+        assert!(calls.iter().all(|c| c.method == Method::Stat));
+    }
+
+    #[tokio::test]
+    async fn many_names_are_listed_once_and_the_rest_stat() {
+        let dir = folder(6);
+        let (store, source) = faulty(&dir);
+        let mut asked = names(6);
+        asked.push(ObjectName::new("missing").unwrap());
+        let each = stat_each(&source, &asked, 2).await;
+        assert_eq!(each.len(), 7);
+        for (name, meta) in &each {
+            match name.as_str() {
+                "missing" => assert!(matches!(meta, Err(SourceError::NotFound { .. }))),
+                n => assert_eq!(meta.as_ref().unwrap().size, n[1..].parse::<u64>().unwrap()),
+            }
+        }
+        // One listing, and one stat for the name it lacked.
+        let calls = store.calls();
+        assert_eq!(calls.len(), 2, "{calls:?}");
+        assert_eq!(calls[0].method, Method::List);
+        assert_eq!(calls[1].method, Method::Stat);
+        assert_eq!(calls[1].name.as_deref(), Some("missing"));
+    }
+
+    #[tokio::test]
+    async fn a_listing_refused_falls_back_to_stats() {
+        let dir = folder(4);
+        let (store, source) = faulty(&dir);
+        store.add(
+            Rule::new(Fault::fail(|_| SourceError::AccessDenied {
+                location: "test".into(),
+                name: "list".into(),
+                detail: "injected".into(),
+            }))
+            .on(Method::List),
+        );
+        let got = stat_all(&source, &names(4), 1).await.unwrap();
+        assert_eq!(got.len(), 4);
+        let stats = store
+            .calls()
+            .iter()
+            .filter(|c| c.method == Method::Stat)
+            .count();
+        assert_eq!(stats, 4);
+    }
+
+    #[tokio::test]
+    async fn a_missing_object_is_named_and_keeps_its_cause() {
+        let dir = folder(3);
+        let (_store, source) = faulty(&dir);
+        let mut asked = names(3);
+        asked.push(ObjectName::new("__9_9.distcp").unwrap());
+        let e = stat_all(&source, &asked, 32).await.unwrap_err();
+        assert_eq!(e.name.as_str(), "__9_9.distcp");
+        assert_eq!(e.to_string(), "cannot find the shard file __9_9.distcp");
+        let cause = std::error::Error::source(&e).unwrap();
+        assert!(matches!(
+            cause.downcast_ref::<SourceError>(),
+            Some(SourceError::NotFound { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn no_more_than_in_flight_stats_run_at_once() {
+        let dir = folder(6);
+        let (store, source) = faulty(&dir);
+        // Every stat waits, so that they overlap if allowed to.
+        store.add(
+            Rule::new(Fault::Delay(std::time::Duration::from_millis(30)))
+                .on(Method::Stat)
+                .always(),
+        );
+        store.add(
+            Rule::new(Fault::fail(|_| SourceError::Config("no listing".into()))).on(Method::List),
+        );
+        stat_all(&source, &names(6), 2).await.unwrap();
+        assert_eq!(store.max_concurrent(Method::Stat), 2);
+    }
 }

@@ -322,3 +322,53 @@ pub fn copy_fixture(name: &str) -> tempfile::TempDir {
     }
     dir
 }
+
+/// A [`dcpfetch::source::Source`] on `s3://bucket/prefix` at a test endpoint: path-style,
+/// unsigned (the test servers do not check signatures, and the process environment is left
+/// alone), quick retries.
+pub async fn s3_source(endpoint: &str, bucket: &str, prefix: &str) -> dcpfetch::source::Source {
+    use dcpfetch::source::{RetryPolicy, S3Options, S3Source, Source, TransferStats};
+    let opts = S3Options {
+        region: Some("us-east-1".into()),
+        endpoint_url: Some(endpoint.to_owned()),
+        path_style: true,
+        no_sign_request: true,
+        retry: RetryPolicy {
+            base_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(200),
+            ..RetryPolicy::default()
+        },
+        ..S3Options::default()
+    };
+    let stats = std::sync::Arc::new(TransferStats::default());
+    let s3 = S3Source::connect(bucket.to_owned(), prefix.to_owned(), &opts, stats)
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach {endpoint}: {e}"));
+    Source::new(std::sync::Arc::new(s3))
+}
+
+/// Makes the objects under `s3://fixtures/<prefix>/` on the moto server readable without
+/// credentials (public-read), for clients that send unsigned requests ([`s3_source`]).
+pub fn make_public(prefix: &str) {
+    let endpoint = moto().endpoint.clone();
+    block_on(async {
+        let client = s3_client(&endpoint).await;
+        let listed = client
+            .list_objects_v2()
+            .bucket(BUCKET)
+            .prefix(format!("{prefix}/"))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("listing {prefix}: {e:?}"));
+        for key in listed.contents().iter().filter_map(|o| o.key()) {
+            client
+                .put_object_acl()
+                .bucket(BUCKET)
+                .key(key)
+                .acl(aws_sdk_s3::types::ObjectCannedAcl::PublicRead)
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("making {key} public: {e:?}"));
+        }
+    });
+}
