@@ -251,7 +251,7 @@ fn entry_name(fqn: &str, chunk_offsets: Option<&[u64]>, transforms: &[String]) -
         });
     }
     if base.len() > MAX_NAME {
-        let digest = crate::sink::folder::sha256_hex(base.as_bytes());
+        let digest = crate::units::sha256_hex(base.as_bytes());
         let mut cut = MAX_NAME - 20;
         while !base.is_char_boundary(cut) {
             cut -= 1;
