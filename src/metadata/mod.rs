@@ -2,7 +2,8 @@
 //!
 //! [`pickle`] turns bytes into a value graph without executing anything, [`model`] reads torch's
 //! classes from that graph, and this module merges the files into one view, links every chunk to
-//! its stored copies and reports globals outside the known set as security findings.
+//! its stored copies and reports globals outside the known set as security findings
+//! ([`UnsafeGlobal`]).
 
 pub mod dtype;
 pub mod model;
@@ -34,16 +35,16 @@ pub struct MetadataFile {
 }
 
 /// A global named by a metadata file that is not one torch's loading resolves to build data:
-/// Python's `pickle.load` would import and call it.
+/// Python's `pickle.load` would import and call it. Reported as a security finding.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Finding {
+pub struct UnsafeGlobal {
     pub file: String,
     pub offset: u64,
     pub module: String,
     pub name: String,
 }
 
-impl fmt::Display for Finding {
+impl fmt::Display for UnsafeGlobal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
@@ -118,8 +119,8 @@ pub struct Checkpoint {
     pub storage: Vec<Storage>,
     /// `planner_data` of the first file that has it.
     pub planner_data: Option<Vec<(String, Vec<model::PathPart>)>>,
-    /// Globals outside the known set.
-    pub findings: Vec<Finding>,
+    /// Globals outside the known set: the security findings.
+    pub findings: Vec<UnsafeGlobal>,
     /// Inconsistencies that do not stop reading (a chunk without a stored copy, ...).
     pub warnings: Vec<String>,
 }
@@ -154,7 +155,7 @@ impl Checkpoint {
     pub fn parse_file(
         name: &str,
         data: &[u8],
-    ) -> Result<(MetadataFile, RankMetadata, Vec<Finding>), MetadataError> {
+    ) -> Result<(MetadataFile, RankMetadata, Vec<UnsafeGlobal>), MetadataError> {
         let p = Pickle::parse_with(data, Limits::default()).map_err(|source| {
             MetadataError::Pickle {
                 file: name.to_owned(),
@@ -165,7 +166,7 @@ impl Checkpoint {
             .globals
             .iter()
             .filter(|g| !model::is_known_global(&g.module, &g.name))
-            .map(|g| Finding {
+            .map(|g| UnsafeGlobal {
                 file: name.to_owned(),
                 offset: g.offset,
                 module: g.module.clone(),

@@ -23,16 +23,16 @@ pub enum StreamFormat {
 
 /// The `--manifest` document (docs/output.md).
 #[derive(Debug, Serialize)]
-pub struct Manifest {
+pub struct StreamManifest {
     pub format: StreamFormat,
     pub total_bytes: u64,
-    pub items: Vec<ManifestItem>,
+    pub items: Vec<StreamManifestItem>,
 }
 
 /// One stored item in the stream. An item shared by several selected chunks is listed once per
 /// chunk, with the same stream offset.
 #[derive(Debug, Serialize)]
-pub struct ManifestItem {
+pub struct StreamManifestItem {
     pub fqn: String,
     pub kind: &'static str,
     pub chunk_offsets: Option<Vec<u64>>,
@@ -54,7 +54,7 @@ pub struct StreamSink {
     format: StreamFormat,
     ck: Arc<Checkpoint>,
     manifest_path: Option<PathBuf>,
-    manifest: Vec<ManifestItem>,
+    manifest: Vec<StreamManifestItem>,
     offset: u64,
     tar_names: HashSet<String>,
     /// Pieces not yet written: gathered so that one `writev` takes many of them, without copying.
@@ -164,7 +164,7 @@ impl StreamSink {
             let s = &self.ck.storage[si];
             let entry = self.ck.entries.iter().find(|e| e.fqn == s.fqn);
             let chunk = entry.and_then(|e| e.chunks.iter().find(|c| c.offsets == s.chunk_offsets));
-            self.manifest.push(ManifestItem {
+            self.manifest.push(StreamManifestItem {
                 fqn: s.fqn.clone(),
                 kind: if s.chunk_offsets.is_some() {
                     "tensor"
@@ -216,7 +216,7 @@ impl Sink for StreamSink {
             .flush()
             .map_err(SinkError::io("writing to stdout"))?;
         if let Some(path) = &self.manifest_path {
-            let m = Manifest {
+            let m = StreamManifest {
                 format: self.format,
                 total_bytes: self.offset,
                 items: std::mem::take(&mut self.manifest),
