@@ -175,23 +175,7 @@ async fn stat_files(
 
 /// A tensor item whose length is that of its raw data: not a torch.save archive.
 fn is_raw_tensor(ck: &Checkpoint, s: usize) -> bool {
-    let st = &ck.storage[s];
-    if !st.info.transform_descriptors.is_empty() || st.info.length == 0 {
-        return false;
-    }
-    let Some(e) = ck.entries.iter().find(|e| e.fqn == st.fqn) else {
-        return false;
-    };
-    let (Some(t), Some(c)) = (
-        &e.tensor,
-        e.chunks.iter().find(|c| c.offsets == st.chunk_offsets),
-    ) else {
-        return false;
-    };
-    match (c.numel(), t.element_size()) {
-        (Some(n), Some(size)) => st.info.length < n.saturating_mul(size).saturating_add(512),
-        _ => false,
-    }
+    ck.is_raw_tensor(s)
 }
 
 /// `storage.format`: files whose tensor items are raw data (the SAFETENSORS serialization
@@ -247,17 +231,9 @@ async fn check_format(
         });
         for &s in items {
             let st = &ck.storage[s];
-            let e = ck
-                .entries
-                .iter()
-                .find(|e| e.fqn == st.fqn)
-                .expect("raw items have entries");
+            let e = ck.entry_of(s).expect("raw items have entries");
             let t = e.tensor.as_ref().expect("raw items are tensors");
-            let chunk = e
-                .chunks
-                .iter()
-                .find(|c| c.offsets == st.chunk_offsets)
-                .expect("linked");
+            let chunk = ck.chunk_of(s).expect("linked");
             let Some(h) = header.tensors.get(&st.fqn) else {
                 problems.push(Finding::item(
                     ck,

@@ -162,8 +162,7 @@ impl StreamSink {
         };
         for &si in &item.storage {
             let s = &self.ck.storage[si];
-            let entry = self.ck.entries.iter().find(|e| e.fqn == s.fqn);
-            let chunk = entry.and_then(|e| e.chunks.iter().find(|c| c.offsets == s.chunk_offsets));
+            let chunk = self.ck.chunk_of(si);
             self.manifest.push(StreamManifestItem {
                 fqn: s.fqn.clone(),
                 kind: if s.chunk_offsets.is_some() {
