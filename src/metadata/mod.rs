@@ -146,6 +146,14 @@ pub struct Checkpoint {
     pub warnings: Vec<String>,
 }
 
+/// Lookups while merging files: entries by fqn, and the chunks of entries that more than one file
+/// names, by offsets.
+#[derive(Debug, Default)]
+struct MergeIndex {
+    by_fqn: HashMap<String, usize>,
+    chunks: HashMap<usize, HashMap<Option<Vec<u64>>, usize>>,
+}
+
 /// One metadata file read: the file, its model and its unsafe globals.
 type ParsedFile = (MetadataFile, RankMetadata, Vec<UnsafeGlobal>);
 
@@ -224,7 +232,7 @@ impl Checkpoint {
         parsed: impl IntoIterator<Item = Result<ParsedFile, MetadataError>>,
     ) -> Result<Checkpoint, MetadataError> {
         let mut ck = Checkpoint::default();
-        let mut by_fqn: HashMap<String, usize> = HashMap::new();
+        let mut index = MergeIndex::default();
         for (file_index, parsed) in parsed.into_iter().enumerate() {
             let (file, md, findings) = parsed?;
             let name = file.name.clone();
@@ -240,7 +248,7 @@ impl Checkpoint {
                 ));
             }
             for (fqn, meta) in md.entries {
-                ck.merge_entry(&mut by_fqn, name, fqn, meta)?;
+                ck.merge_entry(&mut index, name, fqn, meta)?;
             }
             ck.storage
                 .extend(md.storage.into_iter().map(|(index, info)| Storage {
@@ -257,7 +265,7 @@ impl Checkpoint {
 
     fn merge_entry(
         &mut self,
-        by_fqn: &mut HashMap<String, usize>,
+        index: &mut MergeIndex,
         file: &str,
         fqn: String,
         meta: EntryMeta,
@@ -283,8 +291,8 @@ impl Checkpoint {
                 (Some(t), chunks)
             }
         };
-        let Some(&i) = by_fqn.get(&fqn) else {
-            by_fqn.insert(fqn.clone(), self.entries.len());
+        let Some(&i) = index.by_fqn.get(&fqn) else {
+            index.by_fqn.insert(fqn.clone(), self.entries.len());
             self.entries.push(Entry {
                 fqn,
                 tensor,
@@ -322,8 +330,16 @@ impl Checkpoint {
                 text(&a.strides)
             ));
         }
+        // The entry's chunks by offsets, first one first (made when a second file names it).
+        let by_offsets = index.chunks.entry(i).or_insert_with(|| {
+            let mut m = HashMap::with_capacity(existing.chunks.len());
+            for (ci, c) in existing.chunks.iter().enumerate() {
+                m.entry(c.offsets.clone()).or_insert(ci);
+            }
+            m
+        });
         for c in chunks {
-            match existing.chunks.iter().find(|e| e.offsets == c.offsets) {
+            match by_offsets.get(&c.offsets).map(|&ci| &existing.chunks[ci]) {
                 Some(e) if e.sizes != c.sizes => {
                     return Err(MetadataError::Inconsistent {
                         file: file.to_owned(),
@@ -334,7 +350,10 @@ impl Checkpoint {
                     });
                 }
                 Some(_) => {}
-                None => existing.chunks.push(c),
+                None => {
+                    by_offsets.insert(c.offsets.clone(), existing.chunks.len());
+                    existing.chunks.push(c);
+                }
             }
         }
         Ok(())
