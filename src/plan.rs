@@ -410,10 +410,8 @@ impl Plan {
             for &ci in &sel.chunks {
                 for &si in &entry.chunks[ci].storage {
                     let s = &ck.storage[si];
-                    if let Some(raw) = raw_tensor_bytes(ck, sel.entry, ci)
-                        && s.info.transform_descriptors.is_empty()
-                        && s.info.length > 0
-                        && s.info.length < raw.saturating_add(MIN_ARCHIVE_OVERHEAD)
+                    if ck.is_raw_tensor(si)
+                        && let Some(raw) = ck.raw_tensor_len(si)
                     {
                         return Err(PlanError::Safetensors {
                             file: s.info.relative_path.clone(),
@@ -475,17 +473,6 @@ impl Plan {
             files,
         })
     }
-}
-
-/// A torch.save archive holds several zip records besides the tensor data: never fewer than this
-/// many bytes more than the data.
-const MIN_ARCHIVE_OVERHEAD: u64 = 512;
-
-/// Bytes of a chunk's raw data (elements times element size), when the dtype is known.
-fn raw_tensor_bytes(ck: &Checkpoint, entry: usize, chunk: usize) -> Option<u64> {
-    let e = &ck.entries[entry];
-    let size = e.tensor.as_ref()?.element_size()?;
-    e.chunks[chunk].numel()?.checked_mul(size)
 }
 
 /// `fqn` or `fqn [offsets]`, for messages.

@@ -1,5 +1,5 @@
-//! Byte sizes as people write them (`32MiB`, `1GB`, `inf`) and as we print them, and the natural
-//! order of names (`layers.2` before `layers.10`).
+//! Byte sizes as people write them (`32MiB`, `1GB`, `inf`) and as we print them, the natural
+//! order of names (`layers.2` before `layers.10`), and bytes as lowercase hex (digests).
 
 use std::cmp::Ordering;
 use std::fmt;
@@ -152,6 +152,23 @@ fn trim_zeros(d: &[u8]) -> &[u8] {
     &d[z..]
 }
 
+/// Bytes as lowercase hex, two digits each (`[0x0f, 0xa0]` -> `0fa0`).
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(2 * bytes.len());
+    for &b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    out
+}
+
+/// The SHA-256 of some bytes, in lowercase hex.
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex(&sha2::Sha256::digest(data))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,7 +247,32 @@ mod tests {
         );
     }
 
+    #[test]
+    fn hex_digits() {
+        assert_eq!(hex(&[]), "");
+        assert_eq!(hex(&[0x00, 0x0f, 0xa0, 0xff]), "000fa0ff");
+        assert_eq!(
+            sha256_hex(b""),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
     proptest! {
+        #[test]
+        fn hex_is_two_digits_a_byte(data in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let h = hex(&data);
+            prop_assert_eq!(h.len(), 2 * data.len());
+            let back: Vec<u8> = (0..data.len())
+                .map(|i| u8::from_str_radix(&h[2 * i..2 * i + 2], 16).unwrap())
+                .collect();
+            prop_assert_eq!(back, data);
+            prop_assert!(!h.bytes().any(|c| c.is_ascii_uppercase()));
+        }
+
         #[test]
         fn natural_order_is_a_total_order(a in "[a-c0-9.]{0,8}", b in "[a-c0-9.]{0,8}", c in "[a-c0-9.]{0,8}") {
             prop_assert_eq!(natural_cmp(&a, &b), natural_cmp(&b, &a).reverse());

@@ -91,7 +91,7 @@ impl Printer {
 
     /// The metadata's findings and warnings and the selection's warnings, on stderr.
     pub fn warnings(&self, ck: &Checkpoint, selection: &[String]) {
-        for f in &ck.findings {
+        for f in &ck.unsafe_globals {
             report::warn(&f.to_string());
         }
         if !self.quiet && !self.warnings_in_report {

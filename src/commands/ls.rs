@@ -151,7 +151,7 @@ pub fn report(
     totals.files = all_files.len();
 
     let mut warnings: Vec<WarningJson> = ck
-        .findings
+        .unsafe_globals
         .iter()
         .map(|f| WarningJson {
             kind: "unknown_global",

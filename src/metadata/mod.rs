@@ -2,7 +2,8 @@
 //!
 //! [`pickle`] turns bytes into a value graph without executing anything, [`model`] reads torch's
 //! classes from that graph, and this module merges the files into one view, links every chunk to
-//! its stored copies and reports globals outside the known set as security findings.
+//! its stored copies (and every stored copy back to its chunk) and reports globals outside the
+//! known set as security findings ([`UnsafeGlobal`]).
 
 pub mod dtype;
 pub mod model;
@@ -19,6 +20,12 @@ use pickle::{Limits, Pickle, PickleError};
 /// The name torch gives the metadata file of a checkpoint saved with collectives.
 pub const METADATA_FILE: &str = ".metadata";
 
+/// A `torch.save` archive holds several zip records besides the tensor's data (`data.pkl`,
+/// `byteorder`, `version`, the local headers, the central directory and its end records): it is
+/// never fewer than this many bytes longer than the data. An item shorter than its chunk's raw data
+/// plus this cannot be an archive ([`Checkpoint::is_raw_tensor`]).
+pub const MIN_ARCHIVE_OVERHEAD: u64 = 512;
+
 /// A metadata file of the checkpoint.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MetadataFile {
@@ -34,16 +41,16 @@ pub struct MetadataFile {
 }
 
 /// A global named by a metadata file that is not one torch's loading resolves to build data:
-/// Python's `pickle.load` would import and call it.
+/// Python's `pickle.load` would import and call it. Reported as a security finding.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Finding {
+pub struct UnsafeGlobal {
     pub file: String,
     pub offset: u64,
     pub module: String,
     pub name: String,
 }
 
-impl fmt::Display for Finding {
+impl fmt::Display for UnsafeGlobal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
@@ -52,6 +59,14 @@ impl fmt::Display for Finding {
             self.file, self.module, self.name, self.offset
         )
     }
+}
+
+/// Where a chunk is: an index into [`Checkpoint::entries`] and one into that entry's
+/// [`Entry::chunks`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ChunkIndex {
+    pub entry: usize,
+    pub chunk: usize,
 }
 
 /// One stored copy of a chunk (or of a bytes entry): `[offset, offset + length)` of a file.
@@ -63,6 +78,9 @@ pub struct Storage {
     /// The chunk offsets of the `MetadataIndex`; `None` for bytes entries.
     pub chunk_offsets: Option<Vec<u64>>,
     pub info: StorageInfo,
+    /// The chunk this is a copy of: the back-link of [`Chunk::storage`], set in the same place.
+    /// `None` only for a copy that no chunk refers to (its fqn or offsets match no chunk).
+    pub chunk: Option<ChunkIndex>,
 }
 
 impl Storage {
@@ -84,9 +102,13 @@ pub struct Chunk {
 }
 
 impl Chunk {
-    /// Number of elements of a tensor chunk.
+    /// Number of elements of a tensor chunk; `None` for bytes entries and when the product
+    /// overflows a `u64`.
     pub fn numel(&self) -> Option<u64> {
-        self.sizes.as_ref().map(|s| s.iter().product())
+        self.sizes
+            .as_ref()?
+            .iter()
+            .try_fold(1u64, |n, &s| n.checked_mul(s))
     }
 }
 
@@ -118,11 +140,22 @@ pub struct Checkpoint {
     pub storage: Vec<Storage>,
     /// `planner_data` of the first file that has it.
     pub planner_data: Option<Vec<(String, Vec<model::PathPart>)>>,
-    /// Globals outside the known set.
-    pub findings: Vec<Finding>,
+    /// Globals outside the known set: the security findings.
+    pub unsafe_globals: Vec<UnsafeGlobal>,
     /// Inconsistencies that do not stop reading (a chunk without a stored copy, ...).
     pub warnings: Vec<String>,
 }
+
+/// Lookups while merging files: entries by fqn, and the chunks of entries that more than one file
+/// names, by offsets.
+#[derive(Debug, Default)]
+struct MergeIndex {
+    by_fqn: HashMap<String, usize>,
+    chunks: HashMap<usize, HashMap<Option<Vec<u64>>, usize>>,
+}
+
+/// One metadata file read: the file, its model and its unsafe globals.
+type ParsedFile = (MetadataFile, RankMetadata, Vec<UnsafeGlobal>);
 
 /// Why the metadata could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -151,10 +184,7 @@ pub enum MetadataError {
 
 impl Checkpoint {
     /// Parses one metadata file's bytes.
-    pub fn parse_file(
-        name: &str,
-        data: &[u8],
-    ) -> Result<(MetadataFile, RankMetadata, Vec<Finding>), MetadataError> {
+    pub fn parse_file(name: &str, data: &[u8]) -> Result<ParsedFile, MetadataError> {
         let p = Pickle::parse_with(data, Limits::default()).map_err(|source| {
             MetadataError::Pickle {
                 file: name.to_owned(),
@@ -165,7 +195,7 @@ impl Checkpoint {
             .globals
             .iter()
             .filter(|g| !model::is_known_global(&g.module, &g.name))
-            .map(|g| Finding {
+            .map(|g| UnsafeGlobal {
                 file: name.to_owned(),
                 offset: g.offset,
                 module: g.module.clone(),
@@ -189,12 +219,26 @@ impl Checkpoint {
 
     /// Parses and merges metadata files (one `.metadata`, or every rank's `__N.metadata`).
     pub fn from_files(files: &[(String, Vec<u8>)]) -> Result<Checkpoint, MetadataError> {
+        Self::merge(
+            files
+                .iter()
+                .map(|(name, data)| Self::parse_file(name, data)),
+        )
+    }
+
+    /// Merges metadata files, in order, into one linked view. Each file is parsed only once the
+    /// ones before it are merged: the first error stops reading.
+    fn merge(
+        parsed: impl IntoIterator<Item = Result<ParsedFile, MetadataError>>,
+    ) -> Result<Checkpoint, MetadataError> {
         let mut ck = Checkpoint::default();
-        let mut by_fqn: HashMap<String, usize> = HashMap::new();
-        for (file_index, (name, data)) in files.iter().enumerate() {
-            let (file, md, findings) = Self::parse_file(name, data)?;
+        let mut index = MergeIndex::default();
+        for (file_index, parsed) in parsed.into_iter().enumerate() {
+            let (file, md, findings) = parsed?;
+            let name = file.name.clone();
+            let name = name.as_str();
             ck.metadata_files.push(file);
-            ck.findings.extend(findings);
+            ck.unsafe_globals.extend(findings);
             if ck.planner_data.is_none() {
                 ck.planner_data = md.planner_data;
             }
@@ -204,7 +248,7 @@ impl Checkpoint {
                 ));
             }
             for (fqn, meta) in md.entries {
-                ck.merge_entry(&mut by_fqn, name, fqn, meta)?;
+                ck.merge_entry(&mut index, name, fqn, meta)?;
             }
             ck.storage
                 .extend(md.storage.into_iter().map(|(index, info)| Storage {
@@ -212,6 +256,7 @@ impl Checkpoint {
                     fqn: index.fqn,
                     chunk_offsets: index.offset,
                     info,
+                    chunk: None,
                 }));
         }
         ck.link();
@@ -220,7 +265,7 @@ impl Checkpoint {
 
     fn merge_entry(
         &mut self,
-        by_fqn: &mut HashMap<String, usize>,
+        index: &mut MergeIndex,
         file: &str,
         fqn: String,
         meta: EntryMeta,
@@ -246,8 +291,8 @@ impl Checkpoint {
                 (Some(t), chunks)
             }
         };
-        let Some(&i) = by_fqn.get(&fqn) else {
-            by_fqn.insert(fqn.clone(), self.entries.len());
+        let Some(&i) = index.by_fqn.get(&fqn) else {
+            index.by_fqn.insert(fqn.clone(), self.entries.len());
             self.entries.push(Entry {
                 fqn,
                 tensor,
@@ -285,8 +330,16 @@ impl Checkpoint {
                 text(&a.strides)
             ));
         }
+        // The entry's chunks by offsets, first one first (made when a second file names it).
+        let by_offsets = index.chunks.entry(i).or_insert_with(|| {
+            let mut m = HashMap::with_capacity(existing.chunks.len());
+            for (ci, c) in existing.chunks.iter().enumerate() {
+                m.entry(c.offsets.clone()).or_insert(ci);
+            }
+            m
+        });
         for c in chunks {
-            match existing.chunks.iter().find(|e| e.offsets == c.offsets) {
+            match by_offsets.get(&c.offsets).map(|&ci| &existing.chunks[ci]) {
                 Some(e) if e.sizes != c.sizes => {
                     return Err(MetadataError::Inconsistent {
                         file: file.to_owned(),
@@ -297,13 +350,17 @@ impl Checkpoint {
                     });
                 }
                 Some(_) => {}
-                None => existing.chunks.push(c),
+                None => {
+                    by_offsets.insert(c.offsets.clone(), existing.chunks.len());
+                    existing.chunks.push(c);
+                }
             }
         }
         Ok(())
     }
 
-    /// Links every chunk to the storage entries with its `(fqn, offsets)` key.
+    /// Links every chunk to the storage entries with its `(fqn, offsets)` key, and each of those
+    /// storage entries back to the chunk.
     fn link(&mut self) {
         // Group the storage entries by fqn, sort each group by chunk offsets, and merge it with
         // the entry's chunks sorted the same way: no per-entry hashing of strings.
@@ -312,9 +369,9 @@ impl Checkpoint {
             by_fqn.entry(&s.fqn).or_default().push(i);
         }
         let storage = &self.storage;
-        let mut linked = vec![false; storage.len()];
+        let mut back: Vec<Option<ChunkIndex>> = vec![None; storage.len()];
         let mut dropped = vec![false; storage.len()];
-        for e in &mut self.entries {
+        for (ei, e) in self.entries.iter_mut().enumerate() {
             let mut stored = by_fqn.remove(e.fqn.as_str()).unwrap_or_default();
             // By key, then file, then position: a key that one file sets twice keeps its last
             // value, as a Python dict does (MetadataIndex compares fqn and offsets only).
@@ -345,7 +402,10 @@ impl Checkpoint {
                 }
                 let first = j;
                 while j < stored.len() && storage[stored[j]].chunk_offsets == c.offsets {
-                    linked[stored[j]] = true;
+                    back[stored[j]] = Some(ChunkIndex {
+                        entry: ei,
+                        chunk: ci,
+                    });
                     j += 1;
                 }
                 c.storage = stored[first..j].to_vec();
@@ -365,15 +425,18 @@ impl Checkpoint {
                     "{}: storage_data sets the key of {:?} at offsets {:?} more than once; the last value is kept, as in Python",
                     self.metadata_files[s.metadata_file].name, s.fqn, s.chunk_offsets
                 ));
-            } else if !linked[i] {
+            } else if back[i].is_none() {
                 self.warnings.push(format!(
                     "storage entry for {:?} at offsets {:?} ({}) belongs to no entry",
                     s.fqn, s.chunk_offsets, s.info.relative_path
                 ));
             }
         }
+        for (s, link) in self.storage.iter_mut().zip(back) {
+            s.chunk = link;
+        }
         if dropped.contains(&true) {
-            // Remove the overridden entries and renumber the links.
+            // Remove the overridden entries (no chunk links to them) and renumber the links.
             let mut new_index = vec![usize::MAX; self.storage.len()];
             let mut next = 0;
             for (i, d) in dropped.iter().enumerate() {
@@ -440,6 +503,44 @@ impl Checkpoint {
             .expect("metadata parsing does not panic")
     }
 
+    /// The entry whose chunk a stored copy holds (through its back-link, O(1)); `None` for a copy
+    /// no chunk refers to, or an index out of range.
+    pub fn entry_of(&self, storage: usize) -> Option<&Entry> {
+        let at = self.storage.get(storage)?.chunk?;
+        self.entries.get(at.entry)
+    }
+
+    /// The chunk a stored copy holds (through its back-link, O(1)); `None` for a copy no chunk
+    /// refers to, or an index out of range.
+    pub fn chunk_of(&self, storage: usize) -> Option<&Chunk> {
+        let at = self.storage.get(storage)?.chunk?;
+        self.entries.get(at.entry)?.chunks.get(at.chunk)
+    }
+
+    /// Bytes of the raw tensor data of the chunk a stored copy holds: its elements times the
+    /// element size. `None` for bytes entries, unknown dtypes, copies no chunk refers to and
+    /// products that overflow a `u64`.
+    pub fn raw_tensor_len(&self, storage: usize) -> Option<u64> {
+        let e = self.entry_of(storage)?;
+        let size = e.tensor.as_ref()?.element_size()?;
+        self.chunk_of(storage)?.numel()?.checked_mul(size)
+    }
+
+    /// Whether a stored copy holds only its chunk's raw data, not a `torch.save` archive: its
+    /// length is more than 0 and less than [`Checkpoint::raw_tensor_len`] plus
+    /// [`MIN_ARCHIVE_OVERHEAD`], and it has no transform descriptors. torch writes such items when
+    /// it saves with `serialization_format=SAFETENSORS`.
+    pub fn is_raw_tensor(&self, storage: usize) -> bool {
+        let Some(s) = self.storage.get(storage) else {
+            return false;
+        };
+        if !s.info.transform_descriptors.is_empty() || s.info.length == 0 {
+            return false;
+        }
+        self.raw_tensor_len(storage)
+            .is_some_and(|raw| s.info.length < raw.saturating_add(MIN_ARCHIVE_OVERHEAD))
+    }
+
     /// Every shard file the metadata names, in first-seen order.
     pub fn files(&self) -> Vec<&str> {
         let mut seen = std::collections::HashSet::new();
@@ -463,6 +564,435 @@ fn rank_metadata(name: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use model::{ChunkMeta, MetadataIndex};
+
+    fn tensor(dtype: &str, chunks: &[(&[u64], &[u64])]) -> EntryMeta {
+        EntryMeta::Tensor(TensorMeta {
+            dtype: dtype.to_owned(),
+            layout: "strided".to_owned(),
+            requires_grad: false,
+            memory_format: "contiguous_format".to_owned(),
+            pin_memory: false,
+            strides: None,
+            shape: vec![4, 4],
+            chunks: chunks
+                .iter()
+                .map(|(offsets, sizes)| ChunkMeta {
+                    offsets: offsets.to_vec(),
+                    sizes: sizes.to_vec(),
+                })
+                .collect(),
+        })
+    }
+
+    fn w(chunks: &[&[u64]]) -> (String, EntryMeta) {
+        let chunks: Vec<(&[u64], &[u64])> = chunks.iter().map(|o| (*o, &[2u64, 4][..])).collect();
+        ("w".to_owned(), tensor("float32", &chunks))
+    }
+
+    fn bytes(fqn: &str) -> (String, EntryMeta) {
+        (fqn.to_owned(), EntryMeta::Bytes)
+    }
+
+    fn stored(fqn: &str, offsets: Option<&[u64]>, at: u64) -> (MetadataIndex, StorageInfo) {
+        stored_as(fqn, offsets, at, 1000, &[])
+    }
+
+    fn stored_as(
+        fqn: &str,
+        offsets: Option<&[u64]>,
+        at: u64,
+        length: u64,
+        transforms: &[&str],
+    ) -> (MetadataIndex, StorageInfo) {
+        (
+            MetadataIndex {
+                fqn: fqn.to_owned(),
+                offset: offsets.map(<[u64]>::to_vec),
+                index: None,
+            },
+            StorageInfo {
+                relative_path: "__0_0.distcp".to_owned(),
+                offset: at,
+                length,
+                transform_descriptors: transforms.iter().map(|t| (*t).to_owned()).collect(),
+            },
+        )
+    }
+
+    fn rank(
+        entries: Vec<(String, EntryMeta)>,
+        storage: Vec<(MetadataIndex, StorageInfo)>,
+    ) -> RankMetadata {
+        RankMetadata {
+            entries,
+            storage,
+            ..RankMetadata::default()
+        }
+    }
+
+    /// Metadata files as `Checkpoint::merge` takes them: `.metadata` alone, or `__N.metadata`.
+    fn parsed(files: Vec<RankMetadata>) -> Vec<Result<ParsedFile, MetadataError>> {
+        let n = files.len();
+        files
+            .into_iter()
+            .enumerate()
+            .map(|(i, md)| {
+                let name = if n == 1 {
+                    METADATA_FILE.to_owned()
+                } else {
+                    format!("__{i}{METADATA_FILE}")
+                };
+                let file = MetadataFile {
+                    name,
+                    size: 0,
+                    version: None,
+                    storage_meta: None,
+                    protocol: 2,
+                    bytes: Arc::from(&[][..]),
+                };
+                Ok((file, md, Vec::new()))
+            })
+            .collect()
+    }
+
+    fn merged(files: Vec<RankMetadata>) -> Checkpoint {
+        Checkpoint::merge(parsed(files)).unwrap()
+    }
+
+    /// Links go both ways and agree with the linear scan callers used to do: the first entry with
+    /// the copy's fqn, and its first chunk with the copy's offsets.
+    fn assert_links(ck: &Checkpoint) {
+        for (ei, e) in ck.entries.iter().enumerate() {
+            for (ci, c) in e.chunks.iter().enumerate() {
+                for &si in &c.storage {
+                    let at = ChunkIndex {
+                        entry: ei,
+                        chunk: ci,
+                    };
+                    assert_eq!(ck.storage[si].chunk, Some(at), "storage {si}");
+                }
+            }
+        }
+        for (si, s) in ck.storage.iter().enumerate() {
+            let mut scan = None;
+            for (ei, e) in ck.entries.iter().enumerate() {
+                if e.fqn == s.fqn {
+                    scan = e
+                        .chunks
+                        .iter()
+                        .enumerate()
+                        .find(|(_, c)| c.offsets == s.chunk_offsets)
+                        .map(|(ci, _)| ChunkIndex {
+                            entry: ei,
+                            chunk: ci,
+                        });
+                    break;
+                }
+            }
+            assert_eq!(s.chunk, scan, "storage {si} ({:?})", s.fqn);
+            match s.chunk {
+                Some(at) => {
+                    assert!(ck.entries[at.entry].chunks[at.chunk].storage.contains(&si));
+                    assert_eq!(ck.entry_of(si).map(|e| &e.fqn), Some(&s.fqn));
+                    assert_eq!(ck.chunk_of(si).map(|c| &c.offsets), Some(&s.chunk_offsets));
+                }
+                None => {
+                    assert!(ck.entry_of(si).is_none() && ck.chunk_of(si).is_none());
+                    assert!(
+                        ck.entries
+                            .iter()
+                            .flat_map(|e| &e.chunks)
+                            .all(|c| !c.storage.contains(&si))
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn stored_copies_link_back_to_their_chunk() {
+        type Case = (
+            &'static str,
+            Vec<RankMetadata>,
+            Vec<(Option<(usize, usize)>, u64)>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "one file, copies listed in another order than the chunks",
+                vec![rank(
+                    vec![w(&[&[0, 0], &[2, 0]]), bytes("step")],
+                    vec![
+                        stored("w", Some(&[2, 0]), 0),
+                        stored("w", Some(&[0, 0]), 1000),
+                        stored("step", None, 2000),
+                    ],
+                )],
+                vec![
+                    (Some((0, 1)), 0),
+                    (Some((0, 0)), 1000),
+                    (Some((1, 0)), 2000),
+                ],
+            ),
+            (
+                "per rank: each file stores its own chunk of one tensor",
+                vec![
+                    rank(vec![w(&[&[0, 0]])], vec![stored("w", Some(&[0, 0]), 0)]),
+                    rank(
+                        vec![w(&[&[2, 0]]), bytes("step")],
+                        vec![stored("step", None, 0), stored("w", Some(&[2, 0]), 1000)],
+                    ),
+                ],
+                vec![(Some((0, 0)), 0), (Some((1, 0)), 0), (Some((0, 1)), 1000)],
+            ),
+            (
+                "per rank: a replicated chunk stored by both ranks",
+                vec![
+                    rank(vec![w(&[&[0, 0]])], vec![stored("w", Some(&[0, 0]), 0)]),
+                    rank(vec![w(&[&[0, 0]])], vec![stored("w", Some(&[0, 0]), 500)]),
+                ],
+                vec![(Some((0, 0)), 0), (Some((0, 0)), 500)],
+            ),
+            (
+                "per rank: files that share some chunks and add others",
+                vec![
+                    rank(
+                        vec![w(&[&[0, 0], &[2, 0]])],
+                        vec![
+                            stored("w", Some(&[0, 0]), 0),
+                            stored("w", Some(&[2, 0]), 1000),
+                        ],
+                    ),
+                    rank(
+                        vec![w(&[&[2, 0], &[4, 0]])],
+                        vec![
+                            stored("w", Some(&[4, 0]), 0),
+                            stored("w", Some(&[2, 0]), 1000),
+                        ],
+                    ),
+                ],
+                vec![
+                    (Some((0, 0)), 0),
+                    (Some((0, 1)), 1000),
+                    (Some((0, 2)), 0),
+                    (Some((0, 1)), 1000),
+                ],
+            ),
+            (
+                "per rank: a copy listed in the file before the one with its entry",
+                vec![
+                    rank(
+                        vec![bytes("step")],
+                        vec![stored("w", Some(&[0, 0]), 0), stored("step", None, 1000)],
+                    ),
+                    rank(vec![w(&[&[0, 0]])], vec![]),
+                ],
+                vec![(Some((1, 0)), 0), (Some((0, 0)), 1000)],
+            ),
+            (
+                "copies no chunk refers to",
+                vec![rank(
+                    vec![w(&[&[0, 0]])],
+                    vec![
+                        stored("w", Some(&[0, 0]), 0),
+                        stored("w", Some(&[4, 0]), 1000),
+                        stored("ghost", None, 2000),
+                        stored("w", None, 3000),
+                    ],
+                )],
+                vec![(Some((0, 0)), 0), (None, 1000), (None, 2000), (None, 3000)],
+            ),
+            (
+                "a key one file sets twice keeps its last value, and the links are renumbered",
+                vec![rank(
+                    vec![w(&[&[0, 0], &[2, 0]])],
+                    vec![
+                        stored("w", Some(&[0, 0]), 0),
+                        stored("w", Some(&[2, 0]), 1000),
+                        stored("w", Some(&[0, 0]), 2000),
+                    ],
+                )],
+                vec![(Some((0, 1)), 1000), (Some((0, 0)), 2000)],
+            ),
+        ];
+        for (name, files, want) in cases {
+            let ck = merged(files);
+            assert_links(&ck);
+            let got: Vec<_> = ck
+                .storage
+                .iter()
+                .map(|s| (s.chunk.map(|c| (c.entry, c.chunk)), s.info.offset))
+                .collect();
+            assert_eq!(got, want, "{name}");
+        }
+    }
+
+    #[test]
+    fn files_that_disagree_on_a_chunk_are_refused() {
+        let files = vec![
+            rank(vec![w(&[&[0, 0], &[2, 0]])], vec![]),
+            rank(
+                vec![("w".to_owned(), tensor("float32", &[(&[2, 0], &[2, 2])]))],
+                vec![],
+            ),
+        ];
+        let e = Checkpoint::merge(parsed(files)).unwrap_err().to_string();
+        assert!(
+            e.contains("__1.metadata") && e.contains("[2, 0]") && e.contains("in another file"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn fixtures_link_every_stored_copy() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+        let mut checked = 0;
+        for dir in std::fs::read_dir(&root).unwrap() {
+            let dir = dir.unwrap().path();
+            if !dir.is_dir() {
+                continue;
+            }
+            let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+                .unwrap()
+                .map(|f| f.unwrap().file_name().into_string().unwrap())
+                .filter(|n| n == METADATA_FILE || rank_metadata(n).is_some())
+                .map(|n| {
+                    let data = std::fs::read(dir.join(&n)).unwrap();
+                    (n, data)
+                })
+                .collect();
+            if files.is_empty() {
+                continue;
+            }
+            files.sort_by_key(|(n, _)| rank_metadata(n));
+            let ck = Checkpoint::from_files(&files).unwrap();
+            assert_links(&ck);
+            assert!(
+                ck.storage.iter().all(|s| s.chunk.is_some()),
+                "{}",
+                dir.display()
+            );
+            checked += 1;
+        }
+        assert!(checked >= 9, "{checked}");
+    }
+
+    /// `fixtures/per_rank`: two ranks, each with its own `__N.metadata`, merged into one view.
+    #[test]
+    fn per_rank_fixture_links_across_files() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/per_rank");
+        let files: Vec<(String, Vec<u8>)> = ["__0.metadata", "__1.metadata"]
+            .into_iter()
+            .map(|n| (n.to_owned(), std::fs::read(dir.join(n)).unwrap()))
+            .collect();
+        let ck = Checkpoint::from_files(&files).unwrap();
+        assert_links(&ck);
+        // Copies from both files, each linked to the chunk of its own key.
+        let from: Vec<usize> = ck.storage.iter().map(|s| s.metadata_file).collect();
+        assert!(from.contains(&0) && from.contains(&1), "{from:?}");
+        for (si, s) in ck.storage.iter().enumerate() {
+            let e = ck.entry_of(si).expect("every copy is linked");
+            assert_eq!(e.fqn, s.fqn);
+            assert_eq!(ck.chunk_of(si).unwrap().offsets, s.chunk_offsets);
+            // A tensor item of a torch.save archive is never raw data.
+            assert!(!ck.is_raw_tensor(si), "{}", s.fqn);
+        }
+    }
+
+    #[test]
+    fn raw_tensor_rule() {
+        let f32_2x3 = || tensor("float32", &[(&[0, 0], &[2, 3])]);
+        type Case = (
+            &'static str,
+            EntryMeta,
+            u64,
+            &'static [&'static str],
+            Option<u64>,
+            bool,
+        );
+        let cases: Vec<Case> = vec![
+            ("exactly the raw data", f32_2x3(), 24, &[], Some(24), true),
+            (
+                "raw data plus 511 bytes",
+                f32_2x3(),
+                24 + 511,
+                &[],
+                Some(24),
+                true,
+            ),
+            (
+                "raw data plus 512 bytes: an archive",
+                f32_2x3(),
+                24 + 512,
+                &[],
+                Some(24),
+                false,
+            ),
+            ("an empty item", f32_2x3(), 0, &[], Some(24), false),
+            (
+                "a transformed item",
+                f32_2x3(),
+                24,
+                &["stream.zstd/1"],
+                Some(24),
+                false,
+            ),
+            (
+                "bfloat16",
+                tensor("bfloat16", &[(&[0], &[4])]),
+                8,
+                &[],
+                Some(8),
+                true,
+            ),
+            (
+                "an unknown dtype",
+                tensor("not_a_dtype", &[(&[0, 0], &[2, 3])]),
+                24,
+                &[],
+                None,
+                false,
+            ),
+            (
+                "elements times size overflows",
+                tensor("float32", &[(&[0, 0], &[u64::MAX / 2, 1])]),
+                24,
+                &[],
+                None,
+                false,
+            ),
+            (
+                "the element count overflows",
+                tensor("int8", &[(&[0, 0], &[u64::MAX, 2])]),
+                24,
+                &[],
+                None,
+                false,
+            ),
+        ];
+        for (name, meta, length, transforms, raw, is_raw) in cases {
+            let offsets: Option<&[u64]> = match &meta {
+                EntryMeta::Tensor(t) => Some(&t.chunks[0].offsets),
+                EntryMeta::Bytes => None,
+            };
+            let storage = vec![stored_as("t", offsets, 0, length, transforms)];
+            let ck = merged(vec![rank(vec![("t".to_owned(), meta.clone())], storage)]);
+            assert_eq!(ck.raw_tensor_len(0), raw, "{name}");
+            assert_eq!(ck.is_raw_tensor(0), is_raw, "{name}");
+        }
+        // A bytes entry, a copy no chunk refers to, an index out of range.
+        let ck = merged(vec![rank(
+            vec![bytes("step"), ("t".to_owned(), f32_2x3())],
+            vec![
+                stored_as("step", None, 0, 24, &[]),
+                stored_as("t", Some(&[9, 9]), 24, 24, &[]),
+            ],
+        )]);
+        for si in [0, 1, 2] {
+            assert_eq!(ck.raw_tensor_len(si), None, "storage {si}");
+            assert!(!ck.is_raw_tensor(si), "storage {si}");
+        }
+    }
 
     #[test]
     fn per_rank_metadata_names() {

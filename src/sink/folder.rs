@@ -16,12 +16,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::fetch::{Sink, SinkError};
 use crate::metadata::Checkpoint;
 use crate::plan::{FilePlan, PlanItem};
 use crate::source::{ObjectMeta, ObjectName};
+use crate::units::sha256_hex;
 
 /// The folder dcpfetch keeps its own state in, inside the output folder.
 pub const STATE_DIR: &str = ".dcpfetch";
@@ -113,12 +113,6 @@ fn safe_path(root: &Path, name: &ObjectName) -> Result<PathBuf, SinkError> {
         }
     }
     Ok(path)
-}
-
-/// Hex sha256 of some bytes.
-pub fn sha256_hex(data: &[u8]) -> String {
-    let digest = Sha256::digest(data);
-    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl FolderSink {

@@ -25,16 +25,16 @@ pub enum StreamFormat {
 
 /// The `--manifest` document (docs/output.md).
 #[derive(Debug, Serialize)]
-pub struct Manifest {
+pub struct StreamManifest {
     pub format: StreamFormat,
     pub total_bytes: u64,
-    pub items: Vec<ManifestItem>,
+    pub items: Vec<StreamManifestItem>,
 }
 
 /// One stored item in the stream. An item shared by several selected chunks is listed once per
 /// chunk, with the same stream offset.
 #[derive(Debug, Serialize)]
-pub struct ManifestItem {
+pub struct StreamManifestItem {
     pub fqn: String,
     pub kind: &'static str,
     pub chunk_offsets: Option<Vec<u64>>,
@@ -56,7 +56,7 @@ pub struct StreamSink {
     format: StreamFormat,
     ck: Arc<Checkpoint>,
     manifest_path: Option<PathBuf>,
-    manifest: Vec<ManifestItem>,
+    manifest: Vec<StreamManifestItem>,
     offset: u64,
     tar_names: HashSet<String>,
     /// Pieces not yet written: gathered so that one `writev` takes many of them, without copying.
@@ -177,9 +177,8 @@ impl StreamSink {
         };
         for &si in &item.storage {
             let s = &self.ck.storage[si];
-            let entry = self.ck.entries.iter().find(|e| e.fqn == s.fqn);
-            let chunk = entry.and_then(|e| e.chunks.iter().find(|c| c.offsets == s.chunk_offsets));
-            self.manifest.push(ManifestItem {
+            let chunk = self.ck.chunk_of(si);
+            self.manifest.push(StreamManifestItem {
                 fqn: s.fqn.clone(),
                 kind: if s.chunk_offsets.is_some() {
                     "tensor"
@@ -231,7 +230,7 @@ impl Sink for StreamSink {
             .flush()
             .map_err(SinkError::io("writing to stdout"))?;
         if let Some(path) = &self.manifest_path {
-            let m = Manifest {
+            let m = StreamManifest {
                 format: self.format,
                 total_bytes: self.offset,
                 items: std::mem::take(&mut self.manifest),
@@ -266,7 +265,7 @@ fn entry_name(fqn: &str, chunk_offsets: Option<&[u64]>, transforms: &[String]) -
         });
     }
     if base.len() > MAX_NAME {
-        let digest = crate::sink::folder::sha256_hex(base.as_bytes());
+        let digest = crate::units::sha256_hex(base.as_bytes());
         let mut cut = MAX_NAME - 20;
         while !base.is_char_boundary(cut) {
             cut -= 1;

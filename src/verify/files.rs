@@ -84,27 +84,6 @@ pub fn check_in_bounds(
     in_bounds
 }
 
-/// A tensor item whose length is that of its raw data: not a torch.save archive.
-pub fn is_raw_tensor(ck: &Checkpoint, s: usize) -> bool {
-    let st = &ck.storage[s];
-    if !st.info.transform_descriptors.is_empty() || st.info.length == 0 {
-        return false;
-    }
-    let Some(e) = ck.entries.iter().find(|e| e.fqn == st.fqn) else {
-        return false;
-    };
-    let (Some(t), Some(c)) = (
-        &e.tensor,
-        e.chunks.iter().find(|c| c.offsets == st.chunk_offsets),
-    ) else {
-        return false;
-    };
-    match (c.numel(), t.element_size()) {
-        (Some(n), Some(size)) => st.info.length < n.saturating_mul(size).saturating_add(512),
-        _ => false,
-    }
-}
-
 /// `storage.format`: files whose tensor items are raw data (the SAFETENSORS serialization
 /// format) are read for their header, which is checked against the metadata. Returns their names.
 pub async fn check_format(
@@ -122,7 +101,7 @@ pub async fn check_format(
         if !present.contains_key(info.relative_path.as_str()) {
             continue;
         }
-        if is_raw_tensor(ck, s) {
+        if ck.is_raw_tensor(s) {
             raw.entry(info.relative_path.clone()).or_default().push(s);
         } else {
             let end = archive_end.entry(&info.relative_path).or_default();
@@ -160,17 +139,9 @@ pub async fn check_format(
         });
         for &s in items {
             let st = &ck.storage[s];
-            let e = ck
-                .entries
-                .iter()
-                .find(|e| e.fqn == st.fqn)
-                .expect("raw items have entries");
+            let e = ck.entry_of(s).expect("raw items have entries");
             let t = e.tensor.as_ref().expect("raw items are tensors");
-            let chunk = e
-                .chunks
-                .iter()
-                .find(|c| c.offsets == st.chunk_offsets)
-                .expect("linked");
+            let chunk = ck.chunk_of(s).expect("linked");
             let Some(h) = header.tensors.get(&st.fqn) else {
                 problems.push(Finding::item(
                     ck,

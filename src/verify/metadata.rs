@@ -11,7 +11,7 @@ use crate::source::ObjectName;
 /// `metadata.globals`: globals outside the known set are a failed check.
 pub fn check_globals(ck: &Checkpoint, checks: &mut Checks) {
     let problems = ck
-        .findings
+        .unsafe_globals
         .iter()
         .map(|f| Finding {
             file: Some(f.file.clone()),

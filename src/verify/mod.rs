@@ -340,7 +340,7 @@ pub async fn run(
             .filter(|s| overlapping.binary_search(s).is_err())
             .filter(|&s| {
                 !(raw_files.contains(ck.storage[s].info.relative_path.as_str())
-                    && files::is_raw_tensor(ck, s))
+                    && ck.is_raw_tensor(s))
             })
             .collect();
         let whole_files = opts.manifest.is_some();

@@ -55,7 +55,7 @@ pub async fn check_bytes(
     for (name, meta) in objects.iter().filter(|_| whole_files) {
         if meta.size == 0 {
             r.file_sha256
-                .insert(name.to_string(), crate::sink::folder::sha256_hex(b""));
+                .insert(name.to_string(), crate::units::sha256_hex(b""));
         }
     }
     Ok(r)
@@ -97,8 +97,6 @@ enum Current {
 /// Checks items as they stream past.
 pub struct VerifySink {
     ck: Arc<Checkpoint>,
-    /// storage index -> (entry, chunk)
-    owner: HashMap<usize, (usize, usize)>,
     hash_files: bool,
     hashers: HashMap<String, Sha256>,
     current: Option<Current>,
@@ -119,17 +117,8 @@ const MAX_DECODED_SLACK: u64 = 64 << 20;
 impl VerifySink {
     /// A sink that records into `results`; with `hash_files`, the plan must cover whole files.
     pub fn new(ck: Arc<Checkpoint>, hash_files: bool, results: Arc<Mutex<VerifyResults>>) -> Self {
-        let mut owner = HashMap::new();
-        for (ei, e) in ck.entries.iter().enumerate() {
-            for (ci, c) in e.chunks.iter().enumerate() {
-                for &s in &c.storage {
-                    owner.insert(s, (ei, ci));
-                }
-            }
-        }
         VerifySink {
             ck,
-            owner,
             hash_files,
             hashers: HashMap::new(),
             current: None,
@@ -165,11 +154,12 @@ impl VerifySink {
         };
         r.unchecked_crc = archive.unchecked_crc.clone();
         for &s in &item.storage {
-            if let Some(&(ei, ci)) = self.owner.get(&s)
-                && self.ck.entries[ei].tensor.is_some()
+            if let Some(link) = self.ck.storage[s].chunk
+                && self.ck.entries[link.entry].tensor.is_some()
             {
                 r.tensor_checked = true;
-                r.tensor.extend(self.check_tensor(&archive, ei, ci));
+                r.tensor
+                    .extend(self.check_tensor(&archive, link.entry, link.chunk));
             }
         }
         r
@@ -184,13 +174,7 @@ impl VerifySink {
         let expected = item
             .storage
             .iter()
-            .filter_map(|s| self.owner.get(s))
-            .filter_map(|&(ei, ci)| {
-                let e = &self.ck.entries[ei];
-                e.chunks[ci]
-                    .numel()?
-                    .checked_mul(e.tensor.as_ref()?.element_size()?)
-            })
+            .filter_map(|&s| self.ck.raw_tensor_len(s))
             .max()
             .unwrap_or(0);
         let limit = expected.saturating_add(MAX_DECODED_SLACK);
@@ -315,8 +299,9 @@ impl Sink for VerifySink {
     fn finish(&mut self) -> Result<(), SinkError> {
         let mut results = self.results.lock().expect("not poisoned");
         for (name, h) in self.hashers.drain() {
-            let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
-            results.file_sha256.insert(name, hex);
+            results
+                .file_sha256
+                .insert(name, crate::units::hex(&h.finalize()));
         }
         Ok(())
     }
