@@ -632,3 +632,57 @@ fn stdout_json_summary_goes_to_stderr() {
     assert_eq!(summary["items"], items.len());
     assert_eq!(summary["bytes_needed"], total);
 }
+
+/// The manifest is known from the plan: it is written before the first byte, so a reader that
+/// closes stdout early still gets it, and it is the same as a whole run's (and matches the bytes).
+#[test]
+fn manifest_is_written_when_stdout_closes_early() {
+    for format in ["raw", "tar"] {
+        let dir = tempfile::tempdir().unwrap();
+        let whole = dir.path().join("whole.json");
+        let out = dcpfetch()
+            .args(["fetch"])
+            .arg(fixture("model"))
+            .args(["-o", "-", "--format", format, "--manifest"])
+            .arg(&whole)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{format}");
+        let stream = out.stdout;
+
+        let early = dir.path().join("early.json");
+        let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("dcpfetch"))
+            .args(["fetch"])
+            .arg(fixture("model"))
+            .args(["-o", "-", "--part-size", "1KiB", "--max-gap-size", "0"])
+            .args(["--format", format, "--manifest"])
+            .arg(&early)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let mut first = [0u8; 10];
+        std::io::Read::read_exact(&mut stdout, &mut first).unwrap();
+        drop(stdout);
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(0), "{format}");
+
+        let whole: Value = serde_json::from_slice(&std::fs::read(&whole).unwrap()).unwrap();
+        let early: Value = serde_json::from_slice(&std::fs::read(&early).unwrap()).unwrap();
+        assert_eq!(whole, early, "{format}");
+        assert_eq!(whole["total_bytes"].as_u64().unwrap(), stream.len() as u64);
+        for item in whole["items"].as_array().unwrap() {
+            let at = item["stream_offset"].as_u64().unwrap() as usize;
+            let len = item["length"].as_u64().unwrap() as usize;
+            let file = fixture("model").join(item["file"].as_str().unwrap());
+            let off = item["offset"].as_u64().unwrap() as usize;
+            assert_eq!(
+                stream[at..at + len],
+                common::read(&file)[off..off + len],
+                "{format} {}",
+                item["fqn"]
+            );
+        }
+    }
+}

@@ -48,8 +48,9 @@ pub async fn run(s: FetchSettings) -> anyhow::Result<Outcome> {
 
     let (plan, sink, already): (Plan, Box<dyn Sink>, usize) = match &s.output {
         Output::Stdout { format, manifest } => {
-            let sink = StreamSink::stdout(*format, planned.ck().clone(), manifest.clone())
-                .context("cannot write to stdout")?;
+            let sink =
+                StreamSink::stdout(*format, planned.ck(), &planned.plan, manifest.as_deref())
+                    .context("cannot write to stdout")?;
             (planned.plan.clone(), Box::new(sink), 0)
         }
         Output::Dir {

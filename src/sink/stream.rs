@@ -1,17 +1,16 @@
 //! Items onto a byte stream (stdout): raw, back to back in plan order, or as a tar archive with one
 //! entry per item. An optional JSON manifest maps every item to its place in the stream.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::io::{IoSlice, Write};
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::Path;
 
 use bytes::Bytes;
 use serde::Serialize;
 
 use crate::fetch::{Sink, SinkError};
 use crate::metadata::Checkpoint;
-use crate::plan::{FilePlan, PlanItem};
+use crate::plan::{FilePlan, Plan, PlanItem};
 
 /// What the stream holds (`--format`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -54,11 +53,9 @@ pub struct StreamManifestItem {
 pub struct StreamSink {
     out: Box<dyn Write + Send>,
     format: StreamFormat,
-    ck: Arc<Checkpoint>,
-    manifest_path: Option<PathBuf>,
-    manifest: Vec<StreamManifestItem>,
+    /// The tar entry names of the items still to come, in plan order (tar format only).
+    tar_names: VecDeque<String>,
     offset: u64,
-    tar_names: HashSet<String>,
     /// Pieces not yet written: gathered so that one `writev` takes many of them, without copying.
     pending: Vec<Bytes>,
     pending_bytes: usize,
@@ -82,23 +79,31 @@ const BLOCK: usize = 512;
 const MAX_NAME: usize = 200;
 
 impl StreamSink {
+    /// A sink for `plan`'s items. The manifest is known from the plan alone, so it is written
+    /// (to `manifest_path`) before the first byte: a reader that stops early still has it.
     pub fn new(
         out: Box<dyn Write + Send>,
         format: StreamFormat,
-        ck: Arc<Checkpoint>,
-        manifest_path: Option<PathBuf>,
-    ) -> Self {
-        StreamSink {
+        ck: &Checkpoint,
+        plan: &Plan,
+        manifest_path: Option<&Path>,
+    ) -> Result<Self, SinkError> {
+        let (manifest, tar_names) = layout(format, ck, plan);
+        if let Some(path) = manifest_path {
+            let text = serde_json::to_vec_pretty(&manifest).expect("the manifest serializes");
+            std::fs::write(path, text).map_err(SinkError::io(format!(
+                "writing the manifest {}",
+                path.display()
+            )))?;
+        }
+        Ok(StreamSink {
             out,
             format,
-            ck,
-            manifest_path,
-            manifest: Vec::new(),
+            tar_names,
             offset: 0,
-            tar_names: HashSet::new(),
             pending: Vec::new(),
             pending_bytes: 0,
-        }
+        })
     }
 
     /// A sink writing to stdout through a duplicate of fd 1 as a plain file: no line buffering to
@@ -106,12 +111,22 @@ impl StreamSink {
     /// so `>>` appends).
     pub fn stdout(
         format: StreamFormat,
-        ck: Arc<Checkpoint>,
-        manifest_path: Option<PathBuf>,
-    ) -> std::io::Result<Self> {
+        ck: &Checkpoint,
+        plan: &Plan,
+        manifest_path: Option<&Path>,
+    ) -> Result<Self, SinkError> {
         use std::os::fd::AsFd;
-        let out = std::fs::File::from(std::io::stdout().as_fd().try_clone_to_owned()?);
-        Ok(StreamSink::new(Box::new(out), format, ck, manifest_path))
+        let out = std::io::stdout()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(SinkError::io("duplicating stdout"))?;
+        StreamSink::new(
+            Box::new(std::fs::File::from(out)),
+            format,
+            ck,
+            plan,
+            manifest_path,
+        )
     }
 
     /// Queues bytes for the stream.
@@ -146,76 +161,119 @@ impl StreamSink {
         Ok(())
     }
 
-    /// A tar entry name for an item: the fqn (percent-encoded to one safe path component), `@`
-    /// and the chunk offsets for tensors, `.pt` (`.pt.zst` for ZStandard items); `~N` before the
-    /// extension makes repeated names unique.
-    fn tar_name(&mut self, item: &PlanItem) -> String {
-        let s = &self.ck.storage[item.storage[0]];
-        let (base, ext) = entry_name(
-            &s.fqn,
-            s.chunk_offsets.as_deref(),
-            &s.info.transform_descriptors,
-        );
-        let mut name = format!("{base}{ext}");
-        let mut n = 2;
-        while !self.tar_names.insert(name.clone()) {
-            name = format!("{base}~{n}{ext}");
-            n += 1;
-        }
-        name
-    }
-
-    fn start_item(&mut self, file: &FilePlan, item: &PlanItem) -> Result<(), SinkError> {
-        let tar_name = match self.format {
-            StreamFormat::Raw => None,
-            StreamFormat::Tar => {
-                let name = self.tar_name(item);
-                let header = tar_header(&name, item.len());
-                self.emit(Bytes::from(header))?;
-                Some(name)
-            }
-        };
-        for &si in &item.storage {
-            let s = &self.ck.storage[si];
-            let chunk = self.ck.chunk_of(si);
-            self.manifest.push(StreamManifestItem {
-                fqn: s.fqn.clone(),
-                kind: if s.chunk_offsets.is_some() {
-                    "tensor"
-                } else {
-                    "bytes"
-                },
-                chunk_offsets: s.chunk_offsets.clone(),
-                chunk_sizes: chunk.and_then(|c| c.sizes.clone()),
-                file: file.name.to_string(),
-                offset: item.range.start,
-                length: item.len(),
-                transform_descriptors: s.info.transform_descriptors.clone(),
-                stream_offset: self.offset,
-                tar_name: tar_name.clone(),
-            });
+    fn start_item(&mut self, item: &PlanItem) -> Result<(), SinkError> {
+        if self.format == StreamFormat::Tar {
+            let name = self.tar_names.pop_front().ok_or_else(|| {
+                SinkError::Refused(format!(
+                    "an item at {}..{} that the plan did not announce",
+                    item.range.start, item.range.end
+                ))
+            })?;
+            self.emit(Bytes::from(tar_header(&name, item.len())))?;
         }
         Ok(())
     }
 }
 
+/// Where every item of `plan` lands in the stream, in plan order (the order the engine delivers
+/// them), and the tar entry names: the manifest, and the names the stream will use.
+fn layout(
+    format: StreamFormat,
+    ck: &Checkpoint,
+    plan: &Plan,
+) -> (StreamManifest, VecDeque<String>) {
+    let mut items = Vec::new();
+    let mut names = VecDeque::new();
+    let mut taken = HashSet::new();
+    let mut offset = 0u64;
+    for file in &plan.files {
+        for item in &file.items {
+            let tar_name = match format {
+                StreamFormat::Raw => None,
+                StreamFormat::Tar => {
+                    let name = tar_name(ck, item, &mut taken);
+                    offset += tar_header(&name, item.len()).len() as u64;
+                    names.push_back(name.clone());
+                    Some(name)
+                }
+            };
+            for &si in &item.storage {
+                let s = &ck.storage[si];
+                items.push(StreamManifestItem {
+                    fqn: s.fqn.clone(),
+                    kind: if s.chunk_offsets.is_some() {
+                        "tensor"
+                    } else {
+                        "bytes"
+                    },
+                    chunk_offsets: s.chunk_offsets.clone(),
+                    chunk_sizes: ck.chunk_of(si).and_then(|c| c.sizes.clone()),
+                    file: file.name.to_string(),
+                    offset: item.range.start,
+                    length: item.len(),
+                    transform_descriptors: s.info.transform_descriptors.clone(),
+                    stream_offset: offset,
+                    tar_name: tar_name.clone(),
+                });
+            }
+            offset += item.len();
+            if format == StreamFormat::Tar {
+                offset += tar_padding(item.len()) as u64;
+            }
+        }
+    }
+    if format == StreamFormat::Tar {
+        offset += 2 * BLOCK as u64;
+    }
+    let manifest = StreamManifest {
+        format,
+        total_bytes: offset,
+        items,
+    };
+    (manifest, names)
+}
+
+/// A tar entry name for an item: the fqn (percent-encoded to one safe path component), `@` and
+/// the chunk offsets for tensors, `.pt` (`.pt.zst` for ZStandard items); `~N` before the
+/// extension makes repeated names unique.
+fn tar_name(ck: &Checkpoint, item: &PlanItem, taken: &mut HashSet<String>) -> String {
+    let s = &ck.storage[item.storage[0]];
+    let (base, ext) = entry_name(
+        &s.fqn,
+        s.chunk_offsets.as_deref(),
+        &s.info.transform_descriptors,
+    );
+    let mut name = format!("{base}{ext}");
+    let mut n = 2;
+    while !taken.insert(name.clone()) {
+        name = format!("{base}~{n}{ext}");
+        n += 1;
+    }
+    name
+}
+
+/// Zero bytes after a tar entry's data, up to the next block.
+fn tar_padding(len: u64) -> usize {
+    (BLOCK - (len % BLOCK as u64) as usize) % BLOCK
+}
+
 impl Sink for StreamSink {
     fn write(
         &mut self,
-        file: &FilePlan,
+        _: &FilePlan,
         item: &PlanItem,
         at: u64,
         data: Bytes,
     ) -> Result<(), SinkError> {
         if at == 0 {
-            self.start_item(file, item)?;
+            self.start_item(item)?;
         }
         self.emit(data)
     }
 
     fn item_done(&mut self, _: &FilePlan, item: &PlanItem) -> Result<(), SinkError> {
         if self.format == StreamFormat::Tar {
-            let pad = (BLOCK - (item.len() % BLOCK as u64) as usize) % BLOCK;
+            let pad = tar_padding(item.len());
             self.emit(Bytes::from_static(&[0u8; BLOCK][..pad]))?;
         }
         Ok(())
@@ -229,18 +287,6 @@ impl Sink for StreamSink {
         self.out
             .flush()
             .map_err(SinkError::io("writing to stdout"))?;
-        if let Some(path) = &self.manifest_path {
-            let m = StreamManifest {
-                format: self.format,
-                total_bytes: self.offset,
-                items: std::mem::take(&mut self.manifest),
-            };
-            let text = serde_json::to_vec_pretty(&m).expect("the manifest serializes");
-            std::fs::write(path, text).map_err(SinkError::io(format!(
-                "writing the manifest {}",
-                path.display()
-            )))?;
-        }
         Ok(())
     }
 }
