@@ -120,3 +120,45 @@ fn files_of(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
     files.sort();
     files
 }
+
+/// A closed stdout (`dcpfetch ... | true`, `dcpfetch ... | head -c 1`) ends every command that
+/// writes to stdout quietly, with exit 0.
+#[test]
+fn a_closed_stdout_is_success() {
+    let cases: &[&[&str]] = &[
+        &["completions", "bash"],
+        &["completions", "zsh"],
+        &["completions", "fish"],
+        &["ls", "fixtures/model"],
+        &["ls", "fixtures/model", "--json"],
+        &["plan", "fixtures/model", "--json"],
+        &["plan", "fixtures/model", "--groups"],
+        &["verify", "fixtures/model", "--json"],
+        &["fetch", "fixtures/model", "-o", "-"],
+        &["fetch", "fixtures/model", "-o", "-", "--format", "tar"],
+    ];
+    for args in cases {
+        // 0: the reader is gone before the first write (`| true`); 1: after one byte (`| head -c 1`).
+        for read_first in [0usize, 1] {
+            let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dcpfetch"))
+                .current_dir(repo())
+                .args(*args)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut stdout = child.stdout.take().unwrap();
+            let mut first = vec![0u8; read_first];
+            std::io::Read::read_exact(&mut stdout, &mut first).unwrap();
+            drop(stdout);
+            let out = child.wait_with_output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(0), "{args:?} after {read_first}: {err}");
+            assert!(
+                !err.contains("panicked") && !err.contains("error"),
+                "{args:?} after {read_first}: {err}"
+            );
+        }
+    }
+}

@@ -113,7 +113,9 @@ impl Printer {
             Box::new(std::io::BufWriter::new(std::io::stdout().lock()))
         };
         if self.format == ReportFormat::Json {
-            serde_json::to_writer_pretty(&mut out, report)?;
+            // Into an io::Error: serde_json's own error hides a closed stdout from
+            // `report::fail`, which looks for the io::Error in the cause chain.
+            serde_json::to_writer_pretty(&mut out, report).map_err(std::io::Error::from)?;
             writeln!(out)?;
         } else {
             human(&mut out)?;
