@@ -162,3 +162,49 @@ fn a_closed_stdout_is_success() {
         }
     }
 }
+
+/// `--no-progress` drops only the bar (the summary line stays), `--quiet` drops everything, and
+/// `--include` selects as `--select` does.
+#[test]
+fn no_progress_keeps_the_summary() {
+    let mut lines = Vec::new();
+    for flag in ["--no-progress", "--quiet"] {
+        let out_dir = tempfile::tempdir().unwrap();
+        let out = dcpfetch()
+            .current_dir(repo())
+            .args(["fetch", "fixtures/model", "--include", "model.layers.0.*", "-o"])
+            .arg(out_dir.path().join("copy"))
+            .arg(flag)
+            .output()
+            .unwrap();
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(out.status.success(), "{flag}: {err}");
+        lines.push(err);
+    }
+    assert!(
+        lines[0].starts_with("fetched 6 items"),
+        "--no-progress: {}",
+        lines[0]
+    );
+    assert_eq!(lines[1], "", "--quiet");
+}
+
+/// `fetch --dry-run` (and `--dryrun`) fetches nothing and points at `dcpfetch plan`.
+#[test]
+fn dry_run_points_at_plan() {
+    for flag in ["--dry-run", "--dryrun"] {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("copy");
+        let out = dcpfetch()
+            .current_dir(repo())
+            .args(["fetch", "fixtures/model", "-x", "optim.*", "-o"])
+            .arg(&target)
+            .arg(flag)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{flag}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.contains("`dcpfetch plan fixtures/model`"), "{flag}: {err}");
+        assert!(!target.exists(), "{flag}");
+    }
+}

@@ -81,7 +81,12 @@ pub struct S3Flags {
 pub struct SelectFlags {
     /// Select entries whose fqn matches this glob (repeatable; `*` also matches dots), such as
     /// 'model.layers.*.attn.*'. Without --select or --spec regions, everything is selected.
-    #[arg(long = "select", short = 's', value_name = "GLOB")]
+    #[arg(
+        long = "select",
+        short = 's',
+        visible_alias = "include",
+        value_name = "GLOB"
+    )]
     pub select: Vec<String>,
     /// Leave out entries whose fqn matches this glob (repeatable), such as 'optim.*'.
     #[arg(long = "exclude", short = 'x', value_name = "GLOB")]
@@ -140,7 +145,9 @@ pub struct PlanArgs {
     pub s3: S3Flags,
 }
 
+// `-o` is required unless `--dry-run` (which is refused with a hint), so the usage line says it.
 #[derive(Debug, Args)]
+#[command(override_usage = "dcpfetch fetch [OPTIONS] --output <DIR|-> <CKPT>")]
 pub struct FetchArgs {
     /// The checkpoint: a folder, file://PATH or s3://BUCKET/PREFIX.
     #[arg(value_name = "CKPT")]
@@ -152,9 +159,10 @@ pub struct FetchArgs {
         help_heading = "Output",
         short = 'o',
         long = "output",
-        value_name = "DIR|-"
+        value_name = "DIR|-",
+        required_unless_present = "dry_run"
     )]
-    pub output: PathBuf,
+    pub output: Option<PathBuf>,
     /// With -o -: raw bytes or a tar stream.
     #[arg(help_heading = "Output", long, value_enum, default_value_t = StreamFormat::Raw)]
     pub format: StreamFormat,
@@ -179,6 +187,13 @@ pub struct FetchArgs {
     /// No progress bar and no warnings on stderr.
     #[arg(long, short = 'q', help_heading = "Output")]
     pub quiet: bool,
+    /// No progress bar; unlike --quiet, warnings and the summary line are still printed.
+    #[arg(long, help_heading = "Output")]
+    pub no_progress: bool,
+    /// Refused with a pointer to `dcpfetch plan`, which shows what a fetch would read (hidden:
+    /// for people used to `aws s3 cp --dryrun`; docs/usage.md).
+    #[arg(long = "dry-run", alias = "dryrun", hide = true)]
+    pub dry_run: bool,
     #[command(flatten)]
     pub s3: S3Flags,
 }
@@ -228,6 +243,9 @@ pub struct VerifyArgs {
     /// No progress bar.
     #[arg(long, short = 'q', help_heading = "Output")]
     pub quiet: bool,
+    /// No progress bar (what --quiet does here too).
+    #[arg(long, help_heading = "Output")]
+    pub no_progress: bool,
     #[command(flatten)]
     pub plan: PlanFlags,
     #[command(flatten)]
@@ -297,6 +315,9 @@ pub struct BenchArgs {
     /// No progress bar.
     #[arg(long, short = 'q', help_heading = "Output")]
     pub quiet: bool,
+    /// No progress bar (what --quiet does here too).
+    #[arg(long, help_heading = "Output")]
+    pub no_progress: bool,
     #[command(flatten)]
     pub s3: S3Flags,
 }
