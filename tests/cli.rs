@@ -208,3 +208,45 @@ fn dry_run_points_at_plan() {
         assert!(!target.exists(), "{flag}");
     }
 }
+
+/// `-v` (before or after the command) changes nothing on stdout and adds only request lines
+/// (target `dcpfetch::requests`) to stderr, never the AWS SDK's own events; without it stderr
+/// stays empty.
+#[test]
+fn verbose_logs_only_requests() {
+    let s3 = common::Backend::S3;
+    let mut s3_ls = vec!["ls".to_owned(), s3.location("model")];
+    s3_ls.extend(s3.args());
+    let cases: Vec<Vec<String>> = [
+        &["ls", "fixtures/model"][..],
+        &["plan", "fixtures/model", "--json"],
+        &["fetch", "fixtures/model", "-s", "model.embed.*", "-o", "-"],
+    ]
+    .iter()
+    .map(|a| a.iter().map(|s| s.to_string()).collect())
+    .chain([s3_ls])
+    .collect();
+    for args in cases {
+        let quiet = dcpfetch().current_dir(repo()).args(&args).output().unwrap();
+        assert!(quiet.status.success(), "{args:?}");
+        assert_eq!(String::from_utf8_lossy(&quiet.stderr), "", "{args:?}");
+        for verbose in [&["-v"][..], &["--verbose"]] {
+            for before in [true, false] {
+                let mut c = dcpfetch();
+                c.current_dir(repo());
+                if before {
+                    c.args(verbose).args(&args);
+                } else {
+                    c.args(&args).args(verbose);
+                }
+                let out = c.output().unwrap();
+                let err = String::from_utf8_lossy(&out.stderr);
+                assert!(out.status.success(), "{args:?} {verbose:?}: {err}");
+                assert_eq!(out.stdout, quiet.stdout, "{args:?} {verbose:?}");
+                for line in err.lines() {
+                    assert!(line.contains("dcpfetch::requests"), "{args:?}: {line}");
+                }
+            }
+        }
+    }
+}

@@ -24,6 +24,10 @@ use crate::units::ByteSize;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log every request on stderr: method, key, byte range, HTTP status (or local read), time
+    /// taken and attempt number.
+    #[arg(short = 'v', long, global = true)]
+    pub verbose: bool,
 }
 
 #[derive(Debug, Subcommand)]
