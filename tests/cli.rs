@@ -250,3 +250,56 @@ fn verbose_logs_only_requests() {
         }
     }
 }
+
+/// Every example at the end of a help text that reads a bundled fixture runs and succeeds (the
+/// part before a `|`, from a scratch folder, with `fixtures/` pointing at the repository's).
+#[test]
+fn help_examples_run() {
+    let mut ran = 0;
+    for cmd in COMMANDS {
+        let mut c = dcpfetch();
+        if !cmd.is_empty() {
+            c.arg(cmd);
+        }
+        let help = String::from_utf8(c.arg("--help").output().unwrap().stdout).unwrap();
+        let (_, examples) = help
+            .split_once("\nExamples:\n")
+            .unwrap_or_else(|| panic!("`dcpfetch {cmd} --help` has no examples"));
+        let commands: Vec<&str> = examples
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with("dcpfetch "))
+            .collect();
+        assert!(commands.len() >= 2, "{cmd}: {examples}");
+        for line in commands {
+            let line = line.split('|').next().unwrap();
+            if !line.contains(" fixtures/") {
+                continue;
+            }
+            let scratch = tempfile::tempdir().unwrap();
+            let args: Vec<String> = line
+                .split_whitespace()
+                .skip(1)
+                .map(|a| {
+                    let a = a.trim_matches('\'');
+                    match a.strip_prefix("fixtures/") {
+                        Some(name) => common::fixture(name).display().to_string(),
+                        None => a.to_owned(),
+                    }
+                })
+                .collect();
+            let out = dcpfetch()
+                .current_dir(scratch.path())
+                .args(&args)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{line}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            ran += 1;
+        }
+    }
+    assert!(ran >= 8, "{ran} examples ran");
+}

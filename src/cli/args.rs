@@ -20,7 +20,7 @@ use crate::units::ByteSize;
 /// a failed verification, a missing or changed shard); 2 usage error or could not run (unreadable
 /// metadata, no credentials, unreachable endpoint).
 #[derive(Debug, Parser)]
-#[command(name = "dcpfetch", version, max_term_width = 100)]
+#[command(name = "dcpfetch", version, max_term_width = 100, after_help = EXAMPLES)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -30,19 +30,65 @@ pub struct Cli {
     pub verbose: bool,
 }
 
+// The examples end each help text; tests/cli.rs runs every one that reads a bundled fixture
+// (fixtures/, from the repository's root) to keep them true.
+const EXAMPLES: &str = "\
+Examples:
+  # the layer-0 tensors of a bundled fixture (run from the repository's root)
+  dcpfetch ls fixtures/model --select 'model.layers.0.*'
+  # the model without the optimizer state, from S3 into a sparse local copy
+  dcpfetch fetch s3://bucket/run/step-1000 --exclude 'optim.*' -o model-only
+  # completions in this bash session (README.md installs them for bash, zsh and fish)
+  source <(dcpfetch completions bash)";
+
+const LS_EXAMPLES: &str = "\
+Examples:
+  dcpfetch ls fixtures/model --select 'model.layers.0.*'
+  dcpfetch ls fixtures/model --json | jq -r '.entries[].fqn'
+  dcpfetch ls s3://bucket/run/step-1000 --region us-west-2";
+
+const PLAN_EXAMPLES: &str = "\
+Examples:
+  dcpfetch plan fixtures/model --exclude 'optim.*'
+  dcpfetch plan fixtures/model --exclude 'optim.*' --max-gap-size 0 --groups
+  dcpfetch plan s3://bucket/run/step-1000 --select 'model.*' --json";
+
+const FETCH_EXAMPLES: &str = "\
+Examples:
+  dcpfetch fetch fixtures/model --exclude 'optim.*' -o model-only
+  dcpfetch fetch fixtures/model --select 'model.layers.0.*' -o - --format tar | tar -t
+  dcpfetch fetch s3://bucket/run/step-1000 --exclude 'optim.*' -o model-only --resume";
+
+const VERIFY_EXAMPLES: &str = "\
+Examples:
+  dcpfetch verify fixtures/model
+  dcpfetch verify fixtures/model --quick --json
+  dcpfetch verify s3://bucket/run/step-1000 --manifest integrity.json";
+
+const BENCH_EXAMPLES: &str = "\
+Examples:
+  dcpfetch bench fixtures/model --repeat 1
+  dcpfetch bench fixtures/model --gap-sizes 0,1MiB,inf --concurrency 4,32 --plot sweep.svg
+  dcpfetch bench s3://bucket/run/step-1000 --endpoint-url http://127.0.0.1:9000 --path-style";
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// List the entries of a checkpoint: fqn, kind, dtype, shape, chunks, stored bytes, files.
+    #[command(after_help = LS_EXAMPLES)]
     Ls(LsArgs),
     /// Show the byte ranges, range groups and requests a selection needs, without fetching.
+    #[command(after_help = PLAN_EXAMPLES)]
     Plan(PlanArgs),
     /// Fetch the selected items into a sparse copy of the checkpoint (-o DIR) or to stdout (-o -).
+    #[command(after_help = FETCH_EXAMPLES)]
     Fetch(FetchArgs),
     /// Check a checkpoint's integrity (for CI): metadata, files, sizes and, by default, every item's
     /// bytes. Exit 0 all good, 1 problems found, 2 could not run.
+    #[command(after_help = VERIFY_EXAMPLES)]
     Verify(VerifyArgs),
     /// Measure fetch settings on your checkpoint and link: every combination of gap size,
     /// concurrency and part size, repeated, as a table, JSON, CSV or an SVG plot.
+    #[command(after_help = BENCH_EXAMPLES)]
     Bench(BenchArgs),
     /// Print shell completions.
     Completions {
