@@ -303,3 +303,37 @@ fn help_examples_run() {
     }
     assert!(ran >= 8, "{ran} examples ran");
 }
+
+/// Run by `a_missing_moto_is_named` in a child process (and a no-op otherwise): starts the S3
+/// suites' moto server.
+#[test]
+fn moto_probe() {
+    if std::env::var_os("DCPFETCH_TEST_MOTO_PROBE").is_some() {
+        common::moto();
+    }
+}
+
+/// An S3 suite without moto_server on PATH fails at once, saying how to install it.
+#[test]
+fn a_missing_moto_is_named() {
+    let empty = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "moto_probe", "--nocapture", "--test-threads", "1"])
+        .env("DCPFETCH_TEST_MOTO_PROBE", "1")
+        .env("PATH", empty.path())
+        .env_remove("DCPFETCH_TEST_S3_ENDPOINT")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    for needle in [
+        "moto_server not found / did not start",
+        "python3 -m venv .venv && .venv/bin/pip install 'moto[server]'",
+        "pipx install 'moto[server]'",
+        "put it on PATH",
+    ] {
+        assert!(text.contains(needle), "{needle}: {text}");
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+}
