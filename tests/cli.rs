@@ -154,7 +154,11 @@ fn a_closed_stdout_is_success() {
             drop(stdout);
             let out = child.wait_with_output().unwrap();
             let err = String::from_utf8_lossy(&out.stderr);
-            assert_eq!(out.status.code(), Some(0), "{args:?} after {read_first}: {err}");
+            assert_eq!(
+                out.status.code(),
+                Some(0),
+                "{args:?} after {read_first}: {err}"
+            );
             assert!(
                 !err.contains("panicked") && !err.contains("error"),
                 "{args:?} after {read_first}: {err}"
@@ -172,7 +176,13 @@ fn no_progress_keeps_the_summary() {
         let out_dir = tempfile::tempdir().unwrap();
         let out = dcpfetch()
             .current_dir(repo())
-            .args(["fetch", "fixtures/model", "--include", "model.layers.0.*", "-o"])
+            .args([
+                "fetch",
+                "fixtures/model",
+                "--include",
+                "model.layers.0.*",
+                "-o",
+            ])
             .arg(out_dir.path().join("copy"))
             .arg(flag)
             .output()
@@ -204,7 +214,10 @@ fn dry_run_points_at_plan() {
             .unwrap();
         assert_eq!(out.status.code(), Some(2), "{flag}");
         let err = String::from_utf8(out.stderr).unwrap();
-        assert!(err.contains("`dcpfetch plan fixtures/model`"), "{flag}: {err}");
+        assert!(
+            err.contains("`dcpfetch plan fixtures/model`"),
+            "{flag}: {err}"
+        );
         assert!(!target.exists(), "{flag}");
     }
 }
@@ -319,7 +332,13 @@ fn a_missing_moto_is_named() {
     let empty = tempfile::tempdir().unwrap();
     let started = std::time::Instant::now();
     let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "moto_probe", "--nocapture", "--test-threads", "1"])
+        .args([
+            "--exact",
+            "moto_probe",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
         .env("DCPFETCH_TEST_MOTO_PROBE", "1")
         .env("PATH", empty.path())
         .env_remove("DCPFETCH_TEST_S3_ENDPOINT")

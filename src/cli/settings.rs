@@ -248,7 +248,9 @@ fn fetch(a: FetchArgs) -> Result<FetchSettings, UsageError> {
         )));
     }
     let Some(output) = a.output else {
-        return Err(invalid("fetch needs -o DIR (a sparse copy) or -o - (stdout)"));
+        return Err(invalid(
+            "fetch needs -o DIR (a sparse copy) or -o - (stdout)",
+        ));
     };
     let to_stdout = output == Path::new("-");
     let output = if to_stdout {
@@ -438,8 +440,7 @@ mod tests {
         else {
             panic!()
         };
-        let Settings::Ls(s) = resolve(&["ls", "x", "--select", "a.*", "-s", "b.*"]).unwrap()
-        else {
+        let Settings::Ls(s) = resolve(&["ls", "x", "--select", "a.*", "-s", "b.*"]).unwrap() else {
             panic!()
         };
         assert_eq!(l.target.spec, s.target.spec);

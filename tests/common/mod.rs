@@ -140,7 +140,9 @@ fn start_moto() -> Moto {
                 .unwrap();
             let stdin = child.stdin.take().unwrap();
             if !answers_http(&e, Duration::from_secs(60)) {
-                panic!("the S3 server at {e} (DCPFETCH_TEST_S3_ENDPOINT) did not answer within 60 s");
+                panic!(
+                    "the S3 server at {e} (DCPFETCH_TEST_S3_ENDPOINT) did not answer within 60 s"
+                );
             }
             (e, child, stdin)
         }
