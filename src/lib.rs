@@ -23,9 +23,10 @@ pub mod verify;
 pub use report::Outcome;
 
 /// Runs one command line to completion: its flags are resolved (and refused if they cannot run)
-/// before anything is read or written.
+/// before anything is read or written; `-v` logs every request on stderr.
 pub fn run(cli: cli::Cli) -> anyhow::Result<Outcome> {
     let settings = cli::Settings::resolve(cli.command)?;
+    cli::log::init(cli.verbose);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -20,25 +20,75 @@ use crate::units::ByteSize;
 /// a failed verification, a missing or changed shard); 2 usage error or could not run (unreadable
 /// metadata, no credentials, unreachable endpoint).
 #[derive(Debug, Parser)]
-#[command(name = "dcpfetch", version, max_term_width = 100)]
+#[command(name = "dcpfetch", version, max_term_width = 100, after_help = EXAMPLES)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log every request on stderr: method, key, byte range, HTTP status (or local read), time
+    /// taken and attempt number.
+    #[arg(short = 'v', long, global = true)]
+    pub verbose: bool,
 }
+
+// The examples end each help text; tests/cli.rs runs every one that reads a bundled fixture
+// (fixtures/, from the repository's root) to keep them true.
+const EXAMPLES: &str = "\
+Examples:
+  # the layer-0 tensors of a bundled fixture (run from the repository's root)
+  dcpfetch ls fixtures/model --select 'model.layers.0.*'
+  # the model without the optimizer state, from S3 into a sparse local copy
+  dcpfetch fetch s3://bucket/run/step-1000 --exclude 'optim.*' -o model-only
+  # completions in this bash session (README.md installs them for bash, zsh and fish)
+  source <(dcpfetch completions bash)";
+
+const LS_EXAMPLES: &str = "\
+Examples:
+  dcpfetch ls fixtures/model --select 'model.layers.0.*'
+  dcpfetch ls fixtures/model --json | jq -r '.entries[].fqn'
+  dcpfetch ls s3://bucket/run/step-1000 --region us-west-2";
+
+const PLAN_EXAMPLES: &str = "\
+Examples:
+  dcpfetch plan fixtures/model --exclude 'optim.*'
+  dcpfetch plan fixtures/model --exclude 'optim.*' --max-gap-size 0 --groups
+  dcpfetch plan s3://bucket/run/step-1000 --select 'model.*' --json";
+
+const FETCH_EXAMPLES: &str = "\
+Examples:
+  dcpfetch fetch fixtures/model --exclude 'optim.*' -o model-only
+  dcpfetch fetch fixtures/model --select 'model.layers.0.*' -o - --format tar | tar -t
+  dcpfetch fetch s3://bucket/run/step-1000 --exclude 'optim.*' -o model-only --resume";
+
+const VERIFY_EXAMPLES: &str = "\
+Examples:
+  dcpfetch verify fixtures/model
+  dcpfetch verify fixtures/model --quick --json
+  dcpfetch verify s3://bucket/run/step-1000 --manifest integrity.json";
+
+const BENCH_EXAMPLES: &str = "\
+Examples:
+  dcpfetch bench fixtures/model --repeat 1
+  dcpfetch bench fixtures/model --gap-sizes 0,1MiB,inf --concurrency 4,32 --plot sweep.svg
+  dcpfetch bench s3://bucket/run/step-1000 --endpoint-url http://127.0.0.1:9000 --path-style";
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// List the entries of a checkpoint: fqn, kind, dtype, shape, chunks, stored bytes, files.
+    #[command(after_help = LS_EXAMPLES)]
     Ls(LsArgs),
     /// Show the byte ranges, range groups and requests a selection needs, without fetching.
+    #[command(after_help = PLAN_EXAMPLES)]
     Plan(PlanArgs),
     /// Fetch the selected items into a sparse copy of the checkpoint (-o DIR) or to stdout (-o -).
+    #[command(after_help = FETCH_EXAMPLES)]
     Fetch(FetchArgs),
     /// Check a checkpoint's integrity (for CI): metadata, files, sizes and, by default, every item's
     /// bytes. Exit 0 all good, 1 problems found, 2 could not run.
+    #[command(after_help = VERIFY_EXAMPLES)]
     Verify(VerifyArgs),
     /// Measure fetch settings on your checkpoint and link: every combination of gap size,
     /// concurrency and part size, repeated, as a table, JSON, CSV or an SVG plot.
+    #[command(after_help = BENCH_EXAMPLES)]
     Bench(BenchArgs),
     /// Print shell completions.
     Completions {
@@ -81,7 +131,12 @@ pub struct S3Flags {
 pub struct SelectFlags {
     /// Select entries whose fqn matches this glob (repeatable; `*` also matches dots), such as
     /// 'model.layers.*.attn.*'. Without --select or --spec regions, everything is selected.
-    #[arg(long = "select", short = 's', value_name = "GLOB")]
+    #[arg(
+        long = "select",
+        short = 's',
+        visible_alias = "include",
+        value_name = "GLOB"
+    )]
     pub select: Vec<String>,
     /// Leave out entries whose fqn matches this glob (repeatable), such as 'optim.*'.
     #[arg(long = "exclude", short = 'x', value_name = "GLOB")]
@@ -140,7 +195,9 @@ pub struct PlanArgs {
     pub s3: S3Flags,
 }
 
+// `-o` is required unless `--dry-run` (which is refused with a hint), so the usage line says it.
 #[derive(Debug, Args)]
+#[command(override_usage = "dcpfetch fetch [OPTIONS] --output <DIR|-> <CKPT>")]
 pub struct FetchArgs {
     /// The checkpoint: a folder, file://PATH or s3://BUCKET/PREFIX.
     #[arg(value_name = "CKPT")]
@@ -152,9 +209,10 @@ pub struct FetchArgs {
         help_heading = "Output",
         short = 'o',
         long = "output",
-        value_name = "DIR|-"
+        value_name = "DIR|-",
+        required_unless_present = "dry_run"
     )]
-    pub output: PathBuf,
+    pub output: Option<PathBuf>,
     /// With -o -: raw bytes or a tar stream.
     #[arg(help_heading = "Output", long, value_enum, default_value_t = StreamFormat::Raw)]
     pub format: StreamFormat,
@@ -179,6 +237,13 @@ pub struct FetchArgs {
     /// No progress bar and no warnings on stderr.
     #[arg(long, short = 'q', help_heading = "Output")]
     pub quiet: bool,
+    /// No progress bar; unlike --quiet, warnings and the summary line are still printed.
+    #[arg(long, help_heading = "Output")]
+    pub no_progress: bool,
+    /// Refused with a pointer to `dcpfetch plan`, which shows what a fetch would read (hidden:
+    /// for people used to `aws s3 cp --dryrun`; docs/usage.md).
+    #[arg(long = "dry-run", alias = "dryrun", hide = true)]
+    pub dry_run: bool,
     #[command(flatten)]
     pub s3: S3Flags,
 }
@@ -228,6 +293,9 @@ pub struct VerifyArgs {
     /// No progress bar.
     #[arg(long, short = 'q', help_heading = "Output")]
     pub quiet: bool,
+    /// No progress bar (what --quiet does here too).
+    #[arg(long, help_heading = "Output")]
+    pub no_progress: bool,
     #[command(flatten)]
     pub plan: PlanFlags,
     #[command(flatten)]
@@ -297,6 +365,9 @@ pub struct BenchArgs {
     /// No progress bar.
     #[arg(long, short = 'q', help_heading = "Output")]
     pub quiet: bool,
+    /// No progress bar (what --quiet does here too).
+    #[arg(long, help_heading = "Output")]
+    pub no_progress: bool,
     #[command(flatten)]
     pub s3: S3Flags,
 }

@@ -5,8 +5,8 @@
 //! - Security findings of the metadata (globals outside the known set) are always printed.
 //! - Other warnings are printed unless `--quiet`, or unless the JSON report carries them itself
 //!   (`ls --json`, `plan --json`).
-//! - The progress bar is drawn only on a terminal, and not with `--quiet` or a machine-readable
-//!   report (`--json`, `--csv`).
+//! - The progress bar is drawn only on a terminal, and not with `--quiet`, `--no-progress` or a
+//!   machine-readable report (`--json`, `--csv`).
 //! - When stdout carries data (`fetch -o -`), the JSON summary goes to stderr instead.
 
 use std::io::Write;
@@ -35,10 +35,12 @@ impl ReportFormat {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Printer {
     format: ReportFormat,
     quiet: bool,
+    /// `--no-progress`: no bar, everything else as without it.
+    no_progress: bool,
     /// stdout carries fetched bytes: reports go to stderr.
     data_on_stdout: bool,
     /// The JSON report lists the warnings itself.
@@ -51,6 +53,7 @@ impl Printer {
         Printer {
             format,
             quiet: false,
+            no_progress: false,
             data_on_stdout: false,
             warnings_in_report: format == ReportFormat::Json,
         }
@@ -61,8 +64,17 @@ impl Printer {
         Printer {
             format,
             quiet,
+            no_progress: false,
             data_on_stdout,
             warnings_in_report: false,
+        }
+    }
+
+    /// The same printer without a progress bar when `hide` (`--no-progress`).
+    pub fn hide_progress(self, hide: bool) -> Printer {
+        Printer {
+            no_progress: self.no_progress || hide,
+            ..self
         }
     }
 
@@ -71,7 +83,7 @@ impl Printer {
     }
 
     fn bar_hidden(&self) -> bool {
-        self.quiet || self.format != ReportFormat::Table
+        self.quiet || self.no_progress || self.format != ReportFormat::Table
     }
 
     /// Whether a run's progress bar may be drawn (it still needs a terminal).
@@ -113,7 +125,9 @@ impl Printer {
             Box::new(std::io::BufWriter::new(std::io::stdout().lock()))
         };
         if self.format == ReportFormat::Json {
-            serde_json::to_writer_pretty(&mut out, report)?;
+            // Into an io::Error: serde_json's own error hides a closed stdout from
+            // `report::fail`, which looks for the io::Error in the cause chain.
+            serde_json::to_writer_pretty(&mut out, report).map_err(std::io::Error::from)?;
             writeln!(out)?;
         } else {
             human(&mut out)?;
@@ -136,5 +150,23 @@ impl Printer {
             eprintln!("{}", line());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_progress_hides_only_the_bar() {
+        let run = Printer::run(ReportFormat::Table, false, false);
+        assert!(run.shows_progress());
+        let no_bar = run.hide_progress(true);
+        assert!(!no_bar.shows_progress());
+        assert!(!no_bar.quiet, "warnings and the summary stay");
+        assert_eq!(no_bar.hide_progress(false), no_bar);
+        assert_eq!(run.hide_progress(false), run);
+        assert!(!Printer::run(ReportFormat::Table, true, false).shows_progress());
+        assert!(!Printer::run(ReportFormat::Json, false, false).shows_progress());
     }
 }

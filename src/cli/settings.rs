@@ -238,7 +238,21 @@ fn plan(a: PlanArgs) -> Result<PlanSettings, UsageError> {
 }
 
 fn fetch(a: FetchArgs) -> Result<FetchSettings, UsageError> {
-    let to_stdout = a.output == Path::new("-");
+    if a.dry_run {
+        // A dry run that printed the plan would put a table where `-o -` puts bytes and would
+        // not know what `--resume` skips: refused, with the command that answers the question.
+        return Err(invalid(format!(
+            "fetch has no --dry-run: `dcpfetch plan {}` with the same selection flags shows the \
+             files, byte ranges, requests and bytes a fetch would read, without fetching",
+            a.checkpoint
+        )));
+    }
+    let Some(output) = a.output else {
+        return Err(invalid(
+            "fetch needs -o DIR (a sparse copy) or -o - (stdout)",
+        ));
+    };
+    let to_stdout = output == Path::new("-");
     let output = if to_stdout {
         if a.resume {
             return Err(invalid("--resume goes with -o DIR, not with stdout"));
@@ -255,7 +269,7 @@ fn fetch(a: FetchArgs) -> Result<FetchSettings, UsageError> {
             return Err(invalid("--manifest and --format go with -o - (stdout)"));
         }
         Output::Dir {
-            path: a.output,
+            path: output,
             resume: a.resume,
             force: a.force,
         }
@@ -265,7 +279,8 @@ fn fetch(a: FetchArgs) -> Result<FetchSettings, UsageError> {
         target: target(a.checkpoint, &a.s3, &a.selection)?,
         plan: trial.plan,
         engine: trial.engine,
-        printer: Printer::run(ReportFormat::json_if(a.json), a.quiet, to_stdout),
+        printer: Printer::run(ReportFormat::json_if(a.json), a.quiet, to_stdout)
+            .hide_progress(a.no_progress),
         output,
     })
 }
@@ -278,7 +293,8 @@ fn verify(a: VerifyArgs) -> Result<VerifySettings, UsageError> {
         engine: trial.engine,
         quick: a.quick,
         manifest: a.manifest,
-        printer: Printer::run(ReportFormat::json_if(a.json), a.quiet, false),
+        printer: Printer::run(ReportFormat::json_if(a.json), a.quiet, false)
+            .hide_progress(a.no_progress),
     })
 }
 
@@ -320,7 +336,7 @@ fn bench(a: BenchArgs) -> Result<BenchSettings, UsageError> {
         repeat: a.repeat,
         output: a.output,
         plot: a.plot,
-        printer: Printer::run(format, a.quiet, false),
+        printer: Printer::run(format, a.quiet, false).hide_progress(a.no_progress),
     })
 }
 
@@ -381,6 +397,8 @@ mod tests {
                 "--max-memory",
             ),
             (&["bench", "x", "--plot", "sweep.png"], ".svg"),
+            (&["fetch", "x", "-o", "d", "--dry-run"], "dcpfetch plan x"),
+            (&["fetch", "x", "--dryrun"], "dcpfetch plan x"),
         ];
         for (args, needle) in cases {
             match resolve(args) {
@@ -414,6 +432,38 @@ mod tests {
                 force: false
             }
         );
+    }
+
+    #[test]
+    fn aliases_of_other_tools() {
+        let Settings::Ls(l) = resolve(&["ls", "x", "--include", "a.*", "-s", "b.*"]).unwrap()
+        else {
+            panic!()
+        };
+        let Settings::Ls(s) = resolve(&["ls", "x", "--select", "a.*", "-s", "b.*"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(l.target.spec, s.target.spec);
+        assert_eq!(l.target.spec.select, ["a.*", "b.*"]);
+
+        let no_bar = Printer::run(ReportFormat::Table, false, false).hide_progress(true);
+        let Settings::Fetch(f) = resolve(&["fetch", "x", "-o", "d", "--no-progress"]).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(f.printer, no_bar);
+        let Settings::Verify(v) = resolve(&["verify", "x", "--no-progress"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(v.printer, no_bar);
+        let Settings::Bench(b) = resolve(&["bench", "x", "--no-progress"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(b.printer, no_bar);
+        let Settings::Fetch(f) = resolve(&["fetch", "x", "-o", "d"]).unwrap() else {
+            panic!()
+        };
+        assert!(f.printer.shows_progress());
     }
 
     #[test]

@@ -9,6 +9,9 @@ mod plan;
 mod plot;
 mod verify;
 
+use std::io::Write;
+
+use anyhow::Context;
 use clap::CommandFactory;
 
 use crate::cli::{Cli, Settings};
@@ -22,13 +25,20 @@ pub async fn dispatch(settings: Settings) -> anyhow::Result<Outcome> {
         Settings::Verify(s) => verify::run(s).await,
         Settings::Bench(s) => bench::run(s).await,
         Settings::Completions(shell) => {
-            clap_complete::generate(
-                shell,
-                &mut Cli::command(),
-                "dcpfetch",
-                &mut std::io::stdout(),
-            );
+            completions(shell)?;
             Ok(Outcome::Ok)
         }
     }
+}
+
+/// Prints the completion script for `shell`. clap_complete panics when its writer fails, so the
+/// script is generated into memory and written here: a closed stdout is an error like any other
+/// command's (which `report::fail` counts as success).
+fn completions(shell: clap_complete::Shell) -> anyhow::Result<()> {
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "dcpfetch", &mut script);
+    let mut out = std::io::stdout().lock();
+    out.write_all(&script)
+        .and_then(|()| out.flush())
+        .context("cannot write the completions to stdout")
 }

@@ -1,10 +1,34 @@
 //! A progress bar on stderr (bytes, rate, ETA, items), shown only when stderr is a terminal.
+//!
+//! The bar redraws every [`TICK`] whether or not bytes arrived, so the elapsed time, the spinner and
+//! the rate keep moving while a large part is in flight; indicatif's estimator weights the recent
+//! rate most, so the rate and the ETA follow the link's current speed.
 
 use std::io::IsTerminal;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// How often a visible bar redraws.
+const TICK: Duration = Duration::from_millis(250);
+
+const BYTES_TEMPLATE: &str = "{spinner} [{elapsed_precise}] [{wide_bar}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}";
+const RUNS_TEMPLATE: &str =
+    "{spinner} [{elapsed_precise}] [{wide_bar}] {pos}/{len} runs, ETA {eta} {msg}";
+
+/// A visible bar of `len` steps drawn to `target`, redrawn every [`TICK`].
+fn drawn(target: ProgressDrawTarget, len: u64, template: &str) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(len), target);
+    bar.set_style(
+        ProgressStyle::with_template(template)
+            .expect("the template is valid")
+            .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(TICK);
+    bar
+}
 
 /// Progress of one run; a no-op when hidden.
 #[derive(Debug, Clone)]
@@ -20,14 +44,11 @@ impl Progress {
         if quiet || !std::io::stderr().is_terminal() {
             return Progress::hidden();
         }
-        let bar = ProgressBar::with_draw_target(Some(bytes), ProgressDrawTarget::stderr());
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] [{wide_bar}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
-            )
-            .expect("the template is valid")
-            .progress_chars("=> "),
-        );
+        Progress::bytes_to(ProgressDrawTarget::stderr(), bytes, items)
+    }
+
+    fn bytes_to(target: ProgressDrawTarget, bytes: u64, items: u64) -> Progress {
+        let bar = drawn(target, bytes, BYTES_TEMPLATE);
         bar.set_message(format!("0/{items} items"));
         Progress {
             bar,
@@ -42,14 +63,7 @@ impl Progress {
         if quiet || !std::io::stderr().is_terminal() {
             return Progress::hidden();
         }
-        let bar = ProgressBar::with_draw_target(Some(runs), ProgressDrawTarget::stderr());
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] [{wide_bar}] {pos}/{len} runs, ETA {eta} {msg}",
-            )
-            .expect("the template is valid")
-            .progress_chars("=> "),
-        );
+        let bar = drawn(ProgressDrawTarget::stderr(), runs, RUNS_TEMPLATE);
         Progress {
             bar,
             items: 0,
@@ -87,5 +101,75 @@ impl Progress {
 
     pub fn finish(&self) {
         self.bar.finish_and_clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use indicatif::TermLike;
+
+    use super::*;
+
+    /// A terminal that keeps every line drawn on it.
+    #[derive(Debug, Default, Clone)]
+    struct Screen(Arc<Mutex<Vec<String>>>);
+
+    impl TermLike for Screen {
+        fn width(&self) -> u16 {
+            100
+        }
+        fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn write_line(&self, s: &str) -> std::io::Result<()> {
+            self.write_str(s)
+        }
+        fn write_str(&self, s: &str) -> std::io::Result<()> {
+            if !s.is_empty() {
+                self.0.lock().unwrap().push(s.to_owned());
+            }
+            Ok(())
+        }
+        fn clear_line(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_visible_bar_redraws_while_no_bytes_arrive() {
+        let screen = Screen::default();
+        let progress = Progress::bytes_to(
+            ProgressDrawTarget::term_like(Box::new(screen.clone())),
+            8 << 20,
+            3,
+        );
+        progress.add_bytes(1 << 20);
+        std::thread::sleep(Duration::from_millis(100));
+        let before = screen.0.lock().unwrap().len();
+        std::thread::sleep(Duration::from_millis(1100));
+        let drawn = screen.0.lock().unwrap().clone();
+        progress.finish();
+        assert!(
+            drawn.len() >= before + 2,
+            "{} draws in 1.1 s without progress: {drawn:?}",
+            drawn.len() - before
+        );
+        let last = drawn.last().unwrap();
+        assert!(last.contains("1.00 MiB/8.00 MiB"), "{last}");
+        assert!(last.contains("0/3 items"), "{last}");
     }
 }

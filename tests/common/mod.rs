@@ -139,9 +139,17 @@ fn start_moto() -> Moto {
                 .spawn()
                 .unwrap();
             let stdin = child.stdin.take().unwrap();
+            if !answers_http(&e, Duration::from_secs(60)) {
+                panic!(
+                    "the S3 server at {e} (DCPFETCH_TEST_S3_ENDPOINT) did not answer within 60 s"
+                );
+            }
             (e, child, stdin)
         }
         None => {
+            if !on_path("moto_server") {
+                panic!("{MOTO_MISSING}");
+            }
             let port = free_port();
             // The shell stops moto when our end of its stdin closes, however the tests end.
             let script = format!(
@@ -151,12 +159,18 @@ fn start_moto() -> Moto {
                 .args(["-c", &script])
                 .stdin(Stdio::piped())
                 .spawn()
-                .expect("moto_server (pip install 'moto[server]') is needed for the S3 tests");
+                .unwrap_or_else(|e| panic!("{MOTO_MISSING} ({e})"));
             let stdin = child.stdin.take().unwrap();
-            (format!("http://127.0.0.1:{port}"), child, stdin)
+            let endpoint = format!("http://127.0.0.1:{port}");
+            if !answers_http(&endpoint, MOTO_START) {
+                panic!(
+                    "{MOTO_MISSING} (it did not answer at {endpoint} within {} s)",
+                    MOTO_START.as_secs()
+                );
+            }
+            (endpoint, child, stdin)
         }
     };
-    wait_for_http(&endpoint);
     upload_fixtures(&endpoint);
     Moto {
         endpoint,
@@ -165,9 +179,29 @@ fn start_moto() -> Moto {
     }
 }
 
-fn wait_for_http(endpoint: &str) {
+/// What a suite that needs moto says when it cannot start it.
+const MOTO_MISSING: &str = "moto_server not found / did not start: install it with \
+     `python3 -m venv .venv && .venv/bin/pip install 'moto[server]'` (or pipx install \
+     'moto[server]') and put it on PATH";
+
+/// How long moto may take to answer (it starts in about a second).
+const MOTO_START: Duration = Duration::from_secs(15);
+
+/// Whether an executable `name` is in a folder of PATH.
+fn on_path(name: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            std::fs::metadata(dir.join(name))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
+/// Whether `endpoint` answers an HTTP request within `wait`.
+fn answers_http(endpoint: &str, wait: Duration) -> bool {
     let addr = endpoint.trim_start_matches("http://");
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + wait;
     while Instant::now() < deadline {
         if let Ok(mut s) = TcpStream::connect(addr) {
             let _ = write!(
@@ -176,12 +210,12 @@ fn wait_for_http(endpoint: &str) {
             );
             let mut first = String::new();
             if BufReader::new(&mut s).read_line(&mut first).is_ok() && first.starts_with("HTTP/") {
-                return;
+                return true;
             }
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    panic!("the S3 server at {endpoint} did not start within 60 s");
+    false
 }
 
 /// Puts every fixture file at `s3://fixtures/<name>/<file>`.
