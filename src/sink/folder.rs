@@ -322,15 +322,6 @@ impl FolderSink {
         for name in names {
             let shard = &self.files[name];
             let shown = self.root.shown(name.as_str());
-            let st = check_regular(&shard.file, &shown)?;
-            if st.st_size as u64 != shard.size {
-                return refuse(format!(
-                    "{} changed size while dcpfetch wrote it ({} bytes, expected {})",
-                    shown.display(),
-                    st.st_size,
-                    shard.size
-                ));
-            }
             let here = self
                 .root
                 .parent_of(name, false)?
@@ -339,6 +330,15 @@ impl FolderSink {
                 return refuse(format!(
                     "{} was moved or replaced while dcpfetch wrote it",
                     shown.display()
+                ));
+            }
+            let st = check_regular(&shard.file, &shown)?;
+            if st.st_size as u64 != shard.size {
+                return refuse(format!(
+                    "{} changed size while dcpfetch wrote it ({} bytes, expected {})",
+                    shown.display(),
+                    st.st_size,
+                    shard.size
                 ));
             }
         }
