@@ -11,10 +11,10 @@ use serde::Serialize;
 use crate::cli::ReportFormat;
 use crate::cli::settings::{BenchSettings, Trial};
 use crate::fetch::{self, Cancel, FetchError, Progress, Sink};
-use crate::pipeline::{Files, Planned};
+use crate::pipeline::{Files, Planned, Target};
 use crate::plan::Plan;
 use crate::report::Outcome;
-use crate::sink::{FolderOptions, FolderSink, NullSink};
+use crate::sink::{FolderOptions, FolderSink, NullSink, local_root};
 use crate::units::{ByteSize, human};
 
 use super::plot;
@@ -168,7 +168,12 @@ pub async fn run(s: BenchSettings) -> anyhow::Result<Outcome> {
                 r + 1
             ));
             let sink: Box<dyn Sink> = match &s.output {
-                Some(dir) => Box::new(prepare_folder(dir, &planned, r > 0 || !results.is_empty())?),
+                Some(dir) => Box::new(prepare_folder(
+                    dir,
+                    &s.target,
+                    &planned,
+                    r > 0 || !results.is_empty(),
+                )?),
                 None => Box::new(NullSink::default()),
             };
             reset_peak_rss();
@@ -238,10 +243,16 @@ pub async fn run(s: BenchSettings) -> anyhow::Result<Outcome> {
 
 /// The output folder of one run. The first run refuses a folder that is not empty (like `fetch`
 /// without `--force`); later runs overwrite what the earlier runs of this sweep wrote.
-fn prepare_folder(dir: &Path, planned: &Planned, ours: bool) -> anyhow::Result<FolderSink> {
+fn prepare_folder(
+    dir: &Path,
+    target: &Target,
+    planned: &Planned,
+    ours: bool,
+) -> anyhow::Result<FolderSink> {
     let (sink, _) = FolderSink::prepare(
         dir,
         &planned.source().describe(),
+        local_root(&target.location),
         planned.ck(),
         &planned.objects,
         FolderOptions {

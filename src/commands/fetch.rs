@@ -11,7 +11,7 @@ use crate::fetch::{self, Cancel, Sink};
 use crate::pipeline::{Files, Planned};
 use crate::plan::Plan;
 use crate::report::{Outcome, Problem};
-use crate::sink::{FolderOptions, FolderSink, StreamSink};
+use crate::sink::{FolderOptions, FolderSink, StreamSink, local_root};
 use crate::units::{count, human};
 
 /// The `--json` summary (docs/output.md).
@@ -61,6 +61,7 @@ pub async fn run(s: FetchSettings) -> anyhow::Result<Outcome> {
             let (sink, done) = FolderSink::prepare(
                 path,
                 &location,
+                local_root(&s.target.location),
                 planned.ck(),
                 &planned.objects,
                 FolderOptions {

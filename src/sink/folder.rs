@@ -2,30 +2,43 @@
 //! with the selected items' bytes at their original offsets and holes elsewhere, and the metadata
 //! files copied byte for byte, last, so the folder never looks complete before it is.
 //!
-//! A journal (`.dcpfetch/journal.jsonl`) records the items whose bytes are on disk (after
-//! `fdatasync`), so `--resume` fetches only what is missing, and refuses when the source changed.
+//! Nothing already in the output folder is trusted. The folder is held by a handle ([`Dir`]) and
+//! locked for the whole fetch; every file in it is reached relative to that handle, never through
+//! a symbolic link, and written only if it is a regular file with one name. A journal
+//! (`.dcpfetch/journal.jsonl`, see [`journal`](super::journal)) records the items whose bytes are
+//! on disk (after `fdatasync`) with their CRC32, so `--resume` fetches only what is missing and
+//! still intact, and refuses when the source changed, naming the file. The checkpoint being
+//! fetched is never the output folder, inside it, or around it.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::fs::File;
+use std::io::{Read, Write};
 use std::ops::Range;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 
+use super::dir::{Dir, FileId, check_regular, id_of};
+use super::journal::{self, Earlier, Finished, Identity, Limits};
 use crate::fetch::{Sink, SinkError};
 use crate::metadata::Checkpoint;
 use crate::plan::{FilePlan, PlanItem};
-use crate::source::{ObjectMeta, ObjectName};
+use crate::source::{Location, ObjectMeta, ObjectName};
 use crate::units::sha256_hex;
 
 /// The folder dcpfetch keeps its own state in, inside the output folder.
 pub const STATE_DIR: &str = ".dcpfetch";
 const JOURNAL: &str = "journal.jsonl";
+/// Holds the pid of the dcpfetch that has the folder locked.
+const LOCK: &str = "lock";
+const METADATA: &str = ".metadata";
+/// What stands at `.metadata` while per-rank metadata files are put in place or taken away: not
+/// a pickle, so neither torch nor dcpfetch reads the folder as a checkpoint.
+const BLOCKER: &[u8] = b"dcpfetch is writing this folder: it is not a complete checkpoint yet\n";
+const BLOCKER_TMP: &str = "blocker.tmp";
 
 /// Flush to disk and record progress at least this often.
 const SYNC_EVERY_BYTES: u64 = 256 << 20;
@@ -41,39 +54,28 @@ pub struct FolderOptions {
     pub force: bool,
 }
 
-/// What makes two fetches "of the same checkpoint": the source, the metadata bytes and every
-/// shard file's size and version.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct Identity {
-    source: String,
-    metadata: Vec<(String, String)>,
-    files: Vec<(String, u64, Option<String>)>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(untagged)]
-enum JournalLine {
-    Header {
-        dcpfetch_journal: u32,
-        identity: Identity,
-    },
-    Item {
-        file: String,
-        start: u64,
-        end: u64,
-    },
+/// A shard file held open, and what it must still be at the end.
+#[derive(Debug)]
+struct Shard {
+    file: File,
+    size: u64,
+    id: FileId,
 }
 
 /// Writes items into a sparse copy of the checkpoint.
 #[derive(Debug)]
 pub struct FolderSink {
-    root: PathBuf,
-    files: HashMap<ObjectName, File>,
-    metadata: Vec<(String, Arc<[u8]>)>,
+    /// The output folder, locked for as long as the sink lives.
+    root: Dir,
+    state: Dir,
+    files: HashMap<ObjectName, Shard>,
+    metadata: Vec<(ObjectName, Arc<[u8]>)>,
     journal: File,
     /// Items written since the last sync.
-    pending: Vec<(ObjectName, Range<u64>)>,
+    pending: Vec<Finished>,
     touched: HashSet<ObjectName>,
+    /// The CRC32 of the item being written.
+    crc: crc32fast::Hasher,
     unsynced_bytes: u64,
     last_sync: Instant,
 }
@@ -86,41 +88,28 @@ fn refuse<T>(msg: String) -> Result<T, SinkError> {
     Err(SinkError::Refused(msg))
 }
 
-/// Creates the folders of `name` below `root`, refusing to pass through a symbolic link.
-fn safe_path(root: &Path, name: &ObjectName) -> Result<PathBuf, SinkError> {
-    let mut path = root.to_path_buf();
-    let components: Vec<&str> = name.components().collect();
-    for (i, c) in components.iter().enumerate() {
-        path.push(c);
-        match std::fs::symlink_metadata(&path) {
-            Ok(m) if m.file_type().is_symlink() => {
-                return refuse(format!(
-                    "{} is a symbolic link; dcpfetch does not write through links",
-                    path.display()
-                ));
-            }
-            Ok(m) if i + 1 < components.len() && !m.is_dir() => {
-                return refuse(format!("{} is not a folder", path.display()));
-            }
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if i + 1 < components.len() {
-                    std::fs::create_dir(&path)
-                        .map_err(io(format!("creating {}", path.display())))?;
-                }
-            }
-            Err(e) => return Err(io(format!("inspecting {}", path.display()))(e)),
-        }
+/// The checkpoint's folder, when it is local (the output folder must stay out of it).
+pub fn local_root(location: &Location) -> Option<&Path> {
+    match location {
+        Location::Local(path) => Some(path),
+        Location::S3 { .. } => None,
     }
-    Ok(path)
+}
+
+/// The name of the temporary file a metadata file is written to, in the state folder.
+fn temporary(name: &ObjectName) -> String {
+    format!("{}.tmp", name.as_str().replace('/', "%2F"))
 }
 
 impl FolderSink {
-    /// Prepares `root` for a fetch of `ck` (whose shard files are `objects`), and returns the sink
-    /// with the items an earlier interrupted fetch already wrote (with `resume`).
+    /// Prepares `root` for a fetch of `ck` (whose shard files are `objects`) from `source`, and
+    /// returns the sink with the items an earlier interrupted fetch already wrote (with `resume`)
+    /// and that are still intact. `local_source` is the checkpoint's folder when it is local: the
+    /// output folder may not be it, be inside it or contain it.
     pub fn prepare(
         root: &Path,
         source: &str,
+        local_source: Option<&Path>,
         ck: &Checkpoint,
         objects: &HashMap<ObjectName, ObjectMeta>,
         opts: FolderOptions,
@@ -145,121 +134,145 @@ impl FolderSink {
             ck.metadata_files.iter().map(|m| m.name.as_str()).collect();
         for name in objects.keys() {
             let first = name.components().next().unwrap_or_default();
-            if metadata_names.contains(name.as_str()) || first == STATE_DIR {
+            if metadata_names.contains(name.as_str()) || first == STATE_DIR || first == METADATA {
                 return refuse(format!(
                     "the metadata names a shard file {name:?}, which would overwrite dcpfetch's own files"
                 ));
             }
         }
+        let metadata = ck
+            .metadata_files
+            .iter()
+            .map(|m| {
+                let name =
+                    ObjectName::new(&m.name).map_err(|e| SinkError::Refused(e.to_string()))?;
+                Ok((name, m.bytes.clone()))
+            })
+            .collect::<Result<Vec<_>, SinkError>>()?;
 
-        match std::fs::symlink_metadata(root) {
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => return refuse(format!("{} exists and is not a folder", root.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::create_dir_all(root)
-                    .map_err(io(format!("creating {}", root.display())))?;
-            }
-            Err(e) => return Err(io(format!("inspecting {}", root.display()))(e)),
+        // The checkpoint's own folder is checked before anything is created.
+        if let Some(src) = local_source {
+            refuse_source_by_path(root, src)?;
         }
-        let state = root.join(STATE_DIR);
-        let journal_path = state.join(JOURNAL);
-        let earlier = read_journal(&journal_path)?;
-        let mut done = HashSet::new();
-        let fresh = match earlier {
-            Some((old, items)) if opts.resume && old == identity => {
-                done = items;
-                false
-            }
-            Some((old, _)) if opts.resume && !opts.force => {
+        let dir = Dir::open_root(root)?;
+        if let Some(src) = local_source {
+            refuse_source_by_id(&dir, src)?;
+        }
+        if !dir.try_lock()? {
+            let pid = dir
+                .sub(STATE_DIR, false)
+                .ok()
+                .flatten()
+                .and_then(|s| read_pid(&s));
+            return refuse(match pid {
+                Some(pid) => format!(
+                    "{} is in use by another dcpfetch (pid {pid})",
+                    root.display()
+                ),
+                None => format!("{} is in use by another dcpfetch", root.display()),
+            });
+        }
+
+        let longest = objects.keys().map(|n| n.as_str().len()).max().unwrap_or(0);
+        let limits = Limits::for_fetch(&identity, ck.storage.len(), longest);
+        let earlier = match dir.sub(STATE_DIR, false)? {
+            Some(state) => read_journal(&state, limits)?,
+            None => None,
+        };
+        let (fresh, claimed) = match earlier {
+            Some(Earlier::Found {
+                identity: old,
+                items,
+                ..
+            }) if opts.resume && old == identity => (false, items),
+            Some(Earlier::Found { identity: old, .. }) if opts.resume && !opts.force => {
                 let why = if old.source != identity.source {
                     format!("an earlier fetch from {}", old.source)
                 } else {
-                    "a fetch of another version of this checkpoint (its metadata or shard files changed)".to_owned()
+                    format!(
+                        "a fetch of another version of this checkpoint ({})",
+                        identity.difference(&old)
+                    )
                 };
                 return refuse(format!(
                     "{} holds {why}; pass --force to start over",
                     root.display()
                 ));
             }
+            // A damaged journal vouches for nothing: everything is fetched again.
+            Some(Earlier::Damaged(_)) if opts.resume => (true, Vec::new()),
             Some(_) if !opts.force => {
                 return refuse(format!(
                     "{} holds an earlier fetch; pass --resume to continue it (or add to it), or --force to start over",
                     root.display()
                 ));
             }
-            Some(_) => true,
+            Some(_) => (true, Vec::new()),
             None => {
-                let mut entries =
-                    std::fs::read_dir(root).map_err(io(format!("reading {}", root.display())))?;
-                if entries.next().is_some() && !opts.force {
+                if !opts.force && !dir.is_empty_but(&[STATE_DIR])? {
                     return refuse(format!(
                         "{} is not empty and holds no dcpfetch fetch; choose an empty folder or pass --force",
                         root.display()
                     ));
                 }
-                true
+                (true, Vec::new())
             }
         };
 
+        let state = dir.sub(STATE_DIR, true)?.expect("created when missing");
+        write_pid(&state)?;
         // The folder must not look complete until the end: the metadata goes first.
-        for m in &ck.metadata_files {
-            let name = ObjectName::new(&m.name).map_err(|e| SinkError::Refused(e.to_string()))?;
-            let path = safe_path(root, &name)?;
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io(format!("removing {}", path.display()))(e)),
-            }
+        unpublish(&dir, &state, &metadata)?;
+        let mut journal = None;
+        if fresh {
+            journal = Some(write_journal(&state, &identity, &[])?);
         }
-        std::fs::create_dir_all(&state).map_err(io(format!("creating {}", state.display())))?;
-        let journal = if fresh {
-            let mut j = File::create(&journal_path)
-                .map_err(io(format!("creating {}", journal_path.display())))?;
-            let header = JournalLine::Header {
-                dcpfetch_journal: 1,
-                identity: identity.clone(),
-            };
-            writeln!(j, "{}", serde_json::to_string(&header).expect("serializes"))
-                .map_err(io("writing the journal"))?;
-            j.sync_all().map_err(io("syncing the journal"))?;
-            j
-        } else {
-            OpenOptions::new()
-                .append(true)
-                .open(&journal_path)
-                .map_err(io(format!("opening {}", journal_path.display())))?
-        };
 
-        // Every shard file at its original size; new space is a hole.
+        // Every shard file at its original size; new space is a hole. A file whose size is not
+        // the expected one vouches for none of its items.
         let mut files = HashMap::new();
+        let mut intact = HashSet::new();
         let mut names: Vec<&ObjectName> = objects.keys().collect();
         names.sort();
         for name in names {
             let size = objects[name].size;
-            let path = safe_path(root, name)?;
-            let f = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(fresh)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&path)
-                .map_err(io(format!("opening {}", path.display())))?;
-            f.set_len(size)
-                .map_err(io(format!("sizing {}", path.display())))?;
-            files.insert(name.clone(), f);
+            let (parent, leaf) = dir.parent_of(name, true)?.expect("created when missing");
+            let shown = parent.shown(leaf);
+            let (file, st) = parent.open_file(leaf, true)?.expect("created when missing");
+            if !fresh && st.st_size as u64 == size {
+                intact.insert(name.clone());
+            } else {
+                file.set_len(0)
+                    .map_err(io(format!("truncating {}", shown.display())))?;
+            }
+            file.set_len(size)
+                .map_err(io(format!("sizing {}", shown.display())))?;
+            files.insert(
+                name.clone(),
+                Shard {
+                    file,
+                    size,
+                    id: id_of(&st),
+                },
+            );
         }
+
+        // What the journal claims, checked against the bytes on disk.
+        let kept = check_claims(&dir, &files, &intact, claimed)?;
+        let journal = match journal {
+            Some(j) => j,
+            None => write_journal(&state, &identity, &kept)?,
+        };
+        let done = kept.into_iter().map(|f| (f.file, f.range)).collect();
         let sink = FolderSink {
-            root: root.to_path_buf(),
+            root: dir,
+            state,
             files,
-            metadata: ck
-                .metadata_files
-                .iter()
-                .map(|m| (m.name.clone(), m.bytes.clone()))
-                .collect(),
+            metadata,
             journal,
             pending: Vec::new(),
             touched: HashSet::new(),
+            crc: crc32fast::Hasher::new(),
             unsynced_bytes: 0,
             last_sync: Instant::now(),
         };
@@ -269,20 +282,12 @@ impl FolderSink {
     /// Makes written items durable, then records them in the journal.
     fn sync(&mut self) -> Result<(), SinkError> {
         for name in self.touched.drain() {
-            self.files[&name]
-                .sync_data()
-                .map_err(io(format!("syncing {name}")))?;
+            self.files[&name].file.sync_data().map_err(io(format!(
+                "syncing {}",
+                self.root.shown(name.as_str()).display()
+            )))?;
         }
-        let mut lines = String::new();
-        for (file, r) in self.pending.drain(..) {
-            let line = JournalLine::Item {
-                file: file.to_string(),
-                start: r.start,
-                end: r.end,
-            };
-            lines.push_str(&serde_json::to_string(&line).expect("serializes"));
-            lines.push('\n');
-        }
+        let lines: String = self.pending.drain(..).map(|f| journal::item(&f)).collect();
         if !lines.is_empty() {
             self.journal
                 .write_all(lines.as_bytes())
@@ -295,31 +300,298 @@ impl FolderSink {
         self.last_sync = Instant::now();
         Ok(())
     }
+
+    /// Refuses to finish when the folder or a shard file was changed under the fetch: the folder
+    /// must still be at its path, and every shard file still at its name, with one link and its
+    /// size.
+    fn check_unchanged(&self) -> Result<(), SinkError> {
+        if !self.root.still_at_path()? {
+            return refuse(format!(
+                "{} was moved or replaced while dcpfetch wrote into it",
+                self.root.path().display()
+            ));
+        }
+        let mut names: Vec<&ObjectName> = self.files.keys().collect();
+        names.sort();
+        for name in names {
+            let shard = &self.files[name];
+            let shown = self.root.shown(name.as_str());
+            let here = self
+                .root
+                .parent_of(name, false)?
+                .and_then(|(parent, leaf)| parent.entry_id(leaf));
+            if here != Some(shard.id) {
+                return refuse(format!(
+                    "{} was moved or replaced while dcpfetch wrote it",
+                    shown.display()
+                ));
+            }
+            let st = check_regular(&shard.file, &shown)?;
+            if st.st_size as u64 != shard.size {
+                return refuse(format!(
+                    "{} changed size while dcpfetch wrote it ({} bytes, expected {})",
+                    shown.display(),
+                    st.st_size,
+                    shard.size
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
-/// The identity and finished items of an earlier fetch, if the folder has a journal. A torn last
-/// line (a crash while appending) is ignored.
-fn read_journal(path: &Path) -> Result<Option<(Identity, Written)>, SinkError> {
-    let f = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io(format!("reading {}", path.display()))(e)),
+/// Makes an absolute path of `p` (relative to the current folder) without touching the disk.
+fn absolute(p: &Path) -> Result<PathBuf, SinkError> {
+    std::path::absolute(p).map_err(io(format!("resolving {}", p.display())))
+}
+
+fn canonical(p: &Path) -> Result<PathBuf, SinkError> {
+    std::fs::canonicalize(p).map_err(io(format!("resolving {}", p.display())))
+}
+
+fn overlap(out: &Path, what: &str, src: &Path) -> SinkError {
+    SinkError::Refused(format!(
+        "{} {what} the checkpoint being fetched ({}); dcpfetch never writes into its source, even with --force",
+        out.display(),
+        src.display()
+    ))
+}
+
+/// Refuses an output folder that is, is inside, or contains the local checkpoint, by canonical
+/// paths; a folder that does not exist yet is judged by the nearest folder above it that does.
+fn refuse_source_by_path(out: &Path, src: &Path) -> Result<(), SinkError> {
+    let src_real = canonical(src)?;
+    let mut probe = absolute(out)?;
+    let exists = loop {
+        match std::fs::canonicalize(&probe) {
+            Ok(real) => break Some(real),
+            Err(_) => match probe.parent() {
+                Some(p) => probe = p.to_path_buf(),
+                None => break None,
+            },
+        }
     };
-    let mut identity = None;
-    let mut items = HashSet::new();
-    for line in BufReader::new(f).lines() {
-        let line = line.map_err(io(format!("reading {}", path.display())))?;
-        match serde_json::from_str::<JournalLine>(&line) {
-            Ok(JournalLine::Header { identity: id, .. }) => identity = Some(id),
-            Ok(JournalLine::Item { file, start, end }) => {
-                if let Ok(name) = ObjectName::new(&file) {
-                    items.insert((name, start..end));
-                }
-            }
-            Err(_) => break,
+    let Some(real) = exists else { return Ok(()) };
+    if real == src_real {
+        let what = if probe == absolute(out)? {
+            "is the folder of"
+        } else {
+            "would be inside"
+        };
+        return Err(overlap(out, what, src));
+    }
+    if real.starts_with(&src_real) {
+        return Err(overlap(out, "is inside the folder of", src));
+    }
+    if probe == absolute(out)? && src_real.starts_with(&real) {
+        return Err(overlap(out, "contains", src));
+    }
+    Ok(())
+}
+
+/// The device and inode of `p` and of every folder above it.
+fn ids_up_from(p: &Path) -> Result<Vec<FileId>, SinkError> {
+    canonical(p)?
+        .ancestors()
+        .map(|a| {
+            std::fs::metadata(a)
+                .map(|m| (m.dev(), m.ino()))
+                .map_err(io(format!("inspecting {}", a.display())))
+        })
+        .collect()
+}
+
+/// The same check by device and inode, on the folder actually opened (bind mounts and renames
+/// between the path check and the open included).
+fn refuse_source_by_id(out: &Dir, src: &Path) -> Result<(), SinkError> {
+    let out_id = out.id()?;
+    let src_up = ids_up_from(src)?;
+    if src_up[0] == out_id {
+        return Err(overlap(out.path(), "is the folder of", src));
+    }
+    if src_up.contains(&out_id) {
+        return Err(overlap(out.path(), "contains", src));
+    }
+    if ids_up_from(out.path())?.contains(&src_up[0]) {
+        return Err(overlap(out.path(), "is inside the folder of", src));
+    }
+    Ok(())
+}
+
+/// The pid recorded by the dcpfetch holding the folder, if it can be read.
+fn read_pid(state: &Dir) -> Option<u32> {
+    let (file, _) = state.open_read(LOCK).ok()??;
+    let mut text = String::new();
+    file.take(32).read_to_string(&mut text).ok()?;
+    text.trim().parse().ok()
+}
+
+fn write_pid(state: &Dir) -> Result<(), SinkError> {
+    let shown = state.shown(LOCK);
+    let (file, _) = state.open_file(LOCK, true)?.expect("created when missing");
+    file.set_len(0)
+        .and_then(|()| file.write_all_at(format!("{}\n", std::process::id()).as_bytes(), 0))
+        .map_err(io(format!("writing {}", shown.display())))
+}
+
+/// The earlier fetch's journal, if there is one; it must be a regular file of one name.
+fn read_journal(state: &Dir, limits: Limits) -> Result<Option<Earlier>, SinkError> {
+    let Some((file, st)) = state.open_read(JOURNAL)? else {
+        return Ok(None);
+    };
+    journal::read(file, st.st_size as u64, limits)
+        .map(Some)
+        .map_err(io(format!("reading {}", state.shown(JOURNAL).display())))
+}
+
+/// Writes a journal of `items` aside and renames it into place; returns it open for appending.
+fn write_journal(state: &Dir, identity: &Identity, items: &[Finished]) -> Result<File, SinkError> {
+    let tmp = format!("{JOURNAL}.tmp");
+    let shown = state.shown(&tmp);
+    let mut f = state.create_new(&tmp)?;
+    let mut text = journal::header(identity);
+    for item in items {
+        text.push_str(&journal::item(item));
+    }
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(io(format!("writing {}", shown.display())))?;
+    state.rename(&tmp, state, JOURNAL)?;
+    state.sync()?;
+    Ok(f)
+}
+
+/// The claimed items whose file kept its size and whose bytes on disk still have the recorded
+/// CRC32; the others are fetched again.
+fn check_claims(
+    root: &Dir,
+    files: &HashMap<ObjectName, Shard>,
+    intact: &HashSet<ObjectName>,
+    claimed: Vec<Finished>,
+) -> Result<Vec<Finished>, SinkError> {
+    let mut kept = Vec::new();
+    let mut seen = HashSet::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for f in claimed {
+        let Some(shard) = files.get(&f.file) else {
+            continue;
+        };
+        if !intact.contains(&f.file)
+            || f.range.end > shard.size
+            || !seen.insert((f.file.clone(), f.range.clone()))
+        {
+            continue;
+        }
+        let mut crc = crc32fast::Hasher::new();
+        let mut at = f.range.start;
+        while at < f.range.end {
+            let n = buf.len().min((f.range.end - at) as usize);
+            shard
+                .file
+                .read_exact_at(&mut buf[..n], at)
+                .map_err(io(format!(
+                    "reading {}",
+                    root.shown(f.file.as_str()).display()
+                )))?;
+            crc.update(&buf[..n]);
+            at += n as u64;
+        }
+        if crc.finalize() == f.crc32 {
+            kept.push(f);
         }
     }
-    Ok(identity.map(|id| (id, items)))
+    Ok(kept)
+}
+
+/// Whether the metadata files are torch's per-rank ones (`__N.metadata`) rather than one
+/// `.metadata`.
+fn per_rank(metadata: &[(ObjectName, Arc<[u8]>)]) -> bool {
+    !(metadata.len() == 1 && metadata[0].0.as_str() == METADATA)
+}
+
+// Why the metadata files are published (and taken away) in this order.
+//
+// A folder reads as a checkpoint when torch (or dcpfetch) finds its metadata: `.metadata` if it
+// exists, otherwise every `__N.metadata` found, merged. So:
+//
+// - `.metadata` layout: there is one file; writing it aside and renaming it into place is atomic.
+//   Removing it (at the start of a fetch) is one unlink. Either way the folder reads as complete
+//   exactly from the rename on, and never before.
+// - Per-rank layout: renaming `__0.metadata`, then `__1.metadata`, ... would leave, if the process
+//   were killed between two renames, a folder that reads as a smaller complete checkpoint (rank
+//   0's entries only); removing them one by one would do the same. So first a blocker, a file
+//   that is not a pickle, is renamed to `.metadata`: torch reads it, fails, and does not merge the
+//   rank files (dcpfetch likewise reads `.metadata` first and fails). Then the rank files are
+//   renamed into place (or removed), and only the last step, removing the blocker, makes the
+//   folder read as complete (or as holding no metadata at all). A kill at any point before it
+//   leaves the blocker: the folder does not read as a checkpoint, and `--resume` takes it away.
+//
+// The folder is synced after the blocker is placed and before it is taken away, so the order
+// also holds after a power loss.
+
+/// Places the blocker at `.metadata`.
+fn place_blocker(root: &Dir, state: &Dir) -> Result<(), SinkError> {
+    let mut f = state.create_new(BLOCKER_TMP)?;
+    f.write_all(BLOCKER)
+        .and_then(|()| f.sync_all())
+        .map_err(io(format!(
+            "writing {}",
+            state.shown(BLOCKER_TMP).display()
+        )))?;
+    state.rename(BLOCKER_TMP, root, METADATA)?;
+    root.sync()
+}
+
+/// Removes the metadata files, so that the folder does not read as complete while it is written.
+fn unpublish(
+    root: &Dir,
+    state: &Dir,
+    metadata: &[(ObjectName, Arc<[u8]>)],
+) -> Result<(), SinkError> {
+    let blocked = per_rank(metadata);
+    if blocked {
+        place_blocker(root, state)?;
+    }
+    for (name, _) in metadata {
+        if let Some((parent, leaf)) = root.parent_of(name, false)? {
+            parent.remove(leaf)?;
+        }
+    }
+    if blocked {
+        root.sync()?;
+        root.remove(METADATA)?;
+    }
+    root.sync()
+}
+
+/// Writes the metadata files aside, then puts them in place in the order explained above.
+fn publish(root: &Dir, state: &Dir, metadata: &[(ObjectName, Arc<[u8]>)]) -> Result<(), SinkError> {
+    for (name, bytes) in metadata {
+        let tmp = temporary(name);
+        let mut f = state.create_new(&tmp)?;
+        f.write_all(bytes)
+            .and_then(|()| f.sync_all())
+            .map_err(io(format!("writing {}", state.shown(&tmp).display())))?;
+    }
+    let blocked = per_rank(metadata);
+    if blocked {
+        place_blocker(root, state)?;
+    }
+    for (name, _) in metadata {
+        if name.as_str() != METADATA {
+            let (parent, leaf) = root.parent_of(name, true)?.expect("created when missing");
+            state.rename(&temporary(name), &parent, leaf)?;
+        }
+    }
+    root.sync()?;
+    match metadata.iter().find(|(n, _)| n.as_str() == METADATA) {
+        Some((name, _)) => state.rename(&temporary(name), root, METADATA)?,
+        None if blocked => {
+            root.remove(METADATA)?;
+        }
+        None => {}
+    }
+    root.sync()
 }
 
 impl Sink for FolderSink {
@@ -330,12 +602,15 @@ impl Sink for FolderSink {
         at: u64,
         data: Bytes,
     ) -> Result<(), SinkError> {
-        let f = &self.files[&file.name];
-        f.write_all_at(&data, item.range.start + at)
+        let shard = &self.files[&file.name];
+        shard
+            .file
+            .write_all_at(&data, item.range.start + at)
             .map_err(io(format!(
                 "writing {}",
-                self.root.join(file.name.as_str()).display()
+                self.root.shown(file.name.as_str()).display()
             )))?;
+        self.crc.update(&data);
         self.unsynced_bytes += data.len() as u64;
         if !self.touched.contains(&file.name) {
             self.touched.insert(file.name.clone());
@@ -344,7 +619,12 @@ impl Sink for FolderSink {
     }
 
     fn item_done(&mut self, file: &FilePlan, item: &PlanItem) -> Result<(), SinkError> {
-        self.pending.push((file.name.clone(), item.range.clone()));
+        let crc = std::mem::take(&mut self.crc).finalize();
+        self.pending.push(Finished {
+            file: file.name.clone(),
+            range: item.range.clone(),
+            crc32: crc,
+        });
         if self.unsynced_bytes >= SYNC_EVERY_BYTES || self.last_sync.elapsed() >= SYNC_EVERY {
             self.sync()?;
         }
@@ -357,25 +637,7 @@ impl Sink for FolderSink {
 
     fn finish(&mut self) -> Result<(), SinkError> {
         self.sync()?;
-        // Now the metadata, each file written aside and renamed into place.
-        for (name, bytes) in &self.metadata {
-            let name = ObjectName::new(name).map_err(|e| SinkError::Refused(e.to_string()))?;
-            let path = safe_path(&self.root, &name)?;
-            let tmp = self
-                .root
-                .join(STATE_DIR)
-                .join(format!("{}.tmp", name.as_str().replace('/', "%2F")));
-            let mut f = File::create(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
-            f.write_all(bytes)
-                .map_err(io(format!("writing {}", tmp.display())))?;
-            f.sync_all()
-                .map_err(io(format!("syncing {}", tmp.display())))?;
-            std::fs::rename(&tmp, &path)
-                .map_err(io(format!("renaming {} into place", path.display())))?;
-        }
-        File::open(&self.root)
-            .and_then(|d| d.sync_all())
-            .map_err(io(format!("syncing {}", self.root.display())))?;
-        Ok(())
+        self.check_unchanged()?;
+        publish(&self.root, &self.state, &self.metadata)
     }
 }

@@ -406,3 +406,31 @@ pub fn make_public(prefix: &str) {
         }
     });
 }
+
+/// Everything under `dir` (not following links): each path with its kind and content (a file's
+/// sha256, a link's target), to check that a folder was left untouched.
+pub fn snapshot(dir: &Path) -> std::collections::BTreeMap<String, String> {
+    fn walk(base: &Path, dir: &Path, out: &mut std::collections::BTreeMap<String, String>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(base).unwrap().display().to_string();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            if m.file_type().is_symlink() {
+                out.insert(
+                    rel,
+                    format!("link {}", std::fs::read_link(&p).unwrap().display()),
+                );
+            } else if m.is_dir() {
+                out.insert(rel, "folder".into());
+                walk(base, &p, out);
+            } else if m.is_file() {
+                out.insert(rel, format!("file {}", sha256(&read(&p))));
+            } else {
+                out.insert(rel, format!("other {:?}", m.file_type()));
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
