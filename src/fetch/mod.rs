@@ -182,6 +182,7 @@ pub async fn run(
     let in_flight = Arc::new(Semaphore::new(opts.concurrency.max(1)));
     let (tx, rx) = mpsc::unbounded_channel::<JoinHandle<Result<Fetched, SourceError>>>();
 
+    progress.follow(source.stats().clone());
     let consumer = {
         let plan = plan.clone();
         let runtime = tokio::runtime::Handle::current();
@@ -355,6 +356,5 @@ fn deliver(
     let len = part.range.end - part.range.start;
     report.parts += 1;
     report.part_bytes += len;
-    progress.add_bytes(len);
     Ok(())
 }

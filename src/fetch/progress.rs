@@ -1,5 +1,9 @@
 //! A progress bar on stderr (bytes, rate, ETA, items), shown only when stderr is a terminal.
 //!
+//! A run's bar follows the bytes its source has received ([`Progress::follow`]), counted per chunk
+//! as it arrives, not per part delivered: with 32 parts of 8 MiB in flight, the bar moves as the
+//! link does instead of jumping when a part completes.
+//!
 //! The bar redraws every [`TICK`] whether or not bytes arrived, so the elapsed time, the spinner and
 //! the rate keep moving while a large part is in flight; indicatif's estimator weights the recent
 //! rate most, so the rate and the ETA follow the link's current speed.
@@ -10,6 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::source::TransferStats;
 
 /// How often a visible bar redraws.
 const TICK: Duration = Duration::from_millis(250);
@@ -88,8 +94,22 @@ impl Progress {
         }
     }
 
-    pub fn add_bytes(&self, n: u64) {
-        self.bar.inc(n);
+    /// Moves the bar, every [`TICK`] until [`Progress::finish`], to the body bytes `stats` has
+    /// counted since now (bytes of a retried attempt count again, so the position is capped at the
+    /// bar's length). Nothing happens for a hidden bar. Call inside the async runtime.
+    pub fn follow(&self, stats: Arc<TransferStats>) {
+        if self.bar.is_hidden() {
+            return;
+        }
+        let base = stats.bytes.load(Ordering::Relaxed);
+        let bar = self.bar.clone();
+        tokio::spawn(async move {
+            while !bar.is_finished() {
+                let received = stats.bytes.load(Ordering::Relaxed).saturating_sub(base);
+                bar.set_position(received.min(bar.length().unwrap_or(u64::MAX)));
+                tokio::time::sleep(TICK).await;
+            }
+        });
     }
 
     pub fn item_done(&self) {
@@ -157,7 +177,7 @@ mod tests {
             8 << 20,
             3,
         );
-        progress.add_bytes(1 << 20);
+        progress.bar.inc(1 << 20);
         std::thread::sleep(Duration::from_millis(100));
         let before = screen.0.lock().unwrap().len();
         std::thread::sleep(Duration::from_millis(1100));
@@ -171,5 +191,27 @@ mod tests {
         let last = drawn.last().unwrap();
         assert!(last.contains("1.00 MiB/8.00 MiB"), "{last}");
         assert!(last.contains("0/3 items"), "{last}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_followed_bar_moves_with_the_bytes_received() {
+        let screen = Screen::default();
+        let progress = Progress::bytes_to(
+            ProgressDrawTarget::term_like(Box::new(screen.clone())),
+            10 << 20,
+            1,
+        );
+        let stats = Arc::new(TransferStats::default());
+        stats.add_bytes(123);
+        progress.follow(stats.clone());
+        stats.add_bytes(3 << 20);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(progress.bar.position(), 3 << 20);
+        // A retried attempt's bytes count again: the bar stops at its length.
+        stats.add_bytes(20 << 20);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(progress.bar.position(), 10 << 20);
+        progress.finish();
+        assert!(progress.bar.is_finished());
     }
 }
