@@ -10,8 +10,8 @@ use crate::metadata::{Checkpoint, MetadataError};
 use crate::plan::{Plan, PlanError, PlanOptions, describe_storage};
 use crate::selection::{Selected, SelectionError, Spec};
 use crate::source::{
-    Location, NameError, ObjectMeta, ObjectName, S3Options, Source, SourceError, StatError,
-    TransferStats, stat_all,
+    Location, NameError, ObjectMeta, ObjectName, S3Options, STATE_DIR, Source, SourceError,
+    StatError, TransferStats, is_dcpfetch_copy, stat_all,
 };
 
 /// What a command reads: the checkpoint, how to reach it, and what to select.
@@ -100,9 +100,21 @@ impl Opened {
                 location: location.clone(),
                 source,
             })?;
-        let ck = Checkpoint::load(&source)
+        let mut ck = Checkpoint::load(&source)
             .await
-            .map_err(|source| PipelineError::Metadata { location, source })?;
+            .map_err(|source| PipelineError::Metadata {
+                location: location.clone(),
+                source,
+            })?;
+        if let Location::Local(root) = &target.location
+            && is_dcpfetch_copy(root)
+        {
+            ck.warnings.push(format!(
+                "{location} is a copy made by dcpfetch (it holds {STATE_DIR}/): only the items that \
+                 were fetched into it are there, and every other item reads as zeros; read those \
+                 from the original checkpoint"
+            ));
+        }
         Ok(Opened {
             source,
             ck: Arc::new(ck),

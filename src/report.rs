@@ -80,6 +80,26 @@ fn hint(e: &anyhow::Error) -> Option<String> {
                         "the endpoint kept failing; check --endpoint-url and the network, or raise --max-attempts".into(),
                     );
                 }
+                SourceError::Unreachable { .. } => {
+                    return Some(
+                        "check --endpoint-url (scheme, host name and port) and that the server is up"
+                            .into(),
+                    );
+                }
+                SourceError::Credentials(_) => {
+                    return Some(
+                        "`aws configure list` shows what the AWS tools find; --profile NAME picks a \
+                         profile, --no-sign-request reads a public bucket without credentials"
+                            .into(),
+                    );
+                }
+                SourceError::BadResponse { .. } => {
+                    return Some(
+                        "the server's answer does not match the request; if it is not AWS S3, check \
+                         that it supports ranged GETs (HTTP 206 with Content-Range)"
+                            .into(),
+                    );
+                }
                 SourceError::Changed { .. } => {
                     return Some(
                         "the checkpoint is being rewritten; fetch again once the save has finished"

@@ -686,3 +686,38 @@ fn manifest_is_written_when_stdout_closes_early() {
         }
     }
 }
+
+/// A copy made by `fetch -o DIR` used as a source: every command warns that the items not fetched
+/// into it read as zeros. The original checkpoint gets no such warning.
+#[test]
+fn a_copy_used_as_a_source_is_named_for_what_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("copy");
+    let out = dcpfetch()
+        .args(["fetch"])
+        .arg(fixture("model"))
+        .args(["-s", "model.layers.0.*", "-o"])
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    for args in [&["ls"][..], &["plan"], &["fetch", "-o", "-"]] {
+        let out = dcpfetch()
+            .args(args[..1].iter())
+            .arg(&copy)
+            .args(args[1..].iter())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("is a copy made by dcpfetch") && err.contains("reads as zeros"),
+            "{args:?}: {err}"
+        );
+    }
+    let out = dcpfetch().arg("ls").arg(fixture("model")).output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("copy made by dcpfetch"),
+        "the original is no copy"
+    );
+}

@@ -108,12 +108,17 @@ pub struct S3Flags {
     /// Named profile from the AWS config files.
     #[arg(long, value_name = "NAME")]
     pub profile: Option<String>,
-    /// Custom S3 endpoint, such as MinIO or a test server (AWS_ENDPOINT_URL also works).
+    /// Custom S3 endpoint with its scheme, such as http://localhost:9000 for MinIO or a test
+    /// server (AWS_ENDPOINT_URL also works). Uses path-style addressing unless --virtual-hosted.
     #[arg(long, value_name = "URL")]
     pub endpoint_url: Option<String>,
-    /// Use path-style addressing (http://host/bucket/key), as most non-AWS servers need.
-    #[arg(long)]
+    /// Use path-style addressing (http://host/bucket/key): the default with a custom endpoint;
+    /// kept for compatibility.
+    #[arg(long, conflicts_with = "virtual_hosted")]
     pub path_style: bool,
+    /// Use virtual-hosted addressing (http://bucket.host/key) with a custom endpoint too.
+    #[arg(long)]
+    pub virtual_hosted: bool,
     /// Send unsigned requests (public buckets).
     #[arg(long)]
     pub no_sign_request: bool,
@@ -123,6 +128,10 @@ pub struct S3Flags {
     /// Abandon and resume a response that delivers nothing for this many seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
     pub stall_timeout: f64,
+    /// Give up on one request (headers and body) after this many seconds, however fast its bytes
+    /// trickle in; it counts as a failed attempt.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300.0)]
+    pub request_timeout: f64,
 }
 
 /// What to select.

@@ -143,24 +143,47 @@ fn target(
     };
     Ok(Target {
         location,
-        store: store_options(s3),
+        store: store_options(s3)?,
         spec: spec.with_globs(&select.select, &select.exclude),
     })
 }
 
-fn store_options(s3: &S3Flags) -> S3Options {
-    S3Options {
+fn store_options(s3: &S3Flags) -> Result<S3Options, UsageError> {
+    if let Some(url) = &s3.endpoint_url {
+        let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+        if !matches!(scheme.as_deref(), Some("http" | "https")) {
+            let host = url.split_once("://").map_or(url.as_str(), |(_, h)| h);
+            return Err(invalid(format!(
+                "--endpoint-url {url} needs a scheme: pass --endpoint-url http://{host} \
+                 (or https://{host})"
+            )));
+        }
+    }
+    for (flag, value) in [
+        ("--stall-timeout", s3.stall_timeout),
+        ("--request-timeout", s3.request_timeout),
+    ] {
+        if value.is_nan() || value <= 0.0 {
+            return Err(invalid(format!(
+                "{flag} must be a positive number of seconds, not {value}"
+            )));
+        }
+    }
+    let seconds = |s: f64| Duration::from_secs_f64(s.clamp(0.05, 86_400.0));
+    Ok(S3Options {
         region: s3.region.clone(),
         profile: s3.profile.clone(),
         endpoint_url: s3.endpoint_url.clone(),
         path_style: s3.path_style,
+        virtual_hosted: s3.virtual_hosted,
         no_sign_request: s3.no_sign_request,
         retry: RetryPolicy {
             max_attempts: s3.max_attempts,
-            stall_timeout: Duration::from_secs_f64(s3.stall_timeout.clamp(0.05, 86_400.0)),
+            stall_timeout: seconds(s3.stall_timeout),
+            request_timeout: seconds(s3.request_timeout),
             ..RetryPolicy::default()
         },
-    }
+    })
 }
 
 /// The one builder of plan and engine options, shared by fetch, verify and every trial of bench.

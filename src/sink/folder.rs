@@ -30,7 +30,7 @@ use crate::source::{Location, ObjectMeta, ObjectName};
 use crate::units::sha256_hex;
 
 /// The folder dcpfetch keeps its own state in, inside the output folder.
-pub const STATE_DIR: &str = ".dcpfetch";
+pub use crate::source::STATE_DIR;
 const JOURNAL: &str = "journal.jsonl";
 /// Holds the pid of the dcpfetch that has the folder locked.
 const LOCK: &str = "lock";

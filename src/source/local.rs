@@ -1,15 +1,31 @@
 //! A checkpoint in a local folder: positional reads on a blocking thread.
+//!
+//! A file's version is its size, modification time and inode, seen at `stat`. Every read checks
+//! the open file against that version before it reads and again (`fstat`) after, so a shard that
+//! is rewritten in place, truncated or replaced while a read is in flight is reported as
+//! [`SourceError::Changed`], never mixed into the output.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 
 use super::{BoxFuture, ObjectMeta, ObjectName, ObjectStore, SourceError, TransferStats};
+
+/// The folder a copy made by `dcpfetch fetch -o DIR` keeps its state in (journal, lock).
+pub const STATE_DIR: &str = ".dcpfetch";
+
+/// Whether the folder `root` is a copy made by dcpfetch (it holds [`STATE_DIR`], not followed if
+/// it is a link): such a copy holds the items that were fetched, and every other item's bytes
+/// read as zeros.
+pub fn is_dcpfetch_copy(root: &std::path::Path) -> bool {
+    std::fs::symlink_metadata(root.join(STATE_DIR)).is_ok()
+}
 
 /// A folder holding a checkpoint.
 #[derive(Debug, Clone)]
@@ -56,8 +72,58 @@ impl LocalSource {
             .unwrap_or(0);
         ObjectMeta {
             size: m.len(),
-            version: Some(format!("size {} mtime {mtime}", m.len())),
+            version: Some(format!("size {} mtime {mtime} inode {}", m.len(), m.ino())),
         }
+    }
+
+    /// Fails with [`SourceError::Changed`] unless the open file is still the version `meta`
+    /// describes.
+    fn check_version(
+        &self,
+        name: &ObjectName,
+        range: &Range<u64>,
+        file: &File,
+        meta: &ObjectMeta,
+    ) -> Result<(), SourceError> {
+        let now = Self::meta_of(&file.metadata().map_err(|e| self.io_error(name, e))?);
+        if now.version != meta.version {
+            return Err(SourceError::Changed {
+                name: format!("{name} bytes {}..{}", range.start, range.end),
+                expected: meta.version.clone().unwrap_or_default(),
+                found: now.version.unwrap_or_default(),
+            });
+        }
+        Ok(())
+    }
+
+    /// One positional read of `range`, between two checks of the file's version.
+    fn read_pinned(
+        &self,
+        name: &ObjectName,
+        range: &Range<u64>,
+        meta: &ObjectMeta,
+    ) -> Result<Bytes, SourceError> {
+        let file = self.file(name)?;
+        self.check_version(name, range, &file, meta)?;
+        let mut buf = BytesMut::zeroed((range.end - range.start) as usize);
+        let read = file.read_exact_at(&mut buf, range.start);
+        // Whatever the read gave, it counts only if the file is still the version pinned: a
+        // rewrite or truncation during the read shows in its size, mtime or inode.
+        self.check_version(name, range, &file, meta)?;
+        read.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                SourceError::BadResponse {
+                    name: name.to_string(),
+                    start: range.start,
+                    end: range.end,
+                    detail: "the file ends before the range does".into(),
+                }
+            } else {
+                self.io_error(name, e)
+            }
+        })?;
+        self.stats.add_bytes(buf.len() as u64);
+        Ok(buf.freeze())
     }
 
     fn file(&self, name: &ObjectName) -> Result<Arc<File>, SourceError> {
@@ -130,30 +196,19 @@ impl ObjectStore for LocalSource {
             let meta = meta.clone();
             let read = tokio::task::spawn_blocking(move || {
                 this.stats.add_request();
-                let file = this.file(&name)?;
-                let now = Self::meta_of(&file.metadata().map_err(|e| this.io_error(&name, e))?);
-                if now.version != meta.version {
-                    return Err(SourceError::Changed {
-                        name: name.to_string(),
-                        expected: meta.version.clone().unwrap_or_default(),
-                        found: now.version.unwrap_or_default(),
-                    });
-                }
-                let mut buf = BytesMut::zeroed((range.end - range.start) as usize);
-                file.read_exact_at(&mut buf, range.start).map_err(|e| {
-                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                        SourceError::BadResponse {
-                            name: name.to_string(),
-                            start: range.start,
-                            end: range.end,
-                            detail: "the file ends before the range does".into(),
-                        }
-                    } else {
-                        this.io_error(&name, e)
-                    }
-                })?;
-                this.stats.add_bytes(buf.len() as u64);
-                Ok(vec![buf.freeze()])
+                let started = Instant::now();
+                let result = this.read_pinned(&name, &range, &meta);
+                tracing::debug!(
+                    target: "dcpfetch::requests",
+                    method = "read",
+                    key = %name,
+                    range = %format_args!("{}..{}", range.start, range.end),
+                    status = "local",
+                    ms = started.elapsed().as_millis() as u64,
+                    attempt = 1u32,
+                    ok = result.is_ok(),
+                );
+                Ok(vec![result?])
             });
             match read.await {
                 Ok(result) => result,

@@ -23,7 +23,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 pub use fault::FaultStore;
-pub use local::LocalSource;
+pub use local::{LocalSource, STATE_DIR, is_dcpfetch_copy};
 pub use location::Location;
 pub use name::{NameError, ObjectName};
 pub use s3::{S3Options, S3Source};
@@ -77,6 +77,10 @@ pub struct RetryPolicy {
     pub max_delay: Duration,
     /// A body that delivers nothing for this long is abandoned and resumed.
     pub stall_timeout: Duration,
+    /// The longest one request may take, from sending it to the last byte of its answer: a body
+    /// that trickles in (faster than `stall_timeout`, slower than useful) is abandoned after
+    /// this, and the attempt counts as failed even if some bytes arrived.
+    pub request_timeout: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -86,6 +90,7 @@ impl Default for RetryPolicy {
             base_delay: Duration::from_millis(50),
             max_delay: Duration::from_secs(5),
             stall_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -151,7 +156,7 @@ pub enum SourceError {
         end: u64,
         detail: String,
     },
-    #[error("{what}: gave up after {attempts} attempts; the last error: {last}")]
+    #[error("{what}: gave up after {}; the last error: {last}", attempts_in_words(*attempts))]
     Exhausted {
         what: String,
         attempts: u32,
@@ -159,6 +164,13 @@ pub enum SourceError {
     },
     #[error("{name}: {detail}")]
     Request { name: String, detail: String },
+    /// The endpoint cannot be reached at all: its host name does not resolve, or nothing listens
+    /// on its port. Not retried (DNS and a closed port do not heal within a backoff).
+    #[error("{name}: {detail}")]
+    Unreachable { name: String, detail: String },
+    /// No credentials could be found, or the named profile does not exist.
+    #[error("{0}")]
+    Credentials(String),
     #[error("{path}: {source}")]
     Io {
         path: String,
@@ -184,6 +196,15 @@ impl SourceError {
                 | SourceError::BadResponse { .. }
                 | SourceError::Name(_)
         )
+    }
+}
+
+/// "1 attempt", "3 attempts".
+fn attempts_in_words(n: u32) -> String {
+    if n == 1 {
+        "1 attempt".into()
+    } else {
+        format!("{n} attempts")
     }
 }
 
@@ -362,5 +383,25 @@ mod tests {
             assert!(d <= p.max_delay, "{attempt}: {d:?}");
         }
         assert!(p.backoff(1) <= p.base_delay * 2);
+    }
+
+    #[test]
+    fn attempts_are_counted_in_words() {
+        let e = |attempts| {
+            SourceError::Exhausted {
+                what: "a bytes 0..1".into(),
+                attempts,
+                last: "x".into(),
+            }
+            .to_string()
+        };
+        assert_eq!(
+            e(1),
+            "a bytes 0..1: gave up after 1 attempt; the last error: x"
+        );
+        assert_eq!(
+            e(3),
+            "a bytes 0..1: gave up after 3 attempts; the last error: x"
+        );
     }
 }

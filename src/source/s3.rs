@@ -3,13 +3,19 @@
 //! The SDK's retries are off: one loop here retries requests that fail (5xx, throttling, broken
 //! connections, stalls) with exponential backoff and full jitter, and resumes a body that breaks
 //! mid-stream from the last byte received. Every ranged GET carries `If-Match` with the ETag seen
-//! first, and its `Content-Range` is checked, so the bytes of one object always come from one
-//! version of it.
+//! first, and its `Content-Range`, `Content-Length` and `ETag` are checked, so the bytes of one
+//! object always come from one version of it. A server that sends no ETags is pinned by
+//! Last-Modified and size instead (`If-Unmodified-Since`, and both compared on every answer), with
+//! one warning that a change within the same second of the same size cannot be seen.
+//!
+//! Every request attempt emits a `tracing` debug event with target `dcpfetch::requests`.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::ops::Range;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_s3::Client;
@@ -19,6 +25,7 @@ use aws_sdk_s3::config::{
     RequestChecksumCalculation, ResponseChecksumValidation, StalledStreamProtectionConfig,
 };
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_smithy_types::DateTime;
 use bytes::Bytes;
 
 use super::{
@@ -35,6 +42,9 @@ pub struct S3Options {
     pub endpoint_url: Option<String>,
     /// Path-style addressing (`http://host/bucket/key`), which most non-AWS servers need.
     pub path_style: bool,
+    /// Virtual-hosted addressing (`http://bucket.host/key`) even with a custom endpoint, which
+    /// otherwise gets path style (as aws-cli does).
+    pub virtual_hosted: bool,
     /// Send unsigned requests (public buckets).
     pub no_sign_request: bool,
     pub retry: RetryPolicy,
@@ -48,6 +58,17 @@ pub struct S3Source {
     prefix: String,
     retry: RetryPolicy,
     stats: Arc<TransferStats>,
+    /// `host:port` of the endpoint, for messages (`None`: AWS's own).
+    endpoint: Option<String>,
+    /// The profile asked for (`--profile` or `AWS_PROFILE`), for messages.
+    profile: Option<String>,
+    /// Whether any answer has come back yet: a refused connection before that means nothing
+    /// listens there (not retried); after it, a server restarting (retried).
+    reached: Arc<AtomicBool>,
+    /// For objects without an ETag: the Last-Modified (seconds) seen first, by object name.
+    modified: Arc<Mutex<HashMap<String, i64>>>,
+    /// Whether the "no ETags" warning has been printed.
+    warned: Arc<AtomicBool>,
 }
 
 /// What one failed attempt means.
@@ -82,8 +103,12 @@ impl S3Source {
             loader = loader.no_credentials();
         }
         let sdk = loader.load().await;
+        // As aws-cli: a custom endpoint (flag or AWS_ENDPOINT_URL) gets path style unless
+        // virtual-hosted is asked for; AWS's own endpoints get virtual-hosted style.
+        let endpoint = sdk.endpoint_url().map(str::to_owned);
+        let path_style = opts.path_style || (endpoint.is_some() && !opts.virtual_hosted);
         let mut conf = aws_sdk_s3::config::Builder::from(&sdk)
-            .force_path_style(opts.path_style)
+            .force_path_style(path_style)
             .retry_config(RetryConfig::disabled())
             .stalled_stream_protection(StalledStreamProtectionConfig::disabled())
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
@@ -103,7 +128,94 @@ impl S3Source {
             prefix,
             retry: opts.retry,
             stats,
+            endpoint: endpoint.as_deref().map(authority),
+            profile: opts
+                .profile
+                .clone()
+                .or_else(|| std::env::var("AWS_PROFILE").ok().filter(|p| !p.is_empty())),
+            reached: Arc::default(),
+            modified: Arc::default(),
+            warned: Arc::default(),
         })
+    }
+
+    /// The endpoint as a person would name it.
+    fn host(&self) -> &str {
+        self.endpoint.as_deref().unwrap_or("the S3 endpoint")
+    }
+
+    /// Emits the `dcpfetch::requests` event of one request attempt.
+    fn trace(
+        &self,
+        method: &str,
+        key: &str,
+        range: Option<&Range<u64>>,
+        status: &str,
+        started: Instant,
+        attempt: u32,
+    ) {
+        tracing::debug!(
+            target: "dcpfetch::requests",
+            method,
+            key,
+            range = %range.map_or_else(|| "-".to_owned(), |r| format!("{}..{}", r.start, r.end)),
+            status,
+            ms = started.elapsed().as_millis() as u64,
+            attempt,
+        );
+    }
+
+    /// The status of an attempt's outcome for [`S3Source::trace`], noting that the endpoint
+    /// answered.
+    fn status_of<T, E>(
+        &self,
+        result: &Result<T, SdkError<E, aws_sdk_s3::config::http::HttpResponse>>,
+        ok: u16,
+    ) -> String {
+        match result {
+            Ok(_) => {
+                self.reached.store(true, Ordering::Relaxed);
+                ok.to_string()
+            }
+            Err(e) => match e.raw_response() {
+                Some(r) => {
+                    self.reached.store(true, Ordering::Relaxed);
+                    r.status().as_u16().to_string()
+                }
+                None => "no answer".into(),
+            },
+        }
+    }
+
+    /// Notes the version of an object seen without an ETag: its Last-Modified is pinned (the
+    /// first one seen), and the one-time warning is printed.
+    fn pin_modified(&self, name: &str, etag: Option<&str>, modified: Option<&DateTime>) {
+        if etag.is_some() {
+            return;
+        }
+        if !self.warned.swap(true, Ordering::Relaxed) {
+            crate::report::warn(&format!(
+                "{} sends no ETags: reads are pinned by Last-Modified and size, so an object \
+                 replaced within the same second by one of the same size cannot be detected",
+                self.describe()
+            ));
+        }
+        if let Some(m) = modified {
+            let mut pins = self
+                .modified
+                .lock()
+                .expect("no panics while holding the lock");
+            pins.entry(name.to_owned()).or_insert(m.secs());
+        }
+    }
+
+    /// The Last-Modified pinned for an object without an ETag.
+    fn pinned_modified(&self, name: &str) -> Option<i64> {
+        let pins = self
+            .modified
+            .lock()
+            .expect("no panics while holding the lock");
+        pins.get(name).copied()
     }
 
     fn key(&self, name: &ObjectName) -> String {
@@ -128,6 +240,11 @@ impl S3Source {
             Some(r) => format!("{name} bytes {}..{}", r.start, r.end),
             None => name.to_owned(),
         };
+        if let SdkError::DispatchFailure(_) = &e
+            && let Some(f) = self.unreachable(&what, &e)
+        {
+            return f;
+        }
         match &e {
             SdkError::ServiceError(se) => {
                 let status = se.raw().status().as_u16();
@@ -157,9 +274,9 @@ impl S3Source {
                         detail,
                     }),
                     412 => Failure::Fatal(SourceError::Changed {
-                        name: name.to_owned(),
-                        expected: "the ETag seen first".into(),
-                        found: "another version (If-Match failed)".into(),
+                        name: what,
+                        expected: "the version seen first".into(),
+                        found: "another version (If-Match or If-Unmodified-Since failed)".into(),
                     }),
                     416 => Failure::Fatal(SourceError::BadResponse {
                         name: name.to_owned(),
@@ -177,6 +294,7 @@ impl S3Source {
             SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
                 Failure::Retry(format!("{what}: {}", DisplayErrorContext(&e)))
             }
+
             // A connection closed before the answer's headers is a transient "other" error; the
             // other "other" errors (no credentials, bad configuration) are not worth retrying.
             SdkError::DispatchFailure(d)
@@ -193,24 +311,97 @@ impl S3Source {
         }
     }
 
-    /// Runs `attempt` until it succeeds, fails for good, or runs out of attempts.
+    /// The failure of a request that never reached a server: its host does not resolve, nothing
+    /// listens on its port (before any answer came back), or there are no credentials to sign
+    /// it with. `None` for other dispatch failures.
+    fn unreachable<E>(
+        &self,
+        what: &str,
+        e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+    ) -> Option<Failure>
+    where
+        E: std::error::Error + 'static,
+    {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(c) = cause {
+            if let Some(creds) =
+                c.downcast_ref::<aws_credential_types::provider::error::CredentialsError>()
+            {
+                return Some(Failure::Fatal(SourceError::Credentials(
+                    self.credentials_message(creds),
+                )));
+            }
+            let text = c.to_string();
+            if text.starts_with("dns error") || text.contains("failed to lookup address") {
+                let host = self.host();
+                let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+                return Some(Failure::Fatal(SourceError::Unreachable {
+                    name: what.to_owned(),
+                    detail: format!("cannot resolve {host}"),
+                }));
+            }
+            if let Some(io) = c.downcast_ref::<std::io::Error>()
+                && io.kind() == std::io::ErrorKind::ConnectionRefused
+            {
+                let detail = format!("connection refused by {}", self.host());
+                return Some(if self.reached.load(Ordering::Relaxed) {
+                    Failure::Retry(format!("{what}: {detail}"))
+                } else {
+                    Failure::Fatal(SourceError::Unreachable {
+                        name: what.to_owned(),
+                        detail,
+                    })
+                });
+            }
+            cause = c.source();
+        }
+        None
+    }
+
+    /// Why no credentials were found, in words.
+    fn credentials_message(
+        &self,
+        e: &aws_credential_types::provider::error::CredentialsError,
+    ) -> String {
+        use aws_credential_types::provider::error::CredentialsError;
+        match (e, &self.profile) {
+            (CredentialsError::CredentialsNotLoaded(_), Some(profile)) => {
+                match profile_defined(profile) {
+                    Err(files) => format!("AWS profile {profile} not found in {files}"),
+                    Ok(()) => format!("AWS profile {profile} gives no credentials"),
+                }
+            }
+            (CredentialsError::CredentialsNotLoaded(_), None) => "no AWS credentials found: set \
+                AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or pass --no-sign-request"
+                .into(),
+            (e, _) => format!("cannot load AWS credentials: {}", DisplayErrorContext(e)),
+        }
+    }
+
+    /// Runs `attempt` (given its number, from 1) until it succeeds, fails for good, or runs out
+    /// of attempts.
     async fn retrying<T, F, Fut>(&self, name: &str, mut attempt: F) -> Result<T, SourceError>
     where
-        F: FnMut() -> Fut,
+        F: FnMut(u32) -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
     {
         let mut last = String::new();
+        let limit = self.retry.stall_timeout.min(self.retry.request_timeout);
         for n in 0..self.retry.max_attempts {
             if n > 0 {
                 self.stats.add_retry();
                 tokio::time::sleep(self.retry.backoff(n)).await;
             }
             self.stats.add_request();
-            match tokio::time::timeout(self.retry.stall_timeout, attempt()).await {
+            let started = Instant::now();
+            match tokio::time::timeout(limit, attempt(n + 1)).await {
                 Ok(Ok(v)) => return Ok(v),
                 Ok(Err(Failure::Fatal(e))) => return Err(e),
                 Ok(Err(Failure::Retry(msg))) => last = msg,
-                Err(_) => last = format!("no answer within {:?}", self.retry.stall_timeout),
+                Err(_) => {
+                    self.trace("-", name, None, "timeout", started, n + 1);
+                    last = format!("{name}: no answer within {limit:?}");
+                }
             }
         }
         Err(SourceError::Exhausted {
@@ -220,7 +411,9 @@ impl S3Source {
         })
     }
 
-    /// One GET of `range`, appending what arrives to `chunks` and advancing `pos`.
+    /// One GET of `range`, appending what arrives to `chunks` and advancing `pos`; `status`
+    /// is set to the answer's status for the request's trace event.
+    #[allow(clippy::too_many_arguments)]
     async fn get_part(
         &self,
         name: &ObjectName,
@@ -229,8 +422,14 @@ impl S3Source {
         meta: &ObjectMeta,
         chunks: &mut Vec<Bytes>,
         pos: &mut u64,
+        status: &mut String,
     ) -> Result<(), Failure> {
         let stall = self.retry.stall_timeout;
+        let what = format!("{name} bytes {}..{}", range.start, range.end);
+        let pinned_modified = match meta.version {
+            Some(_) => None,
+            None => self.pinned_modified(name.as_str()),
+        };
         let request = self
             .client
             .get_object()
@@ -238,16 +437,25 @@ impl S3Source {
             .key(key)
             .range(http_range(&range))
             .set_if_match(meta.version.clone())
+            .set_if_unmodified_since(pinned_modified.map(DateTime::from_secs))
             .send();
         let out = match tokio::time::timeout(stall, request).await {
             Err(_) => {
                 return Err(Failure::Retry(format!(
-                    "{name}: no response within {stall:?}"
+                    "{what}: no response within {stall:?}"
                 )));
             }
-            Ok(Err(e)) => return Err(self.classify(name.as_str(), Some(&range), e)),
-            Ok(Ok(out)) => out,
+            Ok(result) => {
+                *status = self.status_of(&result, 206);
+                match result {
+                    Err(e) => return Err(self.classify(name.as_str(), Some(&range), e)),
+                    Ok(out) => out,
+                }
+            }
         };
+        if out.content_range().is_none() {
+            *status = "200".into();
+        }
         let bad = |detail: String| {
             Failure::Fatal(SourceError::BadResponse {
                 name: name.to_string(),
@@ -256,13 +464,16 @@ impl S3Source {
                 detail,
             })
         };
+        let len = range.end - range.start;
         let want = format!("bytes {}-{}/{}", range.start, range.end - 1, meta.size);
+        // Every check below is made on the headers: a refused answer's body is dropped unread
+        // (the connection is closed, not drained).
         match out.content_range() {
             Some(got) if got == want => {}
             Some(got) => {
                 if got.rsplit('/').next() != Some(&meta.size.to_string()) {
                     return Err(Failure::Fatal(SourceError::Changed {
-                        name: name.to_string(),
+                        name: what,
                         expected: format!("{} bytes", meta.size),
                         found: format!("Content-Range {got}"),
                     }));
@@ -272,19 +483,40 @@ impl S3Source {
             None if range.start == 0 && range.end == meta.size => {}
             None => {
                 return Err(bad(format!(
-                    "no Content-Range in the answer to {}",
+                    "the server answered {} with the whole object (HTTP 200, no Content-Range); \
+                     refused without reading its body",
                     http_range(&range)
                 )));
             }
+        }
+        if let Some(n) = out.content_length()
+            && u64::try_from(n).ok() != Some(len)
+        {
+            return Err(bad(format!(
+                "the answer announces {n} bytes (Content-Length) for a range of {len}"
+            )));
         }
         if let (Some(seen), Some(now)) = (&meta.version, out.e_tag())
             && seen != now
         {
             return Err(Failure::Fatal(SourceError::Changed {
-                name: name.to_string(),
-                expected: seen.clone(),
-                found: now.to_owned(),
+                name: what,
+                expected: format!("ETag {seen}"),
+                found: format!("ETag {now}"),
             }));
+        }
+        if meta.version.is_none() && out.e_tag().is_none() {
+            match (pinned_modified, out.last_modified()) {
+                (Some(pinned), Some(now)) if pinned != now.secs() => {
+                    return Err(Failure::Fatal(SourceError::Changed {
+                        name: what,
+                        expected: format!("Last-Modified {}", http_date(pinned)),
+                        found: format!("Last-Modified {}", http_date(now.secs())),
+                    }));
+                }
+                (None, now) => self.pin_modified(name.as_str(), None, now),
+                _ => {}
+            }
         }
         self.receive(name, out.body, range, chunks, pos).await
     }
@@ -368,16 +600,20 @@ impl ObjectStore for S3Source {
     /// One HEAD.
     fn stat<'a>(&'a self, name: &'a ObjectName) -> BoxFuture<'a, Result<ObjectMeta, SourceError>> {
         Box::pin(async move {
-            let key = self.key(name);
-            self.retrying(name.as_str(), || async {
+            let key = &self.key(name);
+            self.retrying(name.as_str(), |attempt| async move {
+                let started = Instant::now();
                 let out = self
                     .client
                     .head_object()
                     .bucket(&self.bucket)
-                    .key(&key)
+                    .key(key)
                     .send()
-                    .await
-                    .map_err(|e| self.classify(name.as_str(), None, e))?;
+                    .await;
+                let status = self.status_of(&out, 200);
+                self.trace("HEAD", key, None, &status, started, attempt);
+                let out = out.map_err(|e| self.classify(name.as_str(), None, e))?;
+                self.pin_modified(name.as_str(), out.e_tag(), out.last_modified());
                 let size = out.content_length().unwrap_or(0);
                 Ok(ObjectMeta {
                     size: u64::try_from(size).unwrap_or(0),
@@ -400,20 +636,28 @@ impl ObjectStore for S3Source {
             let mut token: Option<String> = None;
             loop {
                 let page = self
-                    .retrying(&self.describe(), || async {
-                        self.client
-                            .list_objects_v2()
-                            .bucket(&self.bucket)
-                            .prefix(&prefix)
-                            .delimiter("/")
-                            .set_continuation_token(token.clone())
-                            .send()
-                            .await
-                            .map_err(|e| self.classify(&self.describe(), None, e))
+                    .retrying(&self.describe(), |attempt| {
+                        let (prefix, token) = (&prefix, token.clone());
+                        async move {
+                            let started = Instant::now();
+                            let out = self
+                                .client
+                                .list_objects_v2()
+                                .bucket(&self.bucket)
+                                .prefix(prefix)
+                                .delimiter("/")
+                                .set_continuation_token(token)
+                                .send()
+                                .await;
+                            let status = self.status_of(&out, 200);
+                            self.trace("LIST", prefix, None, &status, started, attempt);
+                            out.map_err(|e| self.classify(&self.describe(), None, e))
+                        }
                     })
                     .await?;
                 names.extend(page.contents().iter().filter_map(|o| {
                     let name = o.key()?.strip_prefix(&prefix)?.to_owned();
+                    self.pin_modified(&name, o.e_tag(), o.last_modified());
                     let meta = ObjectMeta {
                         size: u64::try_from(o.size()?).ok()?,
                         version: o.e_tag().map(str::to_owned),
@@ -438,18 +682,34 @@ impl ObjectStore for S3Source {
         limit: u64,
     ) -> BoxFuture<'a, Result<(ObjectMeta, Vec<Bytes>), SourceError>> {
         Box::pin(async move {
-            let key = self.key(name);
+            let key = &self.key(name);
             let out = self
-                .retrying(name.as_str(), || async {
-                    self.client
+                .retrying(name.as_str(), |attempt| async move {
+                    let started = Instant::now();
+                    let out = self
+                        .client
                         .get_object()
                         .bucket(&self.bucket)
-                        .key(&key)
+                        .key(key)
                         .send()
-                        .await
-                        .map_err(|e| self.classify(name.as_str(), None, e))
+                        .await;
+                    let status = self.status_of(&out, 200);
+                    self.trace("GET", key, None, &status, started, attempt);
+                    out.map_err(|e| self.classify(name.as_str(), None, e))
                 })
                 .await?;
+            if out.e_tag().is_none()
+                && let (Some(pinned), Some(now)) =
+                    (self.pinned_modified(name.as_str()), out.last_modified())
+                && pinned != now.secs()
+            {
+                return Err(SourceError::Changed {
+                    name: name.to_string(),
+                    expected: format!("Last-Modified {}", http_date(pinned)),
+                    found: format!("Last-Modified {}", http_date(now.secs())),
+                });
+            }
+            self.pin_modified(name.as_str(), out.e_tag(), out.last_modified());
             let meta = ObjectMeta {
                 size: out
                     .content_length()
@@ -460,13 +720,19 @@ impl ObjectStore for S3Source {
             super::fits(name, meta.size, limit)?;
             let mut chunks = Vec::new();
             let mut pos = 0u64;
-            match self
-                .receive(name, out.body, 0..meta.size, &mut chunks, &mut pos)
-                .await
-            {
+            let whole = self.receive(name, out.body, 0..meta.size, &mut chunks, &mut pos);
+            let received = match tokio::time::timeout(self.retry.request_timeout, whole).await {
+                Ok(r) => r,
+                Err(_) => Err(Failure::Retry(format!(
+                    "{name}: no complete answer within {:?}",
+                    self.retry.request_timeout
+                ))),
+            };
+            match received {
                 Ok(()) => {}
                 Err(Failure::Fatal(e)) => return Err(e),
-                // Broke, stalled or ended short: the rest, pinned to this answer's ETag.
+                // Broke, stalled, ended short or too slow: the rest, pinned to this answer's
+                // version.
                 Err(Failure::Retry(_)) => {
                     chunks.extend(self.read_range(name, pos..meta.size, &meta).await?);
                 }
@@ -505,19 +771,48 @@ impl ObjectStore for S3Source {
                 attempts += 1;
                 self.stats.add_request();
                 let before = pos;
-                match self
-                    .get_part(name, &key, pos..range.end, meta, &mut chunks, &mut pos)
-                    .await
-                {
-                    Ok(()) => {}
-                    Err(Failure::Fatal(e)) => return Err(e),
-                    Err(Failure::Retry(msg)) => {
+                let started = Instant::now();
+                let mut status = String::from("no answer");
+                let part = self.get_part(
+                    name,
+                    &key,
+                    pos..range.end,
+                    meta,
+                    &mut chunks,
+                    &mut pos,
+                    &mut status,
+                );
+                let limit = self.retry.request_timeout;
+                let outcome = tokio::time::timeout(limit, part).await;
+                self.trace(
+                    "GET",
+                    &key,
+                    Some(&(before..range.end)),
+                    &status,
+                    started,
+                    attempts,
+                );
+                match outcome {
+                    Ok(Ok(())) => {}
+                    Ok(Err(Failure::Fatal(e))) => return Err(e),
+                    Ok(Err(Failure::Retry(msg))) => {
                         last = msg;
                         if pos == before {
                             failures += 1;
                         } else {
                             failures = 0;
                         }
+                    }
+                    // Too slow to be worth waiting for: a failure even if some bytes came, so
+                    // that a drip cannot keep a read alive for more than `max_attempts` of these.
+                    Err(_) => {
+                        last = format!(
+                            "{name} bytes {before}..{}: no complete answer within {limit:?} \
+                             (--request-timeout); {} bytes arrived",
+                            range.end,
+                            pos - before
+                        );
+                        failures += 1;
                     }
                 }
             }
@@ -526,9 +821,81 @@ impl ObjectStore for S3Source {
     }
 }
 
+/// `host:port` of an endpoint URL (the port from the scheme when it names none).
+fn authority(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("https", url));
+    let host = rest.split(['/', '?', '#']).next().unwrap_or(rest);
+    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+    // `[::1]` has colons but no port; `[::1]:9000` and `localhost:9000` have one.
+    let has_port = host
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    if has_port {
+        host.to_owned()
+    } else if scheme.eq_ignore_ascii_case("http") {
+        format!("{host}:80")
+    } else {
+        format!("{host}:443")
+    }
+}
+
+/// A Last-Modified in seconds as an HTTP date, for messages.
+fn http_date(secs: i64) -> String {
+    DateTime::from_secs(secs)
+        .fmt(aws_smithy_types::date_time::Format::HttpDate)
+        .unwrap_or_else(|_| secs.to_string())
+}
+
+/// Whether the AWS config or credentials file defines `profile`; else the files looked in.
+fn profile_defined(profile: &str) -> Result<(), String> {
+    let home = std::env::var("HOME").unwrap_or_default();
+    let file = |var: &str, default: &str| {
+        std::env::var(var)
+            .ok()
+            .filter(|p| !p.is_empty())
+            .unwrap_or_else(|| format!("{home}/.aws/{default}"))
+    };
+    let config = file("AWS_CONFIG_FILE", "config");
+    let credentials = file("AWS_SHARED_CREDENTIALS_FILE", "credentials");
+    let defines = |path: &str, sections: &[String]| {
+        std::fs::read_to_string(path).is_ok_and(|text| {
+            text.lines().any(|line| {
+                let line = line.trim();
+                line.strip_prefix('[')
+                    .and_then(|l| l.strip_suffix(']'))
+                    .is_some_and(|name| {
+                        let name = name.split_whitespace().collect::<Vec<_>>().join(" ");
+                        sections.contains(&name)
+                    })
+            })
+        })
+    };
+    let in_config = [format!("profile {profile}"), profile.to_owned()];
+    if defines(&config, &in_config) || defines(&credentials, &[profile.to_owned()]) {
+        Ok(())
+    } else {
+        Err(format!("{config} or {credentials}"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoints_are_named_by_host_and_port() {
+        assert_eq!(authority("http://localhost:9000"), "localhost:9000");
+        assert_eq!(authority("http://127.0.0.1:9000/"), "127.0.0.1:9000");
+        assert_eq!(
+            authority("https://minio.example.com"),
+            "minio.example.com:443"
+        );
+        assert_eq!(
+            authority("http://minio.example.com/path"),
+            "minio.example.com:80"
+        );
+        assert_eq!(authority("http://[::1]:9000"), "[::1]:9000");
+    }
 
     #[test]
     fn http_ranges_are_inclusive() {

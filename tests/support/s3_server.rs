@@ -24,7 +24,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -103,12 +103,31 @@ pub enum Fault {
     Replace,
     /// Extra first-byte latency for this request.
     Latency(Duration),
+    /// Answer a ranged GET with 200 and the whole object, as a server that ignores `Range` does.
+    /// Matches GETs only.
+    IgnoreRange,
+    /// Answer a GET with the right range but another object size in its `Content-Range`
+    /// (`bytes a-b/SIZE+1`). Matches GETs only.
+    WrongTotal,
+    /// Answer a GET with the range asked for and this many bytes more (`Content-Length` and body
+    /// both longer; `Content-Range` as asked). Matches GETs only.
+    LongBody(u64),
+    /// Serve with another ETag than the object's, ignoring `If-Match`, as a server that swapped
+    /// the object between the check and the read would. Matches GETs only.
+    WrongEtag,
+    /// Send the headers and `after` body bytes, then one byte every `every` (a drip that is
+    /// never quite a stall).
+    Dribble { after: u64, every: Duration },
 }
 
 impl Fault {
     fn applies_to(&self, op: Op) -> bool {
         match self {
-            Fault::WrongContentRange => op == Op::Get,
+            Fault::WrongContentRange
+            | Fault::IgnoreRange
+            | Fault::WrongTotal
+            | Fault::LongBody(_)
+            | Fault::WrongEtag => op == Op::Get,
             Fault::Replace => op != Op::List,
             _ => true,
         }
@@ -177,9 +196,12 @@ impl FaultRule {
 /// ```text
 /// status:503[:SlowDown]   reset[:after=N]   stall[:after=N][:ms=N]   short[:after=N]
 /// wrong-range             replace           latency:ms=N
+/// ignore-range            wrong-total       long[:after=N]      wrong-etag
+/// dribble[:after=N][:ms=N]
 /// ```
 /// followed by any of `times=N|always` (default 1), `key=SUBSTR` (no `:` in it) and
-/// `method=GET|HEAD|LIST`. `after` defaults to 0 and a stall's `ms` to 10000; a status's code
+/// `method=GET|HEAD|LIST`. `after` defaults to 0 (a long body's to 1), a stall's `ms` to 10000
+/// and a dribble's to 1000; a status's code
 /// defaults to the usual one for it (503 SlowDown, 500 InternalError, 403 AccessDenied, ...).
 impl FromStr for FaultRule {
     type Err = String;
@@ -254,13 +276,21 @@ impl FromStr for FaultRule {
             "short" => Fault::ShortBody(after.take().unwrap_or(0)),
             "wrong-range" => Fault::WrongContentRange,
             "replace" => Fault::Replace,
+            "ignore-range" => Fault::IgnoreRange,
+            "wrong-total" => Fault::WrongTotal,
+            "long" => Fault::LongBody(after.take().unwrap_or(1)),
+            "wrong-etag" => Fault::WrongEtag,
+            "dribble" => Fault::Dribble {
+                after: after.take().unwrap_or(0),
+                every: Duration::from_millis(ms.take().unwrap_or(1000)),
+            },
             "latency" => Fault::Latency(Duration::from_millis(
                 ms.take()
                     .ok_or_else(|| format!("fault {spec:?}: latency needs ms=N"))?,
             )),
             _ => {
                 return Err(format!(
-                    "fault {spec:?}: unknown kind {kind:?} (status, reset, stall, short, wrong-range, replace, latency)"
+                    "fault {spec:?}: unknown kind {kind:?} (status, reset, stall, short, wrong-range, replace, latency, ignore-range, wrong-total, long, wrong-etag, dribble)"
                 ));
             }
         };
@@ -295,6 +325,13 @@ impl fmt::Display for FaultRule {
             Fault::WrongContentRange => f.write_str("wrong-range")?,
             Fault::Replace => f.write_str("replace")?,
             Fault::Latency(d) => write!(f, "latency:ms={}", d.as_millis())?,
+            Fault::IgnoreRange => f.write_str("ignore-range")?,
+            Fault::WrongTotal => f.write_str("wrong-total")?,
+            Fault::LongBody(n) => write!(f, "long:after={n}")?,
+            Fault::WrongEtag => f.write_str("wrong-etag")?,
+            Fault::Dribble { after, every } => {
+                write!(f, "dribble:after={after}:ms={}", every.as_millis())?
+            }
         }
         match self.times {
             u32::MAX => f.write_str(":times=always")?,
@@ -512,6 +549,20 @@ impl TestServer {
         lock(&self.shared.stats).clone()
     }
 
+    /// Sends no ETags from now on (object headers and listings), as some S3-compatible servers
+    /// do; Last-Modified is then the only version an object has. A `Replace` fault makes it one
+    /// second newer per replacement.
+    pub fn without_etags(&self) {
+        self.shared.no_etags.store(true, Ordering::Relaxed);
+    }
+
+    /// Ignores `If-Unmodified-Since` from now on (it is honoured by default, as on S3).
+    pub fn ignore_if_unmodified_since(&self) {
+        self.shared
+            .ignore_if_unmodified_since
+            .store(true, Ordering::Relaxed);
+    }
+
     /// Sets every counter back to zero and empties the GET log.
     pub fn reset_stats(&self) {
         *lock(&self.shared.stats) = Stats::default();
@@ -566,6 +617,10 @@ struct Shared {
     /// Per `bucket/key`: how many times a `Replace` fault has overwritten it.
     generations: Mutex<HashMap<String, u64>>,
     request_ids: AtomicU64,
+    /// Send no ETags (headers and listings), as some S3-compatible servers do.
+    no_etags: AtomicBool,
+    /// Ignore `If-Unmodified-Since` (honoured by default, as S3 does).
+    ignore_if_unmodified_since: AtomicBool,
 }
 
 impl Shared {
@@ -588,6 +643,8 @@ impl Shared {
             stats: Mutex::new(Stats::default()),
             generations: Mutex::new(HashMap::new()),
             request_ids: AtomicU64::new(1),
+            no_etags: AtomicBool::new(false),
+            ignore_if_unmodified_since: AtomicBool::new(false),
         }
     }
 
@@ -999,10 +1056,7 @@ fn object_request(
             (Some(Fault::Status { status, code }), _) => {
                 Response::error(*status, code, standard_message(code), &req.path, head)
             }
-            (_, Ok(obj)) => {
-                let wrong = fault == Some(Fault::WrongContentRange);
-                serve_object(req, obj, spec, head, wrong)
-            }
+            (_, Ok(obj)) => serve_object(shared, req, obj, spec, head, fault.as_ref()),
             (_, Err(resp)) => *resp,
         };
         (response, fault, size)
@@ -1072,14 +1126,21 @@ fn open_object(
         Ok(m) if m.is_file() => m,
         _ => return Err(not_found()),
     };
-    let mtime = meta.modified().unwrap_or(UNIX_EPOCH);
-    let etag = etag(meta.len(), mtime, shared.generation(bucket, key));
+    let generation = shared.generation(bucket, key);
+    let mtime = replaced_mtime(meta.modified().unwrap_or(UNIX_EPOCH), generation);
+    let etag = etag(meta.len(), mtime, generation);
     Ok(Object {
         file: Arc::new(file),
         size: meta.len(),
         mtime,
         etag,
     })
+}
+
+/// The modification time of an object replaced `generation` times: a second later per
+/// replacement, so that a replaced object has a newer Last-Modified, as on S3.
+fn replaced_mtime(mtime: SystemTime, generation: u64) -> SystemTime {
+    mtime + Duration::from_secs(generation)
 }
 
 /// A quoted hex ETag from the size, modification time and generation (not the contents, which can
@@ -1165,16 +1226,29 @@ impl RangeSpec {
 }
 
 fn serve_object(
+    shared: &Shared,
     req: &Request,
-    obj: Object,
+    mut obj: Object,
     spec: Option<RangeSpec>,
     head: bool,
-    wrong_range: bool,
+    fault: Option<&Fault>,
 ) -> Response {
     let resource = &req.path;
     let last_modified = http_date(obj.mtime);
-    if let Some(h) = req.header("if-match")
+    let wrong_range = fault == Some(&Fault::WrongContentRange);
+    let no_etags = shared.no_etags.load(Ordering::Relaxed);
+    if fault == Some(&Fault::WrongEtag) {
+        // Another version's ETag, and the If-Match it fails is not checked.
+        obj.etag = etag(obj.size, obj.mtime, u64::MAX);
+    } else if let Some(h) = req.header("if-match")
         && !etag_listed(h, &obj.etag)
+    {
+        let code = "PreconditionFailed";
+        return Response::error(412, code, standard_message(code), resource, head);
+    }
+    if let Some(h) = req.header("if-unmodified-since")
+        && !shared.ignore_if_unmodified_since.load(Ordering::Relaxed)
+        && parse_http_date(h).is_some_and(|since| epoch_seconds(obj.mtime) > since)
     {
         let code = "PreconditionFailed";
         return Response::error(412, code, standard_message(code), resource, head);
@@ -1186,6 +1260,11 @@ fn serve_object(
             .header("ETag", obj.etag)
             .header("Last-Modified", last_modified);
     }
+    let spec = if fault == Some(&Fault::IgnoreRange) {
+        None
+    } else {
+        spec
+    };
     let range = match spec {
         None => None,
         Some(spec) => match spec.resolve(obj.size) {
@@ -1214,16 +1293,30 @@ fn serve_object(
         Some(r) => (206, r),
         None => (200, (0, obj.size)),
     };
-    let mut resp = Response::new(status, head)
-        .header("Content-Type", "application/octet-stream")
-        .header("ETag", obj.etag)
+    let mut resp = Response::new(status, head).header("Content-Type", "application/octet-stream");
+    if !no_etags {
+        resp = resp.header("ETag", obj.etag);
+    }
+    resp = resp
         .header("Last-Modified", last_modified)
         .header("Accept-Ranges", "bytes");
     if status == 206 {
+        let total = match fault {
+            Some(Fault::WrongTotal) => obj.size + 1,
+            _ => obj.size,
+        };
         resp = resp.header(
             "Content-Range",
-            format!("bytes {start}-{}/{}", end - 1, obj.size),
+            format!("bytes {start}-{}/{total}", end - 1),
         );
+    }
+    if let Some(Fault::LongBody(extra)) = fault {
+        // The bytes asked for, then `extra` more (past the end of the object if need be).
+        let mut bytes = vec![0; (end - start) as usize];
+        if obj.file.read_exact_at(&mut bytes, start).is_ok() {
+            bytes.resize(bytes.len() + *extra as usize, b'#');
+            return resp.body(Body::Bytes(bytes));
+        }
     }
     resp.body(Body::File {
         file: obj.file,
@@ -1504,12 +1597,20 @@ fn list_objects(
             .get(&format!("{bucket}/{}", obj.key))
             .copied()
             .unwrap_or(0);
+        let mtime = replaced_mtime(obj.mtime, generation);
+        let etag = if shared.no_etags.load(Ordering::Relaxed) {
+            String::new()
+        } else {
+            format!(
+                "<ETag>{}</ETag>",
+                xml_escape(&etag(obj.size, mtime, generation))
+            )
+        };
         let _ = write!(
             xml,
-            "<Contents><Key>{}</Key><LastModified>{}</LastModified><ETag>{}</ETag><Size>{}</Size><StorageClass>STANDARD</StorageClass></Contents>",
+            "<Contents><Key>{}</Key><LastModified>{}</LastModified>{etag}<Size>{}</Size><StorageClass>STANDARD</StorageClass></Contents>",
             enc(&obj.key),
-            iso_date(obj.mtime),
-            xml_escape(&etag(obj.size, obj.mtime, generation)),
+            iso_date(mtime),
             obj.size
         );
     }
@@ -1611,6 +1712,38 @@ pub fn http_date(t: SystemTime) -> String {
     )
 }
 
+/// Seconds since the epoch of an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), the form HTTP
+/// clients send; `None` for anything else.
+fn parse_http_date(s: &str) -> Option<u64> {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let (_, rest) = s.trim().split_once(", ")?;
+    let parts: Vec<&str> = rest.split(' ').collect();
+    let [day, month, year, time, "GMT"] = parts.as_slice() else {
+        return None;
+    };
+    let day: i64 = day.parse().ok()?;
+    let month = MONTHS.iter().position(|m| m == month)? as i64 + 1;
+    let year: i64 = year.parse().ok()?;
+    let hms: Vec<i64> = time
+        .split(':')
+        .map(|p| p.parse().ok())
+        .collect::<Option<_>>()?;
+    let [h, m, sec] = hms.as_slice() else {
+        return None;
+    };
+    // Days from civil (Howard Hinnant), the inverse of `civil_from_days`.
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(days * 86_400 + h * 3600 + m * 60 + sec).ok()
+}
+
 /// ISO 8601 as S3 listings write it: `2009-10-12T17:50:30.000Z`.
 pub fn iso_date(t: SystemTime) -> String {
     let secs = epoch_seconds(t);
@@ -1631,6 +1764,7 @@ enum Cut {
     Reset(u64),
     Stall(u64, Duration),
     Short(u64),
+    Dribble(u64, Duration),
 }
 
 /// One client connection.
@@ -1800,6 +1934,7 @@ impl Conn {
             Some(Fault::ResetAfter(n)) => Cut::Reset(n),
             Some(Fault::StallAfter { after, stall }) => Cut::Stall(after, stall),
             Some(Fault::ShortBody(n)) => Cut::Short(n),
+            Some(Fault::Dribble { after, every }) => Cut::Dribble(after, every),
             _ => Cut::None,
         };
         if !delay.is_zero() {
@@ -1807,7 +1942,9 @@ impl Conn {
         }
         let limit = match cut {
             Cut::None => resp.body.len(),
-            Cut::Reset(n) | Cut::Stall(n, _) | Cut::Short(n) => n.min(resp.body.len()),
+            Cut::Reset(n) | Cut::Stall(n, _) | Cut::Short(n) | Cut::Dribble(n, _) => {
+                n.min(resp.body.len())
+            }
         };
         // A HEAD has no body to cut short: the fault hits before the headers.
         if !(resp.head && cut != Cut::None) {
@@ -1838,12 +1975,15 @@ impl Conn {
                 body => {
                     self.stream.write_all(head.as_bytes()).await?;
                     self.write_body(shared, body, limit).await?;
+                    if let Cut::Dribble(_, every) = cut {
+                        self.dribble(shared, body, limit, every).await?;
+                    }
                 }
             }
         }
         match cut {
-            Cut::None if keep_alive => return Ok(true),
-            Cut::None | Cut::Short(_) => {}
+            Cut::None | Cut::Dribble(..) if keep_alive => return Ok(true),
+            Cut::None | Cut::Short(_) | Cut::Dribble(..) => {}
             Cut::Reset(_) => {
                 tokio::time::sleep(RESET_GRACE).await;
                 self.stream.set_zero_linger()?;
@@ -1895,6 +2035,31 @@ impl Conn {
         }
         self.buffers.push(current);
         self.buffers.extend(spare);
+        Ok(())
+    }
+
+    /// Sends the body from byte `from` on one byte at a time, `every` apart.
+    async fn dribble(
+        &mut self,
+        shared: &Shared,
+        body: &Body,
+        from: u64,
+        every: Duration,
+    ) -> io::Result<()> {
+        let rest = match body {
+            Body::Empty => return Ok(()),
+            Body::Bytes(b) => b[from as usize..].to_vec(),
+            Body::File { file, start, len } => {
+                let mut rest = vec![0; (len - from) as usize];
+                file.read_exact_at(&mut rest, start + from)?;
+                rest
+            }
+        };
+        for byte in rest {
+            tokio::time::sleep(every).await;
+            shared.count(|s| s.body_bytes += 1);
+            self.stream.write_all(&[byte]).await?;
+        }
         Ok(())
     }
 

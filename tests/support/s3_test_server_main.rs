@@ -48,8 +48,9 @@ struct Args {
 
     /// A fault to inject (repeatable; rules are tried in order). SPEC is a kind and `:`-separated
     /// fields: `status:503[:SlowDown]`, `reset[:after=N]`, `stall[:after=N][:ms=N]`,
-    /// `short[:after=N]`, `wrong-range`, `replace` or `latency:ms=N`, then optionally
-    /// `times=N|always` (default 1), `key=SUBSTR` and `method=GET|HEAD|LIST`.
+    /// `short[:after=N]`, `wrong-range`, `replace`, `ignore-range`, `wrong-total`,
+    /// `long[:after=N]`, `wrong-etag`, `dribble[:after=N][:ms=N]` or `latency:ms=N`, then
+    /// optionally `times=N|always` (default 1), `key=SUBSTR` and `method=GET|HEAD|LIST`.
     /// Example: `status:503:SlowDown:times=3:key=.distcp`.
     #[arg(long = "fault", value_name = "SPEC", value_parser = parse_fault)]
     faults: Vec<FaultRule>,
