@@ -240,7 +240,9 @@ impl VerifySink {
         match t.required_elements().and_then(|n| n.checked_mul(elem)) {
             Some(need) if need != record_len => problems.push(format!(
                 "the storage record is {record_len} bytes; the chunk's {} elements of {} at strides {:?} need {need}",
-                sizes.iter().product::<u64>(),
+                e.chunks[chunk]
+                    .numel()
+                    .map_or_else(|| "uncountable".to_owned(), |n| n.to_string()),
                 meta.dtype,
                 t.stride
             )),
