@@ -241,6 +241,38 @@ fn overlap_in(boxes: &[(&[u64], &[u64])], ids: &[usize], dim: usize) -> Option<(
     None
 }
 
+/// `items.archive`, from the metadata alone: an item of 0 bytes cannot be a `torch.save`
+/// archive (which is never empty), unless it is the raw data of a chunk without elements (a
+/// `serialization_format=SAFETENSORS` save of an empty tensor). A tensor chunk with elements, or
+/// a bytes entry, stored in 0 bytes is a problem; the byte checks never see such an item.
+pub fn check_empty_items(ck: &Checkpoint, storage: &[usize], checks: &mut Checks) {
+    let problems: Vec<Finding> = storage
+        .iter()
+        .copied()
+        .filter(|&s| ck.storage[s].info.length == 0)
+        .filter_map(|s| {
+            let what = match (ck.entry_of(s), ck.chunk_of(s)) {
+                (Some(e), Some(c)) if e.tensor.is_some() => match c.numel() {
+                    Some(0) => return None,
+                    Some(n) => format!("a chunk of {n} elements"),
+                    None => "a chunk of more elements than can be counted".to_owned(),
+                },
+                (Some(_), Some(_)) => "a bytes entry".to_owned(),
+                // A copy no chunk refers to is reported by storage.linked.
+                _ => return None,
+            };
+            Some(Finding::item(
+                ck,
+                s,
+                format!("{what} is stored in 0 bytes: no torch.save archive is that short"),
+            ))
+        })
+        .collect();
+    if !problems.is_empty() {
+        checks.record(Check::ItemsArchive, problems.len() as u64, problems);
+    }
+}
+
 /// `storage.no_overlap`: distinct items of one file overlap. Returns the storage entries
 /// involved, which the byte checks then skip.
 pub fn check_overlaps(ck: &Checkpoint, storage: &[usize], checks: &mut Checks) -> Vec<usize> {
