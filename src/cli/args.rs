@@ -36,6 +36,10 @@ pub enum Command {
     Fetch(FetchArgs),
     /// Check a checkpoint's integrity (for CI): metadata, files, sizes and, by default, every item's
     /// bytes. Exit 0 all good, 1 problems found, 2 could not run.
+    ///
+    /// It cannot tell two items of the same dtype and shape that swapped places in a shard file
+    /// (torch would load the wrong tensors); --manifest, checked against a manifest written while
+    /// the checkpoint was known good, catches that.
     Verify(VerifyArgs),
     /// Measure fetch settings on your checkpoint and link: every combination of gap size,
     /// concurrency and part size, repeated, as a table, JSON, CSV or an SVG plot.
