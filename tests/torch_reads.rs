@@ -344,7 +344,7 @@ fn safetensors_file(tensors: &[(&str, &[f32])]) -> Vec<u8> {
         );
     }
     let mut json = serde_json::to_vec(&header).unwrap();
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(b' ');
     }
     let mut out = (json.len() as u64).to_le_bytes().to_vec();

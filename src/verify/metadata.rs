@@ -410,6 +410,16 @@ mod tests {
         let took = started.elapsed();
         assert_eq!(problem, None);
         assert!(took.as_secs_f64() < 1.0, "{took:?}");
+        // One row of 100,000 chunks: the pairwise test made 5 * 10^9 comparisons here.
+        let row: Vec<[u64; 2]> = (0..100_000u64).rev().map(|i| [0, i]).collect();
+        let started = std::time::Instant::now();
+        let problem = tiling_problem(&[1, 100_000], row.iter().map(|o| (&o[..], &ones[..])));
+        assert_eq!(problem, None);
+        assert!(
+            started.elapsed().as_secs_f64() < 1.0,
+            "{:?}",
+            started.elapsed()
+        );
         // One chunk moved onto another's place: found, and still fast.
         let mut bad = coords.clone();
         bad[50_000] = bad[70_000];
@@ -420,7 +430,10 @@ mod tests {
     }
 
     /// Small random boxes in up to 3 dimensions.
-    fn boxes_strategy() -> impl Strategy<Value = (usize, Vec<(Vec<u64>, Vec<u64>)>)> {
+    /// A rank and boxes of that rank: (offsets, sizes) each.
+    type RankedBoxes = (usize, Vec<(Vec<u64>, Vec<u64>)>);
+
+    fn boxes_strategy() -> impl Strategy<Value = RankedBoxes> {
         (1usize..=3).prop_flat_map(|rank| {
             let one = (
                 proptest::collection::vec(0u64..5, rank),
