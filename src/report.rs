@@ -109,7 +109,18 @@ fn hint(e: &anyhow::Error) -> Option<String> {
                 _ => {}
             }
         }
-        if let Some(MetadataError::NoMetadata { .. }) = c.downcast_ref::<MetadataError>() {
+        if let Some(MetadataError::NoMetadata { safetensors, .. }) =
+            c.downcast_ref::<MetadataError>()
+        {
+            if !safetensors.is_empty() {
+                return Some(
+                    "torch writes such folders with HuggingFaceStorageWriter and reads them back with \
+                     HuggingFaceStorageReader; load the files with the safetensors library \
+                     (safetensors.torch.load_file) or huggingface_hub (hf_hub_download, or \
+                     from_pretrained in transformers): dcpfetch reads DCP checkpoints only"
+                        .into(),
+                );
+            }
             return Some(
                 "point dcpfetch at the folder or prefix that holds the checkpoint's .metadata (a save is complete \
                  only once .metadata exists)"

@@ -506,11 +506,12 @@ fn fuzz_regressions_stay_fixed() {
     assert!(replayed >= 3);
 }
 
-/// Every prefix of every fixture's metadata is refused cleanly.
+/// Every prefix of every fixture's metadata is refused cleanly (the protocol 0 and 1 ones too).
 #[test]
 fn truncation_at_every_byte_is_an_error() {
     let mut tried = 0;
-    for name in common::FIXTURES {
+    let more = ["megatron", "protocol0", "protocol1"];
+    for name in common::FIXTURES.iter().chain(&more) {
         for f in std::fs::read_dir(fixture(name)).unwrap() {
             let path = f.unwrap().path();
             if !path.to_str().unwrap().ends_with(".metadata") {

@@ -24,7 +24,7 @@ use crate::units::ByteSize;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
-    /// Log every request on stderr: method, key, byte range, HTTP status (or local read), time
+    /// Log every request on stderr: method, key, byte range, HTTP status (or local), time
     /// taken and attempt number.
     #[arg(short = 'v', long, global = true)]
     pub verbose: bool,
@@ -84,6 +84,10 @@ pub enum Command {
     Fetch(FetchArgs),
     /// Check a checkpoint's integrity (for CI): metadata, files, sizes and, by default, every item's
     /// bytes. Exit 0 all good, 1 problems found, 2 could not run.
+    ///
+    /// It cannot tell two items of the same dtype and shape that swapped places in a shard file
+    /// (torch would load the wrong tensors); --manifest, checked against a manifest written while
+    /// the checkpoint was known good, catches that.
     #[command(after_help = VERIFY_EXAMPLES)]
     Verify(VerifyArgs),
     /// Measure fetch settings on your checkpoint and link: every combination of gap size,

@@ -16,6 +16,28 @@ pub fn element_size(name: &str) -> Option<u64> {
     })
 }
 
+/// Whether a name of the `torch` module is shaped like a dtype that dcpfetch does not know (yet):
+/// a family (`float`, `bfloat`, `complex`, `bcomplex`, `int`, `uint`, `bits`, `qint`, `quint`)
+/// followed by a digit, then only lowercase letters, digits and underscores (`bcomplex32`,
+/// `float4_e2m1fn_x2`, `int4`). No function of `torch` has such a name: `pickle.load` would
+/// resolve it to a dtype object (data) or fail, never call it. Known dtypes also match.
+pub fn is_dtype_name(name: &str) -> bool {
+    if element_size(name).is_some() {
+        return true;
+    }
+    const FAMILIES: [&str; 9] = [
+        "bcomplex", "complex", "bfloat", "float", "quint", "qint", "uint", "int", "bits",
+    ];
+    FAMILIES.iter().any(|f| {
+        name.strip_prefix(f).is_some_and(|rest| {
+            rest.starts_with(|c: char| c.is_ascii_digit())
+                && rest
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        })
+    })
+}
+
 /// The canonical name torch prints for a dtype (`torch.float` is printed `torch.float32`).
 pub fn canonical(name: &str) -> &str {
     match name {
@@ -76,6 +98,32 @@ mod tests {
             assert_eq!(element_size(name), size, "{name}");
         }
         assert_eq!(canonical("long"), "int64");
+        for name in [
+            "bcomplex32",
+            "float4_e2m1fn_x2",
+            "int4",
+            "uint7",
+            "float8_e4m3fn",
+        ] {
+            assert!(is_dtype_name(name), "{name}");
+        }
+        for name in [
+            "load",
+            "save",
+            "Size",
+            "float",
+            "int_repr",
+            "float_power",
+            "Float32",
+            "float32.x",
+            "bfloat",
+            "complex",
+            "",
+            "int8 ",
+            "float8-e4m3",
+        ] {
+            assert_eq!(is_dtype_name(name), element_size(name).is_some(), "{name}");
+        }
         assert_eq!(legacy_storage_class("bfloat16"), Some("BFloat16Storage"));
     }
 }

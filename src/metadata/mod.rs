@@ -162,8 +162,13 @@ type ParsedFile = (MetadataFile, RankMetadata, Vec<UnsafeGlobal>);
 pub enum MetadataError {
     #[error("{0}")]
     Source(#[from] SourceError),
-    #[error("no {METADATA_FILE} and no __N.metadata files in {location}")]
-    NoMetadata { location: String },
+    #[error("no {METADATA_FILE} and no __N.metadata files in {location}{}", safetensors_text(.safetensors))]
+    NoMetadata {
+        location: String,
+        /// The `*.safetensors` and `*.safetensors.index.json` files the listing saw: a folder
+        /// written by torch's `HuggingFaceStorageWriter` (or any Hugging Face model folder).
+        safetensors: Vec<String>,
+    },
     #[error("{file} is {size} bytes, more than the {limit} bytes a metadata file may have")]
     TooLarge { file: String, size: u64, limit: u64 },
     #[error("{file}: {source}")]
@@ -180,6 +185,32 @@ pub enum MetadataError {
     },
     #[error("{file}: {problem}")]
     Inconsistent { file: String, problem: String },
+}
+
+/// What the `NoMetadata` message says about safetensors files found instead.
+fn safetensors_text(names: &[String]) -> String {
+    const SHOWN: usize = 3;
+    if names.is_empty() {
+        return String::new();
+    }
+    let mut shown = names
+        .iter()
+        .take(SHOWN)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > SHOWN {
+        shown.push_str(&format!(", and {} more", names.len() - SHOWN));
+    }
+    format!(
+        ", which holds safetensors files ({shown}): a Hugging Face safetensors folder, not a DCP checkpoint"
+    )
+}
+
+/// Whether a file name is part of a safetensors folder (`model-00001-of-00002.safetensors`,
+/// `model.safetensors.index.json`).
+fn is_safetensors_name(name: &str) -> bool {
+    name.ends_with(".safetensors") || name.ends_with(".safetensors.index.json")
 }
 
 impl Checkpoint {
@@ -478,15 +509,21 @@ impl Checkpoint {
         let files = match read(METADATA_FILE.to_owned()).await {
             Ok(file) => vec![file],
             Err(MetadataError::Source(SourceError::NotFound { .. })) => {
-                let mut ranks: Vec<(u64, String)> = source
-                    .list()
-                    .await?
-                    .into_iter()
-                    .filter_map(|(n, _)| rank_metadata(&n).map(|r| (r, n)))
+                let listing = source.list().await?;
+                let mut ranks: Vec<(u64, String)> = listing
+                    .iter()
+                    .filter_map(|(n, _)| rank_metadata(n).map(|r| (r, n.clone())))
                     .collect();
                 if ranks.is_empty() {
+                    let mut safetensors: Vec<String> = listing
+                        .into_iter()
+                        .map(|(n, _)| n)
+                        .filter(|n| is_safetensors_name(n))
+                        .collect();
+                    safetensors.sort();
                     return Err(MetadataError::NoMetadata {
                         location: source.describe(),
+                        safetensors,
                     });
                 }
                 ranks.sort();
@@ -874,7 +911,7 @@ mod tests {
             );
             checked += 1;
         }
-        assert!(checked >= 9, "{checked}");
+        assert!(checked >= 12, "{checked}");
     }
 
     /// `fixtures/per_rank`: two ranks, each with its own `__N.metadata`, merged into one view.
@@ -992,6 +1029,39 @@ mod tests {
             assert_eq!(ck.raw_tensor_len(si), None, "storage {si}");
             assert!(!ck.is_raw_tensor(si), "storage {si}");
         }
+    }
+
+    #[test]
+    fn no_metadata_names_a_safetensors_folder() {
+        let plain = MetadataError::NoMetadata {
+            location: "ckpt".into(),
+            safetensors: vec![],
+        };
+        assert_eq!(
+            plain.to_string(),
+            "no .metadata and no __N.metadata files in ckpt"
+        );
+        let names: Vec<String> = [
+            "model-00001-of-00005.safetensors",
+            "model-00002-of-00005.safetensors",
+            "model-00003-of-00005.safetensors",
+            "model-00004-of-00005.safetensors",
+            "model.safetensors.index.json",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert!(names.iter().all(|n| is_safetensors_name(n)));
+        assert!(!is_safetensors_name("__0_0.distcp") && !is_safetensors_name("config.json"));
+        let hf = MetadataError::NoMetadata {
+            location: "ckpt".into(),
+            safetensors: names,
+        };
+        let text = hf.to_string();
+        assert!(
+            text.contains("(model-00001-of-00005.safetensors, model-00002-of-00005.safetensors, model-00003-of-00005.safetensors, and 2 more)")
+                && text.contains("not a DCP checkpoint"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -143,6 +143,25 @@ const PROPERTIES_MODULES: [&str; 3] = [
     METADATA_MODULES[1],
     SHARDED_TENSOR_MODULE,
 ];
+/// torch's planner classes: Megatron-Core's `torch_dist` checkpoints keep the save plans in
+/// `.metadata` (`Metadata.all_local_plans`: `SavePlan`s of `WriteItem`s).
+const PLANNER_MODULES: [&str; 2] = [
+    "torch.distributed.checkpoint.planner",
+    "torch.distributed._shard.checkpoint.planner",
+];
+const PLANNER_CLASSES: [&str; 8] = [
+    "SavePlan",
+    "LoadPlan",
+    "WriteItem",
+    "ReadItem",
+    "WriteItemType",
+    "LoadItemType",
+    "TensorWriteData",
+    "BytesIOWriteData",
+];
+/// What protocols 0 and 1 call to make an object of a plain class:
+/// `copyreg._reconstructor(cls, object, None)` (`copy_reg` and `__builtin__` with Python 2 names).
+const RECONSTRUCTOR_MODULES: [&str; 2] = ["copyreg", "copy_reg"];
 const METADATA_CLASSES: [&str; 8] = [
     "Metadata",
     "TensorStorageMetadata",
@@ -160,8 +179,13 @@ pub fn is_known_global(module: &str, name: &str) -> bool {
     match module {
         m if METADATA_MODULES.contains(&m) => METADATA_CLASSES.contains(&name),
         m if FILESYSTEM_MODULES.contains(&m) => name == "_StorageInfo",
+        m if PLANNER_MODULES.contains(&m) => PLANNER_CLASSES.contains(&name),
         SHARDED_TENSOR_MODULE => matches!(name, "TensorProperties" | "MEM_FORMAT_ENCODING"),
-        "torch" => name == "Size" || dtype::element_size(name).is_some(),
+        "torch" => name == "Size" || dtype::is_dtype_name(name),
+        // `_reconstructor(cls, object, state)` is `object.__new__(cls)`: it runs no code of its
+        // own, and `cls` is a global of its own, checked like any other.
+        m if RECONSTRUCTOR_MODULES.contains(&m) => name == "_reconstructor",
+        "builtins" | "__builtin__" => name == "object",
         "torch.serialization" => name == "_get_layout",
         "pathlib" => matches!(
             name,
@@ -177,9 +201,23 @@ struct Reader<'p> {
 }
 
 impl<'p> Reader<'p> {
-    /// `(module, name)` of the class that made an object.
+    /// `(module, name)` of the class that made an object: the callable, or the class a
+    /// protocol 0/1 `copyreg._reconstructor(cls, object, None)` call makes.
     fn class_of(&self, v: Value) -> Option<(&'p str, &'p str)> {
-        self.p.global(self.p.object(v)?.callable)
+        let o = self.p.object(v)?;
+        let callable = self.p.global(o.callable)?;
+        if o.kind == CallKind::Reduce
+            && RECONSTRUCTOR_MODULES.contains(&callable.0)
+            && callable.1 == "_reconstructor"
+            && let Some([cls, base, _state]) = self.p.seq(o.args)
+            && matches!(
+                self.p.global(*base),
+                Some(("builtins" | "__builtin__", "object"))
+            )
+        {
+            return self.p.global(*cls);
+        }
+        Some(callable)
     }
 
     fn is_class(&self, v: Value, modules: &[&str], name: &str) -> bool {
@@ -348,7 +386,8 @@ impl<'p> Reader<'p> {
 
     fn dtype(&self, v: Value, ctx: &str) -> Result<String, ModelError> {
         match self.p.global(v) {
-            Some(("torch", name)) if dtype::element_size(name).is_some() => {
+            // A dtype dcpfetch does not know keeps its name; its element size is unknown.
+            Some(("torch", name)) if dtype::is_dtype_name(name) => {
                 Ok(dtype::canonical(name).to_owned())
             }
             _ => err(
@@ -742,6 +781,14 @@ mod tests {
             ("torch", "bfloat16"),
             ("torch.serialization", "_get_layout"),
             ("pathlib", "PosixPath"),
+            ("torch.distributed.checkpoint.planner", "SavePlan"),
+            ("torch.distributed.checkpoint.planner", "WriteItem"),
+            ("torch.distributed.checkpoint.planner", "WriteItemType"),
+            ("torch.distributed.checkpoint.planner", "TensorWriteData"),
+            ("copy_reg", "_reconstructor"),
+            ("copyreg", "_reconstructor"),
+            ("__builtin__", "object"),
+            ("torch", "bcomplex32"),
             (
                 "torch.distributed._shard.sharded_tensor.metadata",
                 "MEM_FORMAT_ENCODING",
@@ -759,6 +806,11 @@ mod tests {
             ("torch", "load"),
             ("torch.hub", "load"),
             ("torch.distributed.checkpoint.metadata", "os"),
+            ("torch.distributed.checkpoint.planner", "SavePlanner"),
+            ("torch.distributed.checkpoint.planner", "os"),
+            ("copyreg", "__newobj__"),
+            ("builtins", "getattr"),
+            ("torch", "float_power"),
         ];
         for (m, n) in unknown {
             assert!(!is_known_global(m, n), "{m}.{n}");

@@ -669,6 +669,14 @@ impl<'a> Machine<'a> {
         self.alloc(Node::BigInt(bytes.into()), 0)
     }
 
+    /// The value of an integer read from text: inline when it fits in 64 bits.
+    fn int_value(&mut self, int: PyInt) -> Step<Value> {
+        match int {
+            PyInt::Small(i) => Ok(Value::Int(i)),
+            PyInt::Big(bytes) => self.alloc(Node::BigInt(bytes.into()), 0),
+        }
+    }
+
     fn global(&mut self, module: String, name: String) -> Step<Value> {
         self.globals.push(GlobalRef {
             offset: self.op_start as u64,
@@ -847,21 +855,30 @@ impl<'a> Machine<'a> {
                 self.push(v);
             }
             b'I' => {
-                let text = self.line_str()?;
-                let v = match text {
-                    "00" => Value::Bool(false),
-                    "01" => Value::Bool(true),
-                    t => Value::Int(t.trim().parse().map_err(|_| PickleErrorKind::BadText)?),
+                // `00`/`01` are the booleans of protocol 0.
+                let line = self.line()?;
+                let v = match line {
+                    b"00" => Value::Bool(false),
+                    b"01" => Value::Bool(true),
+                    t => {
+                        // CPython's `_pickle` tries C's `strtol(text, 0)` first (so `010` is
+                        // octal 8), then `int(text, 0)` for what that does not read whole.
+                        let int = c_strtol(t)
+                            .map(PyInt::Small)
+                            .or_else(|| py_int(t))
+                            .ok_or(PickleErrorKind::BadText)?;
+                        self.int_value(int)?
+                    }
                 };
                 self.push(v);
             }
             b'L' => {
-                let text = self.line_str()?;
-                let t = text.trim().trim_end_matches('L');
-                let v = t
-                    .parse::<i64>()
-                    .map_err(|_| PickleErrorKind::Unsupported("a text LONG wider than 64 bits"))?;
-                self.push(Value::Int(v));
+                // Python: `int(text, 0)` after dropping one trailing `L` (Python 2 wrote `12L`).
+                let line = self.line()?;
+                let t = line.strip_suffix(b"L").unwrap_or(line);
+                let int = py_int(t).ok_or(PickleErrorKind::BadText)?;
+                let v = self.int_value(int)?;
+                self.push(v);
             }
             b'G' => {
                 let b = self.take(8)?;
@@ -915,7 +932,17 @@ impl<'a> Machine<'a> {
                 };
                 self.push(v);
             }
-            b'S' => return Err(PickleErrorKind::Unsupported("the protocol 0 STRING opcode")),
+            b'S' => {
+                // A quoted Python 2 `str` literal: decoded like SHORT_BINSTRING (text when ASCII).
+                let line = self.line()?;
+                let b = py_string_literal(line).ok_or(PickleErrorKind::BadText)?;
+                let v = if b.is_ascii() {
+                    self.string(&b)?
+                } else {
+                    self.bytes(&b)?
+                };
+                self.push(v);
+            }
             b'C' => {
                 let n = self.u8()? as u64;
                 let b = self.declared(n)?;
@@ -1155,7 +1182,11 @@ impl<'a> Machine<'a> {
                 self.deepen(id, depth)?;
             }
             b'P' => {
+                // Python decodes the id as ASCII.
                 let line = self.line()?;
+                if !line.is_ascii() {
+                    return Err(PickleErrorKind::BadText);
+                }
                 let id = self.string(line)?;
                 let v = self.alloc(Node::PersistentId(id), 1)?;
                 self.push(v);
@@ -1183,6 +1214,187 @@ impl<'a> Machine<'a> {
             _ => None,
         }
     }
+}
+
+/// The most digits a text integer may have: Python's own limit for `int(text)` in base 10
+/// (`sys.get_int_max_str_digits()`), applied to every base here.
+const MAX_INT_DIGITS: usize = 4300;
+
+/// An integer read from text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum PyInt {
+    Small(i64),
+    /// Little-endian two's complement, as [`Node::BigInt`] holds it.
+    Big(Vec<u8>),
+}
+
+/// Parses a text integer as Python's `int(text, 0)` does: surrounding whitespace, a sign, an
+/// optional `0x`/`0o`/`0b` prefix, single underscores between digits, and no leading zeros on a
+/// decimal number other than zero. `None` when Python would raise.
+fn py_int(text: &[u8]) -> Option<PyInt> {
+    let t = text.trim_ascii();
+    let (negative, t) = match t.first() {
+        Some(b'-') => (true, &t[1..]),
+        Some(b'+') => (false, &t[1..]),
+        _ => (false, t),
+    };
+    let (radix, digits) = match t {
+        [b'0', b'x' | b'X', rest @ ..] => (16, rest),
+        [b'0', b'o' | b'O', rest @ ..] => (8, rest),
+        [b'0', b'b' | b'B', rest @ ..] => (2, rest),
+        _ => (10, t),
+    };
+    // With a prefix, one underscore may follow it (`0x_ff`).
+    let digits = if radix != 10 {
+        digits.strip_prefix(b"_").unwrap_or(digits)
+    } else {
+        digits
+    };
+    if digits.is_empty()
+        || digits.len() > MAX_INT_DIGITS * 2
+        || digits.first() == Some(&b'_')
+        || digits.last() == Some(&b'_')
+        || digits.windows(2).any(|w| w == b"__")
+    {
+        return None;
+    }
+    let values: Vec<u8> = digits
+        .iter()
+        .filter(|&&b| b != b'_')
+        .map(|&b| (b as char).to_digit(radix).map(|d| d as u8))
+        .collect::<Option<_>>()?;
+    if values.len() > MAX_INT_DIGITS {
+        return None;
+    }
+    if radix == 10 && values.len() > 1 && values[0] == 0 && values.iter().any(|&d| d != 0) {
+        return None;
+    }
+    // Magnitude in 32-bit limbs, little-endian: multiply by the radix and add each digit.
+    let mut limbs: Vec<u32> = vec![0];
+    for d in values {
+        let mut carry = u64::from(d);
+        for limb in &mut limbs {
+            let x = u64::from(*limb) * u64::from(radix) + carry;
+            *limb = x as u32;
+            carry = x >> 32;
+        }
+        if carry > 0 {
+            limbs.push(carry as u32);
+        }
+    }
+    if limbs.len() <= 2 {
+        let magnitude = u64::from(limbs[0]) | limbs.get(1).map_or(0, |&h| u64::from(h) << 32);
+        if negative {
+            if magnitude <= 1 << 63 {
+                return Some(PyInt::Small((magnitude as i64).wrapping_neg()));
+            }
+        } else if let Ok(i) = i64::try_from(magnitude) {
+            return Some(PyInt::Small(i));
+        }
+    }
+    // Two's complement bytes, with room for the sign bit.
+    let mut bytes: Vec<u8> = limbs.iter().flat_map(|l| l.to_le_bytes()).collect();
+    bytes.push(0);
+    if negative {
+        let mut carry = true;
+        for b in &mut bytes {
+            let (v, c) = (!*b).overflowing_add(u8::from(carry));
+            *b = v;
+            carry = c;
+        }
+    }
+    // Drop redundant sign bytes.
+    let fill = if negative { 0xff } else { 0 };
+    while bytes.len() > 1
+        && bytes[bytes.len() - 1] == fill
+        && (bytes[bytes.len() - 2] & 0x80 != 0) == negative
+    {
+        bytes.pop();
+    }
+    Some(PyInt::Big(bytes))
+}
+
+/// C's `strtol(text, &end, 0)` where `end` must reach the end of the text: leading whitespace,
+/// a sign, `0x` for hexadecimal, a leading `0` for octal. `None` when it stops early or overflows.
+fn c_strtol(text: &[u8]) -> Option<i64> {
+    let t = text.trim_ascii_start();
+    let (negative, t) = match t.first() {
+        Some(b'-') => (true, &t[1..]),
+        Some(b'+') => (false, &t[1..]),
+        _ => (false, t),
+    };
+    let (radix, digits) = match t {
+        [b'0', b'x' | b'X', d, ..] if d.is_ascii_hexdigit() => (16, &t[2..]),
+        [b'0', ..] => (8, t),
+        _ => (10, t),
+    };
+    if digits.is_empty() {
+        return None;
+    }
+    let mut v: i128 = 0;
+    for &b in digits {
+        let d = (b as char).to_digit(radix)?;
+        v = v * i128::from(radix) + i128::from(d);
+        if v > 1 << 63 {
+            return None;
+        }
+    }
+    i64::try_from(if negative { -v } else { v }).ok()
+}
+
+/// Decodes a protocol 0 `STRING` argument: a Python 2 `repr` of a `str`, in single or double
+/// quotes, with backslash escapes (`\n`, `\xhh`, octal `\ooo`, ...), as Python's
+/// `codecs.escape_decode` reads it. `None` when the quotes do not match or an escape is cut short.
+fn py_string_literal(line: &[u8]) -> Option<Vec<u8>> {
+    let inner = match line {
+        [q @ (b'\'' | b'"'), inner @ .., last] if last == q => inner,
+        _ => return None,
+    };
+    let mut out = Vec::with_capacity(inner.len());
+    let mut i = 0;
+    while i < inner.len() {
+        let b = inner[i];
+        i += 1;
+        if b != b'\\' {
+            out.push(b);
+            continue;
+        }
+        let e = *inner.get(i)?;
+        i += 1;
+        match e {
+            b'\n' => {}
+            b'\\' | b'\'' | b'"' => out.push(e),
+            b'a' => out.push(0x07),
+            b'b' => out.push(0x08),
+            b'f' => out.push(0x0c),
+            b'n' => out.push(b'\n'),
+            b'r' => out.push(b'\r'),
+            b't' => out.push(b'\t'),
+            b'v' => out.push(0x0b),
+            b'x' => {
+                let hex = inner.get(i..i + 2)?;
+                let v = u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
+                out.push(v);
+                i += 2;
+            }
+            b'0'..=b'7' => {
+                let mut v = u32::from(e - b'0');
+                for _ in 0..2 {
+                    match inner.get(i) {
+                        Some(&d @ b'0'..=b'7') => {
+                            v = v * 8 + u32::from(d - b'0');
+                            i += 1;
+                        }
+                        _ => break,
+                    }
+                }
+                out.push(v as u8);
+            }
+            // Unknown escapes stay as written.
+            other => out.extend_from_slice(&[b'\\', other]),
+        }
+    }
+    Some(out)
 }
 
 /// Decodes Python's `raw-unicode-escape`: bytes are Latin-1 except `\uXXXX` and `\UXXXXXXXX`.
@@ -1346,6 +1558,206 @@ mod tests {
         assert!(matches!(err.kind, PickleErrorKind::TooLarge { .. }));
     }
 
+    /// A protocol 0 pickle of one value: the opcode's text, then STOP.
+    fn one(text: &[u8]) -> Result<Pickle, PickleError> {
+        let mut data = text.to_vec();
+        data.push(b'.');
+        Pickle::parse(&data)
+    }
+
+    #[test]
+    fn text_integers_read_as_python_reads_them() {
+        // INT and LONG: `int(text, 0)`, booleans `00`/`01`, a trailing `L`, wider than 64 bits.
+        let cases: &[(&[u8], Value)] = &[
+            (b"I42\n", Value::Int(42)),
+            (b"I-7\n", Value::Int(-7)),
+            (b"I 12 \n", Value::Int(12)),
+            (b"I0\n", Value::Int(0)),
+            (b"I00\n", Value::Bool(false)),
+            (b"I01\n", Value::Bool(true)),
+            (b"I0x1f\n", Value::Int(31)),
+            (b"I-0b101\n", Value::Int(-5)),
+            (b"I0o17\n", Value::Int(15)),
+            // C's strtol reads a leading 0 as octal, as CPython's unpickler does.
+            (b"I010\n", Value::Int(8)),
+            (b"I-0x10\n", Value::Int(-16)),
+            (b"I1_000\n", Value::Int(1000)),
+            (b"I9223372036854775807\n", Value::Int(i64::MAX)),
+            (b"I-9223372036854775808\n", Value::Int(i64::MIN)),
+            (b"L5L\n", Value::Int(5)),
+            (b"L-3\n", Value::Int(-3)),
+            (b"L0\n", Value::Int(0)),
+        ];
+        for (text, want) in cases {
+            let p = one(text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+            assert_eq!(p.root, *want, "{text:?}");
+        }
+        // Wider than 64 bits: little-endian two's complement, as LONG1 stores it.
+        let big: &[(&[u8], &[u8])] = &[
+            (b"L9223372036854775808L\n", &[0, 0, 0, 0, 0, 0, 0, 0x80, 0]),
+            (
+                b"I-9223372036854775809\n",
+                &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f, 0xff],
+            ),
+            (b"L18446744073709551616\n", &[0, 0, 0, 0, 0, 0, 0, 0, 1]),
+            (b"L-18446744073709551616\n", &[0, 0, 0, 0, 0, 0, 0, 0, 0xff]),
+            (b"L0x100000000000000000\n", &[0, 0, 0, 0, 0, 0, 0, 0, 0x10]),
+        ];
+        for (text, want) in big {
+            let p = one(text).unwrap();
+            assert_eq!(
+                p.node(p.root),
+                Some(&Node::BigInt((*want).into())),
+                "{text:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_text_opcodes_are_errors_with_offsets() {
+        let cases: &[&[u8]] = &[
+            b"I\n",
+            b"I12x\n",
+            b"I1__0\n",
+            b"I_1\n",
+            b"I1_\n",
+            b"L010\n",
+            b"I08\n",
+            b"I0x\n",
+            b"I--1\n",
+            b"I\xff\n",
+            b"ILL\n",
+            b"L\n",
+            b"L12LL\n",
+            b"F\n",
+            b"Fabc\n",
+            b"S\n",
+            b"Sabc\n",
+            b"S'abc\n",
+            b"S'abc\"\n",
+            b"S'\\x4'\n",
+            b"S'\\'\n",
+            b"V\\u12\n",
+            // A lone surrogate, which Python keeps and a Rust string cannot hold: refused.
+            b"V\\ud800\n",
+            b"g-1\n",
+            b"gx\n",
+            b"p\n",
+            b"P\xc3\xa9\n",
+            b"ctorch\n",
+        ];
+        for text in cases {
+            // Each after a leading NONE, so that the offset of the opcode is 1.
+            let mut data = b"N".to_vec();
+            data.extend_from_slice(text);
+            data.push(b'.');
+            let err = Pickle::parse(&data).unwrap_err();
+            assert_eq!(err.offset, 1, "{text:?}: {err}");
+            assert!(err.opcode.is_some(), "{text:?}: {err}");
+        }
+        // Lines without their newline are truncated input.
+        for text in [
+            &b"I12"[..],
+            b"L1",
+            b"F1.5",
+            b"S'a'",
+            b"Vab",
+            b"p0",
+            b"g0",
+            b"cmod",
+            b"cmod\nname",
+        ] {
+            let err = Pickle::parse(text).unwrap_err();
+            assert_eq!(err.kind, PickleErrorKind::Truncated, "{text:?}: {err}");
+        }
+        // Python's own limit on the digits of a text integer.
+        let mut long = b"L".to_vec();
+        long.extend(std::iter::repeat_n(b'7', MAX_INT_DIGITS + 1));
+        long.extend_from_slice(b"\n.");
+        assert_eq!(
+            Pickle::parse(&long).unwrap_err().kind,
+            PickleErrorKind::BadText
+        );
+    }
+
+    #[test]
+    fn text_floats_and_strings() {
+        let p = one(b"F1.5\n").unwrap();
+        assert_eq!(p.root, Value::Float(1.5));
+        let p = one(b"F-1e+100\n").unwrap();
+        assert_eq!(p.root, Value::Float(-1e100));
+        let p = one(b"Finf\n").unwrap();
+        assert_eq!(p.root, Value::Float(f64::INFINITY));
+        // STRING: a quoted Python 2 literal with escapes; text when ASCII, bytes otherwise.
+        let strings: &[(&[u8], &str)] = &[
+            (b"S'abc'\n", "abc"),
+            (b"S\"it's\"\n", "it's"),
+            (b"S'a\\nb\\t\\\\\\''\n", "a\nb\t\\'"),
+            (b"S'\\x41\\101\\7'\n", "AA\x07"),
+            (b"S'\\q'\n", "\\q"),
+            (b"S''\n", ""),
+        ];
+        for (text, want) in strings {
+            let p = one(text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+            assert_eq!(p.str(p.root), Some(*want), "{text:?}");
+        }
+        let p = one(b"S'\\xff\\x00'\n").unwrap();
+        assert_eq!(p.node(p.root), Some(&Node::Bytes(vec![0xff, 0][..].into())));
+        // UNICODE: raw-unicode-escape.
+        let p = one(b"Vcaf\\u00e9 \\U0001F600\n").unwrap();
+        assert_eq!(p.str(p.root), Some("caf\u{e9} \u{1F600}"));
+        // PERSID: an ASCII id.
+        let p = one(b"P0\n").unwrap();
+        assert!(matches!(p.node(p.root), Some(Node::PersistentId(_))));
+    }
+
+    #[test]
+    fn protocol_0_containers_memo_and_objects() {
+        // pickle.dumps({'a': [1, (2, 'x')], 'b': None}, protocol=0)
+        let p0: &[u8] = b"(dp0\nVa\np1\n(lp2\nI1\na(I2\nVx\np3\ntp4\nasVb\np5\nNs.";
+        let p = Pickle::parse(p0).unwrap();
+        let items = p.seq(p.get(p.root, "a").unwrap()).unwrap();
+        assert_eq!(items[0], Value::Int(1));
+        let t = p.tuple(items[1]).unwrap();
+        assert_eq!((t[0], p.str(t[1])), (Value::Int(2), Some("x")));
+        assert_eq!(p.get(p.root, "b"), Some(Value::None));
+        assert_eq!(p.protocol, 0);
+        // The same with protocol 1 (BINPUT, BININT1, BINUNICODE, EMPTY_DICT, MARK + SETITEMS).
+        let p1: &[u8] = b"}q\x00(X\x01\x00\x00\x00aq\x01]q\x02(K\x01(K\x02X\x01\x00\x00\x00xq\x03tq\x04eX\x01\x00\x00\x00bq\x05Nu.";
+        let q = Pickle::parse(p1).unwrap();
+        let items = q.seq(q.get(q.root, "a").unwrap()).unwrap();
+        assert_eq!(items[0], Value::Int(1));
+        assert_eq!(q.get(q.root, "b"), Some(Value::None));
+        // GET of a PUT, INST and OBJ: recorded calls with their offsets, never made.
+        let inst: &[u8] = b"(I1\nI2\nios\nsystem\np0\n(g0\nVx\no.";
+        let p = Pickle::parse(inst).unwrap();
+        assert_eq!(
+            p.globals,
+            vec![GlobalRef {
+                offset: 7,
+                module: "os".into(),
+                name: "system".into()
+            }]
+        );
+        let outer = p.object(p.root).unwrap();
+        assert_eq!(outer.kind, CallKind::Inst);
+        let inner = p.object(outer.callable).unwrap();
+        assert_eq!(inner.kind, CallKind::Inst);
+        assert_eq!(p.seq(inner.args).unwrap(), &[Value::Int(1), Value::Int(2)]);
+        // Malformed: OBJ without a class, INST without a mark, GET of nothing, DICT of an odd count.
+        for bad in [
+            &b"(o."[..],
+            b"ios\nsystem\n.",
+            b"g7\n.",
+            b"(I1\nd.",
+            b"t.",
+            b"l.",
+        ] {
+            let err = Pickle::parse(bad).unwrap_err();
+            assert!(err.opcode.is_some(), "{bad:?}: {err}");
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(4096))]
         #[test]
@@ -1354,8 +1766,16 @@ mod tests {
         }
 
         #[test]
-        fn mutated_pickles_never_panic(flips in proptest::collection::vec((0usize..64, any::<u8>()), 1..6)) {
-            let mut data = DICT_P4.to_vec();
+        fn mutated_pickles_never_panic(
+            flips in proptest::collection::vec((0usize..64, any::<u8>()), 1..6),
+            text in any::<bool>(),
+        ) {
+            // The protocol 4 pickle, or its protocol 0 twin (text opcodes).
+            let mut data = if text {
+                b"(dp0\nVa\np1\n(lp2\nI1\na(I2\nVx\np3\ntp4\nasVb\np5\nNs.".to_vec()
+            } else {
+                DICT_P4.to_vec()
+            };
             for (i, b) in flips {
                 let i = i % data.len();
                 data[i] = b;

@@ -323,6 +323,7 @@ pub async fn run(
     let objects = files::check_exist(source, &names, opts.engine.concurrency, &mut checks).await?;
     let in_bounds = files::check_in_bounds(ck, &storage, &objects, &mut checks);
     let overlapping = metadata::check_overlaps(ck, &in_bounds, &mut checks);
+    metadata::check_empty_items(ck, &in_bounds, &mut checks);
     let raw_files = files::check_format(source, ck, &objects, &mut checks).await?;
 
     if opts.quick {
@@ -332,6 +333,12 @@ pub async fn run(
             Check::ItemsTensor,
         ] {
             checks.not_run(check, "--quick");
+        }
+        if checks.get(Check::ItemsArchive).checked > 0 {
+            checks
+                .get(Check::ItemsArchive)
+                .notes
+                .push("items of 0 bytes were checked from the metadata".into());
         }
     } else {
         let deep: Vec<usize> = in_bounds

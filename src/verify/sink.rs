@@ -76,6 +76,8 @@ pub struct ItemResult {
     pub tensor: Vec<String>,
     /// Records saved without CRC.
     pub unchecked_crc: Vec<String>,
+    /// Dtypes dcpfetch does not know, whose tensors were not checked.
+    pub unknown_dtypes: Vec<String>,
 }
 
 /// Everything the sink found.
@@ -155,8 +157,12 @@ impl VerifySink {
         r.unchecked_crc = archive.unchecked_crc.clone();
         for &s in &item.storage {
             if let Some(link) = self.ck.storage[s].chunk
-                && self.ck.entries[link.entry].tensor.is_some()
+                && let Some(t) = &self.ck.entries[link.entry].tensor
             {
+                if t.element_size().is_none() {
+                    r.unknown_dtypes.push(t.dtype.clone());
+                    continue;
+                }
                 r.tensor_checked = true;
                 r.tensor
                     .extend(self.check_tensor(&archive, link.entry, link.chunk));
@@ -240,7 +246,9 @@ impl VerifySink {
         match t.required_elements().and_then(|n| n.checked_mul(elem)) {
             Some(need) if need != record_len => problems.push(format!(
                 "the storage record is {record_len} bytes; the chunk's {} elements of {} at strides {:?} need {need}",
-                sizes.iter().product::<u64>(),
+                e.chunks[chunk]
+                    .numel()
+                    .map_or_else(|| "uncountable".to_owned(), |n| n.to_string()),
                 meta.dtype,
                 t.stride
             )),
@@ -314,6 +322,7 @@ impl VerifyResults {
         let (mut archive, mut transform, mut tensor) = (Vec::new(), Vec::new(), Vec::new());
         let (mut n_archive, mut n_transform, mut n_tensor) = (0u64, 0u64, 0u64);
         let mut unchecked = Vec::new();
+        let mut unchecked_tensors = Vec::new();
         for r in &results.items {
             let s = r.storage[0];
             if r.transformed {
@@ -334,6 +343,12 @@ impl VerifyResults {
                     describe_storage(ck, s)
                 ));
             }
+            for dtype in &r.unknown_dtypes {
+                unchecked_tensors.push(format!(
+                    "{}: dtype {dtype} is unknown to dcpfetch: its archive was checked, its tensor was not",
+                    describe_storage(ck, s)
+                ));
+            }
             if r.tensor_checked {
                 n_tensor += 1;
                 tensor.extend(r.tensor.iter().map(|m| Finding::item(ck, s, m.clone())));
@@ -350,5 +365,9 @@ impl VerifyResults {
                 .push("no item has a transform".into());
         }
         checks.record(Check::ItemsTensor, n_tensor, tensor);
+        checks
+            .get(Check::ItemsTensor)
+            .notes
+            .extend(unchecked_tensors);
     }
 }
