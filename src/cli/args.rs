@@ -75,6 +75,36 @@ pub struct S3Flags {
     pub stall_timeout: f64,
 }
 
+/// Options for reaching a checkpoint at an http:// or https:// URL.
+#[derive(Clone, Args, Default)]
+#[command(next_help_heading = "HTTP")]
+pub struct HttpFlags {
+    /// Send this header with every request to the checkpoint's host, such as 'Authorization:
+    /// Bearer TOKEN' (repeatable). Never sent to another host after a redirect, never printed.
+    /// DCPFETCH_HTTP_HEADERS (one header a line) and DCPFETCH_HTTP_BEARER_TOKEN also work.
+    #[arg(long = "header", short = 'H', value_name = "'NAME: VALUE'")]
+    pub headers: Vec<String>,
+    /// Trust only the CA certificates in this PEM file for https:// (default: the system's, or
+    /// those of SSL_CERT_FILE).
+    #[arg(long, value_name = "FILE")]
+    pub ca_bundle: Option<PathBuf>,
+}
+
+/// Header values are secrets: only their names are shown.
+impl std::fmt::Debug for HttpFlags {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self
+            .headers
+            .iter()
+            .map(|h| h.split_once(':').map_or("<invalid>", |(n, _)| n.trim()))
+            .collect();
+        f.debug_struct("HttpFlags")
+            .field("headers", &names)
+            .field("ca_bundle", &self.ca_bundle)
+            .finish()
+    }
+}
+
 /// What to select.
 #[derive(Debug, Clone, Args, Default)]
 #[command(next_help_heading = "Selection")]
@@ -94,7 +124,7 @@ pub struct SelectFlags {
 
 #[derive(Debug, Args)]
 pub struct LsArgs {
-    /// The checkpoint: a folder, file://PATH or s3://BUCKET/PREFIX.
+    /// The checkpoint: a folder, file://PATH, s3://BUCKET/PREFIX or https://HOST/PATH.
     #[arg(value_name = "CKPT")]
     pub checkpoint: Location,
     #[command(flatten)]
@@ -104,6 +134,8 @@ pub struct LsArgs {
     pub json: bool,
     #[command(flatten)]
     pub s3: S3Flags,
+    #[command(flatten)]
+    pub http: HttpFlags,
 }
 
 /// How ranges are grouped and split into requests.
@@ -123,7 +155,7 @@ pub struct PlanFlags {
 
 #[derive(Debug, Args)]
 pub struct PlanArgs {
-    /// The checkpoint: a folder, file://PATH or s3://BUCKET/PREFIX.
+    /// The checkpoint: a folder, file://PATH, s3://BUCKET/PREFIX or https://HOST/PATH.
     #[arg(value_name = "CKPT")]
     pub checkpoint: Location,
     #[command(flatten)]
@@ -138,11 +170,13 @@ pub struct PlanArgs {
     pub groups: bool,
     #[command(flatten)]
     pub s3: S3Flags,
+    #[command(flatten)]
+    pub http: HttpFlags,
 }
 
 #[derive(Debug, Args)]
 pub struct FetchArgs {
-    /// The checkpoint: a folder, file://PATH or s3://BUCKET/PREFIX.
+    /// The checkpoint: a folder, file://PATH, s3://BUCKET/PREFIX or https://HOST/PATH.
     #[arg(value_name = "CKPT")]
     pub checkpoint: Location,
     #[command(flatten)]
@@ -181,6 +215,8 @@ pub struct FetchArgs {
     pub quiet: bool,
     #[command(flatten)]
     pub s3: S3Flags,
+    #[command(flatten)]
+    pub http: HttpFlags,
 }
 
 /// Requests in flight unless `--concurrency` says otherwise (also the HEADs of `plan`).
@@ -209,7 +245,7 @@ pub struct MemoryFlag {
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
-    /// The checkpoint: a folder, file://PATH or s3://BUCKET/PREFIX.
+    /// The checkpoint: a folder, file://PATH, s3://BUCKET/PREFIX or https://HOST/PATH.
     #[arg(value_name = "CKPT")]
     pub checkpoint: Location,
     #[command(flatten)]
@@ -234,11 +270,13 @@ pub struct VerifyArgs {
     pub engine: EngineFlags,
     #[command(flatten)]
     pub s3: S3Flags,
+    #[command(flatten)]
+    pub http: HttpFlags,
 }
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// The checkpoint: a folder, file://PATH or s3://BUCKET/PREFIX.
+    /// The checkpoint: a folder, file://PATH, s3://BUCKET/PREFIX or https://HOST/PATH.
     #[arg(value_name = "CKPT")]
     pub checkpoint: Location,
     #[command(flatten)]
@@ -299,4 +337,6 @@ pub struct BenchArgs {
     pub quiet: bool,
     #[command(flatten)]
     pub s3: S3Flags,
+    #[command(flatten)]
+    pub http: HttpFlags,
 }
