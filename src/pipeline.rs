@@ -10,8 +10,8 @@ use crate::metadata::{Checkpoint, MetadataError};
 use crate::plan::{Plan, PlanError, PlanOptions, describe_storage};
 use crate::selection::{Selected, SelectionError, Spec};
 use crate::source::{
-    Location, NameError, ObjectMeta, ObjectName, S3Options, STATE_DIR, Source, SourceError,
-    StatError, TransferStats, is_dcpfetch_copy, stat_all,
+    HttpOptions, Location, NameError, ObjectMeta, ObjectName, S3Options, STATE_DIR, Source,
+    SourceError, StatError, TransferStats, is_dcpfetch_copy, stat_all,
 };
 
 /// What a command reads: the checkpoint, how to reach it, and what to select.
@@ -19,6 +19,8 @@ use crate::source::{
 pub struct Target {
     pub location: Location,
     pub store: S3Options,
+    /// Headers and CA bundle for `http(s)://` locations.
+    pub http: HttpOptions,
     pub spec: Spec,
 }
 
@@ -94,7 +96,7 @@ impl Opened {
     pub async fn open(target: &Target) -> Result<Opened, PipelineError> {
         let location = target.location.to_string();
         let stats = Arc::new(TransferStats::default());
-        let source = Source::open(&target.location, &target.store, stats)
+        let source = Source::open(&target.location, &target.store, &target.http, stats)
             .await
             .map_err(|source| PipelineError::Open {
                 location: location.clone(),

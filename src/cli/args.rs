@@ -138,6 +138,36 @@ pub struct S3Flags {
     pub request_timeout: f64,
 }
 
+/// Options for reaching a checkpoint at an http:// or https:// URL.
+#[derive(Clone, Args, Default)]
+#[command(next_help_heading = "HTTP")]
+pub struct HttpFlags {
+    /// Send this header with every request to the checkpoint's host, such as 'Authorization:
+    /// Bearer TOKEN' (repeatable). Never sent to another host after a redirect, never printed.
+    /// DCPFETCH_HTTP_HEADERS (one header a line) and DCPFETCH_HTTP_BEARER_TOKEN also work.
+    #[arg(long = "header", short = 'H', value_name = "'NAME: VALUE'")]
+    pub headers: Vec<String>,
+    /// Trust only the CA certificates in this PEM file for https:// (default: the system's, or
+    /// those of SSL_CERT_FILE).
+    #[arg(long, value_name = "FILE")]
+    pub ca_bundle: Option<PathBuf>,
+}
+
+/// Header values are secrets: only their names are shown.
+impl std::fmt::Debug for HttpFlags {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self
+            .headers
+            .iter()
+            .map(|h| h.split_once(':').map_or("<invalid>", |(n, _)| n.trim()))
+            .collect();
+        f.debug_struct("HttpFlags")
+            .field("headers", &names)
+            .field("ca_bundle", &self.ca_bundle)
+            .finish()
+    }
+}
+
 /// What to select.
 #[derive(Debug, Clone, Args, Default)]
 #[command(next_help_heading = "Selection")]
@@ -162,7 +192,7 @@ pub struct SelectFlags {
 
 #[derive(Debug, Args)]
 pub struct LsArgs {
-    /// The checkpoint: a folder, file://PATH or s3://BUCKET/PREFIX.
+    /// The checkpoint: a folder, file://PATH, s3://BUCKET/PREFIX or https://HOST/PATH.
     #[arg(value_name = "CKPT")]
     pub checkpoint: Location,
     #[command(flatten)]
@@ -172,6 +202,8 @@ pub struct LsArgs {
     pub json: bool,
     #[command(flatten)]
     pub s3: S3Flags,
+    #[command(flatten)]
+    pub http: HttpFlags,
 }
 
 /// How ranges are grouped and split into requests.
@@ -191,7 +223,7 @@ pub struct PlanFlags {
 
 #[derive(Debug, Args)]
 pub struct PlanArgs {
-    /// The checkpoint: a folder, file://PATH or s3://BUCKET/PREFIX.
+    /// The checkpoint: a folder, file://PATH, s3://BUCKET/PREFIX or https://HOST/PATH.
     #[arg(value_name = "CKPT")]
     pub checkpoint: Location,
     #[command(flatten)]
@@ -206,13 +238,15 @@ pub struct PlanArgs {
     pub groups: bool,
     #[command(flatten)]
     pub s3: S3Flags,
+    #[command(flatten)]
+    pub http: HttpFlags,
 }
 
 // `-o` is required unless `--dry-run` (which is refused with a hint), so the usage line says it.
 #[derive(Debug, Args)]
 #[command(override_usage = "dcpfetch fetch [OPTIONS] --output <DIR|-> <CKPT>")]
 pub struct FetchArgs {
-    /// The checkpoint: a folder, file://PATH or s3://BUCKET/PREFIX.
+    /// The checkpoint: a folder, file://PATH, s3://BUCKET/PREFIX or https://HOST/PATH.
     #[arg(value_name = "CKPT")]
     pub checkpoint: Location,
     #[command(flatten)]
@@ -259,6 +293,8 @@ pub struct FetchArgs {
     pub dry_run: bool,
     #[command(flatten)]
     pub s3: S3Flags,
+    #[command(flatten)]
+    pub http: HttpFlags,
 }
 
 /// Requests in flight unless `--concurrency` says otherwise (also the HEADs of `plan`).
@@ -287,7 +323,7 @@ pub struct MemoryFlag {
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
-    /// The checkpoint: a folder, file://PATH or s3://BUCKET/PREFIX.
+    /// The checkpoint: a folder, file://PATH, s3://BUCKET/PREFIX or https://HOST/PATH.
     #[arg(value_name = "CKPT")]
     pub checkpoint: Location,
     #[command(flatten)]
@@ -315,11 +351,13 @@ pub struct VerifyArgs {
     pub engine: EngineFlags,
     #[command(flatten)]
     pub s3: S3Flags,
+    #[command(flatten)]
+    pub http: HttpFlags,
 }
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// The checkpoint: a folder, file://PATH or s3://BUCKET/PREFIX.
+    /// The checkpoint: a folder, file://PATH, s3://BUCKET/PREFIX or https://HOST/PATH.
     #[arg(value_name = "CKPT")]
     pub checkpoint: Location,
     #[command(flatten)]
@@ -383,4 +421,6 @@ pub struct BenchArgs {
     pub no_progress: bool,
     #[command(flatten)]
     pub s3: S3Flags,
+    #[command(flatten)]
+    pub http: HttpFlags,
 }

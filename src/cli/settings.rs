@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::args::{
-    BenchArgs, Command, DEFAULT_CONCURRENCY, EngineFlags, FetchArgs, LsArgs, MemoryFlag, PlanArgs,
-    PlanFlags, S3Flags, SelectFlags, VerifyArgs,
+    BenchArgs, Command, DEFAULT_CONCURRENCY, EngineFlags, FetchArgs, HttpFlags, LsArgs, MemoryFlag,
+    PlanArgs, PlanFlags, S3Flags, SelectFlags, VerifyArgs,
 };
 use super::printer::{Printer, ReportFormat};
 use crate::fetch::EngineOptions;
@@ -16,7 +16,7 @@ use crate::pipeline::Target;
 use crate::plan::PlanOptions;
 use crate::selection::{SelectionError, Spec};
 use crate::sink::StreamFormat;
-use crate::source::{RetryPolicy, S3Options};
+use crate::source::{HttpOptions, RetryPolicy, S3Options};
 use crate::units::{ByteSize, human};
 
 /// A combination of flags that cannot run.
@@ -135,15 +135,25 @@ impl Settings {
 fn target(
     location: crate::source::Location,
     s3: &S3Flags,
+    http: &HttpFlags,
     select: &SelectFlags,
 ) -> Result<Target, UsageError> {
     let spec = match &select.spec {
         Some(path) => Spec::from_file(path)?,
         None => Spec::default(),
     };
+    let store = store_options(s3)?;
+    let http = HttpOptions::resolve(
+        &http.headers,
+        http.ca_bundle.clone(),
+        |var| std::env::var(var).ok(),
+        store.retry,
+    )
+    .map_err(UsageError::Invalid)?;
     Ok(Target {
         location,
-        store: store_options(s3)?,
+        store,
+        http,
         spec: spec.with_globs(&select.select, &select.exclude),
     })
 }
@@ -245,7 +255,7 @@ fn plan_flags(plan: &PlanFlags) -> Result<PlanOptions, UsageError> {
 
 fn ls(a: LsArgs) -> Result<LsSettings, UsageError> {
     Ok(LsSettings {
-        target: target(a.checkpoint, &a.s3, &a.selection)?,
+        target: target(a.checkpoint, &a.s3, &a.http, &a.selection)?,
         printer: Printer::report(ReportFormat::json_if(a.json)),
     })
 }
@@ -253,7 +263,7 @@ fn ls(a: LsArgs) -> Result<LsSettings, UsageError> {
 fn plan(a: PlanArgs) -> Result<PlanSettings, UsageError> {
     Ok(PlanSettings {
         plan: plan_flags(&a.plan)?,
-        target: target(a.checkpoint, &a.s3, &a.selection)?,
+        target: target(a.checkpoint, &a.s3, &a.http, &a.selection)?,
         groups: a.groups,
         in_flight: DEFAULT_CONCURRENCY as usize,
         printer: Printer::report(ReportFormat::json_if(a.json)),
@@ -299,7 +309,7 @@ fn fetch(a: FetchArgs) -> Result<FetchSettings, UsageError> {
     };
     let trial = engine_flags(&a.plan, &a.engine)?;
     Ok(FetchSettings {
-        target: target(a.checkpoint, &a.s3, &a.selection)?,
+        target: target(a.checkpoint, &a.s3, &a.http, &a.selection)?,
         plan: trial.plan,
         engine: trial.engine,
         printer: Printer::run(ReportFormat::json_if(a.json), a.quiet, to_stdout)
@@ -311,7 +321,7 @@ fn fetch(a: FetchArgs) -> Result<FetchSettings, UsageError> {
 fn verify(a: VerifyArgs) -> Result<VerifySettings, UsageError> {
     let trial = engine_flags(&a.plan, &a.engine)?;
     Ok(VerifySettings {
-        target: target(a.checkpoint, &a.s3, &a.selection)?,
+        target: target(a.checkpoint, &a.s3, &a.http, &a.selection)?,
         plan: trial.plan,
         engine: trial.engine,
         quick: a.quick,
@@ -354,7 +364,7 @@ fn bench(a: BenchArgs) -> Result<BenchSettings, UsageError> {
         ReportFormat::Table
     };
     Ok(BenchSettings {
-        target: target(a.checkpoint, &a.s3, &a.selection)?,
+        target: target(a.checkpoint, &a.s3, &a.http, &a.selection)?,
         trials,
         repeat: a.repeat,
         output: a.output,

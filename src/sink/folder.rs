@@ -92,7 +92,7 @@ fn refuse<T>(msg: String) -> Result<T, SinkError> {
 pub fn local_root(location: &Location) -> Option<&Path> {
     match location {
         Location::Local(path) => Some(path),
-        Location::S3 { .. } => None,
+        Location::S3 { .. } | Location::Http { .. } => None,
     }
 }
 

@@ -1,8 +1,11 @@
-//! Checkpoint locations as people write them: a folder, `file://...` or `s3://bucket/prefix`.
+//! Checkpoint locations as people write them: a folder, `file://...`, `s3://bucket/prefix` or
+//! `https://host/path`.
 
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
+
+use super::http::HttpUrl;
 
 /// Where a checkpoint is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -12,6 +15,10 @@ pub enum Location {
     S3 {
         bucket: String,
         prefix: String,
+    },
+    /// `http://` or `https://`: the objects are `base/NAME`.
+    Http {
+        base: HttpUrl,
     },
 }
 
@@ -31,6 +38,10 @@ impl FromStr for Location {
                 prefix: prefix.trim_matches('/').to_owned(),
             });
         }
+        let lower = s.get(..8).unwrap_or(s).to_ascii_lowercase();
+        if lower.starts_with("http://") || lower.starts_with("https://") {
+            return HttpUrl::parse(s).map(|base| Location::Http { base });
+        }
         if let Some(path) = s.strip_prefix("file://") {
             if path.is_empty() {
                 return Err(format!("{s:?} names no folder"));
@@ -39,7 +50,7 @@ impl FromStr for Location {
         }
         if s.contains("://") {
             return Err(format!(
-                "{s:?}: unsupported scheme (use a folder, file://... or s3://bucket/prefix)"
+                "{s:?}: unsupported scheme (use a folder, file://..., s3://bucket/prefix or https://host/path)"
             ));
         }
         if s.is_empty() {
@@ -55,6 +66,7 @@ impl fmt::Display for Location {
             Location::Local(p) => write!(f, "{}", p.display()),
             Location::S3 { bucket, prefix } if prefix.is_empty() => write!(f, "s3://{bucket}"),
             Location::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
+            Location::Http { base } => write!(f, "{base}"),
         }
     }
 }
@@ -86,7 +98,25 @@ mod tests {
         for (s, want) in table {
             assert_eq!(s.parse::<Location>().unwrap(), want, "{s}");
         }
-        for bad in ["s3://", "s3:///x", "gs://b/x", "", "file://"] {
+        for (s, want) in [
+            ("https://h/a/ckpt/", "https://h/a/ckpt"),
+            ("HTTP://h:8/x", "http://h:8/x"),
+            ("https://h/c?sig=SECRET", "https://h/c?<redacted>"),
+        ] {
+            let loc = s.parse::<Location>().unwrap();
+            assert!(matches!(loc, Location::Http { .. }), "{s}");
+            assert_eq!(loc.to_string(), want);
+            assert!(!format!("{loc:?}").contains("SECRET"));
+        }
+        for bad in [
+            "s3://",
+            "s3:///x",
+            "gs://b/x",
+            "",
+            "file://",
+            "https://",
+            "http://h/x#f",
+        ] {
             assert!(bad.parse::<Location>().is_err(), "{bad}");
         }
         assert_eq!(

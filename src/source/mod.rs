@@ -6,6 +6,7 @@
 //! positional reads or ranged GETs; [`FaultStore`] wraps any backend to inject failures in tests.
 
 pub mod fault;
+pub mod http;
 mod local;
 mod location;
 mod name;
@@ -23,6 +24,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 pub use fault::FaultStore;
+pub use http::{HttpHeader, HttpOptions, HttpSource, HttpUrl};
 pub use local::{LocalSource, STATE_DIR, is_dcpfetch_copy};
 pub use location::Location;
 pub use name::{NameError, ObjectName};
@@ -270,10 +272,11 @@ impl Source {
     }
 
     /// Opens a location: a folder needs nothing; S3 builds a client from the default chain and
-    /// `opts`.
+    /// `opts`; HTTP(S) a client with the headers and CA bundle of `http`.
     pub async fn open(
         location: &Location,
         opts: &S3Options,
+        http: &HttpOptions,
         stats: Arc<TransferStats>,
     ) -> Result<Source, SourceError> {
         Ok(match location {
@@ -281,6 +284,9 @@ impl Source {
             Location::S3 { bucket, prefix } => Source::new(Arc::new(
                 S3Source::connect(bucket.clone(), prefix.clone(), opts, stats).await?,
             )),
+            Location::Http { base } => {
+                Source::new(Arc::new(HttpSource::new(base.clone(), http, stats)?))
+            }
         })
     }
 

@@ -434,3 +434,151 @@ pub fn snapshot(dir: &Path) -> std::collections::BTreeMap<String, String> {
     walk(dir, dir, &mut out);
     out
 }
+
+/// An nginx (Debian package `nginx` or `nginx-light`) started by a test: one process, as the
+/// current user, on a free port of 127.0.0.1 and 127.0.0.2, serving `root` with its ETags, Range
+/// and If-Match handling. Every request is logged (see [`Nginx::log`]). Stopped when dropped.
+pub struct Nginx {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Nginx {
+    /// Serves `root` at `/`; `extra` is more configuration inside the `server` block, with
+    /// `{root}` and `{port}` replaced. Fails the test at once when nginx is not installed.
+    pub fn start(root: &Path, extra: &str) -> Nginx {
+        let installed = Command::new("nginx")
+            .arg("-v")
+            .stderr(Stdio::null())
+            .status()
+            .is_ok();
+        assert!(
+            installed,
+            "nginx is needed for the HTTP tests: install it with `apt-get install -y nginx` \
+             (or nginx-light)"
+        );
+        let mut last = String::new();
+        for _ in 0..5 {
+            match Nginx::try_start(root, extra) {
+                Ok(n) => return n,
+                Err(e) => last = e,
+            }
+        }
+        panic!("nginx did not start: {last}");
+    }
+
+    fn try_start(root: &Path, extra: &str) -> Result<Nginx, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let tmp = dir.path().display().to_string();
+        let root = root.display().to_string();
+        let extra = extra
+            .replace("{root}", &root)
+            .replace("{port}", &port.to_string());
+        let conf = format!(
+            r#"master_process off;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    log_format dcp '$server_addr $status "$request" range="$http_range" if_match="$http_if_match" auth="$http_authorization" sent=$body_bytes_sent';
+    access_log {tmp}/access.log dcp;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    default_type application/octet-stream;
+    sendfile on;
+    keepalive_requests 100000;
+    server {{
+        listen 127.0.0.1:{port};
+        listen 127.0.0.2:{port};
+        root {root};
+        {extra}
+    }}
+}}
+"#
+        );
+        std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
+        let mut child = Command::new("nginx")
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-c")
+            .arg(dir.path().join("nginx.conf"))
+            .arg("-e")
+            .arg(dir.path().join("error.log"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot run nginx: {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait().unwrap() {
+                let log = std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default();
+                return Err(format!("nginx exited ({status}): {log}"));
+            }
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Ok(Nginx { port, dir, child });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        Err("nginx did not listen within 20 s".into())
+    }
+
+    /// `http://127.0.0.1:PORT/path`.
+    pub fn url(&self, path: &str) -> String {
+        format!(
+            "http://127.0.0.1:{}/{}",
+            self.port,
+            path.trim_start_matches('/')
+        )
+    }
+
+    /// The access log, a line per request: `ADDR STATUS "REQUEST" range=".." if_match=".."
+    /// auth=".." sent=N`.
+    pub fn log(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.path().join("access.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// nginx's error log.
+    pub fn errors(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A [`dcpfetch::source::Source`] on an HTTP(S) URL with quick retries.
+pub fn http_source(url: &str, opts: dcpfetch::source::HttpOptions) -> dcpfetch::source::Source {
+    use dcpfetch::source::{HttpSource, HttpUrl, Source, TransferStats};
+    let base = HttpUrl::parse(url).unwrap();
+    let stats = std::sync::Arc::new(TransferStats::default());
+    Source::new(std::sync::Arc::new(
+        HttpSource::new(base, &opts, stats).unwrap(),
+    ))
+}
+
+/// HTTP options with quick retries and no extra headers.
+pub fn quick_http() -> dcpfetch::source::HttpOptions {
+    dcpfetch::source::HttpOptions {
+        retry: dcpfetch::source::RetryPolicy {
+            base_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(200),
+            ..dcpfetch::source::RetryPolicy::default()
+        },
+        ..Default::default()
+    }
+}

@@ -1,0 +1,484 @@
+//! Checkpoints over plain HTTP: the binary end to end against a real nginx started by the tests
+//! (`apt-get install -y nginx`), and the HTTP source against the project's S3 test server, whose
+//! path-style URLs answer plain ranged GETs, for the faults nginx cannot inject.
+
+mod common;
+#[path = "support/s3_server.rs"]
+mod s3_server;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{Nginx, fixture, http_source, quick_http};
+use dcpfetch::source::{ObjectMeta, RetryPolicy, Source, SourceError};
+use s3_server::{Fault, FaultRule, ServerConfig, TestServer};
+use serde_json::Value;
+
+const SHARD: &str = "__0_1.distcp";
+const LAYER: &str = "model.layers.0.*";
+
+/// The binary with no proxy or HTTP settings from the environment running the tests.
+fn cmd() -> assert_cmd::Command {
+    let mut c = common::dcpfetch();
+    for var in [
+        "HTTP_PROXY",
+        "http_proxy",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+        "NO_PROXY",
+        "no_proxy",
+        "DCPFETCH_HTTP_HEADERS",
+        "DCPFETCH_HTTP_BEARER_TOKEN",
+        "SSL_CERT_FILE",
+    ] {
+        c.env_remove(var);
+    }
+    c
+}
+
+fn run(c: &mut assert_cmd::Command) -> (Option<i32>, String, String) {
+    let out = c.output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json_of(args: &[&str]) -> Value {
+    let (code, out, err) = run(cmd().args(args));
+    assert_eq!(code, Some(0), "dcpfetch {args:?}: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Every file of `dir` has the bytes of the same file in the fixture.
+fn assert_same_files(name: &str, dir: &Path) {
+    for f in std::fs::read_dir(fixture(name)).unwrap() {
+        let f = f.unwrap();
+        let got = std::fs::read(dir.join(f.file_name())).unwrap();
+        assert!(
+            got == std::fs::read(f.path()).unwrap(),
+            "{:?}",
+            f.file_name()
+        );
+    }
+}
+
+#[test]
+fn ls_plan_fetch_and_verify_over_http() {
+    let nginx = Nginx::start(&common::repo().join("fixtures"), "");
+    for (name, select) in [("model", LAYER), ("dtensor", "dt.shard*")] {
+        let url = nginx.url(name);
+        let local = fixture(name).display().to_string();
+        // The same answers as from the folder.
+        let (http, disk) = (
+            json_of(&["ls", &url, "--json"]),
+            json_of(&["ls", &local, "--json"]),
+        );
+        assert_eq!(http["entries"], disk["entries"], "{name}");
+        assert_eq!(http["checkpoint"], url.as_str());
+        let plan = |loc: &str| json_of(&["plan", loc, "--json", "-s", select]);
+        let (http, disk) = (plan(&url), plan(&local));
+        assert_eq!(http["files"], disk["files"], "{name}");
+        assert_eq!(http["totals"], disk["totals"], "{name}");
+        // A folder copy of everything is the checkpoint, byte for byte.
+        let out = tempfile::tempdir().unwrap();
+        let dir = out.path().join("copy");
+        let (code, _, err) = run(cmd().args(["fetch", &url, "-o"]).arg(&dir).arg("-q"));
+        assert_eq!(code, Some(0), "{err}");
+        assert_same_files(name, &dir);
+        // A selection to stdout: the bytes fetched from the folder.
+        let stdout = |loc: &str| {
+            let out = cmd()
+                .args(["fetch", loc, "-o", "-", "-q", "-s", select])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            out.stdout
+        };
+        let got = stdout(&url);
+        assert!(!got.is_empty());
+        assert!(got == stdout(&local), "{name}: other bytes on stdout");
+        let report = json_of(&["verify", &url, "--json", "-q"]);
+        assert_eq!(report["ok"], true, "{report:#}");
+    }
+    // Every ranged GET was pinned to the ETag seen first.
+    let log = nginx.log();
+    let ranged: Vec<&String> = log.iter().filter(|l| !l.contains("range=\"-\"")).collect();
+    assert!(ranged.len() > 20, "{log:?}");
+    for l in &ranged {
+        assert!(!l.contains("if_match=\"-\""), "not pinned: {l}");
+        assert!(l.contains(" 206 "), "not a partial answer: {l}");
+    }
+}
+
+#[test]
+fn a_missing_shard_is_named() {
+    let root = tempfile::tempdir().unwrap();
+    let ckpt = root.path().join("ckpt");
+    std::fs::create_dir(&ckpt).unwrap();
+    for f in std::fs::read_dir(fixture("model")).unwrap() {
+        let f = f.unwrap();
+        if f.file_name() != SHARD {
+            std::fs::copy(f.path(), ckpt.join(f.file_name())).unwrap();
+        }
+    }
+    let nginx = Nginx::start(root.path(), "");
+    let out = tempfile::tempdir().unwrap();
+    let (code, _, err) = run(cmd()
+        .args(["fetch", &nginx.url("ckpt"), "-q", "-o"])
+        .arg(out.path().join("x")));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("cannot find the shard file {SHARD}")),
+        "{err}"
+    );
+    assert!(err.contains("not found"), "{err}");
+    let (code, _, err) = run(cmd().args(["verify", &nginx.url("ckpt"), "--quick", "-q"]));
+    assert_eq!(code, Some(1), "{err}");
+    // No .metadata at all: the message says why it cannot look for per-rank files.
+    let (code, _, err) = run(cmd().args(["ls", &nginx.url("nothing-here")]));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("no listing"), "{err}");
+}
+
+/// `/hub/` wants a bearer token and redirects to `/cdn/` on another host (127.0.0.2), which
+/// refuses requests that carry one (as S3 and CDNs refuse an Authorization they did not sign);
+/// `/same/` redirects to `/hub/` on the same host.
+const HUB: &str = r#"
+    location /hub/ {
+        if ($http_authorization != "Bearer s3cret") { return 401; }
+        rewrite ^/hub/(.*)$ http://127.0.0.2:{port}/cdn/$1 redirect;
+    }
+    location /same/ {
+        rewrite ^/same/(.*)$ http://127.0.0.1:{port}/hub/$1 redirect;
+    }
+    location /cdn/ {
+        if ($http_authorization) { return 400; }
+        alias {root}/;
+    }
+"#;
+
+#[test]
+fn the_token_goes_to_the_origin_and_not_after_a_cross_host_redirect() {
+    let nginx = Nginx::start(&common::repo().join("fixtures"), HUB);
+    let url = nginx.url("same/model");
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("copy");
+    let (code, _, err) = run(cmd()
+        .args([
+            "fetch",
+            &url,
+            "-q",
+            "-H",
+            "Authorization: Bearer s3cret",
+            "-o",
+        ])
+        .arg(&dir));
+    assert_eq!(code, Some(0), "{err}\n{:#?}", nginx.log());
+    assert_same_files("model", &dir);
+    let log = nginx.log();
+    let origin: Vec<&String> = log.iter().filter(|l| l.starts_with("127.0.0.1 ")).collect();
+    let cdn: Vec<&String> = log.iter().filter(|l| l.starts_with("127.0.0.2 ")).collect();
+    assert!(!cdn.is_empty() && origin.len() >= 2 * cdn.len(), "{log:#?}");
+    for l in &origin {
+        assert!(
+            l.contains("auth=\"Bearer s3cret\"") && l.contains(" 302 "),
+            "{l}"
+        );
+    }
+    for l in &cdn {
+        assert!(
+            l.contains("auth=\"-\""),
+            "the token reached another host: {l}"
+        );
+    }
+
+    // The token from the environment works the same.
+    let (code, _, err) = run(cmd()
+        .env("DCPFETCH_HTTP_BEARER_TOKEN", "s3cret")
+        .args(["ls", &url, "--json"]));
+    assert_eq!(code, Some(0), "{err}");
+
+    // Without the token, or with a wrong one: access denied, and no token printed.
+    let (code, _, err) = run(cmd().args(["ls", &url]));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("HTTP 401") && err.contains("--header"),
+        "{err}"
+    );
+    for args in [
+        &[
+            "ls",
+            &url,
+            "--json",
+            "-H",
+            "Authorization: Bearer WRONGSECRET",
+        ][..],
+        &[
+            "fetch",
+            &url,
+            "-o",
+            "-",
+            "--json",
+            "-H",
+            "Authorization: Bearer WRONGSECRET",
+        ],
+        &["ls", &url, "-H", "Authorization Bearer WRONGSECRET"],
+        &["ls", &url, "-H", "X-Key: WRONGSECRET\u{7f}"],
+    ] {
+        let (code, out, err) = run(cmd().args(args));
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(
+            !out.contains("WRONGSECRET") && !err.contains("WRONGSECRET"),
+            "{out}{err}"
+        );
+    }
+    let (_, out, err) = run(cmd()
+        .env("DCPFETCH_HTTP_HEADERS", "Authorization: Bearer WRONGSECRET")
+        .args(["fetch", &url, "-o", "-", "--json"]));
+    assert!(
+        !out.contains("WRONGSECRET") && !err.contains("WRONGSECRET"),
+        "{out}{err}"
+    );
+}
+
+#[test]
+fn a_server_that_ignores_range_is_refused_unread() {
+    // A file big enough that reading it whole would show.
+    let root = tempfile::tempdir().unwrap();
+    let ckpt = root.path().join("model");
+    std::fs::create_dir(&ckpt).unwrap();
+    for f in std::fs::read_dir(fixture("model")).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), ckpt.join(f.file_name())).unwrap();
+    }
+    let big: Vec<u8> = (0..64u32 << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(ckpt.join("big"), &big).unwrap();
+    let nginx = Nginx::start(
+        root.path(),
+        "location /norange/ { max_ranges 0; alias {root}/; }",
+    );
+    let rt = runtime();
+    let source = http_source(&nginx.url("norange/model"), quick_http());
+    let meta = rt.block_on(source.stat("big")).unwrap();
+    assert_eq!(meta.size, big.len() as u64);
+    let e = rt
+        .block_on(source.read_range("big", 1000..2000, &meta))
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("the server ignores Range requests"),
+        "{e}"
+    );
+    assert!(matches!(e, SourceError::Request { .. }), "{e:?}");
+    let (bytes, requests, retries) = source.stats().snapshot();
+    assert_eq!((bytes, retries), (0, 0), "body bytes read or retried");
+    assert_eq!(requests, 2);
+    // A whole file is fine (ls reads the .metadata whole); a layer is not, with a clear message.
+    let url = nginx.url("norange/model");
+    let (code, _, err) = run(cmd().args(["ls", &url]));
+    assert_eq!(code, Some(0), "{err}");
+    let (code, out, err) = run(cmd().args(["fetch", &url, "-o", "-", "-s", LAYER]));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(out.is_empty());
+    assert!(err.contains("the server ignores Range requests"), "{err}");
+}
+
+#[test]
+fn a_file_changed_between_stat_and_read_is_caught() {
+    let dir = common::copy_fixture("model");
+    let nginx = Nginx::start(dir.path(), "");
+    let rt = runtime();
+    let source = http_source(&nginx.url(""), quick_http());
+    let meta = rt.block_on(source.stat(SHARD)).unwrap();
+    // Another file of the same size replaces it.
+    let path = dir.path().join(SHARD);
+    let mut data = std::fs::read(&path).unwrap();
+    data.reverse();
+    std::fs::write(&path, &data).unwrap();
+    let later = std::time::SystemTime::now() + Duration::from_secs(5);
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    let e = rt
+        .block_on(source.read_range(SHARD, 100..5000, &meta))
+        .unwrap_err();
+    assert!(matches!(e, SourceError::Changed { .. }), "{e:?}");
+    assert!(e.to_string().contains(SHARD), "{e}");
+    assert!(
+        nginx.log().last().unwrap().contains(" 412 "),
+        "{:?}",
+        nginx.log()
+    );
+    // Stat again: the new version reads.
+    let meta = rt.block_on(source.stat(SHARD)).unwrap();
+    let got = rt
+        .block_on(source.read_all_range(SHARD, 100..5000, &meta))
+        .unwrap();
+    assert!(got == data[100..5000]);
+}
+
+#[test]
+fn proxies_from_the_environment_are_used() {
+    let nginx = Nginx::start(&common::repo().join("fixtures"), "");
+    let proxy = format!("http://127.0.0.1:{}", nginx.port);
+    // A host that does not resolve: only the proxy can answer.
+    let url = "http://ckpt.invalid/model";
+    let (code, _, err) = run(cmd().env("HTTP_PROXY", &proxy).args(["ls", url]));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        nginx
+            .log()
+            .iter()
+            .any(|l| l.contains("GET http://ckpt.invalid/model/.metadata")),
+        "{:?}",
+        nginx.log()
+    );
+    let (code, _, err) = run(cmd()
+        .env("HTTP_PROXY", &proxy)
+        .env("NO_PROXY", "ckpt.invalid")
+        .args(["ls", url, "--max-attempts", "1"]));
+    assert_eq!(code, Some(2), "{err}");
+}
+
+/// The `model` fixture served by the S3 test server at `/ckpt/model`.
+fn test_server() -> (tempfile::TempDir, TestServer) {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("ckpt").join("model");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in std::fs::read_dir(fixture("model")).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), dir.join(f.file_name())).unwrap();
+    }
+    let server = TestServer::start(ServerConfig::new(root.path())).unwrap();
+    (root, server)
+}
+
+fn faulty(server: &TestServer, stall: Duration) -> Source {
+    let mut opts = quick_http();
+    opts.retry = RetryPolicy {
+        stall_timeout: stall,
+        ..opts.retry
+    };
+    http_source(&format!("{}/ckpt/model", server.endpoint()), opts)
+}
+
+#[test]
+fn faults_are_retried_and_bodies_resumed() {
+    let (_root, server) = test_server();
+    let rt = runtime();
+    let source = faulty(&server, Duration::from_millis(300));
+    let want = std::fs::read(fixture("model").join(SHARD)).unwrap();
+    let size = want.len() as u64;
+    let read = |meta: &ObjectMeta| {
+        let got = rt
+            .block_on(source.read_all_range(SHARD, 0..size, meta))
+            .unwrap();
+        assert!(got == want, "other bytes");
+    };
+
+    // 503s on a HEAD and on GETs.
+    server.add_fault(
+        FaultRule::new(Fault::Status {
+            status: 503,
+            code: "SlowDown",
+        })
+        .times(3),
+    );
+    let meta = rt.block_on(source.stat(SHARD)).unwrap();
+    read(&meta);
+    assert!(server.faults().iter().all(|r| r.times == 0));
+    assert_eq!(source.stats().snapshot().2, 3, "retries");
+
+    // A reset and a stall mid-body: resumed from the last byte received, not from the start.
+    for fault in [
+        Fault::ResetAfter(1000),
+        Fault::StallAfter {
+            after: 1000,
+            stall: Duration::from_secs(3),
+        },
+    ] {
+        server.clear_faults();
+        server.reset_stats();
+        server.add_fault(FaultRule::new(fault.clone()).on_method("GET").times(2));
+        read(&meta);
+        let starts: Vec<u64> = server
+            .stats()
+            .get_log
+            .iter()
+            .map(|g| g.range.map_or(0, |(a, _)| a))
+            .collect();
+        assert_eq!(starts, [0, 1000, 2000], "{fault:?}");
+    }
+
+    // Another version of the file: Changed, not retried.
+    server.clear_faults();
+    server.add_fault(FaultRule::new(Fault::Replace).on_method("GET").times(1));
+    let e = rt
+        .block_on(source.read_range(SHARD, 0..100, &meta))
+        .unwrap_err();
+    assert!(matches!(e, SourceError::Changed { .. }), "{e:?}");
+
+    // A server that keeps failing: gives up after --max-attempts, saying why.
+    server.clear_faults();
+    server.add_fault(
+        FaultRule::new(Fault::Status {
+            status: 503,
+            code: "SlowDown",
+        })
+        .always(),
+    );
+    let e = rt
+        .block_on(source.read_range(SHARD, 0..100, &meta))
+        .unwrap_err();
+    assert!(
+        matches!(e, SourceError::Exhausted { attempts: 10, .. }),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("HTTP 503"), "{e}");
+}
+
+#[test]
+fn the_cli_fetches_through_faults() {
+    let (_root, server) = test_server();
+    server.add_fault(
+        FaultRule::new(Fault::ResetAfter(5000))
+            .on_method("GET")
+            .times(4),
+    );
+    server.add_fault(
+        FaultRule::new(Fault::Status {
+            status: 500,
+            code: "InternalError",
+        })
+        .times(4),
+    );
+    let url = format!("{}/ckpt/model", server.endpoint());
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("copy");
+    let (code, _, err) = run(cmd().args(["fetch", &url, "-q", "-o"]).arg(&dir));
+    assert_eq!(code, Some(0), "{err}");
+    assert_same_files("model", &dir);
+    assert!(
+        server.faults().iter().all(|r| r.times == 0),
+        "{:?}",
+        server.faults()
+    );
+}
