@@ -14,7 +14,6 @@
 //! gives (tokens) go only to the origin they named, never to another host.
 
 use std::fmt;
-use std::future::Future;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,6 +23,7 @@ use bytes::Bytes;
 use reqwest::header::{self, HeaderMap, HeaderName, HeaderValue};
 use reqwest::{Client, Method, RequestBuilder, Response, StatusCode, Url};
 
+use super::resume::{self, Attempts, Body, Failure, Received};
 use super::{
     BoxFuture, ObjectMeta, ObjectName, ObjectStore, RetryPolicy, SourceError, TransferStats,
 };
@@ -229,12 +229,6 @@ pub struct HttpSource {
     stats: Arc<TransferStats>,
 }
 
-/// What one failed attempt means.
-enum Failure {
-    Retry(String),
-    Fatal(SourceError),
-}
-
 /// The inclusive HTTP form of a half-open range: the only place it is built for HTTP sources.
 fn http_range(range: &Range<u64>) -> String {
     format!("bytes={}-{}", range.start, range.end - 1)
@@ -373,14 +367,17 @@ impl HttpSource {
     ) -> Result<Response, Failure> {
         let stall = self.retry.stall_timeout;
         let mut url = self.base.object(name);
-        for _ in 0..=MAX_REDIRECTS {
+        for hop in 0..=MAX_REDIRECTS {
             let mut request = self.client.request(method.clone(), url.clone());
             if same_origin(&url, self.base.url()) {
                 for h in &self.headers {
                     request = request.header(h.name.clone(), h.value.clone());
                 }
             }
-            self.stats.add_request();
+            if hop > 0 {
+                // The attempt itself is counted by the retry loop; each redirect hop adds one.
+                self.stats.add_request();
+            }
             let response = match tokio::time::timeout(stall, extra(request).send()).await {
                 Err(_) => {
                     return Err(Failure::Retry(format!(
@@ -489,34 +486,16 @@ impl HttpSource {
         }
     }
 
-    /// Runs `attempt` until it succeeds, fails for good, or runs out of attempts.
-    async fn retrying<T, F, Fut>(&self, what: &str, mut attempt: F) -> Result<T, SourceError>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T, Failure>>,
-    {
-        let mut last = String::new();
-        for n in 0..self.retry.max_attempts {
-            if n > 0 {
-                self.stats.add_retry();
-                tokio::time::sleep(self.retry.backoff(n)).await;
-            }
-            match attempt().await {
-                Ok(v) => return Ok(v),
-                Err(Failure::Fatal(e)) => return Err(e),
-                Err(Failure::Retry(msg)) => last = msg,
-            }
-        }
-        Err(SourceError::Exhausted {
-            what: what.to_owned(),
-            attempts: self.retry.max_attempts,
-            last,
-        })
-    }
-
     /// One stat: a HEAD, or a one-byte ranged GET where HEAD is refused or gives no length.
-    async fn stat_once(&self, name: &ObjectName) -> Result<ObjectMeta, Failure> {
-        let head = self.send(Method::HEAD, name, name.as_str(), |r| r).await?;
+    async fn stat_once(&self, name: &ObjectName, attempt: u32) -> Result<ObjectMeta, Failure> {
+        let started = std::time::Instant::now();
+        let head = self.send(Method::HEAD, name, name.as_str(), |r| r).await;
+        let shown = head.as_ref().map_or_else(
+            |_| "no answer".to_owned(),
+            |h| h.status().as_u16().to_string(),
+        );
+        resume::trace("HEAD", name.as_str(), None, &shown, started, attempt);
+        let head = head?;
         let status = head.status();
         if status.is_success() {
             if let Some(size) = header_u64(head.headers(), &header::CONTENT_LENGTH) {
@@ -529,11 +508,27 @@ impl HttpSource {
             return Err(self.status_failure(name, None, status));
         }
         drop(head);
+        // A second request in the same attempt: the retry loop counted only the first.
+        self.stats.add_request();
+        let started = std::time::Instant::now();
         let get = self
             .send(Method::GET, name, name.as_str(), |r| {
                 r.header(header::RANGE, http_range(&(0..1)))
             })
-            .await?;
+            .await;
+        let shown = get.as_ref().map_or_else(
+            |_| "no answer".to_owned(),
+            |g| g.status().as_u16().to_string(),
+        );
+        resume::trace(
+            "GET",
+            name.as_str(),
+            Some(&(0..1)),
+            &shown,
+            started,
+            attempt,
+        );
+        let get = get?;
         let headers = get.headers();
         let total = match get.status().as_u16() {
             206 | 416 => headers
@@ -561,7 +556,8 @@ impl HttpSource {
         }
     }
 
-    /// One GET of `range`, appending what arrives to `chunks` and advancing `pos`.
+    /// One GET of `range`, appending what arrives to `chunks` and advancing `pos`; `status` is
+    /// the answer's, for the log.
     async fn get_part(
         &self,
         name: &ObjectName,
@@ -569,6 +565,7 @@ impl HttpSource {
         meta: &ObjectMeta,
         chunks: &mut Vec<Bytes>,
         pos: &mut u64,
+        status: &mut String,
     ) -> Result<(), Failure> {
         let what = format!("{name} bytes {}..{}", range.start, range.end);
         let pinned = pin(meta.version.as_deref());
@@ -584,6 +581,7 @@ impl HttpSource {
                 }
             })
             .await?;
+        *status = response.status().as_u16().to_string();
         let status = response.status();
         if !status.is_success() {
             return Err(self.status_failure(name, Some(&range), status));
@@ -660,68 +658,9 @@ impl HttpSource {
                 }));
             }
         }
-        self.receive(name, response, range, chunks, pos).await
-    }
-
-    /// Reads a GET's body for the bytes `range` (the body starts at `*pos`), appending what
-    /// arrives to `chunks` and advancing `*pos`. A body that stalls, breaks or ends short is a
-    /// [`Failure::Retry`] (the caller resumes from `*pos`); one longer than the range is fatal.
-    async fn receive(
-        &self,
-        name: &ObjectName,
-        mut body: Response,
-        range: Range<u64>,
-        chunks: &mut Vec<Bytes>,
-        pos: &mut u64,
-    ) -> Result<(), Failure> {
+        let mut body = response;
         let stall = self.retry.stall_timeout;
-        loop {
-            let next = match tokio::time::timeout(stall, body.chunk()).await {
-                Err(_) => {
-                    return Err(Failure::Retry(format!(
-                        "{name} bytes {}..{}: body stalled for {stall:?} at byte {pos}",
-                        range.start, range.end
-                    )));
-                }
-                Ok(next) => next,
-            };
-            match next {
-                Ok(None) => break,
-                Ok(Some(chunk)) => {
-                    if chunk.len() as u64 > range.end - *pos {
-                        return Err(Failure::Fatal(SourceError::BadResponse {
-                            name: name.to_string(),
-                            start: range.start,
-                            end: range.end,
-                            detail: format!(
-                                "the body is longer than {} bytes",
-                                range.end - range.start
-                            ),
-                        }));
-                    }
-                    self.stats.add_bytes(chunk.len() as u64);
-                    *pos += chunk.len() as u64;
-                    if !chunk.is_empty() {
-                        chunks.push(chunk);
-                    }
-                }
-                Err(e) => {
-                    return Err(Failure::Retry(format!(
-                        "{name} bytes {}..{}: body broke at byte {pos}: {}",
-                        range.start,
-                        range.end,
-                        error_chain(e)
-                    )));
-                }
-            }
-        }
-        if *pos < range.end {
-            return Err(Failure::Retry(format!(
-                "{name} bytes {}..{}: body ended at byte {pos}",
-                range.start, range.end
-            )));
-        }
-        Ok(())
+        resume::receive(&mut body, name, range, stall, &self.stats, chunks, pos).await
     }
 }
 
@@ -736,7 +675,12 @@ impl ObjectStore for HttpSource {
 
     /// A HEAD (or a one-byte GET where HEAD is refused), with retries.
     fn stat<'a>(&'a self, name: &'a ObjectName) -> BoxFuture<'a, Result<ObjectMeta, SourceError>> {
-        Box::pin(async move { self.retrying(name.as_str(), || self.stat_once(name)).await })
+        Box::pin(resume::retrying(
+            &self.retry,
+            &self.stats,
+            name.as_str(),
+            move |attempt| self.stat_once(name, attempt),
+        ))
     }
 
     /// HTTP has no listing: this always fails, and callers stat each file by name instead.
@@ -758,45 +702,49 @@ impl ObjectStore for HttpSource {
         range: Range<u64>,
         meta: &'a ObjectMeta,
     ) -> BoxFuture<'a, Result<Vec<Bytes>, SourceError>> {
-        Box::pin(async move {
-            let mut chunks: Vec<Bytes> = Vec::new();
-            let mut pos = range.start;
-            let mut failures = 0u32;
-            let mut attempts = 0u32;
-            let mut last = String::new();
-            let max_total = self.retry.max_attempts.saturating_mul(4);
-            while pos < range.end {
-                if failures >= self.retry.max_attempts || attempts >= max_total {
-                    return Err(SourceError::Exhausted {
-                        what: format!("{name} bytes {}..{}", range.start, range.end),
-                        attempts,
-                        last,
-                    });
-                }
-                if attempts > 0 {
-                    self.stats.add_retry();
-                    tokio::time::sleep(self.retry.backoff(failures.max(1))).await;
-                }
-                attempts += 1;
-                let before = pos;
-                match self
-                    .get_part(name, pos..range.end, meta, &mut chunks, &mut pos)
-                    .await
-                {
-                    Ok(()) => {}
-                    Err(Failure::Fatal(e)) => return Err(e),
-                    Err(Failure::Retry(msg)) => {
-                        last = msg;
-                        if pos == before {
-                            failures += 1;
-                        } else {
-                            failures = 0;
-                        }
-                    }
-                }
-            }
-            Ok(chunks)
-        })
+        Box::pin(resume::read_resuming(self, name, range, meta))
+    }
+}
+
+impl Attempts for HttpSource {
+    fn retry_policy(&self) -> &RetryPolicy {
+        &self.retry
+    }
+
+    fn counters(&self) -> &TransferStats {
+        &self.stats
+    }
+
+    fn log_key(&self, name: &ObjectName) -> String {
+        name.to_string()
+    }
+
+    async fn attempt(
+        &self,
+        name: &ObjectName,
+        range: Range<u64>,
+        meta: &ObjectMeta,
+        received: &mut Received,
+    ) -> Result<(), Failure> {
+        self.get_part(
+            name,
+            range,
+            meta,
+            &mut received.chunks,
+            &mut received.pos,
+            &mut received.status,
+        )
+        .await
+    }
+}
+
+impl Body for Response {
+    async fn next_chunk(&mut self) -> Option<Result<Bytes, String>> {
+        match self.chunk().await {
+            Ok(Some(chunk)) => Some(Ok(chunk)),
+            Ok(None) => None,
+            Err(e) => Some(Err(error_chain(e))),
+        }
     }
 }
 

@@ -198,16 +198,12 @@ impl ObjectStore for LocalSource {
                 this.stats.add_request();
                 let started = Instant::now();
                 let result = this.read_pinned(&name, &range, &meta);
-                tracing::debug!(
-                    target: "dcpfetch::requests",
-                    method = "read",
-                    key = %name,
-                    range = %format_args!("{}..{}", range.start, range.end),
-                    status = "local",
-                    ms = started.elapsed().as_millis() as u64,
-                    attempt = 1u32,
-                    ok = result.is_ok(),
-                );
+                let status = if result.is_ok() {
+                    "local"
+                } else {
+                    "local error"
+                };
+                super::resume::trace("read", name.as_str(), Some(&range), status, started, 1);
                 Ok(vec![result?])
             });
             match read.await {

@@ -10,6 +10,7 @@ pub mod http;
 mod local;
 mod location;
 mod name;
+mod resume;
 pub mod s3;
 mod stat;
 

@@ -11,7 +11,6 @@
 //! Every request attempt emits a `tracing` debug event with target `dcpfetch::requests`.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,6 +27,7 @@ use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_smithy_types::DateTime;
 use bytes::Bytes;
 
+use super::resume::{self, Attempts, Body, Failure, Received};
 use super::{
     BoxFuture, ObjectMeta, ObjectName, ObjectStore, RetryPolicy, SourceError, TransferStats,
 };
@@ -69,12 +69,6 @@ pub struct S3Source {
     modified: Arc<Mutex<HashMap<String, i64>>>,
     /// Whether the "no ETags" warning has been printed.
     warned: Arc<AtomicBool>,
-}
-
-/// What one failed attempt means.
-enum Failure {
-    Retry(String),
-    Fatal(SourceError),
 }
 
 /// The inclusive HTTP form of a half-open range: the only place it is built.
@@ -144,28 +138,7 @@ impl S3Source {
         self.endpoint.as_deref().unwrap_or("the S3 endpoint")
     }
 
-    /// Emits the `dcpfetch::requests` event of one request attempt.
-    fn trace(
-        &self,
-        method: &str,
-        key: &str,
-        range: Option<&Range<u64>>,
-        status: &str,
-        started: Instant,
-        attempt: u32,
-    ) {
-        tracing::debug!(
-            target: "dcpfetch::requests",
-            method,
-            key,
-            range = %range.map_or_else(|| "-".to_owned(), |r| format!("{}..{}", r.start, r.end)),
-            status,
-            ms = started.elapsed().as_millis() as u64,
-            attempt,
-        );
-    }
-
-    /// The status of an attempt's outcome for [`S3Source::trace`], noting that the endpoint
+    /// The status of an attempt's outcome for [`resume::trace`], noting that the endpoint
     /// answered.
     fn status_of<T, E>(
         &self,
@@ -378,39 +351,6 @@ impl S3Source {
         }
     }
 
-    /// Runs `attempt` (given its number, from 1) until it succeeds, fails for good, or runs out
-    /// of attempts.
-    async fn retrying<T, F, Fut>(&self, name: &str, mut attempt: F) -> Result<T, SourceError>
-    where
-        F: FnMut(u32) -> Fut,
-        Fut: Future<Output = Result<T, Failure>>,
-    {
-        let mut last = String::new();
-        let limit = self.retry.stall_timeout.min(self.retry.request_timeout);
-        for n in 0..self.retry.max_attempts {
-            if n > 0 {
-                self.stats.add_retry();
-                tokio::time::sleep(self.retry.backoff(n)).await;
-            }
-            self.stats.add_request();
-            let started = Instant::now();
-            match tokio::time::timeout(limit, attempt(n + 1)).await {
-                Ok(Ok(v)) => return Ok(v),
-                Ok(Err(Failure::Fatal(e))) => return Err(e),
-                Ok(Err(Failure::Retry(msg))) => last = msg,
-                Err(_) => {
-                    self.trace("-", name, None, "timeout", started, n + 1);
-                    last = format!("{name}: no answer within {limit:?}");
-                }
-            }
-        }
-        Err(SourceError::Exhausted {
-            what: name.to_owned(),
-            attempts: self.retry.max_attempts,
-            last,
-        })
-    }
-
     /// One GET of `range`, appending what arrives to `chunks` and advancing `pos`; `status`
     /// is set to the answer's status for the request's trace event.
     #[allow(clippy::too_many_arguments)]
@@ -518,69 +458,9 @@ impl S3Source {
                 _ => {}
             }
         }
-        self.receive(name, out.body, range, chunks, pos).await
-    }
-
-    /// Reads a GET's body for the bytes `range` (the body starts at `*pos`), appending what
-    /// arrives to `chunks` and advancing `*pos`. A body that stalls, breaks or ends short is a
-    /// [`Failure::Retry`] (the caller resumes from `*pos`); one longer than the range is fatal.
-    async fn receive(
-        &self,
-        name: &ObjectName,
-        mut body: aws_sdk_s3::primitives::ByteStream,
-        range: Range<u64>,
-        chunks: &mut Vec<Bytes>,
-        pos: &mut u64,
-    ) -> Result<(), Failure> {
+        let mut body = out.body;
         let stall = self.retry.stall_timeout;
-        loop {
-            let next = match tokio::time::timeout(stall, body.next()).await {
-                Err(_) => {
-                    return Err(Failure::Retry(format!(
-                        "{name} bytes {}..{}: body stalled for {stall:?} at byte {pos}",
-                        range.start, range.end
-                    )));
-                }
-                Ok(next) => next,
-            };
-            match next {
-                None => break,
-                Some(Ok(chunk)) => {
-                    let room = range.end - *pos;
-                    if chunk.len() as u64 > room {
-                        return Err(Failure::Fatal(SourceError::BadResponse {
-                            name: name.to_string(),
-                            start: range.start,
-                            end: range.end,
-                            detail: format!(
-                                "the body is longer than {} bytes",
-                                range.end - range.start
-                            ),
-                        }));
-                    }
-                    self.stats.add_bytes(chunk.len() as u64);
-                    *pos += chunk.len() as u64;
-                    if !chunk.is_empty() {
-                        chunks.push(chunk);
-                    }
-                }
-                Some(Err(e)) => {
-                    return Err(Failure::Retry(format!(
-                        "{name} bytes {}..{}: body broke at byte {pos}: {}",
-                        range.start,
-                        range.end,
-                        DisplayErrorContext(&e)
-                    )));
-                }
-            }
-        }
-        if *pos < range.end {
-            return Err(Failure::Retry(format!(
-                "{name} bytes {}..{}: body ended at byte {pos}",
-                range.start, range.end
-            )));
-        }
-        Ok(())
+        resume::receive(&mut body, name, range, stall, &self.stats, chunks, pos).await
     }
 }
 
@@ -601,25 +481,30 @@ impl ObjectStore for S3Source {
     fn stat<'a>(&'a self, name: &'a ObjectName) -> BoxFuture<'a, Result<ObjectMeta, SourceError>> {
         Box::pin(async move {
             let key = &self.key(name);
-            self.retrying(name.as_str(), |attempt| async move {
-                let started = Instant::now();
-                let out = self
-                    .client
-                    .head_object()
-                    .bucket(&self.bucket)
-                    .key(key)
-                    .send()
-                    .await;
-                let status = self.status_of(&out, 200);
-                self.trace("HEAD", key, None, &status, started, attempt);
-                let out = out.map_err(|e| self.classify(name.as_str(), None, e))?;
-                self.pin_modified(name.as_str(), out.e_tag(), out.last_modified());
-                let size = out.content_length().unwrap_or(0);
-                Ok(ObjectMeta {
-                    size: u64::try_from(size).unwrap_or(0),
-                    version: out.e_tag().map(str::to_owned),
-                })
-            })
+            resume::retrying(
+                &self.retry,
+                &self.stats,
+                name.as_str(),
+                |attempt| async move {
+                    let started = Instant::now();
+                    let out = self
+                        .client
+                        .head_object()
+                        .bucket(&self.bucket)
+                        .key(key)
+                        .send()
+                        .await;
+                    let status = self.status_of(&out, 200);
+                    resume::trace("HEAD", key, None, &status, started, attempt);
+                    let out = out.map_err(|e| self.classify(name.as_str(), None, e))?;
+                    self.pin_modified(name.as_str(), out.e_tag(), out.last_modified());
+                    let size = out.content_length().unwrap_or(0);
+                    Ok(ObjectMeta {
+                        size: u64::try_from(size).unwrap_or(0),
+                        version: out.e_tag().map(str::to_owned),
+                    })
+                },
+            )
             .await
         })
     }
@@ -635,8 +520,8 @@ impl ObjectStore for S3Source {
             let mut names = Vec::new();
             let mut token: Option<String> = None;
             loop {
-                let page = self
-                    .retrying(&self.describe(), |attempt| {
+                let page =
+                    resume::retrying(&self.retry, &self.stats, &self.describe(), |attempt| {
                         let (prefix, token) = (&prefix, token.clone());
                         async move {
                             let started = Instant::now();
@@ -650,7 +535,7 @@ impl ObjectStore for S3Source {
                                 .send()
                                 .await;
                             let status = self.status_of(&out, 200);
-                            self.trace("LIST", prefix, None, &status, started, attempt);
+                            resume::trace("LIST", prefix, None, &status, started, attempt);
                             out.map_err(|e| self.classify(&self.describe(), None, e))
                         }
                     })
@@ -683,8 +568,11 @@ impl ObjectStore for S3Source {
     ) -> BoxFuture<'a, Result<(ObjectMeta, Vec<Bytes>), SourceError>> {
         Box::pin(async move {
             let key = &self.key(name);
-            let out = self
-                .retrying(name.as_str(), |attempt| async move {
+            let out = resume::retrying(
+                &self.retry,
+                &self.stats,
+                name.as_str(),
+                |attempt| async move {
                     let started = Instant::now();
                     let out = self
                         .client
@@ -694,10 +582,11 @@ impl ObjectStore for S3Source {
                         .send()
                         .await;
                     let status = self.status_of(&out, 200);
-                    self.trace("GET", key, None, &status, started, attempt);
+                    resume::trace("GET", key, None, &status, started, attempt);
                     out.map_err(|e| self.classify(name.as_str(), None, e))
-                })
-                .await?;
+                },
+            )
+            .await?;
             if out.e_tag().is_none()
                 && let (Some(pinned), Some(now)) =
                     (self.pinned_modified(name.as_str()), out.last_modified())
@@ -720,7 +609,16 @@ impl ObjectStore for S3Source {
             super::fits(name, meta.size, limit)?;
             let mut chunks = Vec::new();
             let mut pos = 0u64;
-            let whole = self.receive(name, out.body, 0..meta.size, &mut chunks, &mut pos);
+            let mut body = out.body;
+            let whole = resume::receive(
+                &mut body,
+                name,
+                0..meta.size,
+                self.retry.stall_timeout,
+                &self.stats,
+                &mut chunks,
+                &mut pos,
+            );
             let received = match tokio::time::timeout(self.retry.request_timeout, whole).await {
                 Ok(r) => r,
                 Err(_) => Err(Failure::Retry(format!(
@@ -748,76 +646,49 @@ impl ObjectStore for S3Source {
         range: Range<u64>,
         meta: &'a ObjectMeta,
     ) -> BoxFuture<'a, Result<Vec<Bytes>, SourceError>> {
-        Box::pin(async move {
-            let key = self.key(name);
-            let mut chunks: Vec<Bytes> = Vec::new();
-            let mut pos = range.start;
-            let mut failures = 0u32;
-            let mut attempts = 0u32;
-            let mut last = String::new();
-            let max_total = self.retry.max_attempts.saturating_mul(4);
-            while pos < range.end {
-                if failures >= self.retry.max_attempts || attempts >= max_total {
-                    return Err(SourceError::Exhausted {
-                        what: format!("{name} bytes {}..{}", range.start, range.end),
-                        attempts,
-                        last,
-                    });
-                }
-                if attempts > 0 {
-                    self.stats.add_retry();
-                    tokio::time::sleep(self.retry.backoff(failures.max(1))).await;
-                }
-                attempts += 1;
-                self.stats.add_request();
-                let before = pos;
-                let started = Instant::now();
-                let mut status = String::from("no answer");
-                let part = self.get_part(
-                    name,
-                    &key,
-                    pos..range.end,
-                    meta,
-                    &mut chunks,
-                    &mut pos,
-                    &mut status,
-                );
-                let limit = self.retry.request_timeout;
-                let outcome = tokio::time::timeout(limit, part).await;
-                self.trace(
-                    "GET",
-                    &key,
-                    Some(&(before..range.end)),
-                    &status,
-                    started,
-                    attempts,
-                );
-                match outcome {
-                    Ok(Ok(())) => {}
-                    Ok(Err(Failure::Fatal(e))) => return Err(e),
-                    Ok(Err(Failure::Retry(msg))) => {
-                        last = msg;
-                        if pos == before {
-                            failures += 1;
-                        } else {
-                            failures = 0;
-                        }
-                    }
-                    // Too slow to be worth waiting for: a failure even if some bytes came, so
-                    // that a drip cannot keep a read alive for more than `max_attempts` of these.
-                    Err(_) => {
-                        last = format!(
-                            "{name} bytes {before}..{}: no complete answer within {limit:?} \
-                             (--request-timeout); {} bytes arrived",
-                            range.end,
-                            pos - before
-                        );
-                        failures += 1;
-                    }
-                }
-            }
-            Ok(chunks)
-        })
+        Box::pin(resume::read_resuming(self, name, range, meta))
+    }
+}
+
+impl Attempts for S3Source {
+    fn retry_policy(&self) -> &RetryPolicy {
+        &self.retry
+    }
+
+    fn counters(&self) -> &TransferStats {
+        &self.stats
+    }
+
+    fn log_key(&self, name: &ObjectName) -> String {
+        self.key(name)
+    }
+
+    async fn attempt(
+        &self,
+        name: &ObjectName,
+        range: Range<u64>,
+        meta: &ObjectMeta,
+        received: &mut Received,
+    ) -> Result<(), Failure> {
+        let key = self.key(name);
+        self.get_part(
+            name,
+            &key,
+            range,
+            meta,
+            &mut received.chunks,
+            &mut received.pos,
+            &mut received.status,
+        )
+        .await
+    }
+}
+
+impl Body for aws_sdk_s3::primitives::ByteStream {
+    async fn next_chunk(&mut self) -> Option<Result<Bytes, String>> {
+        self.next()
+            .await
+            .map(|r| r.map_err(|e| DisplayErrorContext(&e).to_string()))
     }
 }
 
