@@ -257,6 +257,78 @@ fn the_token_goes_to_the_origin_and_not_after_a_cross_host_redirect() {
     );
 }
 
+/// HTTPS with a certificate from a private CA: trusted with `--ca-bundle` or `SSL_CERT_FILE`, and
+/// refused in words (naming the host, with a hint) without them.
+#[test]
+fn https_with_a_private_ca_needs_its_bundle() {
+    let ca = common::TestCa::new();
+    let nginx = Nginx::start_tls(&common::repo().join("fixtures"), &ca);
+    let url = nginx.url("model");
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+    let bundle = ca.ca().display().to_string();
+    let local = fixture("model").display().to_string();
+
+    let http = json_of(&["ls", &url, "--json", "--ca-bundle", &bundle]);
+    let disk = json_of(&["ls", &local, "--json"]);
+    assert_eq!(http["entries"], disk["entries"]);
+    // A folder copy of everything and a selection to stdout: the checkpoint's bytes.
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("copy");
+    let (code, _, err) = run(cmd()
+        .args(["fetch", &url, "-q", "--ca-bundle", &bundle, "-o"])
+        .arg(&dir));
+    assert_eq!(code, Some(0), "{err}");
+    assert_same_files("model", &dir);
+    let stdout = |c: &mut assert_cmd::Command| {
+        let out = c.args(["-o", "-", "-q", "-s", LAYER]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    let got = stdout(cmd().args(["fetch", &url, "--ca-bundle", &bundle]));
+    assert!(!got.is_empty());
+    assert!(got == stdout(cmd().args(["fetch", &local])), "other bytes");
+
+    // SSL_CERT_FILE names the bundle too.
+    let (code, _, err) = run(cmd().env("SSL_CERT_FILE", &bundle).args(["ls", &url]));
+    assert_eq!(code, Some(0), "{err}");
+
+    // Without it, the system's roots do not know this CA: a clear error, not retried.
+    let started = std::time::Instant::now();
+    for args in [&["ls", &url][..], &["fetch", &url, "-o", "-", "-s", LAYER]] {
+        let (code, out, err) = run(cmd().args(args));
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(out.is_empty(), "{out}");
+        let untrusted = format!("the certificate of 127.0.0.1:{} is not trusted", nginx.port);
+        assert!(err.contains(&untrusted), "{err}");
+        assert!(
+            err.lines()
+                .any(|l| l.starts_with("hint: ") && l.contains("--ca-bundle")),
+            "{err}"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "retried a certificate error"
+    );
+
+    // A bundle of another CA is no better: --ca-bundle trusts only what it holds.
+    let other = common::TestCa::new();
+    let (code, _, err) = run(cmd().args(["ls", &url, "--ca-bundle"]).arg(other.ca()));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("is not trusted") && err.contains("hint: "),
+        "{err}"
+    );
+    // And a bundle that is no PEM file is named.
+    let (code, _, err) = run(cmd().args(["ls", &url, "--ca-bundle", &local]));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains(&local), "{err}");
+}
+
 #[test]
 fn a_server_that_ignores_range_is_refused_unread() {
     // A file big enough that reading it whole would show.

@@ -18,7 +18,7 @@ use std::future::Future;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use reqwest::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -33,6 +33,17 @@ const MAX_REDIRECTS: usize = 10;
 
 /// The prefix of an [`ObjectMeta::version`] that holds a Last-Modified date, not an ETag.
 const LAST_MODIFIED: &str = "Last-Modified ";
+
+/// What a refused server certificate is said to be, in a [`SourceError::Request`]'s detail: see
+/// [`is_untrusted_certificate`].
+const UNTRUSTED: &str = "is not trusted";
+
+/// Whether a [`SourceError`] is a server certificate that TLS refused (for the hint to pass
+/// `--ca-bundle`).
+pub fn is_untrusted_certificate(e: &SourceError) -> bool {
+    matches!(e, SourceError::Request { detail, .. }
+        if detail.starts_with("the certificate of ") && detail.contains(UNTRUSTED))
+}
 
 /// The environment variable of extra headers, one `Name: value` a line.
 pub const HEADERS_ENV: &str = "DCPFETCH_HTTP_HEADERS";
@@ -362,18 +373,37 @@ impl HttpSource {
         })
     }
 
-    /// Sends one request for `name`, following redirects; the person's headers go only to the
-    /// origin of the checkpoint's URL. Every hop counts as a request.
+    /// Sends one request for `name` (`range` only names it in the log), following redirects;
+    /// the person's headers go only to the origin of the checkpoint's URL. Every hop counts as a
+    /// request, and is logged (`-v`) with the milliseconds until its headers arrived.
     async fn send(
         &self,
         method: Method,
         name: &ObjectName,
-        what: &str,
+        range: Option<&Range<u64>>,
+        attempt: u32,
         extra: impl Fn(RequestBuilder) -> RequestBuilder,
     ) -> Result<Response, Failure> {
+        let what = match range {
+            Some(r) => format!("{name} bytes {}..{}", r.start, r.end),
+            None => name.to_string(),
+        };
+        let what = what.as_str();
         let stall = self.retry.stall_timeout;
         let mut url = self.base.object(name);
         for _ in 0..=MAX_REDIRECTS {
+            let started = Instant::now();
+            let trace = |status: &str| {
+                tracing::debug!(
+                    target: "dcpfetch::requests",
+                    method = method.as_str(),
+                    key = %name,
+                    range = %range.map_or_else(|| "-".to_owned(), |r| format!("{}..{}", r.start, r.end)),
+                    status,
+                    ms = started.elapsed().as_millis() as u64,
+                    attempt,
+                );
+            };
             let mut request = self.client.request(method.clone(), url.clone());
             if same_origin(&url, self.base.url()) {
                 for h in &self.headers {
@@ -383,13 +413,18 @@ impl HttpSource {
             self.stats.add_request();
             let response = match tokio::time::timeout(stall, extra(request).send()).await {
                 Err(_) => {
+                    trace("no answer");
                     return Err(Failure::Retry(format!(
                         "{what}: no answer within {stall:?}"
                     )));
                 }
-                Ok(Err(e)) => return Err(self.send_failure(what, e)),
+                Ok(Err(e)) => {
+                    trace("no answer");
+                    return Err(self.send_failure(what, &url, e));
+                }
                 Ok(Ok(r)) => r,
             };
+            trace(response.status().as_str());
             if !response.status().is_redirection() || response.status() == StatusCode::NOT_MODIFIED
             {
                 return Ok(response);
@@ -417,20 +452,19 @@ impl HttpSource {
         }))
     }
 
-    /// A request that got no answer: worth retrying unless the certificate was refused or the
-    /// request could not be built.
-    fn send_failure(&self, what: &str, e: reqwest::Error) -> Failure {
+    /// A request to `url` that got no answer: worth retrying unless the certificate was refused
+    /// or the request could not be built.
+    fn send_failure(&self, what: &str, url: &Url, e: reqwest::Error) -> Failure {
         let retry =
             (e.is_timeout() || e.is_connect() || e.is_request() || e.is_body()) && !e.is_builder();
         let detail = error_chain(e);
-        let lower = detail.to_ascii_lowercase();
-        if lower.contains("certificate") || lower.contains("unknownissuer") {
+        // rustls says "invalid peer certificate: UnknownIssuer" (or NotValidForName, Expired...).
+        if detail.to_ascii_lowercase().contains("certificate") {
+            let host = url.host_str().unwrap_or_default();
+            let port = url.port_or_known_default().unwrap_or_default();
             return Failure::Fatal(SourceError::Request {
                 name: what.to_owned(),
-                detail: format!(
-                    "{detail}\nhint: if the server's certificate comes from a private CA, pass \
-                     --ca-bundle FILE (or set SSL_CERT_FILE)"
-                ),
+                detail: format!("the certificate of {host}:{port} {UNTRUSTED} ({detail})"),
             });
         }
         if retry {
@@ -489,10 +523,10 @@ impl HttpSource {
         }
     }
 
-    /// Runs `attempt` until it succeeds, fails for good, or runs out of attempts.
+    /// Runs `attempt` (given its number, from 1) until it succeeds, fails for good, or runs out of attempts.
     async fn retrying<T, F, Fut>(&self, what: &str, mut attempt: F) -> Result<T, SourceError>
     where
-        F: FnMut() -> Fut,
+        F: FnMut(u32) -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
     {
         let mut last = String::new();
@@ -501,7 +535,7 @@ impl HttpSource {
                 self.stats.add_retry();
                 tokio::time::sleep(self.retry.backoff(n)).await;
             }
-            match attempt().await {
+            match attempt(n + 1).await {
                 Ok(v) => return Ok(v),
                 Err(Failure::Fatal(e)) => return Err(e),
                 Err(Failure::Retry(msg)) => last = msg,
@@ -515,8 +549,8 @@ impl HttpSource {
     }
 
     /// One stat: a HEAD, or a one-byte ranged GET where HEAD is refused or gives no length.
-    async fn stat_once(&self, name: &ObjectName) -> Result<ObjectMeta, Failure> {
-        let head = self.send(Method::HEAD, name, name.as_str(), |r| r).await?;
+    async fn stat_once(&self, name: &ObjectName, attempt: u32) -> Result<ObjectMeta, Failure> {
+        let head = self.send(Method::HEAD, name, None, attempt, |r| r).await?;
         let status = head.status();
         if status.is_success() {
             if let Some(size) = header_u64(head.headers(), &header::CONTENT_LENGTH) {
@@ -530,7 +564,7 @@ impl HttpSource {
         }
         drop(head);
         let get = self
-            .send(Method::GET, name, name.as_str(), |r| {
+            .send(Method::GET, name, Some(&(0..1)), attempt, |r| {
                 r.header(header::RANGE, http_range(&(0..1)))
             })
             .await?;
@@ -567,13 +601,14 @@ impl HttpSource {
         name: &ObjectName,
         range: Range<u64>,
         meta: &ObjectMeta,
+        attempt: u32,
         chunks: &mut Vec<Bytes>,
         pos: &mut u64,
     ) -> Result<(), Failure> {
         let what = format!("{name} bytes {}..{}", range.start, range.end);
         let pinned = pin(meta.version.as_deref());
         let response = self
-            .send(Method::GET, name, &what, |mut r| {
+            .send(Method::GET, name, Some(&range), attempt, |mut r| {
                 r = r.header(header::RANGE, http_range(&range));
                 match pinned {
                     Pinned::Strong(tag) => r
@@ -736,7 +771,10 @@ impl ObjectStore for HttpSource {
 
     /// A HEAD (or a one-byte GET where HEAD is refused), with retries.
     fn stat<'a>(&'a self, name: &'a ObjectName) -> BoxFuture<'a, Result<ObjectMeta, SourceError>> {
-        Box::pin(async move { self.retrying(name.as_str(), || self.stat_once(name)).await })
+        Box::pin(async move {
+            self.retrying(name.as_str(), |n| self.stat_once(name, n))
+                .await
+        })
     }
 
     /// HTTP has no listing: this always fails, and callers stat each file by name instead.
@@ -780,7 +818,7 @@ impl ObjectStore for HttpSource {
                 attempts += 1;
                 let before = pos;
                 match self
-                    .get_part(name, pos..range.end, meta, &mut chunks, &mut pos)
+                    .get_part(name, pos..range.end, meta, attempts, &mut chunks, &mut pos)
                     .await
                 {
                     Ok(()) => {}
@@ -933,6 +971,21 @@ mod tests {
         assert_eq!(version_of(&h).as_deref(), Some("Last-Modified D"));
         h.insert(header::ETAG, HeaderValue::from_static("\"e\""));
         assert_eq!(version_of(&h).as_deref(), Some("\"e\""));
+    }
+
+    #[test]
+    fn untrusted_certificates_are_told_apart() {
+        let e = |detail: &str| SourceError::Request {
+            name: ".metadata".into(),
+            detail: detail.into(),
+        };
+        assert!(is_untrusted_certificate(&e(
+            "the certificate of h:443 is not trusted (invalid peer certificate: UnknownIssuer)"
+        )));
+        assert!(!is_untrusted_certificate(&e("HTTP 400 Bad Request")));
+        assert!(!is_untrusted_certificate(&SourceError::Config(
+            "the certificate of h:443 is not trusted".into()
+        )));
     }
 
     #[test]
