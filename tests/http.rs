@@ -119,7 +119,16 @@ fn ls_plan_fetch_and_verify_over_http() {
     // Every ranged GET was pinned to the ETag seen first.
     let log = nginx.log();
     let ranged: Vec<&String> = log.iter().filter(|l| !l.contains("range=\"-\"")).collect();
-    assert!(ranged.len() > 20, "{log:?}");
+    assert!(ranged.len() > 10, "{log:?}");
+    // `.metadata` is read with one plain GET each time, no HEAD before it.
+    let metadata: Vec<&String> = log.iter().filter(|l| l.contains(".metadata ")).collect();
+    assert!(!metadata.is_empty(), "{log:?}");
+    for l in metadata {
+        assert!(
+            l.contains(" 200 \"GET ") && l.contains("range=\"-\""),
+            "{l}"
+        );
+    }
     for l in &ranged {
         assert!(!l.contains("if_match=\"-\""), "not pinned: {l}");
         assert!(l.contains(" 206 "), "not a partial answer: {l}");
@@ -499,6 +508,31 @@ fn faults_are_retried_and_bodies_resumed() {
             .collect();
         assert_eq!(starts, [0, 1000, 2000], "{fault:?}");
     }
+
+    // A whole object (`.metadata`) is one plain GET, resumed the same way with a ranged GET
+    // pinned to the version its headers gave; one over the limit is refused before its body.
+    let whole = std::fs::read(fixture("model").join(".metadata")).unwrap();
+    server.clear_faults();
+    server.reset_stats();
+    server.add_fault(
+        FaultRule::new(Fault::ResetAfter(1000))
+            .on_method("GET")
+            .times(1),
+    );
+    let (meta_md, got) = rt
+        .block_on(source.read_object(".metadata", 1 << 30))
+        .unwrap();
+    assert!(got == whole, "other bytes");
+    assert_eq!(meta_md.size, whole.len() as u64);
+    let log = server.stats().get_log;
+    let ranges: Vec<Option<(u64, u64)>> = log.iter().map(|g| g.range).collect();
+    assert_eq!(ranges.len(), 2, "{ranges:?}");
+    assert_eq!(ranges[0], None);
+    assert_eq!(ranges[1].map(|(a, _)| a), Some(1000));
+    let e = rt
+        .block_on(source.read_object(".metadata", 100))
+        .unwrap_err();
+    assert!(matches!(e, SourceError::TooLarge { .. }), "{e:?}");
 
     // Another version of the file: Changed, not retried.
     server.clear_faults();

@@ -25,7 +25,7 @@ use reqwest::header::{self, HeaderMap, HeaderName, HeaderValue};
 use reqwest::{Client, Method, RequestBuilder, Response, StatusCode, Url};
 
 use super::{
-    BoxFuture, ObjectMeta, ObjectName, ObjectStore, RetryPolicy, SourceError, TransferStats,
+    BoxFuture, ObjectMeta, ObjectName, ObjectStore, RetryPolicy, SourceError, TransferStats, fits,
 };
 
 /// Redirects followed for one request before giving up.
@@ -595,6 +595,43 @@ impl HttpSource {
         }
     }
 
+    /// One plain GET of a whole object of at most `limit` bytes: its headers give the size
+    /// (refused before the body is read when over `limit`) and the version. `None` when the
+    /// answer gives no length (the caller then stats and reads a range); else the object's meta,
+    /// the chunks received and the position reached, short of the size if the body broke after
+    /// some bytes (the caller resumes from there, pinned to that version).
+    async fn get_whole(
+        &self,
+        name: &ObjectName,
+        limit: u64,
+        attempt: u32,
+    ) -> Result<Option<(ObjectMeta, Vec<Bytes>, u64)>, Failure> {
+        let response = self.send(Method::GET, name, None, attempt, |r| r).await?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(self.status_failure(name, None, status));
+        }
+        let length = header_u64(response.headers(), &header::CONTENT_LENGTH);
+        let (StatusCode::OK, Some(size)) = (status, length) else {
+            return Ok(None);
+        };
+        fits(name, size, limit).map_err(Failure::Fatal)?;
+        let meta = ObjectMeta {
+            size,
+            version: version_of(response.headers()),
+        };
+        let mut chunks = Vec::new();
+        let mut pos = 0;
+        match self
+            .receive(name, response, 0..size, &mut chunks, &mut pos)
+            .await
+        {
+            Ok(()) => Ok(Some((meta, chunks, pos))),
+            Err(Failure::Retry(_)) if pos > 0 => Ok(Some((meta, chunks, pos))),
+            Err(e) => Err(e),
+        }
+    }
+
     /// One GET of `range`, appending what arrives to `chunks` and advancing `pos`.
     async fn get_part(
         &self,
@@ -774,6 +811,32 @@ impl ObjectStore for HttpSource {
         Box::pin(async move {
             self.retrying(name.as_str(), |n| self.stat_once(name, n))
                 .await
+        })
+    }
+
+    /// One plain GET (not the default's stat and ranged GET: a round trip less before the
+    /// first byte), resumed from the last byte received with ranged GETs pinned to the version
+    /// its headers gave.
+    fn read_object<'a>(
+        &'a self,
+        name: &'a ObjectName,
+        limit: u64,
+    ) -> BoxFuture<'a, Result<(ObjectMeta, Vec<Bytes>), SourceError>> {
+        Box::pin(async move {
+            let got = self
+                .retrying(name.as_str(), |n| self.get_whole(name, limit, n))
+                .await?;
+            let Some((meta, mut chunks, pos)) = got else {
+                let meta = self.stat(name).await?;
+                fits(name, meta.size, limit)?;
+                let chunks = self.read_range(name, 0..meta.size, &meta).await?;
+                return Ok((meta, chunks));
+            };
+            if pos < meta.size {
+                self.stats.add_retry();
+                chunks.extend(self.read_range(name, pos..meta.size, &meta).await?);
+            }
+            Ok((meta, chunks))
         })
     }
 
