@@ -238,6 +238,167 @@ pub struct HttpSource {
     headers: Vec<HttpHeader>,
     retry: RetryPolicy,
     stats: Arc<TransferStats>,
+    ramp: Arc<Ramp>,
+}
+
+/// Ranged GETs a source starts with at once (the engine's `--concurrency` bounds them too).
+const FIRST_CONNECTIONS: usize = 4;
+/// The most ranged GETs at once the ramp opens to (the engine's limit is lower).
+const MAX_CONNECTIONS: usize = 1024;
+/// Doubling the GETs in flight paid off when the bytes per second grew by this factor.
+const PAYS_OFF: f64 = 1.15;
+/// A link whose answers take this long to start is far away: connections pay at once.
+const FAR: Duration = Duration::from_millis(5);
+/// A link where one connection moves less than this (bytes per second) is the bottleneck
+/// (per-connection caps, latency): connections pay at once.
+const SLOW_CONNECTION: f64 = 100e6;
+/// The shortest measuring window (a rate over less is noise).
+const MIN_WINDOW: Duration = Duration::from_millis(10);
+
+/// How many ranged GETs run at once: [`FIRST_CONNECTIONS`] at first, then all the engine allows
+/// when the link is far or slow per connection (a CDN, S3 behind a URL), else doubled while
+/// the bytes per second grow with it. Where the server shares the machine (loopback, a cache on
+/// the node), more connections only cost CPU: with 32 on 2 cores dcpfetch was 0.6x curl, with 4
+/// at or above it (docs/performance.md).
+#[derive(Debug)]
+struct Ramp {
+    slots: Arc<tokio::sync::Semaphore>,
+    stats: Arc<TransferStats>,
+    state: std::sync::Mutex<RampState>,
+}
+
+#[derive(Debug)]
+struct RampState {
+    limit: usize,
+    /// Slots to drop as they come back, after a step back.
+    debt: usize,
+    settled: bool,
+    /// The limit before the last doubling and its rate.
+    last: Option<(usize, f64)>,
+    /// The window at this limit: since when (from the first GET), the bytes received before
+    /// it, the GETs finished in it.
+    started: Option<Instant>,
+    bytes_before: u64,
+    parts: usize,
+    /// The quickest answer to any request yet (`.metadata`, the HEADs, GETs): a link's latency.
+    quickest: Duration,
+}
+
+/// What to do after a window at `limit` moved `rate` bytes per second, its quickest answer's
+/// headers after `quickest`: the next limit, and whether it is final.
+fn next_limit(
+    last: Option<(usize, f64)>,
+    limit: usize,
+    rate: f64,
+    quickest: Duration,
+) -> (usize, bool) {
+    match last {
+        None if quickest >= FAR || rate / (limit as f64) < SLOW_CONNECTION => {
+            (MAX_CONNECTIONS, true)
+        }
+        Some((before, was)) if rate < was * PAYS_OFF => (before, true),
+        _ if limit * 2 > MAX_CONNECTIONS => (limit, true),
+        _ => (limit * 2, false),
+    }
+}
+
+impl Ramp {
+    fn new(stats: Arc<TransferStats>) -> Ramp {
+        Ramp {
+            slots: Arc::new(tokio::sync::Semaphore::new(FIRST_CONNECTIONS)),
+            stats,
+            state: std::sync::Mutex::new(RampState {
+                limit: FIRST_CONNECTIONS,
+                debt: 0,
+                settled: false,
+                last: None,
+                started: None,
+                bytes_before: 0,
+                parts: 0,
+                quickest: Duration::MAX,
+            }),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, RampState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn received(&self) -> u64 {
+        self.stats.snapshot().0
+    }
+
+    /// Waits for a slot for one GET.
+    async fn slot(&self) -> tokio::sync::OwnedSemaphorePermit {
+        let slot = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the slots are never closed");
+        let mut st = self.state();
+        if st.started.is_none() {
+            st.started = Some(Instant::now());
+            st.bytes_before = self.received();
+            // `.metadata` and the HEADs have told how far the server is.
+            if !st.settled && st.quickest >= FAR && st.quickest != Duration::MAX {
+                st.settled = true;
+                self.set(&mut st, MAX_CONNECTIONS);
+            }
+        }
+        slot
+    }
+
+    /// Gives a slot back, or drops it when the limit stepped back.
+    fn give_back(&self, slot: tokio::sync::OwnedSemaphorePermit) {
+        let mut st = self.state();
+        if st.debt > 0 {
+            st.debt -= 1;
+            slot.forget();
+        }
+    }
+
+    /// Sets a new limit and starts a new window.
+    fn set(&self, st: &mut RampState, limit: usize) {
+        if limit > st.limit {
+            self.slots.add_permits(limit - st.limit);
+        } else {
+            let drop = st.limit - limit;
+            let forgotten = self.slots.forget_permits(drop);
+            st.debt += drop - forgotten;
+        }
+        st.limit = limit;
+        st.started = Some(Instant::now());
+        st.bytes_before = self.received();
+        st.parts = 0;
+    }
+
+    /// An answer's headers (to any request) came `waited` after it was sent.
+    fn answered(&self, waited: Duration) {
+        let mut st = self.state();
+        st.quickest = st.quickest.min(waited);
+    }
+
+    /// A GET finished: once `limit` have, over a long enough window, decide.
+    fn finished(&self) {
+        let mut st = self.state();
+        if st.settled {
+            return;
+        }
+        st.parts += 1;
+        let Some(started) = st.started else { return };
+        let elapsed = started.elapsed();
+        if st.parts < st.limit || elapsed < MIN_WINDOW {
+            return;
+        }
+        let rate = self.received().saturating_sub(st.bytes_before) as f64 / elapsed.as_secs_f64();
+        let (limit, settled) = next_limit(st.last, st.limit, rate, st.quickest);
+        if limit > st.limit {
+            st.last = Some((st.limit, rate));
+        }
+        st.settled = settled;
+        self.set(&mut st, limit);
+    }
 }
 
 /// What one failed attempt means.
@@ -369,6 +530,7 @@ impl HttpSource {
             base,
             headers: opts.headers.clone(),
             retry: opts.retry,
+            ramp: Arc::new(Ramp::new(stats.clone())),
             stats,
         })
     }
@@ -425,6 +587,7 @@ impl HttpSource {
                 Ok(Ok(r)) => r,
             };
             trace(response.status().as_str());
+            self.ramp.answered(started.elapsed());
             if !response.status().is_redirection() || response.status() == StatusCode::NOT_MODIFIED
             {
                 return Ok(response);
@@ -880,10 +1043,15 @@ impl ObjectStore for HttpSource {
                 }
                 attempts += 1;
                 let before = pos;
-                match self
+                let slot = self.ramp.slot().await;
+                let got = self
                     .get_part(name, pos..range.end, meta, attempts, &mut chunks, &mut pos)
-                    .await
-                {
+                    .await;
+                if got.is_ok() {
+                    self.ramp.finished();
+                }
+                self.ramp.give_back(slot);
+                match got {
                     Ok(()) => {}
                     Err(Failure::Fatal(e)) => return Err(e),
                     Err(Failure::Retry(msg)) => {
@@ -1049,6 +1217,76 @@ mod tests {
         assert!(!is_untrusted_certificate(&SourceError::Config(
             "the certificate of h:443 is not trusted".into()
         )));
+    }
+
+    #[test]
+    fn the_ramp_opens_on_far_or_slow_links_and_climbs_while_it_pays() {
+        let ms = Duration::from_millis;
+        let near = Duration::from_micros(200);
+        // The first window: far (30 ms to an answer) or slow per connection (4 x 90 MB/s):
+        // everything at once.
+        assert_eq!(next_limit(None, 4, 2e9, ms(30)), (MAX_CONNECTIONS, true));
+        assert_eq!(next_limit(None, 4, 360e6, near), (MAX_CONNECTIONS, true));
+        // Near and fast: double, and keep doubling while the rate grows by 15%.
+        assert_eq!(next_limit(None, 4, 1.5e9, near), (8, false));
+        assert_eq!(next_limit(Some((4, 1.5e9)), 8, 1.8e9, near), (16, false));
+        // Doubling did not pay: back to the limit before, for good.
+        assert_eq!(next_limit(Some((4, 1.5e9)), 8, 1.6e9, near), (4, true));
+        assert_eq!(next_limit(Some((8, 1.8e9)), 16, 1.2e9, near), (8, true));
+        // Never past the cap.
+        assert_eq!(
+            next_limit(Some((512, 1e9)), MAX_CONNECTIONS, 1e12, near),
+            (MAX_CONNECTIONS, true)
+        );
+    }
+
+    #[tokio::test]
+    async fn the_ramp_steps_back_by_dropping_slots_as_they_return() {
+        let ramp = Ramp::new(Arc::new(TransferStats::default()));
+        ramp.answered(Duration::from_micros(100));
+        let held: Vec<_> = take_slots(&ramp, FIRST_CONNECTIONS).await;
+        assert_eq!(ramp.slots.available_permits(), 0);
+        {
+            let mut st = ramp.state();
+            ramp.set(&mut st, 16);
+        }
+        assert_eq!(ramp.slots.available_permits(), 16 - FIRST_CONNECTIONS);
+        {
+            let mut st = ramp.state();
+            ramp.set(&mut st, 2);
+            // The 12 free slots are gone at once; 2 of the 4 held are owed.
+            assert_eq!(st.debt, 2);
+        }
+        assert_eq!(ramp.slots.available_permits(), 0);
+        for slot in held {
+            ramp.give_back(slot);
+        }
+        assert_eq!(ramp.slots.available_permits(), 2);
+        assert_eq!(ramp.state().debt, 0);
+    }
+
+    /// Takes `n` slots.
+    async fn take_slots(ramp: &Ramp, n: usize) -> Vec<tokio::sync::OwnedSemaphorePermit> {
+        let mut held = Vec::new();
+        for _ in 0..n {
+            held.push(ramp.slot().await);
+        }
+        held
+    }
+
+    #[tokio::test]
+    async fn a_far_server_opens_every_slot_at_the_first_get() {
+        let ramp = Ramp::new(Arc::new(TransferStats::default()));
+        ramp.answered(Duration::from_millis(40));
+        let _slot = ramp.slot().await;
+        assert!(ramp.state().settled);
+        assert_eq!(ramp.slots.available_permits(), MAX_CONNECTIONS - 1);
+        // A near one starts with the first few.
+        let ramp = Ramp::new(Arc::new(TransferStats::default()));
+        ramp.answered(Duration::from_micros(300));
+        let _slot = ramp.slot().await;
+        assert!(!ramp.state().settled);
+        assert_eq!(ramp.slots.available_permits(), FIRST_CONNECTIONS - 1);
     }
 
     #[test]
