@@ -260,16 +260,60 @@ const MIN_WINDOW: Duration = Duration::from_millis(10);
 /// the bytes per second grow with it. Where the server shares the machine (loopback, a cache on
 /// the node), more connections only cost CPU: with 32 on 2 cores dcpfetch was 0.6x curl, with 4
 /// at or above it (docs/performance.md).
+///
+/// Waiting GETs get their slot in the order the engine consumes parts (files in natural order,
+/// then offsets), not in the order their tasks happened to run: a part that waits behind later
+/// ones holds every later part's bytes in memory until it arrives.
 #[derive(Debug)]
 struct Ramp {
-    slots: Arc<tokio::sync::Semaphore>,
     stats: Arc<TransferStats>,
     state: std::sync::Mutex<RampState>,
+}
+
+/// A GET's place in line: its file in natural order, its offset, then first come.
+#[derive(Debug, PartialEq, Eq)]
+struct Turn {
+    name: String,
+    offset: u64,
+    seq: u64,
+}
+
+impl Ord for Turn {
+    fn cmp(&self, other: &Turn) -> std::cmp::Ordering {
+        crate::units::natural_cmp(&self.name, &other.name)
+            .then(self.offset.cmp(&other.offset))
+            .then(self.seq.cmp(&other.seq))
+    }
+}
+
+impl PartialOrd for Turn {
+    fn partial_cmp(&self, other: &Turn) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// One GET's right to run; given back when dropped.
+#[derive(Debug)]
+struct Slot {
+    ramp: Option<Arc<Ramp>>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(ramp) = self.ramp.take() {
+            ramp.give_back();
+        }
+    }
 }
 
 #[derive(Debug)]
 struct RampState {
     limit: usize,
+    /// Slots nobody holds.
+    free: usize,
+    /// GETs waiting for a slot, first in line first.
+    waiting: std::collections::BTreeMap<Turn, tokio::sync::oneshot::Sender<Slot>>,
+    seq: u64,
     /// Slots to drop as they come back, after a step back.
     debt: usize,
     settled: bool,
@@ -305,10 +349,12 @@ fn next_limit(
 impl Ramp {
     fn new(stats: Arc<TransferStats>) -> Ramp {
         Ramp {
-            slots: Arc::new(tokio::sync::Semaphore::new(FIRST_CONNECTIONS)),
             stats,
             state: std::sync::Mutex::new(RampState {
                 limit: FIRST_CONNECTIONS,
+                free: FIRST_CONNECTIONS,
+                waiting: std::collections::BTreeMap::new(),
+                seq: 0,
                 debt: 0,
                 settled: false,
                 last: None,
@@ -328,44 +374,75 @@ impl Ramp {
         self.stats.snapshot().0
     }
 
-    /// Waits for a slot for one GET.
-    async fn slot(&self) -> tokio::sync::OwnedSemaphorePermit {
-        let slot = self
-            .slots
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the slots are never closed");
-        let mut st = self.state();
-        if st.started.is_none() {
-            st.started = Some(Instant::now());
-            st.bytes_before = self.received();
-            // `.metadata` and the HEADs have told how far the server is.
-            if !st.settled && st.quickest >= FAR && st.quickest != Duration::MAX {
-                st.settled = true;
-                self.set(&mut st, MAX_CONNECTIONS);
+    /// Waits for a slot for one GET of `name` from `offset`.
+    async fn slot(self: &Arc<Self>, name: &str, offset: u64) -> Slot {
+        let waiting = {
+            let mut st = self.state();
+            if st.started.is_none() {
+                st.started = Some(Instant::now());
+                st.bytes_before = self.received();
+                // `.metadata` and the HEADs have told how far the server is.
+                if !st.settled && st.quickest >= FAR && st.quickest != Duration::MAX {
+                    st.settled = true;
+                    self.set(&mut st, MAX_CONNECTIONS);
+                }
             }
-        }
-        slot
+            if st.free > 0 && st.waiting.is_empty() {
+                st.free -= 1;
+                return Slot {
+                    ramp: Some(self.clone()),
+                };
+            }
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            st.seq += 1;
+            let turn = Turn {
+                name: name.to_owned(),
+                offset,
+                seq: st.seq,
+            };
+            st.waiting.insert(turn, tx);
+            rx
+        };
+        // A sender is only ever dropped by sending (`hand_out`), and the ramp outlives it.
+        waiting.await.expect("a waiting GET always gets its slot")
     }
 
-    /// Gives a slot back, or drops it when the limit stepped back.
-    fn give_back(&self, slot: tokio::sync::OwnedSemaphorePermit) {
+    /// A slot came back: dropped when the limit stepped back, else handed on.
+    fn give_back(self: &Arc<Self>) {
         let mut st = self.state();
         if st.debt > 0 {
             st.debt -= 1;
-            slot.forget();
+        } else {
+            self.hand_out(&mut st);
         }
     }
 
+    /// Gives one slot to the first GET in line that still waits, else keeps it free.
+    fn hand_out(self: &Arc<Self>, st: &mut RampState) {
+        while let Some((_, tx)) = st.waiting.pop_first() {
+            match tx.send(Slot {
+                ramp: Some(self.clone()),
+            }) {
+                Ok(()) => return,
+                // That GET was abandoned: the slot goes to the next (not back through `Drop`,
+                // which would take the lock held here).
+                Err(mut slot) => slot.ramp = None,
+            }
+        }
+        st.free += 1;
+    }
+
     /// Sets a new limit and starts a new window.
-    fn set(&self, st: &mut RampState, limit: usize) {
+    fn set(self: &Arc<Self>, st: &mut RampState, limit: usize) {
         if limit > st.limit {
-            self.slots.add_permits(limit - st.limit);
+            for _ in st.limit..limit {
+                self.hand_out(st);
+            }
         } else {
             let drop = st.limit - limit;
-            let forgotten = self.slots.forget_permits(drop);
-            st.debt += drop - forgotten;
+            let from_free = drop.min(st.free);
+            st.free -= from_free;
+            st.debt += drop - from_free;
         }
         st.limit = limit;
         st.started = Some(Instant::now());
@@ -380,7 +457,7 @@ impl Ramp {
     }
 
     /// A GET finished: once `limit` have, over a long enough window, decide.
-    fn finished(&self) {
+    fn finished(self: &Arc<Self>) {
         let mut st = self.state();
         if st.settled {
             return;
@@ -1043,14 +1120,14 @@ impl ObjectStore for HttpSource {
                 }
                 attempts += 1;
                 let before = pos;
-                let slot = self.ramp.slot().await;
+                let slot = self.ramp.slot(name.as_str(), pos).await;
                 let got = self
                     .get_part(name, pos..range.end, meta, attempts, &mut chunks, &mut pos)
                     .await;
                 if got.is_ok() {
                     self.ramp.finished();
                 }
-                self.ramp.give_back(slot);
+                drop(slot);
                 match got {
                     Ok(()) => {}
                     Err(Failure::Fatal(e)) => return Err(e),
@@ -1240,53 +1317,92 @@ mod tests {
         );
     }
 
+    fn free(ramp: &Arc<Ramp>) -> usize {
+        ramp.state().free
+    }
+
     #[tokio::test]
     async fn the_ramp_steps_back_by_dropping_slots_as_they_return() {
-        let ramp = Ramp::new(Arc::new(TransferStats::default()));
+        let ramp = Arc::new(Ramp::new(Arc::new(TransferStats::default())));
         ramp.answered(Duration::from_micros(100));
-        let held: Vec<_> = take_slots(&ramp, FIRST_CONNECTIONS).await;
-        assert_eq!(ramp.slots.available_permits(), 0);
+        let mut held = Vec::new();
+        for i in 0..FIRST_CONNECTIONS {
+            held.push(ramp.slot("f", i as u64).await);
+        }
+        assert_eq!(free(&ramp), 0);
         {
             let mut st = ramp.state();
             ramp.set(&mut st, 16);
         }
-        assert_eq!(ramp.slots.available_permits(), 16 - FIRST_CONNECTIONS);
+        assert_eq!(free(&ramp), 16 - FIRST_CONNECTIONS);
         {
             let mut st = ramp.state();
             ramp.set(&mut st, 2);
             // The 12 free slots are gone at once; 2 of the 4 held are owed.
             assert_eq!(st.debt, 2);
         }
-        assert_eq!(ramp.slots.available_permits(), 0);
-        for slot in held {
-            ramp.give_back(slot);
-        }
-        assert_eq!(ramp.slots.available_permits(), 2);
+        assert_eq!(free(&ramp), 0);
+        drop(held);
+        assert_eq!(free(&ramp), 2);
         assert_eq!(ramp.state().debt, 0);
     }
 
-    /// Takes `n` slots.
-    async fn take_slots(ramp: &Ramp, n: usize) -> Vec<tokio::sync::OwnedSemaphorePermit> {
+    #[tokio::test]
+    async fn waiting_gets_run_in_the_engines_order_and_abandoned_ones_pass_their_turn() {
+        let ramp = Arc::new(Ramp::new(Arc::new(TransferStats::default())));
+        ramp.answered(Duration::from_micros(100));
         let mut held = Vec::new();
-        for _ in 0..n {
-            held.push(ramp.slot().await);
+        for i in 0..FIRST_CONNECTIONS {
+            held.push(ramp.slot("a", i as u64).await);
         }
-        held
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        // Queued in another order than the engine reads them.
+        for (name, offset) in [("__10_0", 0), ("__2_0", 8), ("__2_0", 0), ("__9_0", 4)] {
+            let (ramp, order) = (ramp.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                let slot = ramp.slot(name, offset).await;
+                order.lock().unwrap().push(format!("{name}@{offset}"));
+                drop(slot);
+            }));
+        }
+        // One more that is abandoned while it waits (its task aborted).
+        let abandoned = {
+            let ramp = ramp.clone();
+            tokio::spawn(async move { ramp.slot("__0_0", 0).await })
+        };
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(ramp.state().waiting.len(), 5);
+        abandoned.abort();
+        let _ = abandoned.await;
+        // One slot back: the GETs run one after another, in order.
+        held.truncate(FIRST_CONNECTIONS - 1);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(
+            *order.lock().unwrap(),
+            ["__2_0@0", "__2_0@8", "__9_0@4", "__10_0@0"]
+        );
+        drop(held);
+        assert_eq!(free(&ramp), FIRST_CONNECTIONS);
     }
 
     #[tokio::test]
     async fn a_far_server_opens_every_slot_at_the_first_get() {
-        let ramp = Ramp::new(Arc::new(TransferStats::default()));
+        let ramp = Arc::new(Ramp::new(Arc::new(TransferStats::default())));
         ramp.answered(Duration::from_millis(40));
-        let _slot = ramp.slot().await;
+        let _slot = ramp.slot("f", 0).await;
         assert!(ramp.state().settled);
-        assert_eq!(ramp.slots.available_permits(), MAX_CONNECTIONS - 1);
+        assert_eq!(free(&ramp), MAX_CONNECTIONS - 1);
         // A near one starts with the first few.
-        let ramp = Ramp::new(Arc::new(TransferStats::default()));
+        let ramp = Arc::new(Ramp::new(Arc::new(TransferStats::default())));
         ramp.answered(Duration::from_micros(300));
-        let _slot = ramp.slot().await;
+        let _slot = ramp.slot("f", 0).await;
         assert!(!ramp.state().settled);
-        assert_eq!(ramp.slots.available_permits(), FIRST_CONNECTIONS - 1);
+        assert_eq!(free(&ramp), FIRST_CONNECTIONS - 1);
     }
 
     #[test]
