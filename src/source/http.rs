@@ -246,18 +246,18 @@ const FIRST_CONNECTIONS: usize = 4;
 /// The most ranged GETs at once the ramp opens to (the engine's limit is lower).
 const MAX_CONNECTIONS: usize = 1024;
 /// Doubling the GETs in flight paid off when the bytes per second grew by this factor.
-const PAYS_OFF: f64 = 1.15;
+const PAYS_OFF: f64 = 1.25;
 /// A link whose answers take this long to start is far away: connections pay at once.
 const FAR: Duration = Duration::from_millis(5);
 /// A link where one connection moves less than this (bytes per second) is the bottleneck
 /// (per-connection caps, latency): connections pay at once.
 const SLOW_CONNECTION: f64 = 100e6;
 /// The shortest measuring window (a rate over less is noise).
-const MIN_WINDOW: Duration = Duration::from_millis(10);
+const MIN_WINDOW: Duration = Duration::from_millis(20);
 
 /// How many ranged GETs run at once: [`FIRST_CONNECTIONS`] at first, then all the engine allows
 /// when the link is far or slow per connection (a CDN, S3 behind a URL), else doubled while
-/// the bytes per second grow with it. Where the server shares the machine (loopback, a cache on
+/// the bytes per second grow by a quarter with it. Where the server shares the machine (loopback, a cache on
 /// the node), more connections only cost CPU: with 32 on 2 cores dcpfetch was 0.6x curl, with 4
 /// at or above it (docs/performance.md).
 ///
@@ -465,7 +465,7 @@ impl Ramp {
         st.parts += 1;
         let Some(started) = st.started else { return };
         let elapsed = started.elapsed();
-        if st.parts < st.limit || elapsed < MIN_WINDOW {
+        if st.parts < 2 * st.limit || elapsed < MIN_WINDOW {
             return;
         }
         let rate = self.received().saturating_sub(st.bytes_before) as f64 / elapsed.as_secs_f64();
@@ -1304,11 +1304,11 @@ mod tests {
         // everything at once.
         assert_eq!(next_limit(None, 4, 2e9, ms(30)), (MAX_CONNECTIONS, true));
         assert_eq!(next_limit(None, 4, 360e6, near), (MAX_CONNECTIONS, true));
-        // Near and fast: double, and keep doubling while the rate grows by 15%.
+        // Near and fast: double, and keep doubling while the rate grows by 25%.
         assert_eq!(next_limit(None, 4, 1.5e9, near), (8, false));
-        assert_eq!(next_limit(Some((4, 1.5e9)), 8, 1.8e9, near), (16, false));
+        assert_eq!(next_limit(Some((4, 1.5e9)), 8, 1.9e9, near), (16, false));
         // Doubling did not pay: back to the limit before, for good.
-        assert_eq!(next_limit(Some((4, 1.5e9)), 8, 1.6e9, near), (4, true));
+        assert_eq!(next_limit(Some((4, 1.5e9)), 8, 1.8e9, near), (4, true));
         assert_eq!(next_limit(Some((8, 1.8e9)), 16, 1.2e9, near), (8, true));
         // Never past the cap.
         assert_eq!(
