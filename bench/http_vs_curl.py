@@ -1,6 +1,7 @@
 """dcpfetch over HTTP against curl fetching the same bytes from the same nginx on loopback.
 
     python3 bench/http_vs_curl.py CKPT_DIR [--runs 5] [--dcpfetch target/release/dcpfetch]
+        [--dcpfetch-args '--concurrency 4']
 
 CKPT_DIR is a checkpoint on disk; if it does not exist it is written with
 `bench/make_http_bench_checkpoint.py CKPT_DIR --layers 3 --dim 1024` (model + Adam state, ~430 MiB,
@@ -103,8 +104,8 @@ def curl_commands(dcpfetch, url, select):
     return cmds, plan["totals"]
 
 
-def time_dcpfetch(dcpfetch, url, select):
-    args = [dcpfetch, "fetch", url, "-o", "-", "-q"]
+def time_dcpfetch(dcpfetch, url, select, extra=()):
+    args = [dcpfetch, "fetch", url, "-o", "-", "-q", *extra]
     if select:
         args += ["-s", select]
     t = time.monotonic()
@@ -126,7 +127,9 @@ def main():
     ap.add_argument("ckpt")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--dcpfetch", default=os.path.join(REPO, "target", "release", "dcpfetch"))
+    ap.add_argument("--dcpfetch-args", default="", help="more arguments for dcpfetch fetch, one string")
     a = ap.parse_args()
+    extra = a.dcpfetch_args.split()
     for tool in ["nginx", "curl"]:
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is needed (apt-get install -y {tool})")
@@ -141,15 +144,17 @@ def main():
         proc, port = start_nginx(root, tmp)
         try:
             url = f"http://127.0.0.1:{port}/{name}"
+            if extra:
+                print(f"dcpfetch fetch ... {' '.join(extra)}")
             print(f"checkpoint {name}: {sum(os.path.getsize(os.path.join(ckpt, f)) for f in os.listdir(ckpt)) / 1e6:.0f} MB, sink /dev/null, loopback nginx, {a.runs} pairs")
             print(f"{'selection':<20} {'needed MB':>10} {'requests':>9} {'dcpfetch s':>11} {'curl s':>8} {'dcpfetch MB/s':>14} {'curl MB/s':>10} {'speed vs curl':>14}")
             for label, select in [("one layer", "model.layers.0.*"), ("model only", "model.*"), ("everything", None)]:
                 cmds, totals = curl_commands(a.dcpfetch, url, select)
-                time_dcpfetch(a.dcpfetch, url, select)
+                time_dcpfetch(a.dcpfetch, url, select, extra)
                 time_curl(cmds)
                 ours, theirs, ratios = [], [], []
                 for _ in range(a.runs):
-                    d = time_dcpfetch(a.dcpfetch, url, select)
+                    d = time_dcpfetch(a.dcpfetch, url, select, extra)
                     c = time_curl(cmds)
                     ours.append(d)
                     theirs.append(c)

@@ -93,6 +93,14 @@ fn hint(e: &anyhow::Error) -> Option<String> {
                             .into(),
                     );
                 }
+                s if crate::source::http::is_untrusted_certificate(s) => {
+                    return Some(
+                        "if the server's certificate comes from a private CA, pass --ca-bundle FILE \
+                         (or set SSL_CERT_FILE) with that CA's certificate in PEM; a certificate \
+                         for another host name, or an expired one, must be fixed on the server"
+                            .into(),
+                    );
+                }
                 SourceError::BadResponse { .. } => {
                     return Some(
                         "the server's answer does not match the request; if it is not AWS S3, check \

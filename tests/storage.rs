@@ -434,7 +434,7 @@ fn nginx_over_http() {
     // Every ranged GET was pinned to the ETag.
     let log = nginx.log();
     let ranged: Vec<&String> = log.iter().filter(|l| !l.contains("range=\"-\"")).collect();
-    assert!(ranged.len() > 10, "{log:?}");
+    assert!(ranged.len() > 5, "{log:?}");
     assert!(
         ranged.iter().all(|l| !l.contains("if_match=\"-\"")),
         "a ranged GET without If-Match: {ranged:?}"

@@ -17,7 +17,7 @@ use std::fmt;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use reqwest::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -25,7 +25,7 @@ use reqwest::{Client, Method, RequestBuilder, Response, StatusCode, Url};
 
 use super::resume::{self, Attempts, Body, Failure, Received};
 use super::{
-    BoxFuture, ObjectMeta, ObjectName, ObjectStore, RetryPolicy, SourceError, TransferStats,
+    BoxFuture, ObjectMeta, ObjectName, ObjectStore, RetryPolicy, SourceError, TransferStats, fits,
 };
 
 /// Redirects followed for one request before giving up.
@@ -33,6 +33,17 @@ const MAX_REDIRECTS: usize = 10;
 
 /// The prefix of an [`ObjectMeta::version`] that holds a Last-Modified date, not an ETag.
 const LAST_MODIFIED: &str = "Last-Modified ";
+
+/// What a refused server certificate is said to be, in a [`SourceError::Request`]'s detail: see
+/// [`is_untrusted_certificate`].
+const UNTRUSTED: &str = "is not trusted";
+
+/// Whether a [`SourceError`] is a server certificate that TLS refused (for the hint to pass
+/// `--ca-bundle`).
+pub fn is_untrusted_certificate(e: &SourceError) -> bool {
+    matches!(e, SourceError::Request { detail, .. }
+        if detail.starts_with("the certificate of ") && detail.contains(UNTRUSTED))
+}
 
 /// The environment variable of extra headers, one `Name: value` a line.
 pub const HEADERS_ENV: &str = "DCPFETCH_HTTP_HEADERS";
@@ -227,6 +238,244 @@ pub struct HttpSource {
     headers: Vec<HttpHeader>,
     retry: RetryPolicy,
     stats: Arc<TransferStats>,
+    ramp: Arc<Ramp>,
+}
+
+/// Ranged GETs a source starts with at once (the engine's `--concurrency` bounds them too).
+const FIRST_CONNECTIONS: usize = 4;
+/// The most ranged GETs at once the ramp opens to (the engine's limit is lower).
+const MAX_CONNECTIONS: usize = 1024;
+/// Doubling the GETs in flight paid off when the bytes per second grew by this factor.
+const PAYS_OFF: f64 = 1.25;
+/// A link whose answers take this long to start is far away: connections pay at once.
+const FAR: Duration = Duration::from_millis(5);
+/// A link where one connection moves less than this (bytes per second) is the bottleneck
+/// (per-connection caps, latency): connections pay at once.
+const SLOW_CONNECTION: f64 = 100e6;
+/// The shortest measuring window (a rate over less is noise).
+const MIN_WINDOW: Duration = Duration::from_millis(20);
+
+/// How many ranged GETs run at once: [`FIRST_CONNECTIONS`] at first, then all the engine allows
+/// when the link is far or slow per connection (a CDN, S3 behind a URL), else doubled while
+/// the bytes per second grow by a quarter with it. Where the server shares the machine (loopback, a cache on
+/// the node), more connections only cost CPU: with 32 on 2 cores dcpfetch was 0.6x curl, with 4
+/// at or above it (docs/performance.md).
+///
+/// Waiting GETs get their slot in the order the engine consumes parts (files in natural order,
+/// then offsets), not in the order their tasks happened to run: a part that waits behind later
+/// ones holds every later part's bytes in memory until it arrives.
+#[derive(Debug)]
+struct Ramp {
+    stats: Arc<TransferStats>,
+    state: std::sync::Mutex<RampState>,
+}
+
+/// A GET's place in line: its file in natural order, its offset, then first come.
+#[derive(Debug, PartialEq, Eq)]
+struct Turn {
+    name: String,
+    offset: u64,
+    seq: u64,
+}
+
+impl Ord for Turn {
+    fn cmp(&self, other: &Turn) -> std::cmp::Ordering {
+        crate::units::natural_cmp(&self.name, &other.name)
+            .then(self.offset.cmp(&other.offset))
+            .then(self.seq.cmp(&other.seq))
+    }
+}
+
+impl PartialOrd for Turn {
+    fn partial_cmp(&self, other: &Turn) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// One GET's right to run; given back when dropped.
+#[derive(Debug)]
+struct Slot {
+    ramp: Option<Arc<Ramp>>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(ramp) = self.ramp.take() {
+            ramp.give_back();
+        }
+    }
+}
+
+#[derive(Debug)]
+struct RampState {
+    limit: usize,
+    /// Slots nobody holds.
+    free: usize,
+    /// GETs waiting for a slot, first in line first.
+    waiting: std::collections::BTreeMap<Turn, tokio::sync::oneshot::Sender<Slot>>,
+    seq: u64,
+    /// Slots to drop as they come back, after a step back.
+    debt: usize,
+    settled: bool,
+    /// The limit before the last doubling and its rate.
+    last: Option<(usize, f64)>,
+    /// The window at this limit: since when (from the first GET), the bytes received before
+    /// it, the GETs finished in it.
+    started: Option<Instant>,
+    bytes_before: u64,
+    parts: usize,
+    /// The quickest answer to any request yet (`.metadata`, the HEADs, GETs): a link's latency.
+    quickest: Duration,
+}
+
+/// What to do after a window at `limit` moved `rate` bytes per second, its quickest answer's
+/// headers after `quickest`: the next limit, and whether it is final.
+fn next_limit(
+    last: Option<(usize, f64)>,
+    limit: usize,
+    rate: f64,
+    quickest: Duration,
+) -> (usize, bool) {
+    match last {
+        None if quickest >= FAR || rate / (limit as f64) < SLOW_CONNECTION => {
+            (MAX_CONNECTIONS, true)
+        }
+        Some((before, was)) if rate < was * PAYS_OFF => (before, true),
+        _ if limit * 2 > MAX_CONNECTIONS => (limit, true),
+        _ => (limit * 2, false),
+    }
+}
+
+impl Ramp {
+    fn new(stats: Arc<TransferStats>) -> Ramp {
+        Ramp {
+            stats,
+            state: std::sync::Mutex::new(RampState {
+                limit: FIRST_CONNECTIONS,
+                free: FIRST_CONNECTIONS,
+                waiting: std::collections::BTreeMap::new(),
+                seq: 0,
+                debt: 0,
+                settled: false,
+                last: None,
+                started: None,
+                bytes_before: 0,
+                parts: 0,
+                quickest: Duration::MAX,
+            }),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, RampState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn received(&self) -> u64 {
+        self.stats.snapshot().0
+    }
+
+    /// Waits for a slot for one GET of `name` from `offset`.
+    async fn slot(self: &Arc<Self>, name: &str, offset: u64) -> Slot {
+        let waiting = {
+            let mut st = self.state();
+            if st.started.is_none() {
+                st.started = Some(Instant::now());
+                st.bytes_before = self.received();
+                // `.metadata` and the HEADs have told how far the server is.
+                if !st.settled && st.quickest >= FAR && st.quickest != Duration::MAX {
+                    st.settled = true;
+                    self.set(&mut st, MAX_CONNECTIONS);
+                }
+            }
+            if st.free > 0 && st.waiting.is_empty() {
+                st.free -= 1;
+                return Slot {
+                    ramp: Some(self.clone()),
+                };
+            }
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            st.seq += 1;
+            let turn = Turn {
+                name: name.to_owned(),
+                offset,
+                seq: st.seq,
+            };
+            st.waiting.insert(turn, tx);
+            rx
+        };
+        // A sender is only ever dropped by sending (`hand_out`), and the ramp outlives it.
+        waiting.await.expect("a waiting GET always gets its slot")
+    }
+
+    /// A slot came back: dropped when the limit stepped back, else handed on.
+    fn give_back(self: &Arc<Self>) {
+        let mut st = self.state();
+        if st.debt > 0 {
+            st.debt -= 1;
+        } else {
+            self.hand_out(&mut st);
+        }
+    }
+
+    /// Gives one slot to the first GET in line that still waits, else keeps it free.
+    fn hand_out(self: &Arc<Self>, st: &mut RampState) {
+        while let Some((_, tx)) = st.waiting.pop_first() {
+            match tx.send(Slot {
+                ramp: Some(self.clone()),
+            }) {
+                Ok(()) => return,
+                // That GET was abandoned: the slot goes to the next (not back through `Drop`,
+                // which would take the lock held here).
+                Err(mut slot) => slot.ramp = None,
+            }
+        }
+        st.free += 1;
+    }
+
+    /// Sets a new limit and starts a new window.
+    fn set(self: &Arc<Self>, st: &mut RampState, limit: usize) {
+        if limit > st.limit {
+            for _ in st.limit..limit {
+                self.hand_out(st);
+            }
+        } else {
+            let drop = st.limit - limit;
+            let from_free = drop.min(st.free);
+            st.free -= from_free;
+            st.debt += drop - from_free;
+        }
+        st.limit = limit;
+        st.started = Some(Instant::now());
+        st.bytes_before = self.received();
+        st.parts = 0;
+    }
+
+    /// An answer's headers (to any request) came `waited` after it was sent.
+    fn answered(&self, waited: Duration) {
+        let mut st = self.state();
+        st.quickest = st.quickest.min(waited);
+    }
+
+    /// A GET finished: once `limit` have, over a long enough window, decide.
+    fn finished(self: &Arc<Self>) {
+        let mut st = self.state();
+        if st.settled {
+            return;
+        }
+        st.parts += 1;
+        let Some(started) = st.started else { return };
+        let elapsed = started.elapsed();
+        if st.parts < 2 * st.limit || elapsed < MIN_WINDOW {
+            return;
+        }
+        let rate = self.received().saturating_sub(st.bytes_before) as f64 / elapsed.as_secs_f64();
+        let (limit, settled) = next_limit(st.last, st.limit, rate, st.quickest);
+        if limit > st.limit {
+            st.last = Some((st.limit, rate));
+        }
+        st.settled = settled;
+        self.set(&mut st, limit);
+    }
 }
 
 /// The inclusive HTTP form of a half-open range: the only place it is built for HTTP sources.
@@ -352,22 +601,42 @@ impl HttpSource {
             base,
             headers: opts.headers.clone(),
             retry: opts.retry,
+            ramp: Arc::new(Ramp::new(stats.clone())),
             stats,
         })
     }
 
-    /// Sends one request for `name`, following redirects; the person's headers go only to the
-    /// origin of the checkpoint's URL. Every hop counts as a request.
+    /// Sends one request for `name` (`range` only names it in the log), following redirects;
+    /// the person's headers go only to the origin of the checkpoint's URL. Every hop counts as a
+    /// request, and is logged (`-v`) with the milliseconds until its headers arrived.
     async fn send(
         &self,
         method: Method,
         name: &ObjectName,
-        what: &str,
+        range: Option<&Range<u64>>,
+        attempt: u32,
         extra: impl Fn(RequestBuilder) -> RequestBuilder,
     ) -> Result<Response, Failure> {
+        let what = match range {
+            Some(r) => format!("{name} bytes {}..{}", r.start, r.end),
+            None => name.to_string(),
+        };
+        let what = what.as_str();
         let stall = self.retry.stall_timeout;
         let mut url = self.base.object(name);
         for hop in 0..=MAX_REDIRECTS {
+            let started = Instant::now();
+            let trace = |status: &str| {
+                tracing::debug!(
+                    target: "dcpfetch::requests",
+                    method = method.as_str(),
+                    key = %name,
+                    range = %range.map_or_else(|| "-".to_owned(), |r| format!("{}..{}", r.start, r.end)),
+                    status,
+                    ms = started.elapsed().as_millis() as u64,
+                    attempt,
+                );
+            };
             let mut request = self.client.request(method.clone(), url.clone());
             if same_origin(&url, self.base.url()) {
                 for h in &self.headers {
@@ -380,13 +649,19 @@ impl HttpSource {
             }
             let response = match tokio::time::timeout(stall, extra(request).send()).await {
                 Err(_) => {
+                    trace("no answer");
                     return Err(Failure::Retry(format!(
                         "{what}: no answer within {stall:?}"
                     )));
                 }
-                Ok(Err(e)) => return Err(self.send_failure(what, e)),
+                Ok(Err(e)) => {
+                    trace("no answer");
+                    return Err(self.send_failure(what, &url, e));
+                }
                 Ok(Ok(r)) => r,
             };
+            trace(response.status().as_str());
+            self.ramp.answered(started.elapsed());
             if !response.status().is_redirection() || response.status() == StatusCode::NOT_MODIFIED
             {
                 return Ok(response);
@@ -414,20 +689,19 @@ impl HttpSource {
         }))
     }
 
-    /// A request that got no answer: worth retrying unless the certificate was refused or the
-    /// request could not be built.
-    fn send_failure(&self, what: &str, e: reqwest::Error) -> Failure {
+    /// A request to `url` that got no answer: worth retrying unless the certificate was refused
+    /// or the request could not be built.
+    fn send_failure(&self, what: &str, url: &Url, e: reqwest::Error) -> Failure {
         let retry =
             (e.is_timeout() || e.is_connect() || e.is_request() || e.is_body()) && !e.is_builder();
         let detail = error_chain(e);
-        let lower = detail.to_ascii_lowercase();
-        if lower.contains("certificate") || lower.contains("unknownissuer") {
+        // rustls says "invalid peer certificate: UnknownIssuer" (or NotValidForName, Expired...).
+        if detail.to_ascii_lowercase().contains("certificate") {
+            let host = url.host_str().unwrap_or_default();
+            let port = url.port_or_known_default().unwrap_or_default();
             return Failure::Fatal(SourceError::Request {
                 name: what.to_owned(),
-                detail: format!(
-                    "{detail}\nhint: if the server's certificate comes from a private CA, pass \
-                     --ca-bundle FILE (or set SSL_CERT_FILE)"
-                ),
+                detail: format!("the certificate of {host}:{port} {UNTRUSTED} ({detail})"),
             });
         }
         if retry {
@@ -488,14 +762,7 @@ impl HttpSource {
 
     /// One stat: a HEAD, or a one-byte ranged GET where HEAD is refused or gives no length.
     async fn stat_once(&self, name: &ObjectName, attempt: u32) -> Result<ObjectMeta, Failure> {
-        let started = std::time::Instant::now();
-        let head = self.send(Method::HEAD, name, name.as_str(), |r| r).await;
-        let shown = head.as_ref().map_or_else(
-            |_| "no answer".to_owned(),
-            |h| h.status().as_u16().to_string(),
-        );
-        resume::trace("HEAD", name.as_str(), None, &shown, started, attempt);
-        let head = head?;
+        let head = self.send(Method::HEAD, name, None, attempt, |r| r).await?;
         let status = head.status();
         if status.is_success() {
             if let Some(size) = header_u64(head.headers(), &header::CONTENT_LENGTH) {
@@ -510,25 +777,11 @@ impl HttpSource {
         drop(head);
         // A second request in the same attempt: the retry loop counted only the first.
         self.stats.add_request();
-        let started = std::time::Instant::now();
         let get = self
-            .send(Method::GET, name, name.as_str(), |r| {
+            .send(Method::GET, name, Some(&(0..1)), attempt, |r| {
                 r.header(header::RANGE, http_range(&(0..1)))
             })
-            .await;
-        let shown = get.as_ref().map_or_else(
-            |_| "no answer".to_owned(),
-            |g| g.status().as_u16().to_string(),
-        );
-        resume::trace(
-            "GET",
-            name.as_str(),
-            Some(&(0..1)),
-            &shown,
-            started,
-            attempt,
-        );
-        let get = get?;
+            .await?;
         let headers = get.headers();
         let total = match get.status().as_u16() {
             206 | 416 => headers
@@ -556,21 +809,66 @@ impl HttpSource {
         }
     }
 
-    /// One GET of `range`, appending what arrives to `chunks` and advancing `pos`; `status` is
-    /// the answer's, for the log.
+    /// One plain GET of a whole object of at most `limit` bytes: its headers give the size
+    /// (refused before the body is read when over `limit`) and the version. `None` when the
+    /// answer gives no length (the caller then stats and reads a range); else the object's meta,
+    /// the chunks received and the position reached, short of the size if the body broke after
+    /// some bytes (the caller resumes from there, pinned to that version).
+    async fn get_whole(
+        &self,
+        name: &ObjectName,
+        limit: u64,
+        attempt: u32,
+    ) -> Result<Option<(ObjectMeta, Vec<Bytes>, u64)>, Failure> {
+        let response = self.send(Method::GET, name, None, attempt, |r| r).await?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(self.status_failure(name, None, status));
+        }
+        let length = header_u64(response.headers(), &header::CONTENT_LENGTH);
+        let (StatusCode::OK, Some(size)) = (status, length) else {
+            return Ok(None);
+        };
+        fits(name, size, limit).map_err(Failure::Fatal)?;
+        let meta = ObjectMeta {
+            size,
+            version: version_of(response.headers()),
+        };
+        let mut chunks = Vec::new();
+        let mut pos = 0;
+        let mut body = response;
+        let stall = self.retry.stall_timeout;
+        match resume::receive(
+            &mut body,
+            name,
+            0..size,
+            stall,
+            &self.stats,
+            &mut chunks,
+            &mut pos,
+        )
+        .await
+        {
+            Ok(()) => Ok(Some((meta, chunks, pos))),
+            Err(Failure::Retry(_)) if pos > 0 => Ok(Some((meta, chunks, pos))),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// One GET of `range`, appending what arrives to `chunks` and advancing `pos`.
     async fn get_part(
         &self,
         name: &ObjectName,
         range: Range<u64>,
         meta: &ObjectMeta,
+        attempt: u32,
         chunks: &mut Vec<Bytes>,
         pos: &mut u64,
-        status: &mut String,
     ) -> Result<(), Failure> {
         let what = format!("{name} bytes {}..{}", range.start, range.end);
         let pinned = pin(meta.version.as_deref());
         let response = self
-            .send(Method::GET, name, &what, |mut r| {
+            .send(Method::GET, name, Some(&range), attempt, |mut r| {
                 r = r.header(header::RANGE, http_range(&range));
                 match pinned {
                     Pinned::Strong(tag) => r
@@ -581,7 +879,6 @@ impl HttpSource {
                 }
             })
             .await?;
-        *status = response.status().as_u16().to_string();
         let status = response.status();
         if !status.is_success() {
             return Err(self.status_failure(name, Some(&range), status));
@@ -675,12 +972,39 @@ impl ObjectStore for HttpSource {
 
     /// A HEAD (or a one-byte GET where HEAD is refused), with retries.
     fn stat<'a>(&'a self, name: &'a ObjectName) -> BoxFuture<'a, Result<ObjectMeta, SourceError>> {
-        Box::pin(resume::retrying(
-            &self.retry,
-            &self.stats,
-            name.as_str(),
-            move |attempt| self.stat_once(name, attempt),
-        ))
+        Box::pin(async move {
+            resume::retrying(&self.retry, &self.stats, name.as_str(), |n| {
+                self.stat_once(name, n)
+            })
+            .await
+        })
+    }
+
+    /// One plain GET (not the default's stat and ranged GET: a round trip less before the
+    /// first byte), resumed from the last byte received with ranged GETs pinned to the version
+    /// its headers gave.
+    fn read_object<'a>(
+        &'a self,
+        name: &'a ObjectName,
+        limit: u64,
+    ) -> BoxFuture<'a, Result<(ObjectMeta, Vec<Bytes>), SourceError>> {
+        Box::pin(async move {
+            let got = resume::retrying(&self.retry, &self.stats, name.as_str(), |n| {
+                self.get_whole(name, limit, n)
+            })
+            .await?;
+            let Some((meta, mut chunks, pos)) = got else {
+                let meta = self.stat(name).await?;
+                fits(name, meta.size, limit)?;
+                let chunks = self.read_range(name, 0..meta.size, &meta).await?;
+                return Ok((meta, chunks));
+            };
+            if pos < meta.size {
+                self.stats.add_retry();
+                chunks.extend(self.read_range(name, pos..meta.size, &meta).await?);
+            }
+            Ok((meta, chunks))
+        })
     }
 
     /// HTTP has no listing: this always fails, and callers stat each file by name instead.
@@ -719,22 +1043,31 @@ impl Attempts for HttpSource {
         name.to_string()
     }
 
+    /// One ranged GET, once the ramp gives it a slot (the GET logs itself, hop by hop).
     async fn attempt(
         &self,
         name: &ObjectName,
         range: Range<u64>,
         meta: &ObjectMeta,
+        attempt: u32,
         received: &mut Received,
     ) -> Result<(), Failure> {
-        self.get_part(
-            name,
-            range,
-            meta,
-            &mut received.chunks,
-            &mut received.pos,
-            &mut received.status,
-        )
-        .await
+        let slot = self.ramp.slot(name.as_str(), range.start).await;
+        let got = self
+            .get_part(
+                name,
+                range,
+                meta,
+                attempt,
+                &mut received.chunks,
+                &mut received.pos,
+            )
+            .await;
+        if got.is_ok() {
+            self.ramp.finished();
+        }
+        drop(slot);
+        got
     }
 }
 
@@ -881,6 +1214,130 @@ mod tests {
         assert_eq!(version_of(&h).as_deref(), Some("Last-Modified D"));
         h.insert(header::ETAG, HeaderValue::from_static("\"e\""));
         assert_eq!(version_of(&h).as_deref(), Some("\"e\""));
+    }
+
+    #[test]
+    fn untrusted_certificates_are_told_apart() {
+        let e = |detail: &str| SourceError::Request {
+            name: ".metadata".into(),
+            detail: detail.into(),
+        };
+        assert!(is_untrusted_certificate(&e(
+            "the certificate of h:443 is not trusted (invalid peer certificate: UnknownIssuer)"
+        )));
+        assert!(!is_untrusted_certificate(&e("HTTP 400 Bad Request")));
+        assert!(!is_untrusted_certificate(&SourceError::Config(
+            "the certificate of h:443 is not trusted".into()
+        )));
+    }
+
+    #[test]
+    fn the_ramp_opens_on_far_or_slow_links_and_climbs_while_it_pays() {
+        let ms = Duration::from_millis;
+        let near = Duration::from_micros(200);
+        // The first window: far (30 ms to an answer) or slow per connection (4 x 90 MB/s):
+        // everything at once.
+        assert_eq!(next_limit(None, 4, 2e9, ms(30)), (MAX_CONNECTIONS, true));
+        assert_eq!(next_limit(None, 4, 360e6, near), (MAX_CONNECTIONS, true));
+        // Near and fast: double, and keep doubling while the rate grows by 25%.
+        assert_eq!(next_limit(None, 4, 1.5e9, near), (8, false));
+        assert_eq!(next_limit(Some((4, 1.5e9)), 8, 1.9e9, near), (16, false));
+        // Doubling did not pay: back to the limit before, for good.
+        assert_eq!(next_limit(Some((4, 1.5e9)), 8, 1.8e9, near), (4, true));
+        assert_eq!(next_limit(Some((8, 1.8e9)), 16, 1.2e9, near), (8, true));
+        // Never past the cap.
+        assert_eq!(
+            next_limit(Some((512, 1e9)), MAX_CONNECTIONS, 1e12, near),
+            (MAX_CONNECTIONS, true)
+        );
+    }
+
+    fn free(ramp: &Arc<Ramp>) -> usize {
+        ramp.state().free
+    }
+
+    #[tokio::test]
+    async fn the_ramp_steps_back_by_dropping_slots_as_they_return() {
+        let ramp = Arc::new(Ramp::new(Arc::new(TransferStats::default())));
+        ramp.answered(Duration::from_micros(100));
+        let mut held = Vec::new();
+        for i in 0..FIRST_CONNECTIONS {
+            held.push(ramp.slot("f", i as u64).await);
+        }
+        assert_eq!(free(&ramp), 0);
+        {
+            let mut st = ramp.state();
+            ramp.set(&mut st, 16);
+        }
+        assert_eq!(free(&ramp), 16 - FIRST_CONNECTIONS);
+        {
+            let mut st = ramp.state();
+            ramp.set(&mut st, 2);
+            // The 12 free slots are gone at once; 2 of the 4 held are owed.
+            assert_eq!(st.debt, 2);
+        }
+        assert_eq!(free(&ramp), 0);
+        drop(held);
+        assert_eq!(free(&ramp), 2);
+        assert_eq!(ramp.state().debt, 0);
+    }
+
+    #[tokio::test]
+    async fn waiting_gets_run_in_the_engines_order_and_abandoned_ones_pass_their_turn() {
+        let ramp = Arc::new(Ramp::new(Arc::new(TransferStats::default())));
+        ramp.answered(Duration::from_micros(100));
+        let mut held = Vec::new();
+        for i in 0..FIRST_CONNECTIONS {
+            held.push(ramp.slot("a", i as u64).await);
+        }
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        // Queued in another order than the engine reads them.
+        for (name, offset) in [("__10_0", 0), ("__2_0", 8), ("__2_0", 0), ("__9_0", 4)] {
+            let (ramp, order) = (ramp.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                let slot = ramp.slot(name, offset).await;
+                order.lock().unwrap().push(format!("{name}@{offset}"));
+                drop(slot);
+            }));
+        }
+        // One more that is abandoned while it waits (its task aborted).
+        let abandoned = {
+            let ramp = ramp.clone();
+            tokio::spawn(async move { ramp.slot("__0_0", 0).await })
+        };
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(ramp.state().waiting.len(), 5);
+        abandoned.abort();
+        let _ = abandoned.await;
+        // One slot back: the GETs run one after another, in order.
+        held.truncate(FIRST_CONNECTIONS - 1);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(
+            *order.lock().unwrap(),
+            ["__2_0@0", "__2_0@8", "__9_0@4", "__10_0@0"]
+        );
+        drop(held);
+        assert_eq!(free(&ramp), FIRST_CONNECTIONS);
+    }
+
+    #[tokio::test]
+    async fn a_far_server_opens_every_slot_at_the_first_get() {
+        let ramp = Arc::new(Ramp::new(Arc::new(TransferStats::default())));
+        ramp.answered(Duration::from_millis(40));
+        let _slot = ramp.slot("f", 0).await;
+        assert!(ramp.state().settled);
+        assert_eq!(free(&ramp), MAX_CONNECTIONS - 1);
+        // A near one starts with the first few.
+        let ramp = Arc::new(Ramp::new(Arc::new(TransferStats::default())));
+        ramp.answered(Duration::from_micros(300));
+        let _slot = ramp.slot("f", 0).await;
+        assert!(!ramp.state().settled);
+        assert_eq!(free(&ramp), FIRST_CONNECTIONS - 1);
     }
 
     #[test]

@@ -26,7 +26,8 @@ pub(crate) struct Received {
     pub chunks: Vec<Bytes>,
     /// The next byte wanted.
     pub pos: u64,
-    /// The last attempt's answer, for the log: an HTTP status, or what went wrong before one.
+    /// The current attempt's answer, for a store's log line: an HTTP status, or what went wrong
+    /// before one.
     pub status: String,
 }
 
@@ -36,14 +37,16 @@ pub(crate) trait Attempts: Send + Sync {
     fn counters(&self) -> &TransferStats;
     /// The object's key or URL path, as the log names it.
     fn log_key(&self, name: &ObjectName) -> String;
-    /// One request for `range` (from the next byte wanted to the end), appending what arrives to
-    /// `received.chunks` and advancing `received.pos` as it arrives, so that a cut attempt keeps
-    /// its bytes.
+    /// Request number `attempt` (from 1) for `range` (from the next byte wanted to the end),
+    /// appending what arrives to `received.chunks` and advancing `received.pos` as it arrives, so
+    /// that a cut attempt keeps its bytes. The store logs its own request ([`trace`]); the loop
+    /// logs only an attempt it cut for taking too long.
     fn attempt<'s>(
         &'s self,
         name: &'s ObjectName,
         range: Range<u64>,
         meta: &'s ObjectMeta,
+        attempt: u32,
         received: &'s mut Received,
     ) -> impl Future<Output = Result<(), Failure>> + Send + 's;
 }
@@ -89,17 +92,9 @@ pub(crate) async fn read_resuming<S: Attempts>(
         received.status = "no answer".into();
         let outcome = tokio::time::timeout(
             policy.request_timeout,
-            store.attempt(name, before..range.end, meta, &mut received),
+            store.attempt(name, before..range.end, meta, attempts, &mut received),
         )
         .await;
-        trace(
-            "GET",
-            &key,
-            Some(&(before..range.end)),
-            &received.status,
-            started,
-            attempts,
-        );
         match outcome {
             Ok(Ok(())) => {}
             Ok(Err(Failure::Fatal(e))) => return Err(e),
@@ -112,6 +107,14 @@ pub(crate) async fn read_resuming<S: Attempts>(
                 }
             }
             Err(_) => {
+                trace(
+                    "GET",
+                    &key,
+                    Some(&(before..range.end)),
+                    "timeout",
+                    started,
+                    attempts,
+                );
                 last = format!(
                     "{name} bytes {before}..{}: no complete answer within {:?} \
                      (--request-timeout); {} bytes arrived",

@@ -663,24 +663,37 @@ impl Attempts for S3Source {
         self.key(name)
     }
 
+    /// One ranged GET, logged once its body has arrived (or broken).
     async fn attempt(
         &self,
         name: &ObjectName,
         range: Range<u64>,
         meta: &ObjectMeta,
+        attempt: u32,
         received: &mut Received,
     ) -> Result<(), Failure> {
         let key = self.key(name);
-        self.get_part(
-            name,
+        let started = Instant::now();
+        let got = self
+            .get_part(
+                name,
+                &key,
+                range.clone(),
+                meta,
+                &mut received.chunks,
+                &mut received.pos,
+                &mut received.status,
+            )
+            .await;
+        resume::trace(
+            "GET",
             &key,
-            range,
-            meta,
-            &mut received.chunks,
-            &mut received.pos,
-            &mut received.status,
-        )
-        .await
+            Some(&range),
+            &received.status,
+            started,
+            attempt,
+        );
+        got
     }
 }
 

@@ -442,6 +442,116 @@ pub struct Nginx {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Child,
+    /// `http` or `https`.
+    scheme: &'static str,
+}
+
+/// A private CA and a certificate it signed for `127.0.0.1` and `localhost`, made with the
+/// `openssl` command in a temporary folder: `ca.pem` (the CA's certificate, what a client is
+/// told to trust), `server.pem` and `server.key` (for the server).
+pub struct TestCa {
+    dir: tempfile::TempDir,
+}
+
+impl TestCa {
+    /// Fails the test at once when `openssl` is not installed.
+    pub fn new() -> TestCa {
+        let dir = tempfile::tempdir().unwrap();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir.path())
+                .output()
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "openssl is needed for the HTTPS tests: install it with `apt-get install \
+                         -y openssl` ({e})"
+                    )
+                });
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let key = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        openssl(
+            &[
+                &[
+                    "req",
+                    "-x509",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=dcpfetch test CA",
+                ][..],
+                &key,
+                &[
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.pem",
+                    "-addext",
+                    "basicConstraints=critical,CA:TRUE",
+                    "-addext",
+                    "keyUsage=critical,keyCertSign,cRLSign",
+                ],
+            ]
+            .concat(),
+        );
+        openssl(
+            &[
+                &["req", "-subj", "/CN=localhost"][..],
+                &key,
+                &["-keyout", "server.key", "-out", "server.csr"],
+            ]
+            .concat(),
+        );
+        std::fs::write(
+            dir.path().join("server.ext"),
+            "basicConstraints=critical,CA:FALSE\n\
+             keyUsage=critical,digitalSignature\n\
+             extendedKeyUsage=serverAuth\n\
+             subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        )
+        .unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+            "-out",
+            "server.pem",
+        ]);
+        TestCa { dir }
+    }
+
+    /// The CA's certificate (PEM).
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    fn server(&self) -> (PathBuf, PathBuf) {
+        (
+            self.dir.path().join("server.pem"),
+            self.dir.path().join("server.key"),
+        )
+    }
 }
 
 impl Nginx {
@@ -460,7 +570,7 @@ impl Nginx {
         );
         let mut last = String::new();
         for _ in 0..5 {
-            match Nginx::try_start(root, extra) {
+            match Nginx::try_start(root, extra, None) {
                 Ok(n) => return n,
                 Err(e) => last = e,
             }
@@ -468,14 +578,39 @@ impl Nginx {
         panic!("nginx did not start: {last}");
     }
 
-    fn try_start(root: &Path, extra: &str) -> Result<Nginx, String> {
+    /// Serves `root` over HTTPS only, with the server certificate of `ca` (for 127.0.0.1 and
+    /// localhost).
+    pub fn start_tls(root: &Path, ca: &TestCa) -> Nginx {
+        let mut last = String::new();
+        for _ in 0..5 {
+            match Nginx::try_start(root, "", Some(ca)) {
+                Ok(n) => return n,
+                Err(e) => last = e,
+            }
+        }
+        panic!("nginx (TLS) did not start: {last}");
+    }
+
+    fn try_start(root: &Path, extra: &str, tls: Option<&TestCa>) -> Result<Nginx, String> {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let tmp = dir.path().display().to_string();
         let root = root.display().to_string();
-        let extra = extra
+        let mut extra = extra
             .replace("{root}", &root)
             .replace("{port}", &port.to_string());
+        let (ssl, scheme) = match tls {
+            Some(ca) => {
+                let (cert, key) = ca.server();
+                extra.push_str(&format!(
+                    "\n        ssl_certificate {};\n        ssl_certificate_key {};",
+                    cert.display(),
+                    key.display()
+                ));
+                (" ssl", "https")
+            }
+            None => ("", "http"),
+        };
         let conf = format!(
             r#"master_process off;
 daemon off;
@@ -494,8 +629,8 @@ http {{
     sendfile on;
     keepalive_requests 100000;
     server {{
-        listen 127.0.0.1:{port};
-        listen 127.0.0.2:{port};
+        listen 127.0.0.1:{port}{ssl};
+        listen 127.0.0.2:{port}{ssl};
         root {root};
         {extra}
     }}
@@ -521,7 +656,12 @@ http {{
                 return Err(format!("nginx exited ({status}): {log}"));
             }
             if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Ok(Nginx { port, dir, child });
+                return Ok(Nginx {
+                    port,
+                    dir,
+                    child,
+                    scheme,
+                });
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -529,10 +669,11 @@ http {{
         Err("nginx did not listen within 20 s".into())
     }
 
-    /// `http://127.0.0.1:PORT/path`.
+    /// `http://127.0.0.1:PORT/path` (`https://` when started with TLS).
     pub fn url(&self, path: &str) -> String {
         format!(
-            "http://127.0.0.1:{}/{}",
+            "{}://127.0.0.1:{}/{}",
+            self.scheme,
             self.port,
             path.trim_start_matches('/')
         )
