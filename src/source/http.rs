@@ -1121,23 +1121,38 @@ impl ObjectStore for HttpSource {
                 attempts += 1;
                 let before = pos;
                 let slot = self.ramp.slot(name.as_str(), pos).await;
-                let got = self
-                    .get_part(name, pos..range.end, meta, attempts, &mut chunks, &mut pos)
-                    .await;
-                if got.is_ok() {
+                let limit = self.retry.request_timeout;
+                let got = tokio::time::timeout(
+                    limit,
+                    self.get_part(name, pos..range.end, meta, attempts, &mut chunks, &mut pos),
+                )
+                .await;
+                if let Ok(Ok(())) = got {
                     self.ramp.finished();
                 }
                 drop(slot);
                 match got {
-                    Ok(()) => {}
-                    Err(Failure::Fatal(e)) => return Err(e),
-                    Err(Failure::Retry(msg)) => {
+                    Ok(Ok(())) => {}
+                    Ok(Err(Failure::Fatal(e))) => return Err(e),
+                    Ok(Err(Failure::Retry(msg))) => {
                         last = msg;
                         if pos == before {
                             failures += 1;
                         } else {
                             failures = 0;
                         }
+                    }
+                    // Too slow to be worth waiting for: a failure even if some bytes came (they
+                    // are kept), so that a drip cannot keep a read alive for more than
+                    // `max_attempts` of these.
+                    Err(_) => {
+                        last = format!(
+                            "{name} bytes {before}..{}: no complete answer within {limit:?} \
+                             (--request-timeout); {} bytes arrived",
+                            range.end,
+                            pos - before
+                        );
+                        failures += 1;
                     }
                 }
             }
