@@ -13,6 +13,7 @@ use crate::source::{
     HttpOptions, Location, NameError, ObjectMeta, ObjectName, S3Options, STATE_DIR, Source,
     SourceError, StatError, TransferStats, is_dcpfetch_copy, stat_all,
 };
+use crate::units::count;
 
 /// What a command reads: the checkpoint, how to reach it, and what to select.
 #[derive(Debug, Clone)]
@@ -207,6 +208,40 @@ impl Planned {
 
     pub fn source(&self) -> &Source {
         &self.opened.source
+    }
+
+    /// A warning naming the selected items stored in 0 bytes (the plan drops them: a fetch
+    /// writes nothing for them, and torch cannot load them), if there are any.
+    pub fn empty_items_warning(&self) -> Option<String> {
+        const SHOWN: usize = 10;
+        let ck = &self.opened.ck;
+        let empty: Vec<usize> = self
+            .selection
+            .selected
+            .iter()
+            .flat_map(|sel| {
+                sel.chunks
+                    .iter()
+                    .flat_map(move |&c| ck.entries[sel.entry].chunks[c].storage.iter().copied())
+            })
+            .filter(|&s| ck.storage[s].info.length == 0)
+            .collect();
+        if empty.is_empty() {
+            return None;
+        }
+        let mut names: Vec<String> = empty
+            .iter()
+            .take(SHOWN)
+            .map(|&s| describe_storage(ck, s))
+            .collect();
+        if empty.len() > SHOWN {
+            names.push(format!("and {} more", empty.len() - SHOWN));
+        }
+        Some(format!(
+            "{} of 0 bytes fetched as nothing: {}",
+            count(empty.len() as u64, "item"),
+            names.join(", ")
+        ))
     }
 
     pub fn ck(&self) -> &Arc<Checkpoint> {

@@ -562,6 +562,49 @@ fn faults_are_retried_and_bodies_resumed() {
 }
 
 #[test]
+fn a_dribbling_body_is_cut_by_the_request_timeout() {
+    let (_root, server) = test_server();
+    let rt = runtime();
+    let mut opts = quick_http();
+    opts.retry = RetryPolicy {
+        stall_timeout: Duration::from_secs(5),
+        request_timeout: Duration::from_millis(500),
+        max_attempts: 2,
+        ..opts.retry
+    };
+    let source = http_source(&format!("{}/ckpt/model", server.endpoint()), opts);
+    let meta = rt.block_on(source.stat(SHARD)).unwrap();
+    // One byte every 100 ms: never a stall, never done in time.
+    server.add_fault(
+        FaultRule::new(Fault::Dribble {
+            after: 100,
+            every: Duration::from_millis(100),
+        })
+        .on_method("GET")
+        .always(),
+    );
+    let started = std::time::Instant::now();
+    let read = rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(8),
+            source.read_range(SHARD, 0..meta.size, &meta),
+        )
+        .await
+    });
+    let e = read
+        .expect("the drip was not cut by the request timeout")
+        .unwrap_err();
+    let took = started.elapsed();
+    let text = e.to_string();
+    assert!(
+        matches!(e, SourceError::Exhausted { attempts: 2, .. }),
+        "{e:?}"
+    );
+    assert!(text.contains("--request-timeout"), "{text}");
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+}
+
+#[test]
 fn the_cli_fetches_through_faults() {
     let (_root, server) = test_server();
     server.add_fault(

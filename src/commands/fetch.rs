@@ -9,11 +9,10 @@ use crate::cli::Output;
 use crate::cli::settings::FetchSettings;
 use crate::fetch::{self, Cancel, Sink};
 use crate::pipeline::{Files, Planned};
-use crate::plan::{Plan, describe_storage};
+use crate::plan::Plan;
 use crate::report::{Outcome, Problem};
 use crate::sink::{FolderOptions, FolderSink, StreamSink, local_root};
 use crate::units::{count, human};
-use crate::verify::metadata::selected_storage;
 
 /// The `--json` summary (docs/output.md).
 #[derive(Debug, Serialize)]
@@ -42,21 +41,8 @@ pub async fn run(s: FetchSettings) -> anyhow::Result<Outcome> {
         Output::Stdout { .. } => Files::Planned,
     };
     let planned = Planned::new(&s.target, s.plan, files, s.engine.concurrency).await?;
-    // An item of 0 bytes is fetched as nothing (a torch.save archive is never empty): say which.
     let mut warnings = planned.selection.warnings.clone();
-    let ck = planned.ck();
-    let empty: Vec<String> = selected_storage(ck, &planned.selection.selected, false)
-        .into_iter()
-        .filter(|&st| ck.storage[st].info.length == 0)
-        .map(|st| describe_storage(ck, st))
-        .collect();
-    if !empty.is_empty() {
-        warnings.push(format!(
-            "{} of 0 bytes fetched as nothing: {}",
-            count(empty.len() as u64, "item"),
-            empty.join(", ")
-        ));
-    }
+    warnings.extend(planned.empty_items_warning());
     s.printer.warnings(planned.ck(), &warnings);
     let source = planned.source();
     let location = source.describe();
