@@ -682,7 +682,21 @@ http {{
     /// The access log, a line per request: `ADDR STATUS "REQUEST" range=".." if_match=".."
     /// auth=".." sent=N`.
     pub fn log(&self) -> Vec<String> {
-        std::fs::read_to_string(self.dir.path().join("access.log"))
+        // nginx writes a request's line after its answer has gone out, so a client can be done
+        // before the last line is there: wait until the log stops growing (50 ms, at most 2 s).
+        let path = self.dir.path().join("access.log");
+        let size = || std::fs::metadata(&path).map_or(0, |m| m.len());
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut last = size();
+        loop {
+            std::thread::sleep(Duration::from_millis(50));
+            let now = size();
+            if now == last || Instant::now() > deadline {
+                break;
+            }
+            last = now;
+        }
+        std::fs::read_to_string(&path)
             .unwrap_or_default()
             .lines()
             .map(str::to_owned)
