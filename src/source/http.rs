@@ -809,50 +809,15 @@ impl HttpSource {
         }
     }
 
-    /// One plain GET of a whole object of at most `limit` bytes: its headers give the size
-    /// (refused before the body is read when over `limit`) and the version. `None` when the
-    /// answer gives no length (the caller then stats and reads a range); else the object's meta,
-    /// the chunks received and the position reached, short of the size if the body broke after
-    /// some bytes (the caller resumes from there, pinned to that version).
-    async fn get_whole(
-        &self,
-        name: &ObjectName,
-        limit: u64,
-        attempt: u32,
-    ) -> Result<Option<(ObjectMeta, Vec<Bytes>, u64)>, Failure> {
+    /// The answer to one plain GET of a whole object, once its headers arrived: retried like any
+    /// request until then. Its body is read by the caller.
+    async fn get_whole(&self, name: &ObjectName, attempt: u32) -> Result<Response, Failure> {
         let response = self.send(Method::GET, name, None, attempt, |r| r).await?;
         let status = response.status();
         if !status.is_success() {
             return Err(self.status_failure(name, None, status));
         }
-        let length = header_u64(response.headers(), &header::CONTENT_LENGTH);
-        let (StatusCode::OK, Some(size)) = (status, length) else {
-            return Ok(None);
-        };
-        fits(name, size, limit).map_err(Failure::Fatal)?;
-        let meta = ObjectMeta {
-            size,
-            version: version_of(response.headers()),
-        };
-        let mut chunks = Vec::new();
-        let mut pos = 0;
-        let mut body = response;
-        let stall = self.retry.stall_timeout;
-        match resume::receive(
-            &mut body,
-            name,
-            0..size,
-            stall,
-            &self.stats,
-            &mut chunks,
-            &mut pos,
-        )
-        .await
-        {
-            Ok(()) => Ok(Some((meta, chunks, pos))),
-            Err(Failure::Retry(_)) if pos > 0 => Ok(Some((meta, chunks, pos))),
-            Err(e) => Err(e),
-        }
+        Ok(response)
     }
 
     /// One GET of `range`, appending what arrives to `chunks` and advancing `pos`.
@@ -989,19 +954,45 @@ impl ObjectStore for HttpSource {
         limit: u64,
     ) -> BoxFuture<'a, Result<(ObjectMeta, Vec<Bytes>), SourceError>> {
         Box::pin(async move {
-            let got = resume::retrying(&self.retry, &self.stats, name.as_str(), |n| {
-                self.get_whole(name, limit, n)
+            let response = resume::retrying(&self.retry, &self.stats, name.as_str(), |n| {
+                self.get_whole(name, n)
             })
             .await?;
-            let Some((meta, mut chunks, pos)) = got else {
+            let length = header_u64(response.headers(), &header::CONTENT_LENGTH);
+            let (StatusCode::OK, Some(size)) = (response.status(), length) else {
+                // No length to check against the limit before the body: stat, then a range.
+                drop(response);
                 let meta = self.stat(name).await?;
                 fits(name, meta.size, limit)?;
                 let chunks = self.read_range(name, 0..meta.size, &meta).await?;
                 return Ok((meta, chunks));
             };
-            if pos < meta.size {
-                self.stats.add_retry();
-                chunks.extend(self.read_range(name, pos..meta.size, &meta).await?);
+            fits(name, size, limit)?;
+            let meta = ObjectMeta {
+                size,
+                version: version_of(response.headers()),
+            };
+            // The body under the request timeout; what broke, stalled or timed out is resumed
+            // with ranged GETs pinned to this answer's version.
+            let mut chunks = Vec::new();
+            let mut pos = 0;
+            let mut body = response;
+            let whole = resume::receive(
+                &mut body,
+                name,
+                0..size,
+                self.retry.stall_timeout,
+                &self.stats,
+                &mut chunks,
+                &mut pos,
+            );
+            match tokio::time::timeout(self.retry.request_timeout, whole).await {
+                Ok(Ok(())) => {}
+                Ok(Err(Failure::Fatal(e))) => return Err(e),
+                Ok(Err(Failure::Retry(_))) | Err(_) => {
+                    self.stats.add_retry();
+                    chunks.extend(self.read_range(name, pos..meta.size, &meta).await?);
+                }
             }
             Ok((meta, chunks))
         })
