@@ -103,6 +103,8 @@ pub enum Command {
 
 /// Options for reaching S3 (the default credential chain applies: environment, profiles, SSO, web
 /// identity, instance metadata).
+// The doc comments are the help text, where a URL stays as it is written.
+#[allow(rustdoc::bare_urls)]
 #[derive(Debug, Clone, Args, Default)]
 #[command(next_help_heading = "S3")]
 pub struct S3Flags {

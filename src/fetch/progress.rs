@@ -94,7 +94,7 @@ impl Progress {
         }
     }
 
-    /// Moves the bar, every [`TICK`] until [`Progress::finish`], to the body bytes `stats` has
+    /// Moves the bar, every 250 ms until [`Progress::finish`], to the body bytes `stats` has
     /// counted since now (bytes of a retried attempt count again, so the position is capped at the
     /// bar's length). Nothing happens for a hidden bar. Call inside the async runtime.
     pub fn follow(&self, stats: Arc<TransferStats>) {

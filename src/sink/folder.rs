@@ -5,7 +5,7 @@
 //! Nothing already in the output folder is trusted. The folder is held by a handle ([`Dir`]) and
 //! locked for the whole fetch; every file in it is reached relative to that handle, never through
 //! a symbolic link, and written only if it is a regular file with one name. A journal
-//! (`.dcpfetch/journal.jsonl`, see [`journal`](super::journal)) records the items whose bytes are
+//! (`.dcpfetch/journal.jsonl`, see [`super::journal`]) records the items whose bytes are
 //! on disk (after `fdatasync`) with their CRC32, so `--resume` fetches only what is missing and
 //! still intact, and refuses when the source changed, naming the file. The checkpoint being
 //! fetched is never the output folder, inside it, or around it.
