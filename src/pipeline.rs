@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::metadata::{Checkpoint, MetadataError};
 use crate::plan::{Plan, PlanError, PlanOptions, describe_storage};
-use crate::selection::{Selected, SelectionError, Spec};
+use crate::selection::{Selected, SelectionError, Spec, stored_copies};
 use crate::source::{
     HttpOptions, Location, NameError, ObjectMeta, ObjectName, S3Options, STATE_DIR, Source,
     SourceError, StatError, TransferStats, is_dcpfetch_copy, stat_all,
@@ -215,15 +215,7 @@ impl Planned {
     pub fn empty_items_warning(&self) -> Option<String> {
         const SHOWN: usize = 10;
         let ck = &self.opened.ck;
-        let empty: Vec<usize> = self
-            .selection
-            .selected
-            .iter()
-            .flat_map(|sel| {
-                sel.chunks
-                    .iter()
-                    .flat_map(move |&c| ck.entries[sel.entry].chunks[c].storage.iter().copied())
-            })
+        let empty: Vec<usize> = stored_copies(ck, &self.selection.selected)
             .filter(|&s| ck.storage[s].info.length == 0)
             .collect();
         if empty.is_empty() {

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 
 use crate::metadata::Checkpoint;
-use crate::selection::Selected;
+use crate::selection::{Selected, stored_copies};
 use crate::source::{NameError, ObjectName};
 use crate::units::natural_cmp;
 
@@ -405,38 +405,33 @@ impl Plan {
     ) -> Result<Plan, PlanError> {
         let fqn_of = |s: usize| describe_storage(ck, s);
         let mut by_file: BTreeMap<&str, Vec<PlanItem>> = BTreeMap::new();
-        for sel in selected {
-            let entry = &ck.entries[sel.entry];
-            for &ci in &sel.chunks {
-                for &si in &entry.chunks[ci].storage {
-                    let s = &ck.storage[si];
-                    if ck.is_raw_tensor(si)
-                        && let Some(raw) = ck.raw_tensor_len(si)
-                    {
-                        return Err(PlanError::Safetensors {
-                            file: s.info.relative_path.clone(),
-                            fqn: fqn_of(si),
-                            length: s.info.length,
-                            raw,
-                        });
-                    }
-                    let Some(range) = s.range() else {
-                        return Err(PlanError::Overflow {
-                            file: s.info.relative_path.clone(),
-                            fqn: fqn_of(si),
-                            offset: s.info.offset,
-                            length: s.info.length,
-                        });
-                    };
-                    by_file
-                        .entry(&s.info.relative_path)
-                        .or_default()
-                        .push(PlanItem {
-                            range,
-                            storage: vec![si],
-                        });
-                }
+        for si in stored_copies(ck, selected) {
+            let s = &ck.storage[si];
+            if ck.is_raw_tensor(si)
+                && let Some(raw) = ck.raw_tensor_len(si)
+            {
+                return Err(PlanError::Safetensors {
+                    file: s.info.relative_path.clone(),
+                    fqn: fqn_of(si),
+                    length: s.info.length,
+                    raw,
+                });
             }
+            let Some(range) = s.range() else {
+                return Err(PlanError::Overflow {
+                    file: s.info.relative_path.clone(),
+                    fqn: fqn_of(si),
+                    offset: s.info.offset,
+                    length: s.info.length,
+                });
+            };
+            by_file
+                .entry(&s.info.relative_path)
+                .or_default()
+                .push(PlanItem {
+                    range,
+                    storage: vec![si],
+                });
         }
         let mut files = Vec::with_capacity(by_file.len());
         for (name, items) in by_file {

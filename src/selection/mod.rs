@@ -269,6 +269,19 @@ fn intersects(ao: &[u64], asz: &[u64], bo: &[u64], bsz: &[u64]) -> bool {
     }) || (ao.is_empty() && bo.is_empty())
 }
 
+/// The stored copies (indexes into [`Checkpoint::storage`]) of the selected chunks, in selection
+/// order; a copy that several selected chunks share comes once per chunk.
+pub fn stored_copies<'a>(
+    ck: &'a Checkpoint,
+    selected: &'a [Selected],
+) -> impl Iterator<Item = usize> + 'a {
+    selected.iter().flat_map(move |sel| {
+        sel.chunks
+            .iter()
+            .flat_map(move |&c| ck.entries[sel.entry].chunks[c].storage.iter().copied())
+    })
+}
+
 /// Up to three fqns that look like what a pattern meant.
 pub fn near_misses(pattern: &str, ck: &Checkpoint) -> Vec<String> {
     let literal: String = pattern.chars().filter(|c| !"*?[]{}".contains(*c)).collect();

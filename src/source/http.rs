@@ -627,13 +627,12 @@ impl HttpSource {
         for hop in 0..=MAX_REDIRECTS {
             let started = Instant::now();
             let trace = |status: &str| {
-                tracing::debug!(
-                    target: "dcpfetch::requests",
-                    method = method.as_str(),
-                    key = %name,
-                    range = %range.map_or_else(|| "-".to_owned(), |r| format!("{}..{}", r.start, r.end)),
+                resume::trace(
+                    method.as_str(),
+                    name.as_str(),
+                    range,
                     status,
-                    ms = started.elapsed().as_millis() as u64,
+                    started,
                     attempt,
                 );
             };

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use super::{Check, Checks, Finding};
 use crate::metadata::Checkpoint;
 use crate::plan::describe_storage;
-use crate::selection::Selected;
+use crate::selection::{Selected, stored_copies};
 use crate::source::ObjectName;
 
 /// `metadata.globals`: globals outside the known set are a failed check.
@@ -31,14 +31,7 @@ pub fn check_globals(ck: &Checkpoint, checks: &mut Checks) {
 /// The storage entries of the selected chunks (and, with everything selected, the storage
 /// entries that belong to no chunk).
 pub fn selected_storage(ck: &Checkpoint, selected: &[Selected], everything: bool) -> Vec<usize> {
-    let mut out: Vec<usize> = selected
-        .iter()
-        .flat_map(|s| {
-            s.chunks
-                .iter()
-                .flat_map(move |&c| ck.entries[s.entry].chunks[c].storage.iter().copied())
-        })
-        .collect();
+    let mut out: Vec<usize> = stored_copies(ck, selected).collect();
     if everything {
         let mut linked = vec![false; ck.storage.len()];
         for &i in &out {
