@@ -165,6 +165,29 @@ fn a_missing_shard_is_named() {
     assert!(err.contains("no listing"), "{err}");
 }
 
+/// Nothing listens at the address: the first request fails at once (no backoff) naming host and
+/// port, as it does for S3; so does a host that does not resolve.
+#[test]
+fn an_address_where_nothing_listens_fails_at_once() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let started = std::time::Instant::now();
+    let (code, _, err) = run(cmd().args(["ls", &format!("http://127.0.0.1:{port}/ckpt")]));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(&format!("connection refused by 127.0.0.1:{port}")),
+        "{err}"
+    );
+    assert!(!err.contains("gave up"), "{err}");
+    // The full backoff of 10 attempts takes several seconds.
+    assert!(started.elapsed() < Duration::from_secs(2), "{err}");
+    let (code, _, err) = run(cmd().args(["ls", "http://no-such-host.invalid/ckpt"]));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("cannot resolve no-such-host.invalid"), "{err}");
+}
+
 /// `/hub/` wants a bearer token and redirects to `/cdn/` on another host (127.0.0.2), which
 /// refuses requests that carry one (as S3 and CDNs refuse an Authorization they did not sign);
 /// `/same/` redirects to `/hub/` on the same host.

@@ -317,8 +317,9 @@ pub struct EngineFlags {
 /// The memory budget of a run: the same flag for fetch, verify and each run of bench.
 #[derive(Debug, Clone, Copy, Args)]
 pub struct MemoryFlag {
-    /// Most bytes held in memory at once (requests in flight plus data waiting to be written); at
-    /// least --part-size.
+    /// Most bytes of parts waiting for their turn where bytes must be written in order (-o -,
+    /// verify's hashes); at least --part-size. A fetch into a folder writes bodies as they arrive
+    /// and holds only a few MiB whatever this is.
     #[arg(long, value_name = "SIZE", default_value = "256MiB")]
     pub max_memory: ByteSize,
 }

@@ -1,12 +1,18 @@
-//! The fetch engine: parts of the plan fetched concurrently under a memory bound, delivered to a
-//! sink in plan order as zero-copy pieces of items.
+//! The fetch engine: parts of the plan fetched concurrently, their bodies passed to a sink as they
+//! arrive, as zero-copy pieces of items.
 //!
-//! A producer walks the parts in plan order. Before starting a part it takes memory permits for
-//! the part's size and a concurrency permit; the request then runs as its own task. The join
-//! handles go, in order, to a consumer on a blocking thread, which waits for each part in turn and
-//! cuts its received chunks into item pieces (`Bytes::slice`, no copy; gap bytes are dropped) for
-//! the sink. A part's memory permits are released once the sink has taken its pieces, so parts that
-//! finish early wait in memory for the one before them, and no more than `max_memory` is ever held.
+//! A producer walks the parts in plan order and starts each as its own task once a concurrency
+//! permit is free. A task hands every chunk of its body, as it arrives, to a bounded channel; a
+//! consumer on a blocking thread cuts the chunks into item pieces (`Bytes::split_to`, no copy; gap
+//! bytes are dropped) and gives them to the sink. An item is done when its last byte has been
+//! given, whichever part brought it.
+//!
+//! A sink that places bytes by offset (a sparse folder) takes pieces in the order they arrive: the
+//! engine then holds only the chunks in the channel, whatever the size of the parts. A sink that
+//! needs plan order (a stream, a hash) gets the part at the head of the order as it arrives, and
+//! the chunks of later parts wait in memory until their turn; for these, the producer takes memory
+//! permits for a part's whole size before starting it, so the waiting chunks never exceed
+//! `max_memory`.
 
 mod progress;
 
@@ -15,30 +21,42 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
-use tokio::task::JoinHandle;
+use tokio::task::JoinSet;
 
 pub use progress::Progress;
 
 use crate::plan::{FilePlan, Plan, PlanItem};
-use crate::source::{ObjectMeta, ObjectName, Source, SourceError};
+use crate::source::{BoxFuture, ObjectMeta, ObjectName, Receive, Source, SourceError, Stopped};
 
 /// Memory is counted in units of this many bytes.
 const UNIT: u64 = 64 << 10;
+
+/// Chunks on their way from the requests to the sink: with a store's chunks of at most a few
+/// hundred KiB, what a sink that places bytes costs in memory.
+const CHANNEL_CHUNKS: usize = 4;
 
 /// How hard the engine pushes.
 #[derive(Debug, Clone, Copy)]
 pub struct EngineOptions {
     /// Requests in flight at once.
     pub concurrency: usize,
-    /// Most bytes held at once: requests in flight plus parts waiting for the sink.
+    /// Most bytes of parts waiting for their turn, for a sink that needs plan order.
     pub max_memory: u64,
 }
 
-/// Where item bytes go. Calls come from one thread, in plan order: for every item, its pieces in
-/// order and then `item_done`; items of one file by offset; files in plan order.
+/// Where item bytes go. Calls come from one thread. A sink that is [`Sink::ordered`] gets, for every
+/// item, its pieces in order and then `item_done`; items of one file by offset; files in plan order.
+/// Any other sink gets every piece as it arrives: an item's pieces in any order (in order within
+/// one part), interleaved with other items', every byte once, and `item_done` after its last.
 pub trait Sink: Send {
+    /// Whether the sink needs the bytes in plan order (a stream, a hash): the parts that arrive
+    /// before their turn then wait in memory, under [`EngineOptions::max_memory`].
+    fn ordered(&self) -> bool;
     /// Bytes `at .. at + data.len()` of item `item` of file `file` (offsets relative to the item).
     fn write(
         &mut self,
@@ -123,6 +141,8 @@ pub enum FetchError {
     Interrupted,
     #[error("--part-size ({part}) must not exceed --max-memory ({memory})")]
     PartTooLarge { part: u64, memory: u64 },
+    #[error("the fetch stopped after {done} of {items} items")]
+    Incomplete { done: u64, items: u64 },
 }
 
 /// What a run did.
@@ -134,22 +154,51 @@ pub struct EngineReport {
     pub item_bytes: u64,
     /// Bytes of the parts (item bytes plus gaps inside parts).
     pub part_bytes: u64,
-    /// The most bytes the engine held at once (parts in flight or waiting for the sink), rounded
-    /// up to its 64 KiB accounting unit.
+    /// The most body bytes the engine held at once: chunks on their way to the sink, and chunks of
+    /// parts waiting for their turn (for a sink that needs plan order).
     pub peak_memory: u64,
     pub elapsed: Duration,
 }
 
-/// A part whose bytes have arrived.
-struct Fetched {
+/// What a request task tells the consumer.
+enum Event {
+    /// The next bytes of a part.
+    Chunk { part: PartId, data: Bytes },
+    /// A part's read is over: all its bytes were sent, or it failed. An ordered run's part keeps
+    /// its memory permits until its bytes have reached the sink.
+    End {
+        part: PartId,
+        result: Result<(), SourceError>,
+        memory: Option<OwnedSemaphorePermit>,
+    },
+}
+
+/// A part: its file's index in the plan, and its index in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct PartId {
     file: usize,
     part: usize,
-    chunks: Vec<Bytes>,
-    _memory: OwnedSemaphorePermit,
 }
 
 fn units(bytes: u64) -> u32 {
     bytes.div_ceil(UNIT).clamp(1, u32::MAX as u64) as u32
+}
+
+/// Body bytes held by the engine, and the most held at once.
+#[derive(Debug, Default)]
+struct Held {
+    now: AtomicU64,
+    peak: AtomicU64,
+}
+
+impl Held {
+    fn add(&self, n: u64) {
+        let now = self.now.fetch_add(n, Ordering::Relaxed) + n;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+    }
+    fn sub(&self, n: u64) {
+        self.now.fetch_sub(n, Ordering::Relaxed);
+    }
 }
 
 /// Fetches every part of `plan` from `source` and hands the item bytes to `sink`.
@@ -166,7 +215,6 @@ pub async fn run(
     cancel: Cancel,
 ) -> Result<EngineReport, FetchError> {
     let started = Instant::now();
-    let total_units = units(opts.max_memory);
     if plan.options.part_size > opts.max_memory {
         return Err(FetchError::PartTooLarge {
             part: plan.options.part_size,
@@ -178,183 +226,375 @@ pub async fn run(
             return Err(FetchError::UnknownFile(f.name.to_string()));
         }
     }
-    let memory = Arc::new(Semaphore::new(total_units as usize));
-    let in_flight = Arc::new(Semaphore::new(opts.concurrency.max(1)));
-    let (tx, rx) = mpsc::unbounded_channel::<JoinHandle<Result<Fetched, SourceError>>>();
+    let ordered = sink.ordered();
+    let held = Arc::new(Held::default());
+    let (tx, rx) = mpsc::channel::<Event>(CHANNEL_CHUNKS);
 
     progress.follow(source.stats().clone());
     let consumer = {
         let plan = plan.clone();
+        let held = held.clone();
         let runtime = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || consume(rx, &plan, sink, &progress, &runtime, cancel))
+        tokio::task::spawn_blocking(move || {
+            Consumer::new(&plan, sink, &held, &progress).run(rx, &runtime, cancel)
+        })
     };
+    let mut tasks = JoinSet::new();
+    let produce = produce(source, &plan, objects, opts, ordered, &held, tx, &mut tasks);
+    let mut consumer = std::pin::pin!(consumer);
+    let finished = tokio::select! {
+        done = &mut consumer => Some(done),
+        () = produce => None,
+    };
+    let result = match finished {
+        Some(done) => done,
+        None => consumer.await,
+    };
+    // Whatever is still in flight (the run failed or was interrupted) is abandoned.
+    tasks.abort_all();
+    let mut report = result.expect("the consumer does not panic")?;
+    report.elapsed = started.elapsed();
+    report.peak_memory = held.peak.load(Ordering::Relaxed);
+    Ok(report)
+}
 
-    let mut peak_units = 0u64;
-    'files: for (fi, f) in plan.files.iter().enumerate() {
+/// Starts a task for every part, in plan order, as concurrency (and, for an ordered sink, memory)
+/// allows; returns once every part has started or the consumer has gone.
+#[allow(clippy::too_many_arguments)]
+async fn produce(
+    source: &Source,
+    plan: &Plan,
+    objects: &HashMap<ObjectName, ObjectMeta>,
+    opts: EngineOptions,
+    ordered: bool,
+    held: &Arc<Held>,
+    tx: mpsc::Sender<Event>,
+    tasks: &mut JoinSet<()>,
+) {
+    let memory = Arc::new(Semaphore::new(units(opts.max_memory) as usize));
+    let in_flight = Arc::new(Semaphore::new(opts.concurrency.max(1)));
+    for (fi, f) in plan.files.iter().enumerate() {
         let meta = &objects[&f.name];
         for (pi, p) in f.parts.iter().enumerate() {
-            let len = p.range.end - p.range.start;
-            let Ok(mem) = memory.clone().acquire_many_owned(units(len)).await else {
-                break 'files;
+            let memory = if ordered {
+                let len = p.range.end - p.range.start;
+                let Ok(permit) = memory.clone().acquire_many_owned(units(len)).await else {
+                    return;
+                };
+                Some(permit)
+            } else {
+                None
             };
-            peak_units = peak_units.max(total_units as u64 - memory.available_permits() as u64);
             let Ok(slot) = in_flight.clone().acquire_owned().await else {
-                break 'files;
+                return;
             };
             if tx.is_closed() {
-                break 'files;
+                return;
             }
+            while tasks.try_join_next().is_some() {}
             let source = source.clone();
             let name = f.name.to_string();
             let range = p.range.clone();
             let meta = meta.clone();
-            let task = tokio::spawn(async move {
-                let chunks = source
-                    .read_range(&name, range.clone(), &meta)
-                    .await
-                    .and_then(|chunks| whole(&name, &range, chunks));
+            let part = PartId { file: fi, part: pi };
+            let mut sender = PartSender {
+                tx: tx.clone(),
+                part,
+                held: held.clone(),
+                name: name.clone(),
+                range: range.clone(),
+                left: range.end - range.start,
+                refused: None,
+            };
+            tasks.spawn(async move {
+                let read = source
+                    .stream_range(&name, range.clone(), &meta, &mut sender)
+                    .await;
                 drop(slot);
-                chunks.map(|chunks| Fetched {
-                    file: fi,
-                    part: pi,
-                    chunks,
-                    _memory: mem,
-                })
+                let result = match (read, sender.refused.take()) {
+                    (_, Some(refused)) => Err(refused),
+                    (Err(SourceError::Stopped { .. }), None) => return,
+                    (Err(e), None) => Err(e),
+                    (Ok(()), None) if sender.left > 0 => Err(SourceError::BadResponse {
+                        name,
+                        start: range.start,
+                        end: range.end,
+                        detail: format!(
+                            "{} bytes arrived for a range of {}",
+                            range.end - range.start - sender.left,
+                            range.end - range.start
+                        ),
+                    }),
+                    (Ok(()), None) => Ok(()),
+                };
+                let _ = sender
+                    .tx
+                    .send(Event::End {
+                        part,
+                        result,
+                        memory,
+                    })
+                    .await;
             });
-            if tx.send(task).is_err() {
-                break 'files;
+        }
+    }
+}
+
+/// Passes a part's chunks to the consumer as they arrive, refusing any beyond the part's range.
+struct PartSender {
+    tx: mpsc::Sender<Event>,
+    part: PartId,
+    held: Arc<Held>,
+    name: String,
+    range: Range<u64>,
+    /// Bytes of the part still to come.
+    left: u64,
+    /// Why the sender refused a chunk (a body longer than the range).
+    refused: Option<SourceError>,
+}
+
+impl Receive for PartSender {
+    fn receive(&mut self, data: Bytes) -> BoxFuture<'_, Result<(), Stopped>> {
+        Box::pin(async move {
+            let n = data.len() as u64;
+            if n > self.left {
+                let want = self.range.end - self.range.start;
+                self.refused = Some(SourceError::BadResponse {
+                    name: self.name.clone(),
+                    start: self.range.start,
+                    end: self.range.end,
+                    detail: format!(
+                        "{} bytes arrived for a range of {want}",
+                        want - self.left + n
+                    ),
+                });
+                return Err(Stopped);
             }
-        }
-    }
-    drop(tx);
-    let mut report = consumer.await.expect("the consumer does not panic")?;
-    report.elapsed = started.elapsed();
-    report.peak_memory = peak_units * UNIT;
-    Ok(report)
-}
-
-/// A part's chunks, if they hold exactly its range's bytes: a store that sent fewer or more must
-/// not have any of them reach the sink.
-fn whole(name: &str, range: &Range<u64>, chunks: Vec<Bytes>) -> Result<Vec<Bytes>, SourceError> {
-    let received: u64 = chunks.iter().map(|c| c.len() as u64).sum();
-    let want = range.end - range.start;
-    if received != want {
-        return Err(SourceError::BadResponse {
-            name: name.to_owned(),
-            start: range.start,
-            end: range.end,
-            detail: format!("{received} bytes arrived for a range of {want}"),
-        });
-    }
-    Ok(chunks)
-}
-
-/// Waits for the parts in order and cuts them into item pieces for the sink.
-fn consume(
-    mut rx: mpsc::UnboundedReceiver<JoinHandle<Result<Fetched, SourceError>>>,
-    plan: &Plan,
-    mut sink: Box<dyn Sink>,
-    progress: &Progress,
-    runtime: &tokio::runtime::Handle,
-    mut cancel: Cancel,
-) -> Result<EngineReport, FetchError> {
-    let mut report = EngineReport::default();
-    // The next item to deliver: (file, item).
-    let mut cursor = (0usize, 0usize);
-    let result = (|| {
-        while let Some(mut task) = rx.blocking_recv() {
-            let fetched = runtime.block_on(async {
-                tokio::select! {
-                    done = &mut task => Some(done),
-                    () = cancel.cancelled() => None,
-                }
-            });
-            let Some(fetched) = fetched else {
-                task.abort();
-                return Err(FetchError::Interrupted);
+            self.left -= n;
+            self.held.add(n);
+            let chunk = Event::Chunk {
+                part: self.part,
+                data,
             };
-            let fetched = fetched.expect("fetch tasks do not panic")?;
-            deliver(
-                plan,
-                &mut cursor,
-                &fetched,
-                sink.as_mut(),
-                &mut report,
-                progress,
-            )?;
+            if self.tx.send(chunk).await.is_err() {
+                self.held.sub(n);
+                return Err(Stopped);
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Where the consumer is in a part: the next byte and the item it belongs to (or precedes), and,
+/// for an ordered sink, the chunks that arrived before the part's turn.
+struct PartState {
+    pos: u64,
+    item: usize,
+    waiting: VecDeque<Bytes>,
+    ended: bool,
+    _memory: Option<OwnedSemaphorePermit>,
+}
+
+/// Cuts the chunks of the parts into item pieces for the sink, on a blocking thread.
+struct Consumer<'r> {
+    plan: &'r Plan,
+    sink: Box<dyn Sink>,
+    ordered: bool,
+    held: &'r Held,
+    progress: &'r Progress,
+    parts: HashMap<PartId, PartState>,
+    /// Items partly given to the sink: the bytes still to come.
+    unfinished: HashMap<(usize, usize), u64>,
+    /// For an ordered sink, the part whose turn it is.
+    head: Option<PartId>,
+    report: EngineReport,
+}
+
+impl<'r> Consumer<'r> {
+    fn new(
+        plan: &'r Plan,
+        sink: Box<dyn Sink>,
+        held: &'r Held,
+        progress: &'r Progress,
+    ) -> Consumer<'r> {
+        let ordered = sink.ordered();
+        Consumer {
+            plan,
+            sink,
+            ordered,
+            held,
+            progress,
+            parts: HashMap::new(),
+            unfinished: HashMap::new(),
+            head: next_part(plan, None),
+            report: EngineReport::default(),
         }
-        sink.finish()?;
+    }
+
+    fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Event>,
+        runtime: &tokio::runtime::Handle,
+        mut cancel: Cancel,
+    ) -> Result<EngineReport, FetchError> {
+        let result = (|| {
+            loop {
+                let event = runtime.block_on(async {
+                    tokio::select! {
+                        event = rx.recv() => Ok(event),
+                        () = cancel.cancelled() => Err(FetchError::Interrupted),
+                    }
+                })?;
+                match event {
+                    Some(Event::Chunk { part, data }) => self.chunk(part, data)?,
+                    Some(Event::End {
+                        part,
+                        result,
+                        memory,
+                    }) => {
+                        result?;
+                        self.end(part, memory)?;
+                    }
+                    None => break,
+                }
+            }
+            self.check_complete()?;
+            self.sink.finish()?;
+            Ok(())
+        })();
+        if result.is_err() {
+            // Keep what is complete; closing the channel stops the producer and the requests.
+            let _ = self.sink.interrupted();
+            rx.close();
+        }
+        self.progress.finish();
+        result.map(|()| self.report)
+    }
+
+    fn state(&mut self, id: PartId) -> &mut PartState {
+        let file = &self.plan.files[id.file];
+        self.parts.entry(id).or_insert_with(|| {
+            let start = file.parts[id.part].range.start;
+            PartState {
+                pos: start,
+                item: file.items.partition_point(|i| i.range.end <= start),
+                waiting: VecDeque::new(),
+                ended: false,
+                _memory: None,
+            }
+        })
+    }
+
+    fn chunk(&mut self, id: PartId, data: Bytes) -> Result<(), FetchError> {
+        if self.ordered && self.head != Some(id) {
+            self.state(id).waiting.push_back(data);
+            return Ok(());
+        }
+        self.cut(id, data)
+    }
+
+    fn end(&mut self, id: PartId, memory: Option<OwnedSemaphorePermit>) -> Result<(), FetchError> {
+        let part = &self.plan.files[id.file].parts[id.part];
+        self.report.parts += 1;
+        self.report.part_bytes += part.range.end - part.range.start;
+        if !self.ordered {
+            self.parts.remove(&id);
+            return Ok(());
+        }
+        let state = self.state(id);
+        state.ended = true;
+        state._memory = memory;
+        // Give the parts whose turn has come what they hold.
+        while let Some(head) = self.head {
+            let Some(state) = self.parts.get_mut(&head) else {
+                break;
+            };
+            let waiting = std::mem::take(&mut state.waiting);
+            let ended = state.ended;
+            for data in waiting {
+                self.cut(head, data)?;
+            }
+            if !ended {
+                break;
+            }
+            self.parts.remove(&head);
+            self.head = next_part(self.plan, Some(head));
+        }
         Ok(())
-    })();
-    if result.is_err() {
-        // Keep what is complete, stop the producer and abandon the requests in flight.
-        let _ = sink.interrupted();
-        rx.close();
-        while let Ok(task) = rx.try_recv() {
-            task.abort();
-        }
     }
-    progress.finish();
-    result.map(|()| report)
-}
 
-/// Hands the items (or parts of items) a part covers to the sink.
-fn deliver(
-    plan: &Plan,
-    cursor: &mut (usize, usize),
-    fetched: &Fetched,
-    sink: &mut dyn Sink,
-    report: &mut EngineReport,
-    progress: &Progress,
-) -> Result<(), FetchError> {
-    let file = &plan.files[fetched.file];
-    let part = &file.parts[fetched.part];
-    if cursor.0 != fetched.file {
-        *cursor = (fetched.file, 0);
-    }
-    let mut chunk_index = 0usize;
-    let mut chunk_start = part.range.start;
-    while let Some(item) = file.items.get(cursor.1) {
-        if item.range.start >= part.range.end {
-            break;
-        }
-        let from = item.range.start.max(part.range.start);
-        let to = item.range.end.min(part.range.end);
-        // Walk the chunks that overlap [from, to), slicing without copying.
-        let mut pos = from;
-        while pos < to {
-            let Some(chunk) = fetched.chunks.get(chunk_index) else {
-                return Err(SourceError::BadResponse {
-                    name: file.name.to_string(),
-                    start: part.range.start,
-                    end: part.range.end,
-                    detail: "fewer bytes arrived than the range holds".into(),
-                }
-                .into());
+    /// Gives the item bytes of a part's next chunk to the sink, and finishes the items it
+    /// completes.
+    fn cut(&mut self, id: PartId, mut data: Bytes) -> Result<(), FetchError> {
+        let plan = self.plan;
+        let file = &plan.files[id.file];
+        let held = data.len() as u64;
+        let state = self.state(id);
+        let (mut pos, mut index) = (state.pos, state.item);
+        while !data.is_empty() {
+            let Some(item) = file.items.get(index) else {
+                // Parts end on item bytes: nothing can follow the last item.
+                break;
             };
-            let chunk_end = chunk_start + chunk.len() as u64;
-            if pos >= chunk_end {
-                chunk_start = chunk_end;
-                chunk_index += 1;
+            let len = data.len() as u64;
+            if pos < item.range.start {
+                let gap = (item.range.start - pos).min(len);
+                let _ = data.split_to(gap as usize);
+                pos += gap;
                 continue;
             }
-            let a = (pos - chunk_start) as usize;
-            let b = (to.min(chunk_end) - chunk_start) as usize;
-            sink.write(file, item, pos - item.range.start, chunk.slice(a..b))?;
-            report.item_bytes += (b - a) as u64;
-            pos = chunk_start + b as u64;
+            let n = (item.range.end - pos).min(len);
+            let piece = data.split_to(n as usize);
+            self.sink.write(file, item, pos - item.range.start, piece)?;
+            self.report.item_bytes += n;
+            pos += n;
+            let left = self
+                .unfinished
+                .entry((id.file, index))
+                .or_insert_with(|| item.len());
+            *left -= n;
+            if *left == 0 {
+                self.unfinished.remove(&(id.file, index));
+                self.sink.item_done(file, item)?;
+                self.report.items += 1;
+                self.progress.item_done();
+            }
+            if pos == item.range.end {
+                index += 1;
+            }
         }
-        if item.range.end <= part.range.end {
-            sink.item_done(file, item)?;
-            report.items += 1;
-            progress.item_done();
-            cursor.1 += 1;
-        } else {
-            break;
-        }
+        let state = self.state(id);
+        state.pos = pos;
+        state.item = index;
+        self.held.sub(held);
+        Ok(())
     }
-    let len = part.range.end - part.range.start;
-    report.parts += 1;
-    report.part_bytes += len;
-    Ok(())
+
+    /// Refuses to finish a run that did not give every item whole (the producer stopped early).
+    fn check_complete(&self) -> Result<(), FetchError> {
+        let items = self.plan.items() as u64;
+        if self.report.items != items {
+            return Err(FetchError::Incomplete {
+                done: self.report.items,
+                items,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The part after `after` in plan order (the first part when `None`).
+fn next_part(plan: &Plan, after: Option<PartId>) -> Option<PartId> {
+    let (mut file, mut part) = match after {
+        None => (0, 0),
+        Some(id) => (id.file, id.part + 1),
+    };
+    while let Some(f) = plan.files.get(file) {
+        if part < f.parts.len() {
+            return Some(PartId { file, part });
+        }
+        file += 1;
+        part = 0;
+    }
+    None
 }

@@ -13,6 +13,11 @@ pub struct NullSink {
 }
 
 impl Sink for NullSink {
+    /// Nothing is kept, so order does not matter.
+    fn ordered(&self) -> bool {
+        false
+    }
+
     fn write(&mut self, _: &FilePlan, _: &PlanItem, _: u64, data: Bytes) -> Result<(), SinkError> {
         self.bytes += data.len() as u64;
         Ok(())

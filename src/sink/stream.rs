@@ -258,6 +258,11 @@ fn tar_padding(len: u64) -> usize {
 }
 
 impl Sink for StreamSink {
+    /// A stream is written in plan order.
+    fn ordered(&self) -> bool {
+        true
+    }
+
     fn write(
         &mut self,
         _: &FilePlan,

@@ -17,12 +17,14 @@ use std::fmt;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use reqwest::header::{self, HeaderMap, HeaderName, HeaderValue};
 use reqwest::{Client, Method, RequestBuilder, Response, StatusCode, Url};
 
+use super::Receive;
 use super::resume::{self, Attempts, Body, Failure, Received};
 use super::{
     BoxFuture, ObjectMeta, ObjectName, ObjectStore, RetryPolicy, SourceError, TransferStats, fits,
@@ -239,6 +241,9 @@ pub struct HttpSource {
     retry: RetryPolicy,
     stats: Arc<TransferStats>,
     ramp: Arc<Ramp>,
+    /// Whether any request got an answer: a refused connection after that is a server
+    /// restarting (retried), before it a wrong address (not retried).
+    reached: Arc<AtomicBool>,
 }
 
 /// Ranged GETs a source starts with at once (the engine's `--concurrency` bounds them too).
@@ -603,6 +608,7 @@ impl HttpSource {
             retry: opts.retry,
             ramp: Arc::new(Ramp::new(stats.clone())),
             stats,
+            reached: Arc::default(),
         })
     }
 
@@ -659,6 +665,7 @@ impl HttpSource {
                 }
                 Ok(Ok(r)) => r,
             };
+            self.reached.store(true, Ordering::Relaxed);
             trace(response.status().as_str());
             self.ramp.answered(started.elapsed());
             if !response.status().is_redirection() || response.status() == StatusCode::NOT_MODIFIED
@@ -693,6 +700,9 @@ impl HttpSource {
     fn send_failure(&self, what: &str, url: &Url, e: reqwest::Error) -> Failure {
         let retry =
             (e.is_timeout() || e.is_connect() || e.is_request() || e.is_body()) && !e.is_builder();
+        if let Some(unreachable) = self.unreachable(what, url, &e) {
+            return unreachable;
+        }
         let detail = error_chain(e);
         // rustls says "invalid peer certificate: UnknownIssuer" (or NotValidForName, Expired...).
         if detail.to_ascii_lowercase().contains("certificate") {
@@ -711,6 +721,34 @@ impl HttpSource {
                 detail,
             })
         }
+    }
+
+    /// A request that reached no server because its host does not resolve, or (before any
+    /// request was answered) nothing listens on its port: not worth a backoff.
+    fn unreachable(&self, what: &str, url: &Url, e: &reqwest::Error) -> Option<Failure> {
+        let host = url.host_str().unwrap_or_default();
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(c) = cause {
+            let text = c.to_string();
+            if text.starts_with("dns error") || text.contains("failed to lookup address") {
+                return Some(Failure::Fatal(SourceError::Unreachable {
+                    name: what.to_owned(),
+                    detail: format!("cannot resolve {host}"),
+                }));
+            }
+            if let Some(io) = c.downcast_ref::<std::io::Error>()
+                && io.kind() == std::io::ErrorKind::ConnectionRefused
+                && !self.reached.load(Ordering::Relaxed)
+            {
+                let port = url.port_or_known_default().unwrap_or_default();
+                return Some(Failure::Fatal(SourceError::Unreachable {
+                    name: what.to_owned(),
+                    detail: format!("connection refused by {host}:{port}"),
+                }));
+            }
+            cause = c.source();
+        }
+        None
     }
 
     /// Sorts an answer that is not a success into "try again" or "stop", naming what failed.
@@ -819,14 +857,14 @@ impl HttpSource {
         Ok(response)
     }
 
-    /// One GET of `range`, appending what arrives to `chunks` and advancing `pos`.
+    /// One GET of `range`, handing what arrives to `into` and advancing `pos`.
     async fn get_part(
         &self,
         name: &ObjectName,
         range: Range<u64>,
         meta: &ObjectMeta,
         attempt: u32,
-        chunks: &mut Vec<Bytes>,
+        into: &mut dyn Receive,
         pos: &mut u64,
     ) -> Result<(), Failure> {
         let what = format!("{name} bytes {}..{}", range.start, range.end);
@@ -921,7 +959,7 @@ impl HttpSource {
         }
         let mut body = response;
         let stall = self.retry.stall_timeout;
-        resume::receive(&mut body, name, range, stall, &self.stats, chunks, pos).await
+        resume::receive(&mut body, name, range, stall, &self.stats, into, pos).await
     }
 }
 
@@ -963,7 +1001,9 @@ impl ObjectStore for HttpSource {
                 drop(response);
                 let meta = self.stat(name).await?;
                 fits(name, meta.size, limit)?;
-                let chunks = self.read_range(name, 0..meta.size, &meta).await?;
+                let mut chunks = Vec::new();
+                self.read_range(name, 0..meta.size, &meta, &mut chunks)
+                    .await?;
                 return Ok((meta, chunks));
             };
             fits(name, size, limit)?;
@@ -990,7 +1030,8 @@ impl ObjectStore for HttpSource {
                 Ok(Err(Failure::Fatal(e))) => return Err(e),
                 Ok(Err(Failure::Retry(_))) | Err(_) => {
                     self.stats.add_retry();
-                    chunks.extend(self.read_range(name, pos..meta.size, &meta).await?);
+                    self.read_range(name, pos..meta.size, &meta, &mut chunks)
+                        .await?;
                 }
             }
             Ok((meta, chunks))
@@ -1015,8 +1056,9 @@ impl ObjectStore for HttpSource {
         name: &'a ObjectName,
         range: Range<u64>,
         meta: &'a ObjectMeta,
-    ) -> BoxFuture<'a, Result<Vec<Bytes>, SourceError>> {
-        Box::pin(resume::read_resuming(self, name, range, meta))
+        into: &'a mut dyn Receive,
+    ) -> BoxFuture<'a, Result<(), SourceError>> {
+        Box::pin(resume::read_resuming(self, name, range, meta, into))
     }
 }
 
@@ -1040,18 +1082,11 @@ impl Attempts for HttpSource {
         range: Range<u64>,
         meta: &ObjectMeta,
         attempt: u32,
-        received: &mut Received,
+        received: &mut Received<'_>,
     ) -> Result<(), Failure> {
         let slot = self.ramp.slot(name.as_str(), range.start).await;
         let got = self
-            .get_part(
-                name,
-                range,
-                meta,
-                attempt,
-                &mut received.chunks,
-                &mut received.pos,
-            )
+            .get_part(name, range, meta, attempt, received.into, &mut received.pos)
             .await;
         if got.is_ok() {
             self.ramp.finished();

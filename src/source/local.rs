@@ -15,7 +15,10 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 
-use super::{BoxFuture, ObjectMeta, ObjectName, ObjectStore, SourceError, TransferStats};
+use super::{BoxFuture, ObjectMeta, ObjectName, ObjectStore, Receive, SourceError, TransferStats};
+
+/// Bytes read at once: what a read holds in memory, twice.
+const BLOCK: u64 = 256 << 10;
 
 /// The folder a copy made by `dcpfetch fetch -o DIR` keeps its state in (journal, lock).
 pub const STATE_DIR: &str = ".dcpfetch";
@@ -183,36 +186,68 @@ impl ObjectStore for LocalSource {
         })
     }
 
+    /// Reads `BLOCK` bytes at a time on a blocking thread, two blocks ahead of the receiver at
+    /// most, each between two checks of the file's version.
     fn read_range<'a>(
         &'a self,
         name: &'a ObjectName,
         range: Range<u64>,
         meta: &'a ObjectMeta,
-    ) -> BoxFuture<'a, Result<Vec<Bytes>, SourceError>> {
+        into: &'a mut dyn Receive,
+    ) -> BoxFuture<'a, Result<(), SourceError>> {
         Box::pin(async move {
-            let this = self.clone();
-            let path = self.path(name);
-            let name = name.clone();
-            let meta = meta.clone();
-            let read = tokio::task::spawn_blocking(move || {
-                this.stats.add_request();
-                let started = Instant::now();
-                let result = this.read_pinned(&name, &range, &meta);
-                let status = if result.is_ok() {
-                    "local"
-                } else {
-                    "local error"
-                };
-                super::resume::trace("read", name.as_str(), Some(&range), status, started, 1);
-                Ok(vec![result?])
-            });
-            match read.await {
-                Ok(result) => result,
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, SourceError>>(1);
+            let reader = {
+                let this = self.clone();
+                let name = name.clone();
+                let meta = meta.clone();
+                let range = range.clone();
+                tokio::task::spawn_blocking(move || {
+                    this.stats.add_request();
+                    let started = Instant::now();
+                    let mut status = "local";
+                    let mut at = range.start;
+                    while at < range.end {
+                        let block = at..range.end.min(at + BLOCK);
+                        at = block.end;
+                        let read = this.read_pinned(&name, &block, &meta);
+                        let failed = read.is_err();
+                        if failed {
+                            status = "local error";
+                        }
+                        // A closed channel: the receiver stopped or the run is over.
+                        if tx.blocking_send(read).is_err() || failed {
+                            break;
+                        }
+                    }
+                    super::resume::trace("read", name.as_str(), Some(&range), status, started, 1);
+                })
+            };
+            let mut result = Ok(());
+            while let Some(block) = rx.recv().await {
+                match block {
+                    Ok(data) => {
+                        if into.receive(data).await.is_err() {
+                            result = Err(SourceError::Stopped {
+                                name: name.to_string(),
+                            });
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+            drop(rx);
+            match reader.await {
+                Ok(()) => result,
                 Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
                 // The runtime is shutting down (a closed stdout ends the run early) before the read
                 // ran: nobody waits for it any more, and it must not print a panic on the way out.
                 Err(_) => Err(SourceError::Io {
-                    path: path.display().to_string(),
+                    path: self.path(name).display().to_string(),
                     source: std::io::Error::other("the read was cancelled"),
                 }),
             }

@@ -186,6 +186,9 @@ pub enum SourceError {
     Config(String),
     #[error(transparent)]
     Name(#[from] NameError),
+    /// Whoever took the bytes refused more ([`Stopped`]): it holds the reason.
+    #[error("{name}: the read was stopped by its receiver")]
+    Stopped { name: String },
 }
 
 impl SourceError {
@@ -246,19 +249,46 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
         Box::pin(async move {
             let meta = self.stat(name).await?;
             fits(name, meta.size, limit)?;
-            let chunks = self.read_range(name, 0..meta.size, &meta).await?;
+            let mut chunks = Vec::new();
+            self.read_range(name, 0..meta.size, &meta, &mut chunks)
+                .await?;
             Ok((meta, chunks))
         })
     }
 
-    /// The bytes `range` (inside the object) of an object as received, in order. Fails unless the
-    /// object is still the version `meta` describes ([`SourceError::Changed`]).
+    /// The bytes `range` (inside the object) of an object, handed to `into` in order as they
+    /// arrive (a retry resumes after the last byte handed over). Fails unless the object is still
+    /// the version `meta` describes ([`SourceError::Changed`]), and with [`SourceError::Stopped`]
+    /// when `into` refuses more bytes.
     fn read_range<'a>(
         &'a self,
         name: &'a ObjectName,
         range: Range<u64>,
         meta: &'a ObjectMeta,
-    ) -> BoxFuture<'a, Result<Vec<Bytes>, SourceError>>;
+        into: &'a mut dyn Receive,
+    ) -> BoxFuture<'a, Result<(), SourceError>>;
+}
+
+/// Where the bytes of a ranged read go as they arrive: held in memory (`Vec<Bytes>`, for small
+/// reads), or passed on at once (the fetch engine), so that a read holds no more than the chunk in
+/// hand.
+pub trait Receive: Send {
+    /// The next bytes of the range, in order from its start. It may wait (whoever takes the bytes
+    /// is slower than the network); an error stops the read, and the receiver keeps the reason.
+    fn receive(&mut self, data: Bytes) -> BoxFuture<'_, Result<(), Stopped>>;
+}
+
+/// A [`Receive`] refused more bytes; it knows why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stopped;
+
+impl Receive for Vec<Bytes> {
+    fn receive(&mut self, data: Bytes) -> BoxFuture<'_, Result<(), Stopped>> {
+        if !data.is_empty() {
+            self.push(data);
+        }
+        Box::pin(std::future::ready(Ok(())))
+    }
 }
 
 /// A checkpoint location opened for reading: a cheap-to-clone handle on an [`ObjectStore`] that
@@ -351,6 +381,24 @@ impl Source {
         range: Range<u64>,
         meta: &ObjectMeta,
     ) -> Result<Vec<Bytes>, SourceError> {
+        let mut chunks = Vec::new();
+        self.stream_range(name, range.clone(), meta, &mut chunks)
+            .await?;
+        let len = chunks.iter().map(|c| c.len()).sum();
+        received_whole(&ObjectName::new(name)?, range, len)?;
+        Ok(chunks)
+    }
+
+    /// The bytes `range` of an object, handed to `into` in order as they arrive. Fails unless the
+    /// object is still the version `meta` describes; `into` counts what it was given (a store
+    /// may end a range short or run long only by a fault of its own, which `into` must catch).
+    pub async fn stream_range(
+        &self,
+        name: &str,
+        range: Range<u64>,
+        meta: &ObjectMeta,
+        into: &mut dyn Receive,
+    ) -> Result<(), SourceError> {
         let name = ObjectName::new(name)?;
         if range.end > meta.size || range.start > range.end {
             return Err(SourceError::BadResponse {
@@ -360,7 +408,7 @@ impl Source {
                 detail: format!("range is outside the object's {} bytes", meta.size),
             });
         }
-        self.0.read_range(&name, range, meta).await
+        self.0.read_range(&name, range, meta, into).await
     }
 }
 

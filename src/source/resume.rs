@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::{ObjectMeta, ObjectName, RetryPolicy, SourceError, TransferStats};
+use super::{ObjectMeta, ObjectName, Receive, RetryPolicy, SourceError, TransferStats};
 
 /// How one attempt ended, when it did not end well.
 #[derive(Debug)]
@@ -20,10 +20,9 @@ pub(crate) enum Failure {
 }
 
 /// What the attempts at one range have received so far.
-#[derive(Debug)]
-pub(crate) struct Received {
-    /// The bytes, in order, from the range's start.
-    pub chunks: Vec<Bytes>,
+pub(crate) struct Received<'r> {
+    /// Where the bytes go, in order, from the range's start.
+    pub into: &'r mut dyn Receive,
     /// The next byte wanted.
     pub pos: u64,
     /// The current attempt's answer, for a store's log line: an HTTP status, or what went wrong
@@ -38,7 +37,7 @@ pub(crate) trait Attempts: Send + Sync {
     /// The object's key or URL path, as the log names it.
     fn log_key(&self, name: &ObjectName) -> String;
     /// Request number `attempt` (from 1) for `range` (from the next byte wanted to the end),
-    /// appending what arrives to `received.chunks` and advancing `received.pos` as it arrives, so
+    /// handing what arrives to `received.into` and advancing `received.pos` as it arrives, so
     /// that a cut attempt keeps its bytes. The store logs its own request ([`trace`]); the loop
     /// logs only an attempt it cut for taking too long.
     fn attempt<'s>(
@@ -47,7 +46,7 @@ pub(crate) trait Attempts: Send + Sync {
         range: Range<u64>,
         meta: &'s ObjectMeta,
         attempt: u32,
-        received: &'s mut Received,
+        received: &'s mut Received<'_>,
     ) -> impl Future<Output = Result<(), Failure>> + Send + 's;
 }
 
@@ -61,11 +60,12 @@ pub(crate) async fn read_resuming<S: Attempts>(
     name: &ObjectName,
     range: Range<u64>,
     meta: &ObjectMeta,
-) -> Result<Vec<Bytes>, SourceError> {
+    into: &mut dyn Receive,
+) -> Result<(), SourceError> {
     let policy = *store.retry_policy();
     let key = store.log_key(name);
     let mut received = Received {
-        chunks: Vec::new(),
+        into,
         pos: range.start,
         status: String::new(),
     };
@@ -126,7 +126,7 @@ pub(crate) async fn read_resuming<S: Attempts>(
             }
         }
     }
-    Ok(received.chunks)
+    Ok(())
 }
 
 /// Emits the `dcpfetch::requests` event of one request attempt (shown with `-v`).
@@ -155,16 +155,18 @@ pub(crate) trait Body: Send {
     fn next_chunk(&mut self) -> impl Future<Output = Option<Result<Bytes, String>>> + Send + '_;
 }
 
-/// Reads a body for the bytes `range` (the body starts at `*pos`), appending what arrives to
-/// `chunks` and advancing `*pos`. A body that stalls (nothing for `stall`), breaks or ends short
-/// is a [`Failure::Retry`] (the caller resumes from `*pos`); one longer than the range is fatal.
+/// Reads a body for the bytes `range` (the body starts at `*pos`), handing what arrives to `into`
+/// and advancing `*pos`. A body that stalls (nothing for `stall`), breaks or ends short is a
+/// [`Failure::Retry`] (the caller resumes from `*pos`); one longer than the range is fatal, and
+/// so is a receiver that refuses the bytes. The stall clock runs only while waiting for the
+/// network, not while the receiver takes a chunk.
 pub(crate) async fn receive(
     body: &mut impl Body,
     name: &ObjectName,
     range: Range<u64>,
     stall: std::time::Duration,
     stats: &TransferStats,
-    chunks: &mut Vec<Bytes>,
+    into: &mut dyn Receive,
     pos: &mut u64,
 ) -> Result<(), Failure> {
     let what = || format!("{name} bytes {}..{}", range.start, range.end);
@@ -194,10 +196,13 @@ pub(crate) async fn receive(
                     }));
                 }
                 stats.add_bytes(chunk.len() as u64);
-                *pos += chunk.len() as u64;
-                if !chunk.is_empty() {
-                    chunks.push(chunk);
+                let n = chunk.len() as u64;
+                if n > 0 && into.receive(chunk).await.is_err() {
+                    return Err(Failure::Fatal(SourceError::Stopped {
+                        name: name.to_string(),
+                    }));
                 }
+                *pos += n;
             }
             Some(Err(e)) => {
                 return Err(Failure::Retry(format!(

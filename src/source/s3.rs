@@ -27,6 +27,7 @@ use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_smithy_types::DateTime;
 use bytes::Bytes;
 
+use super::Receive;
 use super::resume::{self, Attempts, Body, Failure, Received};
 use super::{
     BoxFuture, ObjectMeta, ObjectName, ObjectStore, RetryPolicy, SourceError, TransferStats,
@@ -351,7 +352,7 @@ impl S3Source {
         }
     }
 
-    /// One GET of `range`, appending what arrives to `chunks` and advancing `pos`; `status`
+    /// One GET of `range`, handing what arrives to `into` and advancing `pos`; `status`
     /// is set to the answer's status for the request's trace event.
     #[allow(clippy::too_many_arguments)]
     async fn get_part(
@@ -360,7 +361,7 @@ impl S3Source {
         key: &str,
         range: Range<u64>,
         meta: &ObjectMeta,
-        chunks: &mut Vec<Bytes>,
+        into: &mut dyn Receive,
         pos: &mut u64,
         status: &mut String,
     ) -> Result<(), Failure> {
@@ -460,7 +461,7 @@ impl S3Source {
         }
         let mut body = out.body;
         let stall = self.retry.stall_timeout;
-        resume::receive(&mut body, name, range, stall, &self.stats, chunks, pos).await
+        resume::receive(&mut body, name, range, stall, &self.stats, into, pos).await
     }
 }
 
@@ -632,7 +633,8 @@ impl ObjectStore for S3Source {
                 // Broke, stalled, ended short or too slow: the rest, pinned to this answer's
                 // version.
                 Err(Failure::Retry(_)) => {
-                    chunks.extend(self.read_range(name, pos..meta.size, &meta).await?);
+                    self.read_range(name, pos..meta.size, &meta, &mut chunks)
+                        .await?;
                 }
             }
             Ok((meta, chunks))
@@ -645,8 +647,9 @@ impl ObjectStore for S3Source {
         name: &'a ObjectName,
         range: Range<u64>,
         meta: &'a ObjectMeta,
-    ) -> BoxFuture<'a, Result<Vec<Bytes>, SourceError>> {
-        Box::pin(resume::read_resuming(self, name, range, meta))
+        into: &'a mut dyn Receive,
+    ) -> BoxFuture<'a, Result<(), SourceError>> {
+        Box::pin(resume::read_resuming(self, name, range, meta, into))
     }
 }
 
@@ -670,7 +673,7 @@ impl Attempts for S3Source {
         range: Range<u64>,
         meta: &ObjectMeta,
         attempt: u32,
-        received: &mut Received,
+        received: &mut Received<'_>,
     ) -> Result<(), Failure> {
         let key = self.key(name);
         let started = Instant::now();
@@ -680,7 +683,7 @@ impl Attempts for S3Source {
                 &key,
                 range.clone(),
                 meta,
-                &mut received.chunks,
+                received.into,
                 &mut received.pos,
                 &mut received.status,
             )

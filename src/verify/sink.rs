@@ -260,6 +260,11 @@ impl VerifySink {
 }
 
 impl Sink for VerifySink {
+    /// Files are hashed, and items checked, in order.
+    fn ordered(&self) -> bool {
+        true
+    }
+
     fn write(
         &mut self,
         file: &FilePlan,
