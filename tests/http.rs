@@ -188,6 +188,26 @@ fn an_address_where_nothing_listens_fails_at_once() {
     assert!(err.contains("cannot resolve no-such-host.invalid"), "{err}");
 }
 
+/// A 503 with `Retry-After: 1` is retried after the second asked for, not after the backoff of a
+/// few milliseconds; the last error names the wait.
+#[test]
+fn retry_after_is_honoured() {
+    let root = tempfile::tempdir().unwrap();
+    let nginx = Nginx::start(
+        root.path(),
+        "location /busy/ { add_header Retry-After 1 always; return 503; }",
+    );
+    let started = std::time::Instant::now();
+    let (code, _, err) = run(cmd().args(["ls", &nginx.url("busy/ckpt"), "--max-attempts", "2"]));
+    let took = started.elapsed();
+    assert_ne!(code, Some(0), "{err}");
+    assert!(
+        err.contains("HTTP 503") && err.contains("Retry-After 1s"),
+        "{err}"
+    );
+    assert!(took >= Duration::from_secs(1), "retried after {took:?}");
+}
+
 /// `/hub/` wants a bearer token and redirects to `/cdn/` on another host (127.0.0.2), which
 /// refuses requests that carry one (as S3 and CDNs refuse an Authorization they did not sign);
 /// `/same/` redirects to `/hub/` on the same host.

@@ -255,7 +255,12 @@ fn plan_flags(plan: &PlanFlags) -> Result<PlanOptions, UsageError> {
 
 fn ls(a: LsArgs) -> Result<LsSettings, UsageError> {
     Ok(LsSettings {
-        target: target(a.checkpoint, &a.s3, &a.http, &a.selection)?,
+        target: {
+            let mut t = target(a.checkpoint, &a.s3, &a.http, &a.selection)?;
+            // A sweep measures the concurrency it names, not the HTTP ramp's choice.
+            t.http.no_ramp = true;
+            t
+        },
         printer: Printer::report(ReportFormat::json_if(a.json)),
     })
 }
@@ -263,7 +268,12 @@ fn ls(a: LsArgs) -> Result<LsSettings, UsageError> {
 fn plan(a: PlanArgs) -> Result<PlanSettings, UsageError> {
     Ok(PlanSettings {
         plan: plan_flags(&a.plan)?,
-        target: target(a.checkpoint, &a.s3, &a.http, &a.selection)?,
+        target: {
+            let mut t = target(a.checkpoint, &a.s3, &a.http, &a.selection)?;
+            // A sweep measures the concurrency it names, not the HTTP ramp's choice.
+            t.http.no_ramp = true;
+            t
+        },
         groups: a.groups,
         in_flight: DEFAULT_CONCURRENCY as usize,
         printer: Printer::report(ReportFormat::json_if(a.json)),
@@ -309,7 +319,12 @@ fn fetch(a: FetchArgs) -> Result<FetchSettings, UsageError> {
     };
     let trial = engine_flags(&a.plan, &a.engine)?;
     Ok(FetchSettings {
-        target: target(a.checkpoint, &a.s3, &a.http, &a.selection)?,
+        target: {
+            let mut t = target(a.checkpoint, &a.s3, &a.http, &a.selection)?;
+            // A sweep measures the concurrency it names, not the HTTP ramp's choice.
+            t.http.no_ramp = true;
+            t
+        },
         plan: trial.plan,
         engine: trial.engine,
         printer: Printer::run(ReportFormat::json_if(a.json), a.quiet, to_stdout)
@@ -321,7 +336,12 @@ fn fetch(a: FetchArgs) -> Result<FetchSettings, UsageError> {
 fn verify(a: VerifyArgs) -> Result<VerifySettings, UsageError> {
     let trial = engine_flags(&a.plan, &a.engine)?;
     Ok(VerifySettings {
-        target: target(a.checkpoint, &a.s3, &a.http, &a.selection)?,
+        target: {
+            let mut t = target(a.checkpoint, &a.s3, &a.http, &a.selection)?;
+            // A sweep measures the concurrency it names, not the HTTP ramp's choice.
+            t.http.no_ramp = true;
+            t
+        },
         plan: trial.plan,
         engine: trial.engine,
         quick: a.quick,
@@ -364,7 +384,12 @@ fn bench(a: BenchArgs) -> Result<BenchSettings, UsageError> {
         ReportFormat::Table
     };
     Ok(BenchSettings {
-        target: target(a.checkpoint, &a.s3, &a.http, &a.selection)?,
+        target: {
+            let mut t = target(a.checkpoint, &a.s3, &a.http, &a.selection)?;
+            // A sweep measures the concurrency it names, not the HTTP ramp's choice.
+            t.http.no_ramp = true;
+            t
+        },
         trials,
         repeat: a.repeat,
         output: a.output,
@@ -516,6 +541,10 @@ mod tests {
         };
         assert_eq!(b.trials.len(), 6);
         assert_eq!(b.trials[1].engine.concurrency, 8);
+        assert!(
+            b.target.http.no_ramp,
+            "a sweep measures the concurrency it names"
+        );
         assert!(ByteSize(b.trials[5].plan.max_gap).is_inf());
         assert!(b.trials.iter().all(|t| t.plan.part_size == 1 << 20));
     }

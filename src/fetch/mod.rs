@@ -36,9 +36,9 @@ use crate::source::{BoxFuture, ObjectMeta, ObjectName, Receive, Source, SourceEr
 /// Memory is counted in units of this many bytes.
 const UNIT: u64 = 64 << 10;
 
-/// Chunks on their way from the requests to the sink: with a store's chunks of at most a few
-/// hundred KiB, what a sink that places bytes costs in memory.
-const CHANNEL_CHUNKS: usize = 4;
+/// Most bytes of chunks on their way from the requests to the consumer: what a sink that places
+/// bytes costs in memory (with one chunk in hand per request).
+const PASSAGE_BYTES: usize = 4 << 20;
 
 /// How hard the engine pushes.
 #[derive(Debug, Clone, Copy)]
@@ -162,8 +162,14 @@ pub struct EngineReport {
 
 /// What a request task tells the consumer.
 enum Event {
-    /// The next bytes of a part.
-    Chunk { part: PartId, data: Bytes },
+    /// The next bytes of a part, and their place in the passage to the consumer.
+    Chunk {
+        part: PartId,
+        data: Bytes,
+        _passage: OwnedSemaphorePermit,
+    },
+    /// Ctrl-C.
+    Interrupted,
     /// A part's read is over: all its bytes were sent, or it failed. An ordered run's part keeps
     /// its memory permits until its bytes have reached the sink.
     End {
@@ -228,19 +234,28 @@ pub async fn run(
     }
     let ordered = sink.ordered();
     let held = Arc::new(Held::default());
-    let (tx, rx) = mpsc::channel::<Event>(CHANNEL_CHUNKS);
+    let (tx, rx) = mpsc::unbounded_channel::<Event>();
+    let passage = Arc::new(Semaphore::new(PASSAGE_BYTES));
 
     progress.follow(source.stats().clone());
     let consumer = {
         let plan = plan.clone();
         let held = held.clone();
-        let runtime = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || {
-            Consumer::new(&plan, sink, &held, &progress).run(rx, &runtime, cancel)
-        })
+        tokio::task::spawn_blocking(move || Consumer::new(&plan, sink, &held, &progress).run(rx))
     };
     let mut tasks = JoinSet::new();
-    let produce = produce(source, &plan, objects, opts, ordered, &held, tx, &mut tasks);
+    // Ctrl-C reaches the consumer as an event (a weak sender does not keep the channel open).
+    let weak = tx.downgrade();
+    let mut cancel = cancel;
+    tasks.spawn(async move {
+        cancel.cancelled().await;
+        if let Some(tx) = weak.upgrade() {
+            let _ = tx.send(Event::Interrupted);
+        }
+    });
+    let produce = produce(
+        source, &plan, objects, opts, ordered, &held, &passage, tx, &mut tasks,
+    );
     let mut consumer = std::pin::pin!(consumer);
     let finished = tokio::select! {
         done = &mut consumer => Some(done),
@@ -268,7 +283,8 @@ async fn produce(
     opts: EngineOptions,
     ordered: bool,
     held: &Arc<Held>,
-    tx: mpsc::Sender<Event>,
+    passage: &Arc<Semaphore>,
+    tx: mpsc::UnboundedSender<Event>,
     tasks: &mut JoinSet<()>,
 ) {
     let memory = Arc::new(Semaphore::new(units(opts.max_memory) as usize));
@@ -299,6 +315,7 @@ async fn produce(
             let part = PartId { file: fi, part: pi };
             let mut sender = PartSender {
                 tx: tx.clone(),
+                passage: passage.clone(),
                 part,
                 held: held.clone(),
                 name: name.clone(),
@@ -327,14 +344,11 @@ async fn produce(
                     }),
                     (Ok(()), None) => Ok(()),
                 };
-                let _ = sender
-                    .tx
-                    .send(Event::End {
-                        part,
-                        result,
-                        memory,
-                    })
-                    .await;
+                let _ = sender.tx.send(Event::End {
+                    part,
+                    result,
+                    memory,
+                });
             });
         }
     }
@@ -342,7 +356,9 @@ async fn produce(
 
 /// Passes a part's chunks to the consumer as they arrive, refusing any beyond the part's range.
 struct PartSender {
-    tx: mpsc::Sender<Event>,
+    tx: mpsc::UnboundedSender<Event>,
+    /// Bytes allowed on their way to the consumer.
+    passage: Arc<Semaphore>,
     part: PartId,
     held: Arc<Held>,
     name: String,
@@ -372,11 +388,17 @@ impl Receive for PartSender {
             }
             self.left -= n;
             self.held.add(n);
+            let bytes = data.len().clamp(1, PASSAGE_BYTES) as u32;
+            let Ok(passage) = self.passage.clone().acquire_many_owned(bytes).await else {
+                self.held.sub(n);
+                return Err(Stopped);
+            };
             let chunk = Event::Chunk {
                 part: self.part,
                 data,
+                _passage: passage,
             };
-            if self.tx.send(chunk).await.is_err() {
+            if self.tx.send(chunk).is_err() {
                 self.held.sub(n);
                 return Err(Stopped);
             }
@@ -431,22 +453,12 @@ impl<'r> Consumer<'r> {
         }
     }
 
-    fn run(
-        mut self,
-        mut rx: mpsc::Receiver<Event>,
-        runtime: &tokio::runtime::Handle,
-        mut cancel: Cancel,
-    ) -> Result<EngineReport, FetchError> {
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Event>) -> Result<EngineReport, FetchError> {
         let result = (|| {
             loop {
-                let event = runtime.block_on(async {
-                    tokio::select! {
-                        event = rx.recv() => Ok(event),
-                        () = cancel.cancelled() => Err(FetchError::Interrupted),
-                    }
-                })?;
-                match event {
-                    Some(Event::Chunk { part, data }) => self.chunk(part, data)?,
+                match rx.blocking_recv() {
+                    Some(Event::Chunk { part, data, .. }) => self.chunk(part, data)?,
+                    Some(Event::Interrupted) => return Err(FetchError::Interrupted),
                     Some(Event::End {
                         part,
                         result,

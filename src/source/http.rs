@@ -190,6 +190,9 @@ pub struct HttpOptions {
     /// Trust only the certificates of this PEM bundle (else the system's).
     pub ca_bundle: Option<PathBuf>,
     pub retry: RetryPolicy,
+    /// Open every GET `--concurrency` allows from the start, without the ramp: a `bench` sweep
+    /// measures the concurrency it names.
+    pub no_ramp: bool,
 }
 
 impl HttpOptions {
@@ -228,6 +231,7 @@ impl HttpOptions {
             headers,
             ca_bundle,
             retry,
+            no_ramp: false,
         })
     }
 }
@@ -369,6 +373,18 @@ impl Ramp {
                 quickest: Duration::MAX,
             }),
         }
+    }
+
+    /// A ramp open to [`MAX_CONNECTIONS`] from the start, that never moves.
+    fn open(stats: Arc<TransferStats>) -> Ramp {
+        let ramp = Ramp::new(stats);
+        {
+            let mut st = ramp.state();
+            st.limit = MAX_CONNECTIONS;
+            st.free = MAX_CONNECTIONS;
+            st.settled = true;
+        }
+        ramp
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, RampState> {
@@ -552,6 +568,25 @@ fn same_origin(a: &Url, b: &Url) -> bool {
 }
 
 /// A client error with its causes, without the URL (whose query may carry a token).
+/// How long an answer asks to wait before the next attempt (`Retry-After`: seconds, or an HTTP
+/// date), if it says.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when =
+        aws_smithy_types::DateTime::from_str(value, aws_smithy_types::date_time::Format::HttpDate)
+            .ok()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs() as i64;
+    Some(Duration::from_secs(
+        when.secs().saturating_sub(now).max(0) as u64
+    ))
+}
+
 fn error_chain(e: reqwest::Error) -> String {
     let e = e.without_url();
     let mut s = e.to_string();
@@ -606,7 +641,11 @@ impl HttpSource {
             base,
             headers: opts.headers.clone(),
             retry: opts.retry,
-            ramp: Arc::new(Ramp::new(stats.clone())),
+            ramp: Arc::new(if opts.no_ramp {
+                Ramp::open(stats.clone())
+            } else {
+                Ramp::new(stats.clone())
+            }),
             stats,
             reached: Arc::default(),
         })
@@ -757,6 +796,7 @@ impl HttpSource {
         name: &ObjectName,
         range: Option<&Range<u64>>,
         status: StatusCode,
+        headers: &HeaderMap,
     ) -> Failure {
         let what = match range {
             Some(r) => format!("{name} bytes {}..{}", r.start, r.end),
@@ -764,7 +804,12 @@ impl HttpSource {
         };
         let detail = format!("HTTP {status}");
         match status.as_u16() {
-            500..=599 | 429 | 408 => Failure::Retry(format!("{what}: {detail}")),
+            500..=599 | 429 | 408 => match retry_after(headers) {
+                Some(after) => {
+                    Failure::RetryAfter(format!("{what}: {detail}, Retry-After {after:?}"), after)
+                }
+                None => Failure::Retry(format!("{what}: {detail}")),
+            },
             404 | 410 => Failure::Fatal(SourceError::NotFound {
                 location: self.describe(),
                 name: name.to_string(),
@@ -809,7 +854,7 @@ impl HttpSource {
                 });
             }
         } else if !matches!(status.as_u16(), 403 | 405 | 501) {
-            return Err(self.status_failure(name, None, status));
+            return Err(self.status_failure(name, None, status, head.headers()));
         }
         drop(head);
         // A second request in the same attempt: the retry loop counted only the first.
@@ -827,7 +872,7 @@ impl HttpSource {
                 .and_then(content_range)
                 .map(|(_, total)| total),
             200 => header_u64(headers, &header::CONTENT_LENGTH),
-            _ => return Err(self.status_failure(name, None, get.status())),
+            _ => return Err(self.status_failure(name, None, get.status(), get.headers())),
         };
         match total {
             // The body (one byte, or a whole file from a server that ignores Range) is dropped
@@ -852,7 +897,7 @@ impl HttpSource {
         let response = self.send(Method::GET, name, None, attempt, |r| r).await?;
         let status = response.status();
         if !status.is_success() {
-            return Err(self.status_failure(name, None, status));
+            return Err(self.status_failure(name, None, status, response.headers()));
         }
         Ok(response)
     }
@@ -883,7 +928,7 @@ impl HttpSource {
             .await?;
         let status = response.status();
         if !status.is_success() {
-            return Err(self.status_failure(name, Some(&range), status));
+            return Err(self.status_failure(name, Some(&range), status, response.headers()));
         }
         let changed = |found: String| {
             Failure::Fatal(SourceError::Changed {
@@ -1028,7 +1073,7 @@ impl ObjectStore for HttpSource {
             match tokio::time::timeout(self.retry.request_timeout, whole).await {
                 Ok(Ok(())) => {}
                 Ok(Err(Failure::Fatal(e))) => return Err(e),
-                Ok(Err(Failure::Retry(_))) | Err(_) => {
+                Ok(Err(Failure::Retry(_) | Failure::RetryAfter(..))) | Err(_) => {
                     self.stats.add_retry();
                     self.read_range(name, pos..meta.size, &meta, &mut chunks)
                         .await?;
@@ -1279,6 +1324,50 @@ mod tests {
 
     fn free(ramp: &Arc<Ramp>) -> usize {
         ramp.state().free
+    }
+
+    #[test]
+    fn retry_after_is_seconds_or_a_date() {
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::RETRY_AFTER, HeaderValue::from_str(v).unwrap());
+            retry_after(&h)
+        };
+        assert_eq!(with("3"), Some(Duration::from_secs(3)));
+        assert_eq!(with(" 0 "), Some(Duration::ZERO));
+        assert_eq!(with("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
+        let later = aws_smithy_types::DateTime::from_secs(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs() as i64
+                + 100,
+        )
+        .fmt(aws_smithy_types::date_time::Format::HttpDate)
+        .unwrap();
+        let d = with(&later).unwrap();
+        assert!(
+            d > Duration::from_secs(90) && d <= Duration::from_secs(100),
+            "{d:?}"
+        );
+        assert_eq!(with("soon"), None);
+        assert_eq!(retry_after(&HeaderMap::new()), None);
+    }
+
+    #[tokio::test]
+    async fn an_open_ramp_gives_every_slot_at_once_and_never_moves() {
+        let ramp = Arc::new(Ramp::open(Arc::new(TransferStats::default())));
+        ramp.answered(Duration::from_micros(100));
+        let mut held = Vec::new();
+        for i in 0..64 {
+            held.push(ramp.slot("f", i).await);
+        }
+        assert_eq!(free(&ramp), MAX_CONNECTIONS - 64);
+        drop(held);
+        for _ in 0..200 {
+            ramp.finished();
+        }
+        assert_eq!(ramp.state().limit, MAX_CONNECTIONS);
     }
 
     #[tokio::test]

@@ -4,7 +4,11 @@
 
 use std::future::Future;
 use std::ops::Range;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// The longest `Retry-After` honoured: a server asking for more gets this (and the attempts
+/// still run out as usual).
+pub(crate) const RETRY_AFTER_CAP: Duration = Duration::from_secs(60);
 
 use bytes::Bytes;
 
@@ -15,6 +19,8 @@ use super::{ObjectMeta, ObjectName, Receive, RetryPolicy, SourceError, TransferS
 pub(crate) enum Failure {
     /// Worth another attempt (5xx, throttling, a broken or stalled body): what happened.
     Retry(String),
+    /// Worth another attempt after the wait the server asked for (`Retry-After` on a 429 or 503).
+    RetryAfter(String, Duration),
     /// Not worth another attempt (403, 404, a changed object, an evil answer).
     Fatal(SourceError),
 }
@@ -72,6 +78,7 @@ pub(crate) async fn read_resuming<S: Attempts>(
     let mut failures = 0u32;
     let mut attempts = 0u32;
     let mut last = String::new();
+    let mut asked: Option<Duration> = None;
     let max_total = policy.max_attempts.saturating_mul(4);
     while received.pos < range.end {
         if failures >= policy.max_attempts || attempts >= max_total {
@@ -83,7 +90,7 @@ pub(crate) async fn read_resuming<S: Attempts>(
         }
         if attempts > 0 {
             store.counters().add_retry();
-            tokio::time::sleep(policy.backoff(failures.max(1))).await;
+            tokio::time::sleep(wait(&policy, failures.max(1), asked.take())).await;
         }
         attempts += 1;
         store.counters().add_request();
@@ -98,8 +105,14 @@ pub(crate) async fn read_resuming<S: Attempts>(
         match outcome {
             Ok(Ok(())) => {}
             Ok(Err(Failure::Fatal(e))) => return Err(e),
-            Ok(Err(Failure::Retry(msg))) => {
-                last = msg;
+            Ok(Err(failure @ (Failure::Retry(_) | Failure::RetryAfter(..)))) => {
+                if let Failure::RetryAfter(_, after) = failure {
+                    asked = Some(after);
+                }
+                last = match failure {
+                    Failure::Retry(msg) | Failure::RetryAfter(msg, _) => msg,
+                    Failure::Fatal(_) => unreachable!("matched above"),
+                };
                 if received.pos == before {
                     failures += 1;
                 } else {
@@ -237,11 +250,12 @@ where
     Fut: Future<Output = Result<T, Failure>>,
 {
     let mut last = String::new();
+    let mut asked: Option<Duration> = None;
     let limit = policy.stall_timeout.min(policy.request_timeout);
     for n in 0..policy.max_attempts {
         if n > 0 {
             stats.add_retry();
-            tokio::time::sleep(policy.backoff(n)).await;
+            tokio::time::sleep(wait(policy, n, asked.take())).await;
         }
         stats.add_request();
         let started = Instant::now();
@@ -249,6 +263,10 @@ where
             Ok(Ok(v)) => return Ok(v),
             Ok(Err(Failure::Fatal(e))) => return Err(e),
             Ok(Err(Failure::Retry(msg))) => last = msg,
+            Ok(Err(Failure::RetryAfter(msg, after))) => {
+                last = msg;
+                asked = Some(after);
+            }
             Err(_) => {
                 trace("-", what, None, "timeout", started, n + 1);
                 last = format!("{what}: no answer within {limit:?}");
@@ -260,4 +278,11 @@ where
         attempts: policy.max_attempts,
         last,
     })
+}
+
+/// The pause before retry number `attempt`: the backoff, or what the server asked for if that is
+/// longer (up to [`RETRY_AFTER_CAP`]).
+fn wait(policy: &RetryPolicy, attempt: u32, asked: Option<Duration>) -> Duration {
+    let backoff = policy.backoff(attempt);
+    asked.map_or(backoff, |a| a.min(RETRY_AFTER_CAP).max(backoff))
 }

@@ -632,7 +632,7 @@ impl ObjectStore for S3Source {
                 Err(Failure::Fatal(e)) => return Err(e),
                 // Broke, stalled, ended short or too slow: the rest, pinned to this answer's
                 // version.
-                Err(Failure::Retry(_)) => {
+                Err(Failure::Retry(_) | Failure::RetryAfter(..)) => {
                     self.read_range(name, pos..meta.size, &meta, &mut chunks)
                         .await?;
                 }
