@@ -1,4 +1,4 @@
-"""Writes a training-shaped DCP checkpoint WITHOUT torch, for bench/http_vs_curl.py on machines
+"""Writes a training-shaped DCP checkpoint WITHOUT torch, for bench/vs_curl.py on machines
 where torch cannot be installed.
 
     python3 bench/make_http_bench_checkpoint.py OUT_DIR [--layers 3] [--dim 1024] [--files 4]
