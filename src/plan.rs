@@ -479,6 +479,138 @@ pub fn describe_storage(ck: &Checkpoint, storage: usize) -> String {
     }
 }
 
+/// One of `count` shares of a plan's work (`--shard I/N`, 0-based): N workers that each fetch
+/// their share fetch every needed byte exactly once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct Share {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl Share {
+    /// The whole plan: one share.
+    pub const WHOLE: Share = Share { index: 0, count: 1 };
+
+    /// `index` of `count`; `None` unless `index < count`.
+    pub fn new(index: u32, count: u32) -> Option<Share> {
+        (index < count).then_some(Share { index, count })
+    }
+
+    pub fn is_whole(self) -> bool {
+        self.count == 1
+    }
+}
+
+impl std::fmt::Display for Share {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+/// Where a share may begin and end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    /// At any part boundary: an item larger than a part can be split between shares, each of
+    /// which gets a clipped item (the item's bytes inside its parts, same storage entries). A
+    /// sparse folder is written by byte range, so the pieces add up to the item.
+    Parts,
+    /// Only where no item spans the boundary: every item is whole in one share (a stream's items
+    /// are standalone archives, and verification checks an item as a whole).
+    Items,
+}
+
+impl Plan {
+    /// The plan's work divided into `count` shares, each a plan of its own: the plan's parts, in
+    /// plan order, are cut into runs that [`Cut`] allows (a part each, or parts joined by items
+    /// spanning them), and a run goes to the share in which its first byte falls when the
+    /// plan's fetched bytes are laid end to end and divided into `count` equal spans. So shares
+    /// are contiguous runs of the plan, together hold every part exactly once, and each differs
+    /// from the mean by less than the longest run (one part size with [`Cut::Parts`]). The
+    /// parts of a share are the plan's own (re-planning its items gives the same parts: a part's
+    /// end depends only on where it starts). Deterministic: the same plan gives the same shares.
+    pub fn shares(&self, count: u32, cut: Cut) -> Result<Vec<Plan>, PlanError> {
+        let count = count.max(1);
+        let total = self.fetched();
+        let mut runs: Vec<Vec<(usize, Range<usize>)>> = vec![Vec::new(); count as usize];
+        let mut at = 0u64;
+        for (fi, f) in self.files.iter().enumerate() {
+            let mut first = 0;
+            while first < f.parts.len() {
+                let end = run_end(f, first, cut);
+                let share = if total == 0 {
+                    0
+                } else {
+                    (u128::from(at) * u128::from(count) / u128::from(total)) as usize
+                };
+                let bytes: u64 = f.parts[first..end]
+                    .iter()
+                    .map(|p| p.range.end - p.range.start)
+                    .sum();
+                match runs[share].last_mut() {
+                    Some((last, r)) if *last == fi => r.end = end,
+                    _ => runs[share].push((fi, first..end)),
+                }
+                at += bytes;
+                first = end;
+            }
+        }
+        runs.iter().map(|r| self.sub_plan(r)).collect()
+    }
+
+    /// One share of the plan (see [`Plan::shares`]).
+    pub fn share(&self, share: Share, cut: Cut) -> Result<Plan, PlanError> {
+        if share.is_whole() {
+            return Ok(self.clone());
+        }
+        let mut all = self.shares(share.count, cut)?;
+        Ok(all.swap_remove(share.index as usize))
+    }
+
+    /// The plan of the given runs of parts (file index, part indexes): the items clipped to the
+    /// runs' bytes.
+    fn sub_plan(&self, runs: &[(usize, Range<usize>)]) -> Result<Plan, PlanError> {
+        let mut files = Vec::with_capacity(runs.len());
+        for (fi, parts) in runs {
+            let f = &self.files[*fi];
+            let span = f.parts[parts.start].range.start..f.parts[parts.end - 1].range.end;
+            let first = f.items.partition_point(|i| i.range.end <= span.start);
+            let items: Vec<PlanItem> = f.items[first..]
+                .iter()
+                .take_while(|i| i.range.start < span.end)
+                .map(|i| PlanItem {
+                    range: i.range.start.max(span.start)..i.range.end.min(span.end),
+                    storage: i.storage.clone(),
+                })
+                .collect();
+            files.push(FilePlan::new(f.name.clone(), items, self.options, &|_| {
+                String::new()
+            })?);
+        }
+        Ok(Plan {
+            options: self.options,
+            files,
+        })
+    }
+}
+
+/// The end (exclusive part index) of the run of parts that starts at `first`: one part, or with
+/// [`Cut::Items`] every following part an item spans into.
+fn run_end(f: &FilePlan, first: usize, cut: Cut) -> usize {
+    let mut end = first + 1;
+    if cut == Cut::Items {
+        while end < f.parts.len() {
+            let boundary = f.parts[end - 1].range.end;
+            // The item holding the last byte before the boundary, if it goes on past it.
+            let i = f.items.partition_point(|i| i.range.end < boundary);
+            match f.items.get(i) {
+                Some(item) if item.range.start < boundary && item.range.end > boundary => end += 1,
+                _ => break,
+            }
+        }
+    }
+    end
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -594,6 +726,148 @@ mod tests {
             for r in &ranges {
                 for x in r.clone() {
                     prop_assert_eq!(parts.iter().filter(|p| p.range.contains(&x)).count(), 1);
+                }
+            }
+        }
+    }
+
+    fn plan_of(files: &[Vec<Range<u64>>], gap: u64, part: u64) -> Plan {
+        let mut storage = 0;
+        let files = files
+            .iter()
+            .enumerate()
+            .map(|(fi, ranges)| {
+                let items = ranges
+                    .iter()
+                    .map(|r| {
+                        storage += 1;
+                        PlanItem {
+                            range: r.clone(),
+                            storage: vec![storage],
+                        }
+                    })
+                    .collect();
+                let opts = PlanOptions {
+                    max_gap: gap,
+                    part_size: part,
+                };
+                let name = ObjectName::new(&format!("__{fi}_0.distcp")).unwrap();
+                FilePlan::new(name, items, opts, &|_| String::new()).unwrap()
+            })
+            .collect();
+        Plan {
+            options: PlanOptions {
+                max_gap: gap,
+                part_size: part,
+            },
+            files,
+        }
+    }
+
+    /// Every (file, byte) a plan's items need, with the storage entries of the item holding it.
+    fn needed_bytes(plan: &Plan) -> Vec<(String, u64, Vec<usize>)> {
+        let mut v = Vec::new();
+        for f in &plan.files {
+            for i in &f.items {
+                for x in i.range.clone() {
+                    v.push((f.name.to_string(), x, i.storage.clone()));
+                }
+            }
+        }
+        v.sort();
+        v
+    }
+
+    fn parts_of(plan: &Plan) -> Vec<(String, u64, u64)> {
+        let mut v: Vec<_> = plan
+            .files
+            .iter()
+            .flat_map(|f| {
+                f.parts
+                    .iter()
+                    .map(|p| (f.name.to_string(), p.range.start, p.range.end))
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn an_item_larger_than_a_part_is_clipped_or_kept_whole() {
+        // One 100-byte item, parts of 10: two shares of 50 bytes, each with half the item.
+        let plan = plan_of(&[vec![0..100]], 0, 10);
+        let shares = plan.shares(2, Cut::Parts).unwrap();
+        let items: Vec<_> = shares
+            .iter()
+            .map(|s| s.files[0].items[0].range.clone())
+            .collect();
+        assert_eq!(items, vec![0..50, 50..100]);
+        assert_eq!(shares[1].files[0].items[0].storage, vec![1]);
+        // Whole items: the item is one run, in share 0; share 1 is empty.
+        let shares = plan.shares(2, Cut::Items).unwrap();
+        assert_eq!(shares[0].files[0].items[0].range, 0..100);
+        assert!(shares[1].files.is_empty());
+        // More shares than parts: the extra shares are empty.
+        let shares = plan.shares(20, Cut::Parts).unwrap();
+        assert_eq!(shares.iter().filter(|s| s.files.is_empty()).count(), 10);
+        assert_eq!(plan.share(Share::WHOLE, Cut::Parts).unwrap(), plan);
+    }
+
+    proptest! {
+        #[test]
+        fn shares_partition_the_plan(
+            files in proptest::collection::vec(arb_ranges(), 1..4),
+            gap in prop_oneof![0u64..60, Just(u64::MAX)],
+            part in 1u64..80,
+            count in 1u32..9,
+        ) {
+            let plan = plan_of(&files, gap, part);
+            for cut in [Cut::Parts, Cut::Items] {
+                let shares = plan.shares(count, cut).unwrap();
+                prop_assert_eq!(shares.len(), count as usize);
+                // Deterministic.
+                prop_assert_eq!(&shares, &plan.shares(count, cut).unwrap());
+                // Together, the shares hold every part and every needed byte exactly once.
+                let mut parts = Vec::new();
+                let mut bytes = Vec::new();
+                for s in &shares {
+                    parts.extend(parts_of(s));
+                    bytes.extend(needed_bytes(s));
+                }
+                parts.sort();
+                bytes.sort();
+                prop_assert_eq!(parts, parts_of(&plan));
+                prop_assert_eq!(bytes, needed_bytes(&plan));
+                // Balanced: each share within one run (one part, or the parts an item spans) of
+                // the mean.
+                let longest = match cut {
+                    Cut::Parts => plan.files.iter().flat_map(|f| &f.parts).map(|p| p.range.end - p.range.start).max().unwrap_or(0),
+                    Cut::Items => plan.files.iter().flat_map(|f| {
+                        let mut runs = Vec::new();
+                        let mut first = 0;
+                        while first < f.parts.len() {
+                            let end = run_end(f, first, cut);
+                            runs.push(f.parts[end - 1].range.end - f.parts[first].range.start);
+                            first = end;
+                        }
+                        runs
+                    }).max().unwrap_or(0),
+                };
+                let mean = plan.fetched() as f64 / f64::from(count);
+                for s in &shares {
+                    prop_assert!((s.fetched() as f64 - mean).abs() < longest.max(1) as f64,
+                        "share of {} bytes, mean {mean}, longest run {longest}", s.fetched());
+                }
+                // Whole items stay whole.
+                if cut == Cut::Items {
+                    let whole: Vec<_> = plan.files.iter().flat_map(|f| f.items.iter().map(|i| i.range.clone())).collect();
+                    for s in &shares {
+                        for f in &s.files {
+                            for i in &f.items {
+                                prop_assert!(whole.contains(&i.range));
+                            }
+                        }
+                    }
                 }
             }
         }
