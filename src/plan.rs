@@ -481,7 +481,9 @@ pub fn describe_storage(ck: &Checkpoint, storage: usize) -> String {
 
 /// One of `count` shares of a plan's work (`--shard I/N`, 0-based): N workers that each fetch
 /// their share fetch every needed byte exactly once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct Share {
     pub index: u32,
     pub count: u32,
@@ -609,6 +611,82 @@ fn run_end(f: &FilePlan, first: usize, cut: Cut) -> usize {
         }
     }
     end
+}
+
+/// What every worker of a split fetch must agree on, so that their shares fit together: the
+/// number of shares, the plan options and the whole plan (its items and parts, by hash).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Split {
+    pub shares: u32,
+    pub part_size: u64,
+    /// `u64::MAX`: no limit.
+    pub max_gap: u64,
+    /// Items and needed bytes of the whole plan.
+    pub items: u64,
+    pub bytes: u64,
+    /// The sha256 of every item's and part's file and byte range, in plan order.
+    pub plan_sha256: String,
+}
+
+impl Split {
+    /// The split of `plan` (the whole plan, before [`Plan::share`]) into `shares`.
+    pub fn of(plan: &Plan, shares: u32) -> Split {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        for f in &plan.files {
+            for i in &f.items {
+                h.update(format!("i {} {} {}\n", f.name, i.range.start, i.range.end));
+            }
+            for p in &f.parts {
+                h.update(format!("p {} {} {}\n", f.name, p.range.start, p.range.end));
+            }
+        }
+        Split {
+            shares,
+            part_size: plan.options.part_size,
+            max_gap: plan.options.max_gap,
+            items: plan.items() as u64,
+            bytes: plan.needed(),
+            plan_sha256: crate::units::hex(&h.finalize()),
+        }
+    }
+
+    /// What differs from an `earlier` split, in words; `None` when nothing does.
+    pub fn difference(&self, earlier: &Split) -> Option<String> {
+        if self.shares != earlier.shares {
+            return Some(format!(
+                "it is split into {} shares, this one into {}",
+                earlier.shares, self.shares
+            ));
+        }
+        if self.part_size != earlier.part_size {
+            return Some(format!(
+                "its --part-size is {} bytes, this one's {}",
+                earlier.part_size, self.part_size
+            ));
+        }
+        if self.max_gap != earlier.max_gap {
+            let gap = |g: u64| {
+                if g == u64::MAX {
+                    "inf".to_owned()
+                } else {
+                    format!("{g} bytes")
+                }
+            };
+            return Some(format!(
+                "its --max-gap-size is {}, this one's {}",
+                gap(earlier.max_gap),
+                gap(self.max_gap)
+            ));
+        }
+        if self.plan_sha256 != earlier.plan_sha256 {
+            return Some(format!(
+                "it selects other items ({} items, {} bytes; this one {} items, {} bytes)",
+                earlier.items, earlier.bytes, self.items, self.bytes
+            ));
+        }
+        None
+    }
 }
 
 #[cfg(test)]
@@ -795,7 +873,8 @@ mod tests {
     #[test]
     fn an_item_larger_than_a_part_is_clipped_or_kept_whole() {
         // One 100-byte item, parts of 10: two shares of 50 bytes, each with half the item.
-        let plan = plan_of(&[vec![0..100]], 0, 10);
+        let item: Range<u64> = 0..100;
+        let plan = plan_of(&[vec![item]], 0, 10);
         let shares = plan.shares(2, Cut::Parts).unwrap();
         let items: Vec<_> = shares
             .iter()
