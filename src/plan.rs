@@ -516,47 +516,79 @@ pub enum Cut {
     /// which gets a clipped item (the item's bytes inside its parts, same storage entries). A
     /// sparse folder is written by byte range, so the pieces add up to the item.
     Parts,
-    /// Only where no item spans the boundary: every item is whole in one share (a stream's items
-    /// are standalone archives, and verification checks an item as a whole).
+    /// Between items: every item is whole in one share (a stream's items are standalone
+    /// archives, and verification checks an item as a whole).
     Items,
 }
 
 impl Plan {
-    /// The plan's work divided into `count` shares, each a plan of its own: the plan's parts, in
-    /// plan order, are cut into runs that [`Cut`] allows (a part each, or parts joined by items
-    /// spanning them), and a run goes to the share in which its first byte falls when the
-    /// plan's fetched bytes are laid end to end and divided into `count` equal spans. So shares
-    /// are contiguous runs of the plan, together hold every part exactly once, and each differs
-    /// from the mean by less than the longest run (one part size with [`Cut::Parts`]). The
-    /// parts of a share are the plan's own (re-planning its items gives the same parts: a part's
-    /// end depends only on where it starts). Deterministic: the same plan gives the same shares.
+    /// The plan's work divided into `count` shares, each a plan of its own. The units (with
+    /// [`Cut::Parts`] the parts, with [`Cut::Items`] the items), in plan order, are laid end to end
+    /// by their bytes (fetched bytes of parts, needed bytes of items), and a unit goes to the
+    /// share in which its first byte falls when that length is divided into `count` equal spans.
+    /// So shares are contiguous runs of the plan, together hold every needed byte exactly once,
+    /// and each differs from the mean by less than the largest unit (one part size with
+    /// [`Cut::Parts`]). With [`Cut::Parts`], the parts of a share are the plan's own (re-planning
+    /// its clipped items gives the same parts: a part's end depends only on where it starts);
+    /// with [`Cut::Items`], a share's items are planned anew. Deterministic: the same plan gives
+    /// the same shares.
     pub fn shares(&self, count: u32, cut: Cut) -> Result<Vec<Plan>, PlanError> {
         let count = count.max(1);
-        let total = self.fetched();
-        let mut runs: Vec<Vec<(usize, Range<usize>)>> = vec![Vec::new(); count as usize];
+        let share_of = |at: u64, total: u64| {
+            if total == 0 {
+                0
+            } else {
+                (u128::from(at) * u128::from(count) / u128::from(total)) as usize
+            }
+        };
         let mut at = 0u64;
-        for (fi, f) in self.files.iter().enumerate() {
-            let mut first = 0;
-            while first < f.parts.len() {
-                let end = run_end(f, first, cut);
-                let share = if total == 0 {
-                    0
-                } else {
-                    (u128::from(at) * u128::from(count) / u128::from(total)) as usize
-                };
-                let bytes: u64 = f.parts[first..end]
-                    .iter()
-                    .map(|p| p.range.end - p.range.start)
-                    .sum();
-                match runs[share].last_mut() {
-                    Some((last, r)) if *last == fi => r.end = end,
-                    _ => runs[share].push((fi, first..end)),
+        match cut {
+            Cut::Parts => {
+                let total = self.fetched();
+                let mut runs: Vec<Vec<(usize, Range<usize>)>> = vec![Vec::new(); count as usize];
+                for (fi, f) in self.files.iter().enumerate() {
+                    for (pi, p) in f.parts.iter().enumerate() {
+                        let runs = &mut runs[share_of(at, total)];
+                        match runs.last_mut() {
+                            Some((last, r)) if *last == fi => r.end = pi + 1,
+                            _ => runs.push((fi, pi..pi + 1)),
+                        }
+                        at += p.range.end - p.range.start;
+                    }
                 }
-                at += bytes;
-                first = end;
+                runs.iter().map(|r| self.sub_plan(r)).collect()
+            }
+            Cut::Items => {
+                let total = self.needed();
+                let mut items: Vec<Vec<(usize, Vec<PlanItem>)>> = vec![Vec::new(); count as usize];
+                for (fi, f) in self.files.iter().enumerate() {
+                    for item in &f.items {
+                        let items = &mut items[share_of(at, total)];
+                        match items.last_mut() {
+                            Some((last, v)) if *last == fi => v.push(item.clone()),
+                            _ => items.push((fi, vec![item.clone()])),
+                        }
+                        at += item.len();
+                    }
+                }
+                items
+                    .into_iter()
+                    .map(|files| {
+                        let files = files
+                            .into_iter()
+                            .map(|(fi, items)| {
+                                let name = self.files[fi].name.clone();
+                                FilePlan::new(name, items, self.options, &|_| String::new())
+                            })
+                            .collect::<Result<_, _>>()?;
+                        Ok(Plan {
+                            options: self.options,
+                            files,
+                        })
+                    })
+                    .collect()
             }
         }
-        runs.iter().map(|r| self.sub_plan(r)).collect()
     }
 
     /// One share of the plan (see [`Plan::shares`]).
@@ -593,24 +625,6 @@ impl Plan {
             files,
         })
     }
-}
-
-/// The end (exclusive part index) of the run of parts that starts at `first`: one part, or with
-/// [`Cut::Items`] every following part an item spans into.
-fn run_end(f: &FilePlan, first: usize, cut: Cut) -> usize {
-    let mut end = first + 1;
-    if cut == Cut::Items {
-        while end < f.parts.len() {
-            let boundary = f.parts[end - 1].range.end;
-            // The item holding the last byte before the boundary, if it goes on past it.
-            let i = f.items.partition_point(|i| i.range.end < boundary);
-            match f.items.get(i) {
-                Some(item) if item.range.start < boundary && item.range.end > boundary => end += 1,
-                _ => break,
-            }
-        }
-    }
-    end
 }
 
 /// What every worker of a split fetch must agree on, so that their shares fit together: the
@@ -882,7 +896,7 @@ mod tests {
             .collect();
         assert_eq!(items, vec![0..50, 50..100]);
         assert_eq!(shares[1].files[0].items[0].storage, vec![1]);
-        // Whole items: the item is one run, in share 0; share 1 is empty.
+        // Whole items: the item is in share 0; share 1 is empty.
         let shares = plan.shares(2, Cut::Items).unwrap();
         assert_eq!(shares[0].files[0].items[0].range, 0..100);
         assert!(shares[1].files.is_empty());
@@ -906,7 +920,8 @@ mod tests {
                 prop_assert_eq!(shares.len(), count as usize);
                 // Deterministic.
                 prop_assert_eq!(&shares, &plan.shares(count, cut).unwrap());
-                // Together, the shares hold every part and every needed byte exactly once.
+                // Together, the shares hold every needed byte exactly once (and, cut at parts,
+                // every part).
                 let mut parts = Vec::new();
                 let mut bytes = Vec::new();
                 for s in &shares {
@@ -915,27 +930,23 @@ mod tests {
                 }
                 parts.sort();
                 bytes.sort();
-                prop_assert_eq!(parts, parts_of(&plan));
                 prop_assert_eq!(bytes, needed_bytes(&plan));
-                // Balanced: each share within one run (one part, or the parts an item spans) of
-                // the mean.
-                let longest = match cut {
-                    Cut::Parts => plan.files.iter().flat_map(|f| &f.parts).map(|p| p.range.end - p.range.start).max().unwrap_or(0),
-                    Cut::Items => plan.files.iter().flat_map(|f| {
-                        let mut runs = Vec::new();
-                        let mut first = 0;
-                        while first < f.parts.len() {
-                            let end = run_end(f, first, cut);
-                            runs.push(f.parts[end - 1].range.end - f.parts[first].range.start);
-                            first = end;
-                        }
-                        runs
-                    }).max().unwrap_or(0),
+                // Balanced: each share within one unit (a part, or an item) of the mean.
+                let (largest, size): (u64, fn(&Plan) -> u64) = match cut {
+                    Cut::Parts => {
+                        prop_assert_eq!(parts, parts_of(&plan));
+                        let p = plan.files.iter().flat_map(|f| &f.parts);
+                        (p.map(|p| p.range.end - p.range.start).max().unwrap_or(0), Plan::fetched)
+                    }
+                    Cut::Items => {
+                        let i = plan.files.iter().flat_map(|f| &f.items);
+                        (i.map(PlanItem::len).max().unwrap_or(0), Plan::needed)
+                    }
                 };
-                let mean = plan.fetched() as f64 / f64::from(count);
+                let mean = size(&plan) as f64 / f64::from(count);
                 for s in &shares {
-                    prop_assert!((s.fetched() as f64 - mean).abs() < longest.max(1) as f64,
-                        "share of {} bytes, mean {mean}, longest run {longest}", s.fetched());
+                    prop_assert!((size(s) as f64 - mean).abs() < largest.max(1) as f64,
+                        "share of {} bytes, mean {mean}, largest unit {largest}", size(s));
                 }
                 // Whole items stay whole.
                 if cut == Cut::Items {

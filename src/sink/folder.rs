@@ -40,6 +40,12 @@ const METADATA: &str = ".metadata";
 const BLOCKER: &[u8] = b"dcpfetch is writing this folder: it is not a complete checkpoint yet\n";
 const BLOCKER_TMP: &str = "blocker.tmp";
 
+/// What the temporary files of a worker end with: nothing for a whole fetch, `.I-of-N` for a
+/// share, so that workers that publish at once never write into each other's temporaries.
+fn tag(share: Option<Share>) -> String {
+    share.map_or(String::new(), |s| format!(".{}-of-{}", s.index, s.count))
+}
+
 /// Flush to disk and record progress at least this often.
 const SYNC_EVERY_BYTES: u64 = 256 << 20;
 const SYNC_EVERY: Duration = Duration::from_secs(5);
@@ -137,8 +143,8 @@ pub fn local_root(location: &Location) -> Option<&Path> {
 }
 
 /// The name of the temporary file a metadata file is written to, in the state folder.
-fn temporary(name: &ObjectName) -> String {
-    format!("{}.tmp", name.as_str().replace('/', "%2F"))
+fn temporary(name: &ObjectName, tag: &str) -> String {
+    format!("{}.tmp{tag}", name.as_str().replace('/', "%2F"))
 }
 
 impl FolderSink {
@@ -238,23 +244,16 @@ impl FolderSink {
             }
             None => (dir.sub(STATE_DIR, false)?, None),
         };
-        // One worker per share: its lock file is held for the whole fetch.
-        let share_lock = match (share, &state) {
-            (Some(share), Some(state)) => {
-                let name = lock_name(Some(share));
-                let (file, _) = state.open_file(&name, true)?.expect("created when missing");
-                if !try_lock_file(&file, &state.shown(&name))? {
-                    let pid =
-                        read_pid(state, &name).map_or(String::new(), |p| format!(" (pid {p})"));
-                    return refuse(format!(
-                        "share {share} of {} is being fetched by another dcpfetch{pid}",
-                        root.display()
-                    ));
-                }
-                Some(file)
-            }
-            _ => None,
-        };
+        // One worker per share: its lock file is held for the whole fetch (taken below, once this
+        // worker is sure to write; under the setup lock, so no twin can slip in between).
+        if let (Some(share), Some(state)) = (share, &state)
+            && let Some(pid) = running(state, Some(share))?
+        {
+            return refuse(format!(
+                "share {share} of {} is being fetched by another dcpfetch (pid {pid})",
+                root.display()
+            ));
+        }
 
         let longest = objects.keys().map(|n| n.as_str().len()).max().unwrap_or(0);
         let limits = Limits::for_fetch(&identity, ck.storage.len(), longest);
@@ -350,22 +349,35 @@ impl FolderSink {
             Some(state) => state,
             None => dir.sub(STATE_DIR, true)?.expect("created when missing"),
         };
-        match &share_lock {
-            Some(file) => write_pid_to(file, &state.shown(&lock_name(share)))?,
-            None => write_pid(&state)?,
-        }
+        let share_lock = match share {
+            Some(share) => {
+                let name = lock_name(Some(share));
+                let (file, _) = state.open_file(&name, true)?.expect("created when missing");
+                if !try_lock_file(&file, &state.shown(&name))? {
+                    return refuse(format!(
+                        "share {share} of {} is being fetched by another dcpfetch",
+                        root.display()
+                    ));
+                }
+                write_pid_to(&file, &state.shown(&name))?;
+                Some(file)
+            }
+            None => {
+                write_pid(&state)?;
+                None
+            }
+        };
         for (of, _) in &others {
             state.remove(&journal_name(*of))?;
             state.remove(&lock_name(*of))?;
         }
         // The folder must not look complete until the end: the metadata goes first.
-        unpublish(&dir, &state, &metadata)?;
+        unpublish(&dir, &state, &metadata, &tag(share))?;
         // Until its claims are checked, this share is not done (its `done` line goes).
         let mut journal = write_journal(&state, share, &identity, &claimed)?;
 
         // Every shard file at its original size; new space is a hole. A file whose size is not
-        // the expected one vouches for none of its items. Files that other workers of this fetch
-        // write into are never emptied.
+        // the expected one vouches for none of its items.
         let mut files = HashMap::new();
         let mut intact = HashSet::new();
         let mut names: Vec<&ObjectName> = objects.keys().collect();
@@ -379,8 +391,12 @@ impl FolderSink {
             if right_size && !fresh {
                 intact.insert(name.clone());
             }
-            if !(right_size && (!fresh || !peers.is_empty())) {
-                if !peers.is_empty() && st.st_size != 0 {
+            if share.is_some() {
+                // The workers of a split fetch never empty a shard file: another worker (maybe
+                // on another machine, which this one's locks may not reach) may be writing into
+                // it already. They only give it its size; a file whose size changed under them
+                // is refused.
+                if !right_size && !peers.is_empty() && st.st_size != 0 {
                     return refuse(format!(
                         "{} is {} bytes, not {size}: it was changed while other workers wrote into \
                          it; run every share again with --force",
@@ -388,6 +404,7 @@ impl FolderSink {
                         st.st_size
                     ));
                 }
+            } else if !(right_size && !fresh) {
                 file.set_len(0)
                     .map_err(io(format!("truncating {}", shown.display())))?;
             }
@@ -439,7 +456,7 @@ impl FolderSink {
     /// in turn, and the second finds the folder published.
     fn publish_when_complete(&mut self) -> Result<(), SinkError> {
         let Some((share, identity, limits)) = &self.split else {
-            publish(&self.root, &self.state, &self.metadata)?;
+            publish(&self.root, &self.state, &self.metadata, "")?;
             self.completion.set(Vec::new());
             return Ok(());
         };
@@ -464,7 +481,7 @@ impl FolderSink {
             }
         }
         if missing.is_empty() && !published(&self.root, &self.metadata)? {
-            publish(&self.root, &self.state, &self.metadata)?;
+            publish(&self.root, &self.state, &self.metadata, &tag(Some(*share)))?;
         }
         self.completion.set(missing);
         Ok(())
@@ -847,15 +864,13 @@ fn per_rank(metadata: &[(ObjectName, Arc<[u8]>)]) -> bool {
 // also holds after a power loss.
 
 /// Places the blocker at `.metadata`.
-fn place_blocker(root: &Dir, state: &Dir) -> Result<(), SinkError> {
-    let mut f = state.create_new(BLOCKER_TMP)?;
+fn place_blocker(root: &Dir, state: &Dir, tag: &str) -> Result<(), SinkError> {
+    let tmp = format!("{BLOCKER_TMP}{tag}");
+    let mut f = state.create_new(&tmp)?;
     f.write_all(BLOCKER)
         .and_then(|()| f.sync_all())
-        .map_err(io(format!(
-            "writing {}",
-            state.shown(BLOCKER_TMP).display()
-        )))?;
-    state.rename(BLOCKER_TMP, root, METADATA)?;
+        .map_err(io(format!("writing {}", state.shown(&tmp).display())))?;
+    state.rename(&tmp, root, METADATA)?;
     root.sync()
 }
 
@@ -864,10 +879,11 @@ fn unpublish(
     root: &Dir,
     state: &Dir,
     metadata: &[(ObjectName, Arc<[u8]>)],
+    tag: &str,
 ) -> Result<(), SinkError> {
     let blocked = per_rank(metadata);
     if blocked {
-        place_blocker(root, state)?;
+        place_blocker(root, state, tag)?;
     }
     for (name, _) in metadata {
         if let Some((parent, leaf)) = root.parent_of(name, false)? {
@@ -882,9 +898,14 @@ fn unpublish(
 }
 
 /// Writes the metadata files aside, then puts them in place in the order explained above.
-fn publish(root: &Dir, state: &Dir, metadata: &[(ObjectName, Arc<[u8]>)]) -> Result<(), SinkError> {
+fn publish(
+    root: &Dir,
+    state: &Dir,
+    metadata: &[(ObjectName, Arc<[u8]>)],
+    tag: &str,
+) -> Result<(), SinkError> {
     for (name, bytes) in metadata {
-        let tmp = temporary(name);
+        let tmp = temporary(name, tag);
         let mut f = state.create_new(&tmp)?;
         f.write_all(bytes)
             .and_then(|()| f.sync_all())
@@ -892,17 +913,17 @@ fn publish(root: &Dir, state: &Dir, metadata: &[(ObjectName, Arc<[u8]>)]) -> Res
     }
     let blocked = per_rank(metadata);
     if blocked {
-        place_blocker(root, state)?;
+        place_blocker(root, state, tag)?;
     }
     for (name, _) in metadata {
         if name.as_str() != METADATA {
             let (parent, leaf) = root.parent_of(name, true)?.expect("created when missing");
-            state.rename(&temporary(name), &parent, leaf)?;
+            state.rename(&temporary(name, tag), &parent, leaf)?;
         }
     }
     root.sync()?;
     match metadata.iter().find(|(n, _)| n.as_str() == METADATA) {
-        Some((name, _)) => state.rename(&temporary(name), root, METADATA)?,
+        Some((name, _)) => state.rename(&temporary(name, tag), root, METADATA)?,
         None if blocked => {
             root.remove(METADATA)?;
         }
