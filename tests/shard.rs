@@ -416,7 +416,9 @@ fn workers_take_their_share_from_the_environment_against_moto() {
 fn shard_usage_errors_touch_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    let cases: &[(&[&str], &[(&str, &str)], &str)] = &[
+    // (flags, environment, words of the error)
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case] = &[
         (&["--shard", "auto"], &[], "found no scheduler"),
         (
             &["--shard", "auto"],

@@ -404,7 +404,7 @@ impl FolderSink {
                         st.st_size
                     ));
                 }
-            } else if !(right_size && !fresh) {
+            } else if !right_size || fresh {
                 file.set_len(0)
                     .map_err(io(format!("truncating {}", shown.display())))?;
             }
