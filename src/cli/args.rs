@@ -375,7 +375,11 @@ pub struct MemoryFlag {
     pub max_memory: ByteSize,
 }
 
+// The checkpoint is required unless --combine, so the usage lines say both.
 #[derive(Debug, Args)]
+#[command(
+    override_usage = "dcpfetch verify [OPTIONS] <CKPT>\n       dcpfetch verify [--json] --combine <REPORT.json>..."
+)]
 pub struct VerifyArgs {
     /// The checkpoint: a folder, file://PATH, s3://BUCKET/PREFIX or https://HOST/PATH.
     #[arg(value_name = "CKPT", required_unless_present = "combine")]

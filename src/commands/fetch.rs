@@ -206,7 +206,7 @@ fn shard_line(summary: &FetchSummary) -> String {
         Some(missing) => {
             let list: Vec<String> = missing.iter().map(u32::to_string).collect();
             format!(
-                "{share} is in; {} still to come (shares {}), then the metadata is published",
+                "{share} is in; {} still to come ({}), then the metadata is published",
                 count(missing.len() as u64, "share"),
                 list.join(", ")
             )

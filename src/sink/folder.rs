@@ -371,10 +371,11 @@ impl FolderSink {
             state.remove(&journal_name(*of))?;
             state.remove(&lock_name(*of))?;
         }
-        // The folder must not look complete until the end: the metadata goes first.
-        unpublish(&dir, &state, &metadata, &tag(share))?;
-        // Until its claims are checked, this share is not done (its `done` line goes).
+        // This share is not done until it finishes again: its `done` line goes first, so that a
+        // worker publishing now (where the locks do not reach) sees it missing. Then the folder
+        // must not look complete until the end: the metadata goes.
         let mut journal = write_journal(&state, share, &identity, &claimed)?;
+        unpublish(&dir, &state, &metadata, &tag(share))?;
 
         // Every shard file at its original size; new space is a hole. A file whose size is not
         // the expected one vouches for none of its items.
