@@ -479,6 +479,230 @@ pub fn describe_storage(ck: &Checkpoint, storage: usize) -> String {
     }
 }
 
+/// One of `count` shares of a plan's work (`--shard I/N`, 0-based): N workers that each fetch
+/// their share fetch every needed byte exactly once.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub struct Share {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl Share {
+    /// The whole plan: one share.
+    pub const WHOLE: Share = Share { index: 0, count: 1 };
+
+    /// `index` of `count`; `None` unless `index < count`.
+    pub fn new(index: u32, count: u32) -> Option<Share> {
+        (index < count).then_some(Share { index, count })
+    }
+
+    pub fn is_whole(self) -> bool {
+        self.count == 1
+    }
+}
+
+impl std::fmt::Display for Share {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+/// Where a share may begin and end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    /// At any part boundary: an item larger than a part can be split between shares, each of
+    /// which gets a clipped item (the item's bytes inside its parts, same storage entries). A
+    /// sparse folder is written by byte range, so the pieces add up to the item.
+    Parts,
+    /// Between items: every item is whole in one share (a stream's items are standalone
+    /// archives, and verification checks an item as a whole).
+    Items,
+}
+
+impl Plan {
+    /// The plan's work divided into `count` shares, each a plan of its own. The units (with
+    /// [`Cut::Parts`] the parts, with [`Cut::Items`] the items), in plan order, are laid end to end
+    /// by their bytes (fetched bytes of parts, needed bytes of items), and a unit goes to the
+    /// share in which its first byte falls when that length is divided into `count` equal spans.
+    /// So shares are contiguous runs of the plan, together hold every needed byte exactly once,
+    /// and each differs from the mean by less than the largest unit (one part size with
+    /// [`Cut::Parts`]). With [`Cut::Parts`], the parts of a share are the plan's own (re-planning
+    /// its clipped items gives the same parts: a part's end depends only on where it starts);
+    /// with [`Cut::Items`], a share's items are planned anew. Deterministic: the same plan gives
+    /// the same shares.
+    pub fn shares(&self, count: u32, cut: Cut) -> Result<Vec<Plan>, PlanError> {
+        let count = count.max(1);
+        let share_of = |at: u64, total: u64| {
+            if total == 0 {
+                0
+            } else {
+                (u128::from(at) * u128::from(count) / u128::from(total)) as usize
+            }
+        };
+        let mut at = 0u64;
+        match cut {
+            Cut::Parts => {
+                let total = self.fetched();
+                let mut runs: Vec<Vec<(usize, Range<usize>)>> = vec![Vec::new(); count as usize];
+                for (fi, f) in self.files.iter().enumerate() {
+                    for (pi, p) in f.parts.iter().enumerate() {
+                        let runs = &mut runs[share_of(at, total)];
+                        match runs.last_mut() {
+                            Some((last, r)) if *last == fi => r.end = pi + 1,
+                            _ => runs.push((fi, pi..pi + 1)),
+                        }
+                        at += p.range.end - p.range.start;
+                    }
+                }
+                runs.iter().map(|r| self.sub_plan(r)).collect()
+            }
+            Cut::Items => {
+                let total = self.needed();
+                let mut items: Vec<Vec<(usize, Vec<PlanItem>)>> = vec![Vec::new(); count as usize];
+                for (fi, f) in self.files.iter().enumerate() {
+                    for item in &f.items {
+                        let items = &mut items[share_of(at, total)];
+                        match items.last_mut() {
+                            Some((last, v)) if *last == fi => v.push(item.clone()),
+                            _ => items.push((fi, vec![item.clone()])),
+                        }
+                        at += item.len();
+                    }
+                }
+                items
+                    .into_iter()
+                    .map(|files| {
+                        let files = files
+                            .into_iter()
+                            .map(|(fi, items)| {
+                                let name = self.files[fi].name.clone();
+                                FilePlan::new(name, items, self.options, &|_| String::new())
+                            })
+                            .collect::<Result<_, _>>()?;
+                        Ok(Plan {
+                            options: self.options,
+                            files,
+                        })
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// One share of the plan (see [`Plan::shares`]).
+    pub fn share(&self, share: Share, cut: Cut) -> Result<Plan, PlanError> {
+        if share.is_whole() {
+            return Ok(self.clone());
+        }
+        let mut all = self.shares(share.count, cut)?;
+        Ok(all.swap_remove(share.index as usize))
+    }
+
+    /// The plan of the given runs of parts (file index, part indexes): the items clipped to the
+    /// runs' bytes.
+    fn sub_plan(&self, runs: &[(usize, Range<usize>)]) -> Result<Plan, PlanError> {
+        let mut files = Vec::with_capacity(runs.len());
+        for (fi, parts) in runs {
+            let f = &self.files[*fi];
+            let span = f.parts[parts.start].range.start..f.parts[parts.end - 1].range.end;
+            let first = f.items.partition_point(|i| i.range.end <= span.start);
+            let items: Vec<PlanItem> = f.items[first..]
+                .iter()
+                .take_while(|i| i.range.start < span.end)
+                .map(|i| PlanItem {
+                    range: i.range.start.max(span.start)..i.range.end.min(span.end),
+                    storage: i.storage.clone(),
+                })
+                .collect();
+            files.push(FilePlan::new(f.name.clone(), items, self.options, &|_| {
+                String::new()
+            })?);
+        }
+        Ok(Plan {
+            options: self.options,
+            files,
+        })
+    }
+}
+
+/// What every worker of a split fetch must agree on, so that their shares fit together: the
+/// number of shares, the plan options and the whole plan (its items and parts, by hash).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Split {
+    pub shares: u32,
+    pub part_size: u64,
+    /// `u64::MAX`: no limit.
+    pub max_gap: u64,
+    /// Items and needed bytes of the whole plan.
+    pub items: u64,
+    pub bytes: u64,
+    /// The sha256 of every item's and part's file and byte range, in plan order.
+    pub plan_sha256: String,
+}
+
+impl Split {
+    /// The split of `plan` (the whole plan, before [`Plan::share`]) into `shares`.
+    pub fn of(plan: &Plan, shares: u32) -> Split {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        for f in &plan.files {
+            for i in &f.items {
+                h.update(format!("i {} {} {}\n", f.name, i.range.start, i.range.end));
+            }
+            for p in &f.parts {
+                h.update(format!("p {} {} {}\n", f.name, p.range.start, p.range.end));
+            }
+        }
+        Split {
+            shares,
+            part_size: plan.options.part_size,
+            max_gap: plan.options.max_gap,
+            items: plan.items() as u64,
+            bytes: plan.needed(),
+            plan_sha256: crate::units::hex(&h.finalize()),
+        }
+    }
+
+    /// What differs from an `earlier` split, in words; `None` when nothing does.
+    pub fn difference(&self, earlier: &Split) -> Option<String> {
+        if self.shares != earlier.shares {
+            return Some(format!(
+                "it is split into {} shares, this one into {}",
+                earlier.shares, self.shares
+            ));
+        }
+        if self.part_size != earlier.part_size {
+            return Some(format!(
+                "its --part-size is {} bytes, this one's {}",
+                earlier.part_size, self.part_size
+            ));
+        }
+        if self.max_gap != earlier.max_gap {
+            let gap = |g: u64| {
+                if g == u64::MAX {
+                    "inf".to_owned()
+                } else {
+                    format!("{g} bytes")
+                }
+            };
+            return Some(format!(
+                "its --max-gap-size is {}, this one's {}",
+                gap(earlier.max_gap),
+                gap(self.max_gap)
+            ));
+        }
+        if self.plan_sha256 != earlier.plan_sha256 {
+            return Some(format!(
+                "it selects other items ({} items, {} bytes; this one {} items, {} bytes)",
+                earlier.items, earlier.bytes, self.items, self.bytes
+            ));
+        }
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -594,6 +818,146 @@ mod tests {
             for r in &ranges {
                 for x in r.clone() {
                     prop_assert_eq!(parts.iter().filter(|p| p.range.contains(&x)).count(), 1);
+                }
+            }
+        }
+    }
+
+    fn plan_of(files: &[Vec<Range<u64>>], gap: u64, part: u64) -> Plan {
+        let mut storage = 0;
+        let files = files
+            .iter()
+            .enumerate()
+            .map(|(fi, ranges)| {
+                let items = ranges
+                    .iter()
+                    .map(|r| {
+                        storage += 1;
+                        PlanItem {
+                            range: r.clone(),
+                            storage: vec![storage],
+                        }
+                    })
+                    .collect();
+                let opts = PlanOptions {
+                    max_gap: gap,
+                    part_size: part,
+                };
+                let name = ObjectName::new(&format!("__{fi}_0.distcp")).unwrap();
+                FilePlan::new(name, items, opts, &|_| String::new()).unwrap()
+            })
+            .collect();
+        Plan {
+            options: PlanOptions {
+                max_gap: gap,
+                part_size: part,
+            },
+            files,
+        }
+    }
+
+    /// Every (file, byte) a plan's items need, with the storage entries of the item holding it.
+    fn needed_bytes(plan: &Plan) -> Vec<(String, u64, Vec<usize>)> {
+        let mut v = Vec::new();
+        for f in &plan.files {
+            for i in &f.items {
+                for x in i.range.clone() {
+                    v.push((f.name.to_string(), x, i.storage.clone()));
+                }
+            }
+        }
+        v.sort();
+        v
+    }
+
+    fn parts_of(plan: &Plan) -> Vec<(String, u64, u64)> {
+        let mut v: Vec<_> = plan
+            .files
+            .iter()
+            .flat_map(|f| {
+                f.parts
+                    .iter()
+                    .map(|p| (f.name.to_string(), p.range.start, p.range.end))
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn an_item_larger_than_a_part_is_clipped_or_kept_whole() {
+        // One 100-byte item, parts of 10: two shares of 50 bytes, each with half the item.
+        let item: Range<u64> = 0..100;
+        let plan = plan_of(&[vec![item]], 0, 10);
+        let shares = plan.shares(2, Cut::Parts).unwrap();
+        let items: Vec<_> = shares
+            .iter()
+            .map(|s| s.files[0].items[0].range.clone())
+            .collect();
+        assert_eq!(items, vec![0..50, 50..100]);
+        assert_eq!(shares[1].files[0].items[0].storage, vec![1]);
+        // Whole items: the item is in share 0; share 1 is empty.
+        let shares = plan.shares(2, Cut::Items).unwrap();
+        assert_eq!(shares[0].files[0].items[0].range, 0..100);
+        assert!(shares[1].files.is_empty());
+        // More shares than parts: the extra shares are empty.
+        let shares = plan.shares(20, Cut::Parts).unwrap();
+        assert_eq!(shares.iter().filter(|s| s.files.is_empty()).count(), 10);
+        assert_eq!(plan.share(Share::WHOLE, Cut::Parts).unwrap(), plan);
+    }
+
+    proptest! {
+        #[test]
+        fn shares_partition_the_plan(
+            files in proptest::collection::vec(arb_ranges(), 1..4),
+            gap in prop_oneof![0u64..60, Just(u64::MAX)],
+            part in 1u64..80,
+            count in 1u32..9,
+        ) {
+            let plan = plan_of(&files, gap, part);
+            for cut in [Cut::Parts, Cut::Items] {
+                let shares = plan.shares(count, cut).unwrap();
+                prop_assert_eq!(shares.len(), count as usize);
+                // Deterministic.
+                prop_assert_eq!(&shares, &plan.shares(count, cut).unwrap());
+                // Together, the shares hold every needed byte exactly once (and, cut at parts,
+                // every part).
+                let mut parts = Vec::new();
+                let mut bytes = Vec::new();
+                for s in &shares {
+                    parts.extend(parts_of(s));
+                    bytes.extend(needed_bytes(s));
+                }
+                parts.sort();
+                bytes.sort();
+                prop_assert_eq!(bytes, needed_bytes(&plan));
+                // Balanced: each share within one unit (a part, or an item) of the mean.
+                let (largest, size): (u64, fn(&Plan) -> u64) = match cut {
+                    Cut::Parts => {
+                        prop_assert_eq!(parts, parts_of(&plan));
+                        let p = plan.files.iter().flat_map(|f| &f.parts);
+                        (p.map(|p| p.range.end - p.range.start).max().unwrap_or(0), Plan::fetched)
+                    }
+                    Cut::Items => {
+                        let i = plan.files.iter().flat_map(|f| &f.items);
+                        (i.map(PlanItem::len).max().unwrap_or(0), Plan::needed)
+                    }
+                };
+                let mean = size(&plan) as f64 / f64::from(count);
+                for s in &shares {
+                    prop_assert!((size(s) as f64 - mean).abs() < largest.max(1) as f64,
+                        "share of {} bytes, mean {mean}, largest unit {largest}", size(s));
+                }
+                // Whole items stay whole.
+                if cut == Cut::Items {
+                    let whole: Vec<_> = plan.files.iter().flat_map(|f| f.items.iter().map(|i| i.range.clone())).collect();
+                    for s in &shares {
+                        for f in &s.files {
+                            for i in &f.items {
+                                prop_assert!(whole.contains(&i.range));
+                            }
+                        }
+                    }
                 }
             }
         }

@@ -1521,6 +1521,51 @@ fn bandwidth_limits() {
     assert!(t < expected / 4, "unshaped: {t:?}");
 }
 
+/// Downloads `data.bin` over a fresh connection as the client whose access key is `key` (the
+/// SigV4 `Credential`; the server checks no signature); returns how long it took.
+fn timed_download_as(addr: SocketAddr, key: &str) -> Duration {
+    let auth = format!(
+        "Authorization: AWS4-HMAC-SHA256 Credential={key}/20260101/us-east-1/s3/aws4_request, \
+         SignedHeaders=host, Signature=0\r\n"
+    );
+    let started = Instant::now();
+    let r = raw(addr, "GET", "/bkt/data.bin", &auth);
+    assert_eq!(r.body.len(), DATA_LEN);
+    started.elapsed()
+}
+
+#[test]
+fn client_bandwidth_is_per_access_key() {
+    let rate = 4_000_000;
+    let expected = Duration::from_secs_f64(DATA_LEN as f64 / rate as f64);
+    let f = fixture_with(|c| ServerConfig {
+        client_bandwidth: Some(rate),
+        ..c
+    });
+    let addr = f.server.addr();
+    // Two connections of one client share its cap...
+    let started = Instant::now();
+    let other = std::thread::spawn(move || timed_download_as(addr, "alice"));
+    timed_download_as(addr, "alice");
+    other.join().unwrap();
+    let t = started.elapsed();
+    assert!(
+        t > expected.mul_f64(1.7) && t < expected.mul_f64(3.2),
+        "one client, two connections: {t:?}, expected {:?}",
+        expected * 2
+    );
+    // ...and two clients have one each.
+    let started = Instant::now();
+    let other = std::thread::spawn(move || timed_download_as(addr, "bob"));
+    timed_download_as(addr, "carol");
+    other.join().unwrap();
+    let t = started.elapsed();
+    assert!(
+        t > expected.mul_f64(0.85) && t < expected.mul_f64(1.6),
+        "two clients: {t:?}, expected {expected:?}"
+    );
+}
+
 #[test]
 fn stats_reset() {
     let f = fixture();

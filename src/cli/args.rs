@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::plan::Share;
 use crate::sink::StreamFormat;
 use crate::source::Location;
 use crate::units::ByteSize;
@@ -99,6 +100,41 @@ pub enum Command {
         /// The shell to print completions for.
         shell: clap_complete::Shell,
     },
+}
+
+/// `--shard`: a share given as `I/N`, or taken from the scheduler's environment (`auto`, or
+/// `auto/N` when the environment gives only the index).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShardArg {
+    Given(Share),
+    Auto(Option<u32>),
+}
+
+impl std::str::FromStr for ShardArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<ShardArg, String> {
+        let count = |n: &str| match n.trim().parse::<u32>() {
+            Ok(n) if n >= 1 => Ok(n),
+            _ => Err(format!("{n:?} is not a number of shares (at least 1)")),
+        };
+        let (index, n) = match s.split_once('/') {
+            Some((i, n)) => (i.trim(), Some(count(n)?)),
+            None => (s.trim(), None),
+        };
+        if index.eq_ignore_ascii_case("auto") {
+            return Ok(ShardArg::Auto(n));
+        }
+        let (Ok(index), Some(n)) = (index.parse::<u32>(), n) else {
+            return Err(format!("expected I/N (0-based), auto or auto/N, not {s:?}"));
+        };
+        Share::new(index, n).map(ShardArg::Given).ok_or_else(|| {
+            format!(
+                "share {index} of {n} does not exist: I goes from 0 to {}",
+                n - 1
+            )
+        })
+    }
 }
 
 /// Options for reaching S3 (the default credential chain applies: environment, profiles, SSO, web
@@ -238,6 +274,17 @@ pub struct PlanArgs {
     /// List every range group, not only the per-file summary.
     #[arg(long, help_heading = "Output")]
     pub groups: bool,
+    /// Show the plan of share I of N (0-based) that `fetch --shard I/N` reads.
+    #[arg(
+        long,
+        value_name = "I/N|auto",
+        help_heading = "Shard",
+        conflicts_with = "shards"
+    )]
+    pub shard: Option<ShardArg>,
+    /// Show how the plan divides into N shares: files, items, requests and bytes of each.
+    #[arg(long, value_name = "N", help_heading = "Shard", value_parser = clap::value_parser!(u32).range(1..))]
+    pub shards: Option<u32>,
     #[command(flatten)]
     pub s3: S3Flags,
     #[command(flatten)]
@@ -289,6 +336,11 @@ pub struct FetchArgs {
     /// No progress bar; unlike --quiet, warnings and the summary line are still printed.
     #[arg(long, help_heading = "Output")]
     pub no_progress: bool,
+    /// Only share I of N (0-based), so that N workers with I = 0 .. N-1 together do the work
+    /// once; `auto` takes I and N from Slurm, torchrun or Open MPI, `auto/N` also from a
+    /// Kubernetes Indexed Job (docs/usage.md).
+    #[arg(long, value_name = "I/N|auto", help_heading = "Shard")]
+    pub shard: Option<ShardArg>,
     /// Refused with a pointer to `dcpfetch plan`, which shows what a fetch would read (hidden:
     /// for people used to `aws s3 cp --dryrun`; docs/usage.md).
     #[arg(long = "dry-run", alias = "dryrun", hide = true)]
@@ -324,11 +376,15 @@ pub struct MemoryFlag {
     pub max_memory: ByteSize,
 }
 
+// The checkpoint is required unless --combine, so the usage lines say both.
 #[derive(Debug, Args)]
+#[command(
+    override_usage = "dcpfetch verify [OPTIONS] <CKPT>\n       dcpfetch verify [--json] --combine <REPORT.json>..."
+)]
 pub struct VerifyArgs {
     /// The checkpoint: a folder, file://PATH, s3://BUCKET/PREFIX or https://HOST/PATH.
-    #[arg(value_name = "CKPT")]
-    pub checkpoint: Location,
+    #[arg(value_name = "CKPT", required_unless_present = "combine")]
+    pub checkpoint: Option<Location>,
     #[command(flatten)]
     pub selection: SelectFlags,
     /// Metadata and sizes only (HEAD/stat, no item bytes).
@@ -339,6 +395,15 @@ pub struct VerifyArgs {
     /// Reads every byte of every shard file.
     #[arg(long, value_name = "FILE", help_heading = "Checks")]
     pub manifest: Option<PathBuf>,
+    /// Only share I of N (0-based), so that N workers with I = 0 .. N-1 together check every item
+    /// once; `auto` takes I and N from Slurm, torchrun or Open MPI, `auto/N` also from a
+    /// Kubernetes Indexed Job (docs/usage.md).
+    #[arg(long, value_name = "I/N|auto", help_heading = "Shard")]
+    pub shard: Option<ShardArg>,
+    /// Combine the `--json` reports of `verify --shard I/N` (one per share, all N of them) into
+    /// one verdict, with the exit code a single run would have.
+    #[arg(long, value_name = "REPORT.json", num_args = 1.., help_heading = "Shard", conflicts_with_all = ["checkpoint", "shard", "manifest", "quick"])]
+    pub combine: Vec<PathBuf>,
     /// Print one JSON document (schema in docs/output.md) instead of the report.
     #[arg(long, help_heading = "Output")]
     pub json: bool,

@@ -113,6 +113,13 @@ impl Printer {
         }
     }
 
+    /// A note on stderr (what `--shard auto` found), unless `--quiet`.
+    pub fn note(&self, message: &str) {
+        if !self.quiet {
+            eprintln!("note: {message}");
+        }
+    }
+
     /// The command's report: JSON, or what `human` writes (a table or CSV), on stdout.
     pub fn print(
         &self,

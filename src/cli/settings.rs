@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use super::args::{
     BenchArgs, Command, DEFAULT_CONCURRENCY, EngineFlags, FetchArgs, HttpFlags, LsArgs, MemoryFlag,
-    PlanArgs, PlanFlags, S3Flags, SelectFlags, VerifyArgs,
+    PlanArgs, PlanFlags, S3Flags, SelectFlags, ShardArg, VerifyArgs,
 };
 use super::printer::{Printer, ReportFormat};
 use crate::fetch::EngineOptions;
 use crate::pipeline::Target;
-use crate::plan::PlanOptions;
+use crate::plan::{PlanOptions, Share};
 use crate::selection::{SelectionError, Spec};
 use crate::sink::StreamFormat;
 use crate::source::{HttpOptions, RetryPolicy, S3Options};
@@ -39,8 +39,26 @@ pub enum Settings {
     Plan(PlanSettings),
     Fetch(FetchSettings),
     Verify(VerifySettings),
+    /// `verify --combine`: the reports of every share, into one verdict.
+    Combine(CombineSettings),
     Bench(BenchSettings),
     Completions(clap_complete::Shell),
+}
+
+/// Which share of the work this run does (`--shard`), and, when `--shard auto` found it in the
+/// environment, where (printed on stderr).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sharding {
+    pub share: Share,
+    pub from: Option<String>,
+}
+
+impl Sharding {
+    /// The whole work (no `--shard`).
+    pub const WHOLE: Sharding = Sharding {
+        share: Share::WHOLE,
+        from: None,
+    };
 }
 
 #[derive(Debug)]
@@ -57,6 +75,10 @@ pub struct PlanSettings {
     pub groups: bool,
     /// Files statted at once.
     pub in_flight: usize,
+    /// `--shard`: the plan of this share.
+    pub shard: Sharding,
+    /// `--shards N`: the balance of N shares.
+    pub shares: Option<u32>,
     pub printer: Printer,
 }
 
@@ -82,6 +104,7 @@ pub struct FetchSettings {
     pub plan: PlanOptions,
     pub engine: EngineOptions,
     pub output: Output,
+    pub shard: Sharding,
     pub printer: Printer,
 }
 
@@ -94,6 +117,14 @@ pub struct VerifySettings {
     pub quick: bool,
     /// A sha256 manifest to compare with, or to write.
     pub manifest: Option<PathBuf>,
+    pub shard: Sharding,
+    pub printer: Printer,
+}
+
+#[derive(Debug)]
+pub struct CombineSettings {
+    /// The `verify --shard I/N --json` reports, one per share.
+    pub reports: Vec<PathBuf>,
     pub printer: Printer,
 }
 
@@ -124,6 +155,10 @@ impl Settings {
             Command::Ls(a) => Settings::Ls(ls(a)?),
             Command::Plan(a) => Settings::Plan(plan(a)?),
             Command::Fetch(a) => Settings::Fetch(fetch(a)?),
+            Command::Verify(a) if !a.combine.is_empty() => Settings::Combine(CombineSettings {
+                reports: a.combine,
+                printer: Printer::report(ReportFormat::json_if(a.json)),
+            }),
             Command::Verify(a) => Settings::Verify(verify(a)?),
             Command::Bench(a) => Settings::Bench(bench(a)?),
             Command::Completions { shell } => Settings::Completions(shell),
@@ -253,14 +288,167 @@ fn plan_flags(plan: &PlanFlags) -> Result<PlanOptions, UsageError> {
     Ok(plan_and_engine(plan.max_gap_size, plan.part_size, 1, memory)?.plan)
 }
 
+/// The process environment, as `--shard auto` reads it.
+fn env(var: &str) -> Option<String> {
+    std::env::var(var).ok()
+}
+
+/// `--shard`, resolved: given, taken from the environment (`env`), or the whole work.
+fn sharding(
+    arg: Option<ShardArg>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Sharding, UsageError> {
+    match arg {
+        None => Ok(Sharding::WHOLE),
+        Some(ShardArg::Given(share)) => Ok(Sharding { share, from: None }),
+        Some(ShardArg::Auto(count)) => {
+            let (share, from) = share_from_environment(count, env)?;
+            Ok(Sharding {
+                share,
+                from: Some(from),
+            })
+        }
+    }
+}
+
+/// What a scheduler's variables say: (index, count, description).
+type Found = (u64, u64, String);
+
+/// `--shard auto` (`count` with `auto/N`): the share from the variables of Slurm job arrays,
+/// Slurm steps, Kubernetes Indexed Jobs (which give only the index, so N must be given), torchrun
+/// and Open MPI. Schedulers that say "1 task" are ignored when another says more (a one-task
+/// Slurm step inside a job array, torchrun with one process); the others must agree with each
+/// other and with `count`. Anything missing, malformed or conflicting is a usage error.
+pub fn share_from_environment(
+    count: Option<u32>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(Share, String), UsageError> {
+    let num =
+        |var: &str| -> Result<Option<u64>, UsageError> {
+            match env(var) {
+                None => Ok(None),
+                Some(v) => v.trim().parse::<u64>().map(Some).map_err(|_| {
+                    invalid(format!("--shard auto: {var}={v:?} is not a whole number"))
+                }),
+            }
+        };
+    let pair = |index: &str, size: &str, what: &str| -> Result<Option<Found>, UsageError> {
+        match (num(index)?, num(size)?) {
+            (None, None) => Ok(None),
+            (Some(i), Some(n)) => Ok(Some((i, n, format!("{what} ({index}={i}, {size}={n})")))),
+            (Some(_), None) => Err(invalid(format!(
+                "--shard auto: {index} is set but {size} is not; pass --shard I/N"
+            ))),
+            (None, Some(_)) => Err(invalid(format!(
+                "--shard auto: {size} is set but {index} is not; pass --shard I/N"
+            ))),
+        }
+    };
+    let mut found: Vec<Found> = Vec::new();
+    if let Some(id) = num("SLURM_ARRAY_TASK_ID")? {
+        let (min, max, n) = (
+            num("SLURM_ARRAY_TASK_MIN")?,
+            num("SLURM_ARRAY_TASK_MAX")?,
+            num("SLURM_ARRAY_TASK_COUNT")?,
+        );
+        let n = match (n, min, max) {
+            (Some(n), Some(lo), Some(hi)) if hi < lo || hi - lo + 1 != n => {
+                return Err(invalid(format!(
+                    "--shard auto: the Slurm job array's task ids are not contiguous \
+                     (SLURM_ARRAY_TASK_MIN={lo}, SLURM_ARRAY_TASK_MAX={hi}, SLURM_ARRAY_TASK_COUNT={n}); \
+                     submit it with --array=0-{} or pass --shard I/N",
+                    n.saturating_sub(1)
+                )));
+            }
+            (Some(n), ..) => n,
+            (None, Some(lo), Some(hi)) if hi >= lo => hi - lo + 1,
+            _ => {
+                return Err(invalid(
+                    "--shard auto: SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT (or \
+                     SLURM_ARRAY_TASK_MIN and SLURM_ARRAY_TASK_MAX) is not; pass --shard I/N",
+                ));
+            }
+        };
+        let lo = min.unwrap_or(0);
+        let Some(i) = id.checked_sub(lo) else {
+            return Err(invalid(format!(
+                "--shard auto: SLURM_ARRAY_TASK_ID={id} is below SLURM_ARRAY_TASK_MIN={lo}"
+            )));
+        };
+        found.push((
+            i,
+            n,
+            format!(
+                "the Slurm job array (SLURM_ARRAY_TASK_ID={id}, SLURM_ARRAY_TASK_MIN={lo}, \
+                 SLURM_ARRAY_TASK_COUNT={n})"
+            ),
+        ));
+    }
+    found.extend(pair("SLURM_PROCID", "SLURM_NTASKS", "the Slurm step")?);
+    if let Some(i) = num("JOB_COMPLETION_INDEX")? {
+        let Some(n) = count else {
+            return Err(invalid(format!(
+                "--shard auto: a Kubernetes Indexed Job (JOB_COMPLETION_INDEX={i}) does not say how \
+                 many indexes there are; pass --shard auto/N with N the Job's completions"
+            )));
+        };
+        found.push((
+            i,
+            u64::from(n),
+            format!("the Kubernetes Indexed Job (JOB_COMPLETION_INDEX={i}, N={n} from --shard)"),
+        ));
+    }
+    found.extend(pair("RANK", "WORLD_SIZE", "torchrun")?);
+    found.extend(pair(
+        "OMPI_COMM_WORLD_RANK",
+        "OMPI_COMM_WORLD_SIZE",
+        "Open MPI",
+    )?);
+
+    if found.iter().any(|f| f.1 > 1) {
+        found.retain(|f| f.1 > 1);
+    }
+    let Some((index, n, from)) = found.first().cloned() else {
+        return Err(invalid(
+            "--shard auto found no scheduler's variables: it reads Slurm (SLURM_ARRAY_TASK_ID and \
+             SLURM_ARRAY_TASK_COUNT, or SLURM_PROCID and SLURM_NTASKS), Kubernetes Indexed Jobs \
+             (JOB_COMPLETION_INDEX, with --shard auto/N), torchrun (RANK and WORLD_SIZE) and Open MPI \
+             (OMPI_COMM_WORLD_RANK and OMPI_COMM_WORLD_SIZE); pass --shard I/N otherwise",
+        ));
+    };
+    if let Some(other) = found.iter().find(|f| (f.0, f.1) != (index, n)) {
+        return Err(invalid(format!(
+            "--shard auto: the environment disagrees with itself: {from} says share {index} of {n}, \
+             {} says {} of {}; pass --shard I/N",
+            other.2, other.0, other.1
+        )));
+    }
+    if let Some(want) = count
+        && u64::from(want) != n
+    {
+        return Err(invalid(format!(
+            "--shard auto/{want}: {from} says there are {n} shares, not {want}"
+        )));
+    }
+    let share = u32::try_from(n)
+        .ok()
+        .zip(u32::try_from(index).ok())
+        .and_then(|(n, i)| Share::new(i, n));
+    match share {
+        Some(share) => Ok((share, from)),
+        None if n == 0 => Err(invalid(format!(
+            "--shard auto: {from} says there are 0 shares"
+        ))),
+        None => Err(invalid(format!(
+            "--shard auto: {from} gives index {index}, outside 0 .. {}",
+            n.saturating_sub(1)
+        ))),
+    }
+}
+
 fn ls(a: LsArgs) -> Result<LsSettings, UsageError> {
     Ok(LsSettings {
-        target: {
-            let mut t = target(a.checkpoint, &a.s3, &a.http, &a.selection)?;
-            // A sweep measures the concurrency it names, not the HTTP ramp's choice.
-            t.http.no_ramp = true;
-            t
-        },
+        target: target(a.checkpoint, &a.s3, &a.http, &a.selection)?,
         printer: Printer::report(ReportFormat::json_if(a.json)),
     })
 }
@@ -268,14 +456,11 @@ fn ls(a: LsArgs) -> Result<LsSettings, UsageError> {
 fn plan(a: PlanArgs) -> Result<PlanSettings, UsageError> {
     Ok(PlanSettings {
         plan: plan_flags(&a.plan)?,
-        target: {
-            let mut t = target(a.checkpoint, &a.s3, &a.http, &a.selection)?;
-            // A sweep measures the concurrency it names, not the HTTP ramp's choice.
-            t.http.no_ramp = true;
-            t
-        },
+        target: target(a.checkpoint, &a.s3, &a.http, &a.selection)?,
         groups: a.groups,
         in_flight: DEFAULT_CONCURRENCY as usize,
+        shard: sharding(a.shard, &env)?,
+        shares: a.shards,
         printer: Printer::report(ReportFormat::json_if(a.json)),
     })
 }
@@ -318,30 +503,34 @@ fn fetch(a: FetchArgs) -> Result<FetchSettings, UsageError> {
         }
     };
     let trial = engine_flags(&a.plan, &a.engine)?;
+    let shard = sharding(a.shard, &env)?;
     Ok(FetchSettings {
-        target: {
-            let mut t = target(a.checkpoint, &a.s3, &a.http, &a.selection)?;
-            // A sweep measures the concurrency it names, not the HTTP ramp's choice.
-            t.http.no_ramp = true;
-            t
-        },
+        target: target(a.checkpoint, &a.s3, &a.http, &a.selection)?,
         plan: trial.plan,
         engine: trial.engine,
         printer: Printer::run(ReportFormat::json_if(a.json), a.quiet, to_stdout)
             .hide_progress(a.no_progress),
         output,
+        shard,
     })
 }
 
 fn verify(a: VerifyArgs) -> Result<VerifySettings, UsageError> {
     let trial = engine_flags(&a.plan, &a.engine)?;
+    let shard = sharding(a.shard, &env)?;
+    if !shard.share.is_whole() && a.manifest.is_some() {
+        return Err(invalid(
+            "--manifest hashes whole files and goes without --shard: run it on one machine",
+        ));
+    }
+    let Some(checkpoint) = a.checkpoint else {
+        return Err(invalid(
+            "verify needs a checkpoint (or --combine REPORT.json ...)",
+        ));
+    };
     Ok(VerifySettings {
-        target: {
-            let mut t = target(a.checkpoint, &a.s3, &a.http, &a.selection)?;
-            // A sweep measures the concurrency it names, not the HTTP ramp's choice.
-            t.http.no_ramp = true;
-            t
-        },
+        shard,
+        target: target(checkpoint, &a.s3, &a.http, &a.selection)?,
         plan: trial.plan,
         engine: trial.engine,
         quick: a.quick,
@@ -547,5 +736,172 @@ mod tests {
         );
         assert!(ByteSize(b.trials[5].plan.max_gap).is_inf());
         assert!(b.trials.iter().all(|t| t.plan.part_size == 1 << 20));
+    }
+
+    #[test]
+    fn shard_from_the_environment() {
+        // (variables, --shard auto/N count, the share or a piece of the error)
+        type Case<'a> = (
+            &'a [(&'a str, &'a str)],
+            Option<u32>,
+            Result<(u32, u32), &'a str>,
+        );
+        let cases: &[Case] = &[
+            (
+                &[
+                    ("SLURM_ARRAY_TASK_ID", "3"),
+                    ("SLURM_ARRAY_TASK_COUNT", "8"),
+                ],
+                None,
+                Ok((3, 8)),
+            ),
+            (
+                &[
+                    ("SLURM_ARRAY_TASK_ID", "12"),
+                    ("SLURM_ARRAY_TASK_MIN", "10"),
+                    ("SLURM_ARRAY_TASK_MAX", "13"),
+                    ("SLURM_ARRAY_TASK_COUNT", "4"),
+                ],
+                None,
+                Ok((2, 4)),
+            ),
+            (
+                &[
+                    ("SLURM_ARRAY_TASK_ID", "4"),
+                    ("SLURM_ARRAY_TASK_MIN", "0"),
+                    ("SLURM_ARRAY_TASK_MAX", "12"),
+                    ("SLURM_ARRAY_TASK_COUNT", "4"),
+                ],
+                None,
+                Err("not contiguous"),
+            ),
+            (
+                &[
+                    ("SLURM_ARRAY_TASK_ID", "1"),
+                    ("SLURM_ARRAY_TASK_MIN", "0"),
+                    ("SLURM_ARRAY_TASK_MAX", "3"),
+                ],
+                None,
+                Ok((1, 4)),
+            ),
+            (
+                &[("SLURM_ARRAY_TASK_ID", "1")],
+                None,
+                Err("SLURM_ARRAY_TASK_COUNT"),
+            ),
+            // A job array task's own one-task step does not count.
+            (
+                &[
+                    ("SLURM_ARRAY_TASK_ID", "2"),
+                    ("SLURM_ARRAY_TASK_COUNT", "4"),
+                    ("SLURM_PROCID", "0"),
+                    ("SLURM_NTASKS", "1"),
+                ],
+                None,
+                Ok((2, 4)),
+            ),
+            (
+                &[("SLURM_PROCID", "5"), ("SLURM_NTASKS", "16")],
+                None,
+                Ok((5, 16)),
+            ),
+            (&[("SLURM_PROCID", "5")], None, Err("SLURM_NTASKS is not")),
+            (&[("JOB_COMPLETION_INDEX", "2")], Some(4), Ok((2, 4))),
+            (
+                &[("JOB_COMPLETION_INDEX", "2")],
+                None,
+                Err("--shard auto/N"),
+            ),
+            (
+                &[("JOB_COMPLETION_INDEX", "4")],
+                Some(4),
+                Err("outside 0 .. 3"),
+            ),
+            (&[("RANK", "1"), ("WORLD_SIZE", "2")], None, Ok((1, 2))),
+            (&[("RANK", "1"), ("WORLD_SIZE", "2")], Some(2), Ok((1, 2))),
+            (
+                &[("RANK", "1"), ("WORLD_SIZE", "2")],
+                Some(3),
+                Err("2 shares, not 3"),
+            ),
+            (&[("WORLD_SIZE", "2")], None, Err("RANK is not")),
+            (
+                &[("RANK", "x"), ("WORLD_SIZE", "2")],
+                None,
+                Err("not a whole number"),
+            ),
+            (
+                &[("OMPI_COMM_WORLD_RANK", "0"), ("OMPI_COMM_WORLD_SIZE", "3")],
+                None,
+                Ok((0, 3)),
+            ),
+            // torchrun under a Slurm step that agrees, and one that does not.
+            (
+                &[
+                    ("RANK", "3"),
+                    ("WORLD_SIZE", "4"),
+                    ("SLURM_PROCID", "3"),
+                    ("SLURM_NTASKS", "4"),
+                ],
+                None,
+                Ok((3, 4)),
+            ),
+            (
+                &[
+                    ("RANK", "3"),
+                    ("WORLD_SIZE", "8"),
+                    ("SLURM_PROCID", "1"),
+                    ("SLURM_NTASKS", "2"),
+                ],
+                None,
+                Err("disagrees"),
+            ),
+            (&[("RANK", "0"), ("WORLD_SIZE", "0")], None, Err("0 shares")),
+            (&[("RANK", "0"), ("WORLD_SIZE", "1")], None, Ok((0, 1))),
+            (&[], None, Err("found no scheduler")),
+            (&[("HOME", "/root")], Some(2), Err("found no scheduler")),
+        ];
+        for (vars, count, want) in cases {
+            let env = |v: &str| {
+                vars.iter()
+                    .find(|(k, _)| *k == v)
+                    .map(|(_, x)| x.to_string())
+            };
+            let got = share_from_environment(*count, &env);
+            match (got, want) {
+                (Ok((share, from)), Ok((i, n))) => {
+                    assert_eq!((share.index, share.count), (*i, *n), "{vars:?}");
+                    assert!(!from.is_empty());
+                }
+                (Err(e), Err(needle)) => assert!(e.to_string().contains(needle), "{vars:?}: {e}"),
+                (got, want) => panic!("{vars:?} {count:?}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn shard_flags() {
+        let Settings::Fetch(f) = resolve(&["fetch", "x", "-o", "d", "--shard", "2/5"]).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(f.shard.share, Share::new(2, 5).unwrap());
+        assert_eq!(f.shard.from, None);
+        let Settings::Fetch(f) = resolve(&["fetch", "x", "-o", "d"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(f.shard, Sharding::WHOLE);
+        for bad in ["5/5", "1/0", "a/b", "3", "-1/2", "auto/0"] {
+            let parsed = Cli::try_parse_from(["dcpfetch", "fetch", "x", "-o", "d", "--shard", bad]);
+            assert!(parsed.is_err(), "{bad}");
+        }
+        assert!(matches!(
+            resolve(&["verify", "x", "--shard", "0/2", "--manifest", "m.json"]),
+            Err(UsageError::Invalid(m)) if m.contains("--manifest")
+        ));
+        assert!(matches!(
+            resolve(&["verify", "--combine", "a.json", "b.json"]).unwrap(),
+            Settings::Combine(c) if c.reports.len() == 2
+        ));
     }
 }

@@ -258,6 +258,7 @@ fn prepare_folder(
         FolderOptions {
             resume: false,
             force: ours,
+            shard: None,
         },
     )
     .with_context(|| format!("cannot fetch into {}", dir.display()))?;

@@ -6,11 +6,13 @@ use anyhow::Context;
 use serde::Serialize;
 
 use crate::cli::Output;
-use crate::cli::settings::FetchSettings;
+use crate::cli::printer::Printer;
+use crate::cli::settings::{FetchSettings, Sharding};
 use crate::fetch::{self, Cancel, Sink};
-use crate::pipeline::{Files, Planned};
-use crate::plan::Plan;
+use crate::pipeline::{Files, PipelineError, Planned};
+use crate::plan::{Cut, Plan, Split};
 use crate::report::{Outcome, Problem};
+use crate::sink::folder::{Completion, Sharded};
 use crate::sink::{FolderOptions, FolderSink, StreamSink, local_root};
 use crate::units::{count, human};
 
@@ -32,6 +34,28 @@ pub struct FetchSummary {
     pub items_already_present: usize,
     pub elapsed_seconds: f64,
     pub throughput_bytes_per_second: f64,
+    /// With `--shard`: this worker's share, and whether the folder is complete.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shard: Option<ShardSummary>,
+}
+
+/// The share a worker fetched (`--shard`, docs/output.md).
+#[derive(Debug, Serialize)]
+pub struct ShardSummary {
+    pub index: u32,
+    pub count: u32,
+    /// Where `--shard auto` found the share (`null` when given as I/N).
+    pub from: Option<String>,
+    /// With -o DIR: the shares not yet done when this one finished (empty: every share is in and
+    /// the metadata is published). `null` with -o -.
+    pub shares_missing: Option<Vec<u32>>,
+}
+
+/// Prints where `--shard auto` found the share.
+pub fn note_shard(printer: &Printer, shard: &Sharding) {
+    if let Some(from) = &shard.from {
+        printer.note(&format!("share {} from {from}", shard.share));
+    }
 }
 
 pub async fn run(s: FetchSettings) -> anyhow::Result<Outcome> {
@@ -40,6 +64,7 @@ pub async fn run(s: FetchSettings) -> anyhow::Result<Outcome> {
         Output::Dir { .. } => Files::Every,
         Output::Stdout { .. } => Files::Planned,
     };
+    note_shard(&s.printer, &s.shard);
     let planned = Planned::new(&s.target, s.plan, files, s.engine.concurrency).await?;
     let mut warnings = planned.selection.warnings.clone();
     warnings.extend(planned.empty_items_warning());
@@ -47,12 +72,23 @@ pub async fn run(s: FetchSettings) -> anyhow::Result<Outcome> {
     let source = planned.source();
     let location = source.describe();
 
+    // With --shard, this worker's share: a stream's items whole (each a standalone archive), a
+    // folder's clipped at part boundaries (it is written by byte range).
+    let share = s.shard.share;
+    let cut = match s.output {
+        Output::Stdout { .. } => Cut::Items,
+        Output::Dir { .. } => Cut::Parts,
+    };
+    let mine = planned
+        .plan
+        .share(share, cut)
+        .map_err(PipelineError::Plan)?;
+    let mut completion = None;
     let (plan, sink, already): (Plan, Box<dyn Sink>, usize) = match &s.output {
         Output::Stdout { format, manifest } => {
-            let sink =
-                StreamSink::stdout(*format, planned.ck(), &planned.plan, manifest.as_deref())
-                    .context("cannot write to stdout")?;
-            (planned.plan.clone(), Box::new(sink), 0)
+            let sink = StreamSink::stdout(*format, planned.ck(), &mine, manifest.as_deref())
+                .context("cannot write to stdout")?;
+            (mine, Box::new(sink), 0)
         }
         Output::Dir {
             path,
@@ -68,17 +104,21 @@ pub async fn run(s: FetchSettings) -> anyhow::Result<Outcome> {
                 FolderOptions {
                     resume: *resume,
                     force: *force,
+                    shard: (!share.is_whole()).then(|| Sharded {
+                        share,
+                        split: Split::of(&planned.plan, share.count),
+                    }),
                 },
             )
             .with_context(|| format!("cannot fetch into {}", path.display()))?;
-            let plan = planned
-                .plan
+            completion = Some(sink.completion());
+            let plan = mine
                 .without(
                     &|name, item| done.contains(&(name.clone(), item.range.clone())),
                     planned.ck(),
                 )
                 .context(Problem("cannot plan the fetch".into()))?;
-            let already = planned.plan.items() - plan.items();
+            let already = mine.items() - plan.items();
             (plan, Box::new(sink), already)
         }
     };
@@ -126,6 +166,12 @@ pub async fn run(s: FetchSettings) -> anyhow::Result<Outcome> {
         } else {
             0.0
         },
+        shard: (!share.is_whole()).then(|| ShardSummary {
+            index: share.index,
+            count: share.count,
+            from: s.shard.from.clone(),
+            shares_missing: completion.as_ref().and_then(Completion::missing),
+        }),
     };
     s.printer.summary(&summary, || {
         format!(
@@ -141,7 +187,29 @@ pub async fn run(s: FetchSettings) -> anyhow::Result<Outcome> {
             } else {
                 String::new()
             }
-        )
+        ) + &shard_line(&summary)
     })?;
     Ok(Outcome::Ok)
+}
+
+/// The end of the summary line of a worker: its share, and whether the folder is complete.
+fn shard_line(summary: &FetchSummary) -> String {
+    let Some(shard) = &summary.shard else {
+        return String::new();
+    };
+    let share = format!("; share {}/{}", shard.index, shard.count);
+    match &shard.shares_missing {
+        None => share,
+        Some(missing) if missing.is_empty() => {
+            format!("{share}, the last one in: {} is complete", summary.output)
+        }
+        Some(missing) => {
+            let list: Vec<String> = missing.iter().map(u32::to_string).collect();
+            format!(
+                "{share} is in; {} still to come ({}), then the metadata is published",
+                count(missing.len() as u64, "share"),
+                list.join(", ")
+            )
+        }
+    }
 }

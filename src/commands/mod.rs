@@ -23,6 +23,7 @@ pub async fn dispatch(settings: Settings) -> anyhow::Result<Outcome> {
         Settings::Plan(s) => plan::run(s).await,
         Settings::Fetch(s) => fetch::run(s).await,
         Settings::Verify(s) => verify::run(s).await,
+        Settings::Combine(s) => verify::combine(s),
         Settings::Bench(s) => bench::run(s).await,
         Settings::Completions(shell) => {
             completions(shell)?;

@@ -6,8 +6,9 @@ use std::io::Write;
 use serde::Serialize;
 
 use crate::cli::settings::PlanSettings;
+use crate::pipeline::PipelineError;
 use crate::pipeline::{Files, Planned};
-use crate::plan::Plan;
+use crate::plan::{Cut, Plan, Share};
 use crate::report::Outcome;
 use crate::source::{ObjectMeta, ObjectName};
 use crate::units::{ByteSize, count, human};
@@ -22,6 +23,23 @@ pub struct PlanReport {
     pub files: Vec<FileReport>,
     pub totals: PlanTotals,
     pub warnings: Vec<String>,
+    /// With `--shard I/N`: the share this report is of.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shard: Option<Share>,
+    /// With `--shards N`: what each share fetches.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub shares: Vec<ShareReport>,
+}
+
+/// One share of `plan --shards N`.
+#[derive(Debug, Serialize)]
+pub struct ShareReport {
+    pub index: u32,
+    pub files: usize,
+    pub items: usize,
+    pub requests: usize,
+    pub bytes_needed: u64,
+    pub bytes_fetched: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -129,7 +147,78 @@ pub fn report(
         },
         files,
         warnings,
+        shard: None,
+        shares: Vec::new(),
     }
+}
+
+/// What each of `count` shares of `plan` fetches.
+fn share_reports(plan: &Plan, count: u32) -> Result<Vec<ShareReport>, PipelineError> {
+    let shares = plan
+        .shares(count, Cut::Parts)
+        .map_err(PipelineError::Plan)?;
+    Ok(shares
+        .iter()
+        .zip(0..)
+        .map(|(s, index)| ShareReport {
+            index,
+            files: s.files.len(),
+            items: s.items(),
+            requests: s.requests(),
+            bytes_needed: s.needed(),
+            bytes_fetched: s.fetched(),
+        })
+        .collect())
+}
+
+/// The table of `--shards N`: a row per share, then how far the largest is from the mean.
+fn write_shares(out: &mut dyn Write, r: &PlanReport) -> std::io::Result<()> {
+    let header = ["SHARE", "FILES", "ITEMS", "REQUESTS", "NEEDED", "FETCHED"];
+    let rows: Vec<[String; 6]> = r
+        .shares
+        .iter()
+        .map(|s| {
+            [
+                format!("{}/{}", s.index, r.shares.len()),
+                s.files.to_string(),
+                s.items.to_string(),
+                s.requests.to_string(),
+                human(s.bytes_needed),
+                human(s.bytes_fetched),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    for row in std::iter::once(header.map(str::to_owned)).chain(rows) {
+        let cells: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if i == 0 {
+                    format!("{c:<w$}", w = widths[0])
+                } else {
+                    format!("{c:>w$}", w = widths[i])
+                }
+            })
+            .collect();
+        writeln!(out, "{}", cells.join("  "))?;
+    }
+    let mean = r.totals.bytes_fetched as f64 / r.shares.len() as f64;
+    let largest = r.shares.iter().map(|s| s.bytes_fetched).max().unwrap_or(0);
+    writeln!(
+        out,
+        "{} fetched in {}: {} each on average, the largest {} ({:.2} part sizes above the mean)",
+        human(r.totals.bytes_fetched),
+        count(r.shares.len() as u64, "share"),
+        human(mean as u64),
+        human(largest),
+        (largest as f64 - mean) / r.part_size as f64,
+    )
 }
 
 /// The table: a row per file (and per group with `--groups`), then the totals.
@@ -207,16 +296,33 @@ pub fn write_table(out: &mut dyn Write, r: &PlanReport) -> std::io::Result<()> {
 }
 
 pub async fn run(s: PlanSettings) -> anyhow::Result<Outcome> {
+    super::fetch::note_shard(&s.printer, &s.shard);
     let planned = Planned::new(&s.target, s.plan, Files::Every, s.in_flight).await?;
-    let r = report(
+    // `--shard I/N`: the share `fetch -o DIR --shard I/N` fetches.
+    let share = s.shard.share;
+    let plan = planned
+        .plan
+        .share(share, Cut::Parts)
+        .map_err(PipelineError::Plan)?;
+    let mut r = report(
         &planned.source().describe(),
-        &planned.plan,
+        &plan,
         &planned.objects,
         s.groups,
         planned.selection.warnings.clone(),
     );
+    r.shard = (!share.is_whole()).then_some(share);
+    if let Some(n) = s.shares {
+        r.shares = share_reports(&planned.plan, n)?;
+    }
     s.printer
         .warnings(planned.ck(), &planned.selection.warnings);
-    s.printer.print(&r, |out| write_table(out, &r))?;
+    s.printer.print(&r, |out| {
+        if s.shares.is_some() {
+            write_shares(out, &r)
+        } else {
+            write_table(out, &r)
+        }
+    })?;
     Ok(Outcome::Ok)
 }

@@ -3,13 +3,16 @@
 
 use std::io::Write;
 
-use crate::cli::settings::VerifySettings;
+use anyhow::Context;
+
+use crate::cli::settings::{CombineSettings, VerifySettings};
 use crate::pipeline::Opened;
 use crate::report::Outcome;
 use crate::units::count;
 use crate::verify::{self, Status, VerifyOptions, VerifyReport};
 
 pub async fn run(s: VerifySettings) -> anyhow::Result<Outcome> {
+    super::fetch::note_shard(&s.printer, &s.shard);
     let opened = Opened::open(&s.target).await?;
     let selection = opened.select(&s.target.spec)?;
     let opts = VerifyOptions {
@@ -18,8 +21,32 @@ pub async fn run(s: VerifySettings) -> anyhow::Result<Outcome> {
         plan: s.plan,
         engine: s.engine,
         progress: s.printer.shows_progress(),
+        share: s.shard.share,
     };
     let report = verify::run(&opened, &selection, &opts).await?;
+    s.printer.print(&report, |out| write_report(out, &report))?;
+    Ok(if report.ok {
+        Outcome::Ok
+    } else {
+        Outcome::Problems
+    })
+}
+
+/// `verify --combine`: the reports of every share, read back and combined into one verdict.
+pub fn combine(s: CombineSettings) -> anyhow::Result<Outcome> {
+    let mut reports = Vec::new();
+    for path in &s.reports {
+        let text =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let report: VerifyReport = serde_json::from_slice(&text).with_context(|| {
+            format!(
+                "{} is not a report of `dcpfetch verify --json`",
+                path.display()
+            )
+        })?;
+        reports.push((path.display().to_string(), report));
+    }
+    let report = verify::combine(reports).context("cannot combine the reports")?;
     s.printer.print(&report, |out| write_report(out, &report))?;
     Ok(if report.ok {
         Outcome::Ok

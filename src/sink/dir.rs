@@ -333,6 +333,46 @@ impl Dir {
         Ok(true)
     }
 
+    /// Takes a shared lock on the folder without waiting (the workers of one split fetch hold it
+    /// together; a whole fetch's exclusive lock excludes them); `false` when another process holds
+    /// it exclusively. The lock lasts as long as this handle (and its clones).
+    pub fn try_lock_shared(&self) -> Result<bool, SinkError> {
+        match rustix::fs::flock(&self.fd, FlockOperation::NonBlockingLockShared) {
+            Ok(()) => Ok(true),
+            Err(Errno::WOULDBLOCK) => Ok(false),
+            Err(e) => Err(errno_io(format!("locking {}", self.path.display()))(e)),
+        }
+    }
+
+    /// Waits for an exclusive lock on this folder, through a handle of its own: the lock lasts
+    /// until the returned handle is dropped (a critical section among processes).
+    pub fn lock(&self) -> Result<Dir, SinkError> {
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let what = || format!("locking {}", self.path.display());
+        let fd =
+            rustix::fs::openat(&self.fd, ".", flags, Mode::empty()).map_err(errno_io(what()))?;
+        rustix::fs::flock(&fd, FlockOperation::LockExclusive).map_err(errno_io(what()))?;
+        Ok(Dir {
+            fd,
+            path: self.path.clone(),
+        })
+    }
+
+    /// The names of the entries in this folder (`.` and `..` left out).
+    pub fn names(&self) -> Result<Vec<String>, SinkError> {
+        let what = || format!("reading {}", self.path.display());
+        let entries = rustix::fs::Dir::read_from(&self.fd).map_err(errno_io(what()))?;
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(errno_io(what()))?;
+            let name = entry.file_name().to_bytes();
+            if name != b"." && name != b".." {
+                names.push(String::from_utf8_lossy(name).into_owned());
+            }
+        }
+        Ok(names)
+    }
+
     /// Takes an exclusive lock on the folder without waiting; `false` when another process holds
     /// it. The lock lasts as long as this handle (and its clones).
     pub fn try_lock(&self) -> Result<bool, SinkError> {

@@ -16,7 +16,7 @@ use std::io::{Read, Write};
 use std::ops::Range;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -25,7 +25,7 @@ use super::dir::{Dir, FileId, check_regular, id_of};
 use super::journal::{self, Earlier, Finished, Identity, Limits};
 use crate::fetch::{Sink, SinkError};
 use crate::metadata::Checkpoint;
-use crate::plan::{FilePlan, PlanItem};
+use crate::plan::{FilePlan, PlanItem, Share, Split};
 use crate::source::{Location, ObjectMeta, ObjectName};
 use crate::units::sha256_hex;
 
@@ -40,6 +40,12 @@ const METADATA: &str = ".metadata";
 const BLOCKER: &[u8] = b"dcpfetch is writing this folder: it is not a complete checkpoint yet\n";
 const BLOCKER_TMP: &str = "blocker.tmp";
 
+/// What the temporary files of a worker end with: nothing for a whole fetch, `.I-of-N` for a
+/// share, so that workers that publish at once never write into each other's temporaries.
+fn tag(share: Option<Share>) -> String {
+    share.map_or(String::new(), |s| format!(".{}-of-{}", s.index, s.count))
+}
+
 /// Flush to disk and record progress at least this often.
 const SYNC_EVERY_BYTES: u64 = 256 << 20;
 const SYNC_EVERY: Duration = Duration::from_secs(5);
@@ -47,11 +53,46 @@ const SYNC_EVERY: Duration = Duration::from_secs(5);
 /// Items already on disk, by file and byte range.
 pub type Written = HashSet<(ObjectName, Range<u64>)>;
 
-/// How to treat an output folder that already holds something.
-#[derive(Debug, Clone, Copy, Default)]
+/// How to treat an output folder that already holds something, and whether this fetch is one
+/// share of a split one.
+#[derive(Debug, Clone, Default)]
 pub struct FolderOptions {
     pub resume: bool,
     pub force: bool,
+    pub shard: Option<Sharded>,
+}
+
+/// One worker of a fetch split among several (`--shard I/N`), all writing into one folder.
+///
+/// Each worker holds the folder with a shared lock (a whole fetch's exclusive lock excludes
+/// them), its share with the lock of `.dcpfetch/lock.I-of-N`, and records its items in
+/// `.dcpfetch/journal.I-of-N.jsonl`, whose header carries the checkpoint and the [`Split`]: a
+/// worker whose header would differ from the other shares' (another selection, number of
+/// shares, part size, or a checkpoint changed since) is refused, naming what differs. Setting up
+/// (reading the journals, removing the metadata, creating and sizing the shard files) and
+/// publishing happen one worker at a time, under the lock of `.dcpfetch/` itself; only the first
+/// worker of a fetch empties the shard files, the others never do. A share that finished ends its
+/// journal with a `done` line, and the worker that then finds every share done publishes the
+/// metadata: the folder reads as a checkpoint only once every share is in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sharded {
+    pub share: Share,
+    pub split: Split,
+}
+
+/// Whether the folder was complete when the sink finished: `None` before it finished, then the
+/// shares still missing (none: the metadata is published).
+#[derive(Debug, Clone, Default)]
+pub struct Completion(Arc<Mutex<Option<Vec<u32>>>>);
+
+impl Completion {
+    fn set(&self, missing: Vec<u32>) {
+        *self.0.lock().expect("not poisoned") = Some(missing);
+    }
+
+    pub fn missing(&self) -> Option<Vec<u32>> {
+        self.0.lock().expect("not poisoned").clone()
+    }
 }
 
 /// A shard file held open, and what it must still be at the end.
@@ -79,6 +120,11 @@ pub struct FolderSink {
     crcs: HashMap<ObjectName, HashMap<u64, Vec<Run>>>,
     unsynced_bytes: u64,
     last_sync: Instant,
+    /// A split fetch: this share, the header every share's journal has, and the journals' limits.
+    split: Option<(Share, Identity, Limits)>,
+    /// This share's lock (a split fetch), held as long as the sink lives.
+    _share_lock: Option<File>,
+    completion: Completion,
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SinkError {
@@ -98,8 +144,8 @@ pub fn local_root(location: &Location) -> Option<&Path> {
 }
 
 /// The name of the temporary file a metadata file is written to, in the state folder.
-fn temporary(name: &ObjectName) -> String {
-    format!("{}.tmp", name.as_str().replace('/', "%2F"))
+fn temporary(name: &ObjectName, tag: &str) -> String {
+    format!("{}.tmp{tag}", name.as_str().replace('/', "%2F"))
 }
 
 impl FolderSink {
@@ -107,6 +153,9 @@ impl FolderSink {
     /// returns the sink with the items an earlier interrupted fetch already wrote (with `resume`)
     /// and that are still intact. `local_source` is the checkpoint's folder when it is local: the
     /// output folder may not be it, be inside it or contain it.
+    ///
+    /// With [`FolderOptions::shard`], this worker writes one share of a split fetch next to the
+    /// other workers (see [`Sharded`]).
     pub fn prepare(
         root: &Path,
         source: &str,
@@ -115,6 +164,7 @@ impl FolderSink {
         objects: &HashMap<ObjectName, ObjectMeta>,
         opts: FolderOptions,
     ) -> Result<(FolderSink, Written), SinkError> {
+        let share = opts.shard.as_ref().map(|s| s.share);
         let identity = Identity {
             source: source.to_owned(),
             metadata: ck
@@ -130,6 +180,7 @@ impl FolderSink {
                 f.sort();
                 f
             },
+            split: opts.shard.as_ref().map(|s| s.split.clone()),
         };
         let metadata_names: HashSet<&str> =
             ck.metadata_files.iter().map(|m| m.name.as_str()).collect();
@@ -159,58 +210,133 @@ impl FolderSink {
         if let Some(src) = local_source {
             refuse_source_by_id(&dir, src)?;
         }
-        if !dir.try_lock()? {
+        // A whole fetch holds the folder alone; the workers of a split fetch hold it together.
+        let locked = match share {
+            None => dir.try_lock()?,
+            Some(_) => dir.try_lock_shared()?,
+        };
+        if !locked {
             let pid = dir
                 .sub(STATE_DIR, false)
                 .ok()
                 .flatten()
-                .and_then(|s| read_pid(&s));
-            return refuse(match pid {
-                Some(pid) => format!(
+                .and_then(|s| read_pid(&s, LOCK));
+            return refuse(match (pid, share) {
+                (Some(pid), _) => format!(
                     "{} is in use by another dcpfetch (pid {pid})",
                     root.display()
                 ),
-                None => format!("{} is in use by another dcpfetch", root.display()),
+                (None, None) => format!(
+                    "{} is in use by another dcpfetch (the workers of a fetch split with --shard)",
+                    root.display()
+                ),
+                (None, Some(_)) => format!("{} is in use by another dcpfetch", root.display()),
             });
+        }
+
+        // The workers of a split fetch set up (and publish) one at a time, under the state
+        // folder's lock; a whole fetch has the folder to itself, and creates its state folder
+        // only once it is sure to write.
+        let (state, setup) = match share {
+            Some(_) => {
+                let state = dir.sub(STATE_DIR, true)?.expect("created when missing");
+                let setup = state.lock()?;
+                (Some(state), Some(setup))
+            }
+            None => (dir.sub(STATE_DIR, false)?, None),
+        };
+        // One worker per share: its lock file is held for the whole fetch (taken below, once this
+        // worker is sure to write; under the setup lock, so no twin can slip in between).
+        if let (Some(share), Some(state)) = (share, &state)
+            && let Some(pid) = running(state, Some(share))?
+        {
+            return refuse(format!(
+                "share {share} of {} is being fetched by another dcpfetch (pid {pid})",
+                root.display()
+            ));
         }
 
         let longest = objects.keys().map(|n| n.as_str().len()).max().unwrap_or(0);
         let limits = Limits::for_fetch(&identity, ck.storage.len(), longest);
-        let earlier = match dir.sub(STATE_DIR, false)? {
-            Some(state) => read_journal(&state, limits)?,
-            None => None,
+        let journals = match &state {
+            Some(state) => read_journals(state, limits)?,
+            None => Vec::new(),
         };
-        let (fresh, claimed) = match earlier {
+        // This share's journal; the other shares' of the same split fetch (peers); and those of
+        // any other fetch.
+        let mut mine = None;
+        let mut peers = Vec::new();
+        let mut others = Vec::new();
+        for (of, earlier) in journals {
+            let same_fetch =
+                matches!(&earlier, Earlier::Found { identity: old, .. } if *old == identity);
+            if of == share {
+                mine = Some(earlier);
+            } else if share.is_some() && of.is_some() && same_fetch {
+                peers.push(of);
+            } else {
+                others.push((of, earlier));
+            }
+        }
+        // Another fetch's state is replaced only with --force, and never while it runs.
+        if let Some(state) = &state {
+            for (of, _) in &others {
+                if let Some(pid) = running(state, *of)? {
+                    return refuse(format!(
+                        "{} is being written by another fetch ({}, pid {pid})",
+                        root.display(),
+                        match of {
+                            Some(s) => format!("share {s}"),
+                            None => "not split".to_owned(),
+                        }
+                    ));
+                }
+            }
+        }
+        if let Some((_, earlier)) = others.first()
+            && !opts.force
+        {
+            let what = match earlier {
+                Earlier::Found { identity: old, .. } => describe_earlier(&identity, old),
+                Earlier::Damaged(_) => "another fetch, whose journal is damaged".to_owned(),
+            };
+            return refuse(format!(
+                "{} holds {what}; pass --force to start over",
+                root.display()
+            ));
+        }
+        let of_share = match share {
+            Some(s) => format!(" of share {s}"),
+            None => String::new(),
+        };
+        let (fresh, claimed) = match mine {
             Some(Earlier::Found {
                 identity: old,
                 items,
                 ..
             }) if opts.resume && old == identity => (false, items),
             Some(Earlier::Found { identity: old, .. }) if opts.resume && !opts.force => {
-                let why = if old.source != identity.source {
-                    format!("an earlier fetch from {}", old.source)
-                } else {
-                    format!(
-                        "a fetch of another version of this checkpoint ({})",
-                        identity.difference(&old)
-                    )
-                };
                 return refuse(format!(
-                    "{} holds {why}; pass --force to start over",
-                    root.display()
+                    "{} holds {}; pass --force to start over",
+                    root.display(),
+                    describe_earlier(&identity, &old)
                 ));
             }
             // A damaged journal vouches for nothing: everything is fetched again.
             Some(Earlier::Damaged(_)) if opts.resume => (true, Vec::new()),
             Some(_) if !opts.force => {
                 return refuse(format!(
-                    "{} holds an earlier fetch; pass --resume to continue it (or add to it), or --force to start over",
+                    "{} holds an earlier fetch{of_share}; pass --resume to continue it (or add to it), or --force to start over",
                     root.display()
                 ));
             }
             Some(_) => (true, Vec::new()),
             None => {
-                if !opts.force && !dir.is_empty_but(&[STATE_DIR])? {
+                if !opts.force
+                    && others.is_empty()
+                    && peers.is_empty()
+                    && !dir.is_empty_but(&[STATE_DIR])?
+                {
                     return refuse(format!(
                         "{} is not empty and holds no dcpfetch fetch; choose an empty folder or pass --force",
                         root.display()
@@ -220,14 +346,37 @@ impl FolderSink {
             }
         };
 
-        let state = dir.sub(STATE_DIR, true)?.expect("created when missing");
-        write_pid(&state)?;
-        // The folder must not look complete until the end: the metadata goes first.
-        unpublish(&dir, &state, &metadata)?;
-        let mut journal = None;
-        if fresh {
-            journal = Some(write_journal(&state, &identity, &[])?);
+        let state = match state {
+            Some(state) => state,
+            None => dir.sub(STATE_DIR, true)?.expect("created when missing"),
+        };
+        let share_lock = match share {
+            Some(share) => {
+                let name = lock_name(Some(share));
+                let (file, _) = state.open_file(&name, true)?.expect("created when missing");
+                if !try_lock_file(&file, &state.shown(&name))? {
+                    return refuse(format!(
+                        "share {share} of {} is being fetched by another dcpfetch",
+                        root.display()
+                    ));
+                }
+                write_pid_to(&file, &state.shown(&name))?;
+                Some(file)
+            }
+            None => {
+                write_pid(&state)?;
+                None
+            }
+        };
+        for (of, _) in &others {
+            state.remove(&journal_name(*of))?;
+            state.remove(&lock_name(*of))?;
         }
+        // This share is not done until it finishes again: its `done` line goes first, so that a
+        // worker publishing now (where the locks do not reach) sees it missing. Then the folder
+        // must not look complete until the end: the metadata goes.
+        let mut journal = write_journal(&state, share, &identity, &claimed)?;
+        unpublish(&dir, &state, &metadata, &tag(share))?;
 
         // Every shard file at its original size; new space is a hole. A file whose size is not
         // the expected one vouches for none of its items.
@@ -240,9 +389,24 @@ impl FolderSink {
             let (parent, leaf) = dir.parent_of(name, true)?.expect("created when missing");
             let shown = parent.shown(leaf);
             let (file, st) = parent.open_file(leaf, true)?.expect("created when missing");
-            if !fresh && st.st_size as u64 == size {
+            let right_size = st.st_size as u64 == size;
+            if right_size && !fresh {
                 intact.insert(name.clone());
-            } else {
+            }
+            if share.is_some() {
+                // The workers of a split fetch never empty a shard file: another worker (maybe
+                // on another machine, which this one's locks may not reach) may be writing into
+                // it already. They only give it its size; a file whose size changed under them
+                // is refused.
+                if !right_size && !peers.is_empty() && st.st_size != 0 {
+                    return refuse(format!(
+                        "{} is {} bytes, not {size}: it was changed while other workers wrote into \
+                         it; run every share again with --force",
+                        shown.display(),
+                        st.st_size
+                    ));
+                }
+            } else if !right_size || fresh {
                 file.set_len(0)
                     .map_err(io(format!("truncating {}", shown.display())))?;
             }
@@ -257,13 +421,13 @@ impl FolderSink {
                 },
             );
         }
+        drop(setup);
 
         // What the journal claims, checked against the bytes on disk.
-        let kept = check_claims(&dir, &files, &intact, claimed)?;
-        let journal = match journal {
-            Some(j) => j,
-            None => write_journal(&state, &identity, &kept)?,
-        };
+        let kept = check_claims(&dir, &files, &intact, claimed.clone())?;
+        if kept != claimed {
+            journal = write_journal(&state, share, &identity, &kept)?;
+        }
         let done = kept.into_iter().map(|f| (f.file, f.range)).collect();
         let sink = FolderSink {
             root: dir,
@@ -276,8 +440,53 @@ impl FolderSink {
             crcs: HashMap::new(),
             unsynced_bytes: 0,
             last_sync: Instant::now(),
+            split: opts.shard.map(|s| (s.share, identity, limits)),
+            _share_lock: share_lock,
+            completion: Completion::default(),
         };
         Ok((sink, done))
+    }
+
+    /// What the command learns once the sink has finished.
+    pub fn completion(&self) -> Completion {
+        self.completion.clone()
+    }
+
+    /// The last step of a fetch: publish the metadata. A worker of a split fetch first records
+    /// that its share is done; then, under the state folder's lock, the worker that finds every
+    /// share done publishes (unless an earlier one did): two that finish together take the lock
+    /// in turn, and the second finds the folder published.
+    fn publish_when_complete(&mut self) -> Result<(), SinkError> {
+        let Some((share, identity, limits)) = &self.split else {
+            publish(&self.root, &self.state, &self.metadata, "")?;
+            self.completion.set(Vec::new());
+            return Ok(());
+        };
+        self.journal
+            .write_all(journal::done(*share).as_bytes())
+            .and_then(|()| self.journal.sync_data())
+            .map_err(io("writing the journal"))?;
+        let _setup = self.state.lock()?;
+        let mut missing = Vec::new();
+        for index in (0..share.count).filter(|&i| i != share.index) {
+            let other = Share::new(index, share.count).expect("index < count");
+            let done = match read_journal(&self.state, &journal_name(Some(other)), *limits)? {
+                Some(Earlier::Found {
+                    identity: theirs,
+                    done,
+                    ..
+                }) => theirs == *identity && done == Some(other),
+                _ => false,
+            };
+            if !done {
+                missing.push(index);
+            }
+        }
+        if missing.is_empty() && !published(&self.root, &self.metadata)? {
+            publish(&self.root, &self.state, &self.metadata, &tag(Some(*share)))?;
+        }
+        self.completion.set(missing);
+        Ok(())
     }
 
     /// Makes written items durable, then records them in the journal.
@@ -419,35 +628,134 @@ fn refuse_source_by_id(out: &Dir, src: &Path) -> Result<(), SinkError> {
     Ok(())
 }
 
-/// The pid recorded by the dcpfetch holding the folder, if it can be read.
-fn read_pid(state: &Dir) -> Option<u32> {
-    let (file, _) = state.open_read(LOCK).ok()??;
+/// The journal of a share (`journal.I-of-N.jsonl`), or of a whole fetch (`journal.jsonl`).
+fn journal_name(share: Option<Share>) -> String {
+    match share {
+        Some(s) => format!("journal.{}-of-{}.jsonl", s.index, s.count),
+        None => JOURNAL.to_owned(),
+    }
+}
+
+/// The lock file of a share (`lock.I-of-N`), or of a whole fetch (`lock`); it holds the pid.
+fn lock_name(share: Option<Share>) -> String {
+    match share {
+        Some(s) => format!("{LOCK}.{}-of-{}", s.index, s.count),
+        None => LOCK.to_owned(),
+    }
+}
+
+/// Which fetch a file name of the state folder is the journal of: `Some(None)` for a whole
+/// fetch's, `Some(Some(share))` for a share's, `None` if it is no journal.
+fn journal_of(name: &str) -> Option<Option<Share>> {
+    if name == JOURNAL {
+        return Some(None);
+    }
+    let (index, count) = name
+        .strip_prefix("journal.")?
+        .strip_suffix(".jsonl")?
+        .split_once("-of-")?;
+    Share::new(index.parse().ok()?, count.parse().ok()?).map(Some)
+}
+
+/// Takes the lock of an open file without waiting; `false` when another process holds it.
+fn try_lock_file(file: &File, shown: &Path) -> Result<bool, SinkError> {
+    match rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(false),
+        Err(e) => Err(SinkError::Io {
+            what: format!("locking {}", shown.display()),
+            source: e.into(),
+        }),
+    }
+}
+
+/// The pid of the dcpfetch running the fetch whose lock file is `of`'s, if one runs.
+fn running(state: &Dir, of: Option<Share>) -> Result<Option<String>, SinkError> {
+    let name = lock_name(of);
+    let Some((file, _)) = state.open_file(&name, false)? else {
+        return Ok(None);
+    };
+    if try_lock_file(&file, &state.shown(&name))? {
+        return Ok(None);
+    }
+    Ok(Some(
+        read_pid(state, &name).map_or("unknown".to_owned(), |p| p.to_string()),
+    ))
+}
+
+/// An earlier fetch, in words, as it differs from this one.
+fn describe_earlier(identity: &Identity, old: &Identity) -> String {
+    if old.source != identity.source {
+        format!("an earlier fetch from {}", old.source)
+    } else if !identity.same_checkpoint(old) {
+        format!(
+            "a fetch of another version of this checkpoint ({})",
+            identity.difference(old)
+        )
+    } else {
+        format!(
+            "another fetch of this checkpoint ({})",
+            identity.difference(old)
+        )
+    }
+}
+
+/// The pid recorded in the lock file `name`, if it can be read.
+fn read_pid(state: &Dir, name: &str) -> Option<u32> {
+    let (file, _) = state.open_read(name).ok()??;
     let mut text = String::new();
     file.take(32).read_to_string(&mut text).ok()?;
     text.trim().parse().ok()
 }
 
 fn write_pid(state: &Dir) -> Result<(), SinkError> {
-    let shown = state.shown(LOCK);
     let (file, _) = state.open_file(LOCK, true)?.expect("created when missing");
+    write_pid_to(&file, &state.shown(LOCK))
+}
+
+fn write_pid_to(file: &File, shown: &Path) -> Result<(), SinkError> {
     file.set_len(0)
         .and_then(|()| file.write_all_at(format!("{}\n", std::process::id()).as_bytes(), 0))
         .map_err(io(format!("writing {}", shown.display())))
 }
 
-/// The earlier fetch's journal, if there is one; it must be a regular file of one name.
-fn read_journal(state: &Dir, limits: Limits) -> Result<Option<Earlier>, SinkError> {
-    let Some((file, st)) = state.open_read(JOURNAL)? else {
+/// Every journal in the state folder, with the fetch (or share) it belongs to.
+fn read_journals(state: &Dir, limits: Limits) -> Result<Vec<(Option<Share>, Earlier)>, SinkError> {
+    let mut names: Vec<(String, Option<Share>)> = state
+        .names()?
+        .into_iter()
+        .filter_map(|n| journal_of(&n).map(|of| (n, of)))
+        .collect();
+    names.sort();
+    let mut journals = Vec::new();
+    for (name, of) in names {
+        if let Some(earlier) = read_journal(state, &name, limits)? {
+            journals.push((of, earlier));
+        }
+    }
+    Ok(journals)
+}
+
+/// The journal `name`, if there is one; it must be a regular file of one name.
+fn read_journal(state: &Dir, name: &str, limits: Limits) -> Result<Option<Earlier>, SinkError> {
+    let Some((file, st)) = state.open_read(name)? else {
         return Ok(None);
     };
     journal::read(file, st.st_size as u64, limits)
         .map(Some)
-        .map_err(io(format!("reading {}", state.shown(JOURNAL).display())))
+        .map_err(io(format!("reading {}", state.shown(name).display())))
 }
 
-/// Writes a journal of `items` aside and renames it into place; returns it open for appending.
-fn write_journal(state: &Dir, identity: &Identity, items: &[Finished]) -> Result<File, SinkError> {
-    let tmp = format!("{JOURNAL}.tmp");
+/// Writes the journal of `share` with `items` aside and renames it into place; returns it open
+/// for appending.
+fn write_journal(
+    state: &Dir,
+    share: Option<Share>,
+    identity: &Identity,
+    items: &[Finished],
+) -> Result<File, SinkError> {
+    let name = journal_name(share);
+    let tmp = format!("{name}.tmp");
     let shown = state.shown(&tmp);
     let mut f = state.create_new(&tmp)?;
     let mut text = journal::header(identity);
@@ -457,9 +765,36 @@ fn write_journal(state: &Dir, identity: &Identity, items: &[Finished]) -> Result
     f.write_all(text.as_bytes())
         .and_then(|()| f.sync_all())
         .map_err(io(format!("writing {}", shown.display())))?;
-    state.rename(&tmp, state, JOURNAL)?;
+    state.rename(&tmp, state, &name)?;
     state.sync()?;
     Ok(f)
+}
+
+/// Whether the metadata files are in place with their bytes (and, for per-rank files, no
+/// blocker): an earlier worker of a split fetch published them.
+fn published(root: &Dir, metadata: &[(ObjectName, Arc<[u8]>)]) -> Result<bool, SinkError> {
+    if per_rank(metadata) && root.entry_id(METADATA).is_some() {
+        return Ok(false);
+    }
+    for (name, bytes) in metadata {
+        let Ok(Some((parent, leaf))) = root.parent_of(name, false) else {
+            return Ok(false);
+        };
+        let Ok(Some((file, st))) = parent.open_read(leaf) else {
+            return Ok(false);
+        };
+        if st.st_size as u64 != bytes.len() as u64 {
+            return Ok(false);
+        }
+        let mut held = Vec::with_capacity(bytes.len());
+        file.take(bytes.len() as u64)
+            .read_to_end(&mut held)
+            .map_err(io(format!("reading {}", parent.shown(leaf).display())))?;
+        if held[..] != bytes[..] {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// The claimed items whose file kept its size and whose bytes on disk still have the recorded
@@ -531,15 +866,13 @@ fn per_rank(metadata: &[(ObjectName, Arc<[u8]>)]) -> bool {
 // also holds after a power loss.
 
 /// Places the blocker at `.metadata`.
-fn place_blocker(root: &Dir, state: &Dir) -> Result<(), SinkError> {
-    let mut f = state.create_new(BLOCKER_TMP)?;
+fn place_blocker(root: &Dir, state: &Dir, tag: &str) -> Result<(), SinkError> {
+    let tmp = format!("{BLOCKER_TMP}{tag}");
+    let mut f = state.create_new(&tmp)?;
     f.write_all(BLOCKER)
         .and_then(|()| f.sync_all())
-        .map_err(io(format!(
-            "writing {}",
-            state.shown(BLOCKER_TMP).display()
-        )))?;
-    state.rename(BLOCKER_TMP, root, METADATA)?;
+        .map_err(io(format!("writing {}", state.shown(&tmp).display())))?;
+    state.rename(&tmp, root, METADATA)?;
     root.sync()
 }
 
@@ -548,10 +881,11 @@ fn unpublish(
     root: &Dir,
     state: &Dir,
     metadata: &[(ObjectName, Arc<[u8]>)],
+    tag: &str,
 ) -> Result<(), SinkError> {
     let blocked = per_rank(metadata);
     if blocked {
-        place_blocker(root, state)?;
+        place_blocker(root, state, tag)?;
     }
     for (name, _) in metadata {
         if let Some((parent, leaf)) = root.parent_of(name, false)? {
@@ -566,9 +900,14 @@ fn unpublish(
 }
 
 /// Writes the metadata files aside, then puts them in place in the order explained above.
-fn publish(root: &Dir, state: &Dir, metadata: &[(ObjectName, Arc<[u8]>)]) -> Result<(), SinkError> {
+fn publish(
+    root: &Dir,
+    state: &Dir,
+    metadata: &[(ObjectName, Arc<[u8]>)],
+    tag: &str,
+) -> Result<(), SinkError> {
     for (name, bytes) in metadata {
-        let tmp = temporary(name);
+        let tmp = temporary(name, tag);
         let mut f = state.create_new(&tmp)?;
         f.write_all(bytes)
             .and_then(|()| f.sync_all())
@@ -576,17 +915,17 @@ fn publish(root: &Dir, state: &Dir, metadata: &[(ObjectName, Arc<[u8]>)]) -> Res
     }
     let blocked = per_rank(metadata);
     if blocked {
-        place_blocker(root, state)?;
+        place_blocker(root, state, tag)?;
     }
     for (name, _) in metadata {
         if name.as_str() != METADATA {
             let (parent, leaf) = root.parent_of(name, true)?.expect("created when missing");
-            state.rename(&temporary(name), &parent, leaf)?;
+            state.rename(&temporary(name, tag), &parent, leaf)?;
         }
     }
     root.sync()?;
     match metadata.iter().find(|(n, _)| n.as_str() == METADATA) {
-        Some((name, _)) => state.rename(&temporary(name), root, METADATA)?,
+        Some((name, _)) => state.rename(&temporary(name, tag), root, METADATA)?,
         None if blocked => {
             root.remove(METADATA)?;
         }
@@ -699,7 +1038,7 @@ impl Sink for FolderSink {
     fn finish(&mut self) -> Result<(), SinkError> {
         self.sync()?;
         self.check_unchanged()?;
-        publish(&self.root, &self.state, &self.metadata)
+        self.publish_when_complete()
     }
 }
 

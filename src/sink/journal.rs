@@ -6,16 +6,24 @@
 //! every other line one finished item. Nothing in the file is trusted: it is read with a size cap
 //! and a line-length cap ([`Limits`]), a line that does not check out is ignored (its item is
 //! fetched again), and a damaged header or a file over the cap means the whole journal is ignored.
+//!
+//! A fetch split among workers (`--shard I/N`) has one journal per share
+//! (`journal.I-of-N.jsonl`), each with the same header: the checkpoint and the [`Split`] that
+//! every worker must agree on. A share's items are the plan's items clipped to its parts, so a
+//! line records a byte range, which may be part of a stored item. The last line of a share that
+//! finished says so (`{"done": {"index": I, "count": N}}`): the worker that finds every share done
+//! publishes the metadata.
 
 use std::io::Read;
 use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
+use crate::plan::{Share, Split};
 use crate::source::ObjectName;
 
 /// The journal's format; a journal of another version is not read.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 /// What makes two fetches "of the same checkpoint": the source, the metadata bytes and every
 /// shard file's size and version.
@@ -26,6 +34,8 @@ pub struct Identity {
     pub metadata: Vec<(String, String)>,
     /// Name, size and version (ETag, or size and modification time) of each shard file, by name.
     pub files: Vec<(String, u64, Option<String>)>,
+    /// How the work is split among workers (`--shard`); `None` for a fetch of the whole plan.
+    pub split: Option<Split>,
 }
 
 impl Identity {
@@ -75,7 +85,32 @@ impl Identity {
         {
             return format!("the shard file {name} is gone");
         }
+        if let Some(split) = self.split_difference(earlier) {
+            return split;
+        }
         "nothing differs".to_owned()
+    }
+
+    /// Whether the checkpoint is the same (source, metadata, files), whatever the split.
+    pub fn same_checkpoint(&self, earlier: &Identity) -> bool {
+        (&self.source, &self.metadata, &self.files)
+            == (&earlier.source, &earlier.metadata, &earlier.files)
+    }
+
+    /// How the split of the work differs from an earlier fetch's, in words.
+    fn split_difference(&self, earlier: &Identity) -> Option<String> {
+        match (&self.split, &earlier.split) {
+            (None, None) => None,
+            (None, Some(old)) => Some(format!(
+                "it is split among {} workers (--shard I/{}), this fetch is not",
+                old.shares, old.shares
+            )),
+            (Some(new), None) => Some(format!(
+                "it was not split among workers, this fetch is (--shard I/{})",
+                new.shares
+            )),
+            (Some(new), Some(old)) => new.difference(old),
+        }
     }
 }
 
@@ -92,6 +127,8 @@ enum Line {
         end: u64,
         crc32: u32,
     },
+    /// The share finished: every byte of it is on disk and recorded above.
+    Done { done: Share },
 }
 
 /// A finished item: its bytes are on disk, and their CRC32.
@@ -125,6 +162,11 @@ pub fn item(f: &Finished) -> String {
     })
 }
 
+/// The last line of a share that finished.
+pub fn done(share: Share) -> String {
+    encode(&Line::Done { done: share })
+}
+
 /// A line whose checksum holds, parsed; `None` otherwise.
 fn decode(line: &[u8]) -> Option<Line> {
     let text = std::str::from_utf8(line).ok()?;
@@ -149,13 +191,14 @@ impl Limits {
     /// longest shard file name is `longest_name` bytes: the header may be twice as long as this
     /// fetch's own header plus 64 KiB (an earlier fetch of another checkpoint still gets its
     /// "another checkpoint" message), and there is at most one line per stored item (a resume
-    /// rewrites the journal with the items it kept, and fetches only the others), each at most
-    /// 256 bytes plus twice the longest name (JSON escapes).
+    /// rewrites the journal with the items it kept, and fetches only the others; a share may
+    /// hold one clipped item more at each end, and ends with its `done` line), each at most 256
+    /// bytes plus twice the longest name (JSON escapes).
     pub fn for_fetch(identity: &Identity, items: usize, longest_name: usize) -> Limits {
         let header_line = 2 * header(identity).len() + (64 << 10);
         let item_line = 256 + 2 * longest_name;
         Limits {
-            total: header_line as u64 + items as u64 * item_line as u64,
+            total: header_line as u64 + (items as u64 + 3) * item_line as u64,
             header_line,
             item_line,
         }
@@ -171,6 +214,8 @@ pub enum Earlier {
         items: Vec<Finished>,
         /// Lines that did not check out (cut, flipped, too long, or not an item).
         distrusted: usize,
+        /// The share's `done` line, if it has one.
+        done: Option<Share>,
     },
     /// Too long, or no readable header of this version: nothing in it is trusted.
     Damaged(String),
@@ -206,6 +251,7 @@ pub fn read(file: impl Read, size: u64, limits: Limits) -> std::io::Result<Earli
     };
     let mut items = Vec::new();
     let mut distrusted = 0;
+    let mut done = None;
     // A journal ends with a newline, so the last piece of the split is empty unless a line was cut.
     for line in lines.filter(|l| !l.is_empty()) {
         let parsed = (line.len() <= limits.item_line)
@@ -225,6 +271,7 @@ pub fn read(file: impl Read, size: u64, limits: Limits) -> std::io::Result<Earli
                 }),
                 Err(_) => distrusted += 1,
             },
+            Some(Line::Done { done: share }) => done = Some(share),
             _ => distrusted += 1,
         }
     }
@@ -232,6 +279,7 @@ pub fn read(file: impl Read, size: u64, limits: Limits) -> std::io::Result<Earli
         identity,
         items,
         distrusted,
+        done,
     })
 }
 
@@ -244,6 +292,7 @@ mod tests {
             source: "ckpt".into(),
             metadata: vec![(".metadata".into(), "ab".into())],
             files: vec![("__0_0.distcp".into(), 1000, Some("v1".into()))],
+            split: None,
         }
     }
 
@@ -272,8 +321,12 @@ mod tests {
                 identity: identity(),
                 items: vec![finished(0, 100), finished(100, 250)],
                 distrusted: 0,
+                done: None,
             }
         );
+        let share = Share::new(1, 3).unwrap();
+        let text = journal() + &done(share);
+        assert!(matches!(read_str(&text), Earlier::Found { done: Some(s), .. } if s == share));
     }
 
     #[test]
@@ -289,6 +342,7 @@ mod tests {
                     identity: identity(),
                     items: vec![finished(0, 100)],
                     distrusted: 1,
+                    done: None,
                 },
                 "{damaged}"
             );
@@ -329,6 +383,7 @@ mod tests {
                 identity: identity(),
                 items: vec![],
                 distrusted: 1,
+                done: None,
             }
         );
     }
@@ -347,5 +402,30 @@ mod tests {
             new.difference(&old)
                 .contains("metadata file .metadata changed")
         );
+        // Splits: the number of shares, the part size, the selection.
+        let split = |shares, part_size, plan: &str| Split {
+            shares,
+            part_size,
+            max_gap: 0,
+            items: 3,
+            bytes: 30,
+            plan_sha256: plan.into(),
+        };
+        let mut old = identity();
+        old.split = Some(split(4, 8, "a"));
+        let mut new = old.clone();
+        assert_eq!(new.difference(&old), "nothing differs");
+        new.split = Some(split(2, 8, "a"));
+        assert!(
+            new.difference(&old)
+                .contains("split into 4 shares, this one into 2")
+        );
+        new.split = Some(split(4, 16, "a"));
+        assert!(new.difference(&old).contains("--part-size"));
+        new.split = Some(split(4, 8, "b"));
+        assert!(new.difference(&old).contains("selects other items"));
+        new.split = None;
+        assert!(new.difference(&old).contains("split among 4 workers"));
+        assert!(new.same_checkpoint(&old));
     }
 }

@@ -16,12 +16,12 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::fetch::{EngineOptions, FetchError};
 use crate::metadata::Checkpoint;
 use crate::pipeline::{Opened, Selection};
-use crate::plan::{PlanError, PlanOptions, describe_storage};
+use crate::plan::{Cut, Plan, PlanError, PlanOptions, Share, Split, describe_storage};
 use crate::source::{ObjectName, SourceError};
 
 /// The checks, in report order.
@@ -107,7 +107,7 @@ impl Check {
 }
 
 /// How a check went.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     Pass,
@@ -117,7 +117,7 @@ pub enum Status {
 }
 
 /// One problem a check found.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Finding {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub file: Option<String>,
@@ -155,16 +155,16 @@ impl Finding {
 }
 
 /// The result of one check.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CheckResult {
-    pub name: &'static str,
-    pub description: &'static str,
+    pub name: String,
+    pub description: String,
     pub status: Status,
     /// How many things it looked at (files, items, entries).
     pub checked: u64,
     pub problems: Vec<Finding>,
     /// Observations that are not failures.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
 }
 
@@ -181,8 +181,8 @@ impl Default for Checks {
 impl Checks {
     pub fn new() -> Self {
         Checks(Check::ALL.map(|check| CheckResult {
-            name: check.name(),
-            description: check.description(),
+            name: check.name().to_owned(),
+            description: check.description().to_owned(),
             status: Status::Skipped,
             checked: 0,
             problems: Vec::new(),
@@ -240,16 +240,162 @@ pub struct VerifyOptions {
     pub engine: EngineOptions,
     /// Draw a progress bar for the byte checks (on a terminal).
     pub progress: bool,
+    /// Check only the items of this share (`--shard I/N`; whole items, see [`Cut::Items`]).
+    pub share: Share,
 }
 
 /// The report (`verify --json`, docs/output.md).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct VerifyReport {
     pub checkpoint: String,
     /// Every check passed or was skipped.
     pub ok: bool,
     pub checks: Vec<CheckResult>,
     pub elapsed_seconds: f64,
+    /// With `--shard I/N`: the share whose items the byte checks read (the other checks are over
+    /// everything selected, in every share).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<Share>,
+    /// With `--shard`: what the reports of every share must agree on to be combined. Also in a
+    /// combined report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<Split>,
+}
+
+/// Why reports cannot be combined (`verify --combine`).
+#[derive(Debug, thiserror::Error)]
+pub enum CombineError {
+    #[error("no report to combine")]
+    Empty,
+    #[error(
+        "{0} is not the report of a share (`verify --shard I/N --json` writes those); it cannot be combined"
+    )]
+    NotAShare(String),
+    #[error("{path} is not of the same verification as {first}: {why}")]
+    Mismatch {
+        path: String,
+        first: String,
+        why: String,
+    },
+    #[error("{first} and {path} are both the report of share {share}")]
+    Twice {
+        first: String,
+        path: String,
+        share: Share,
+    },
+    #[error("the reports of {} of {count} are missing: {}", if .missing.len() == 1 { "share" } else { "shares" }, .missing.iter().map(u32::to_string).collect::<Vec<_>>().join(", "))]
+    Missing { missing: Vec<u32>, count: u32 },
+}
+
+/// Combines the reports of every share of a verification (`(path, report)`, one per share) into
+/// one verdict. The byte checks (`items.*`) of shares read disjoint items, so their counts add
+/// up; the other checks each share ran over everything selected, so they are counted once. A
+/// check fails if it failed in any share (its problems are merged), passes if it passed in any,
+/// and is skipped otherwise.
+pub fn combine(reports: Vec<(String, VerifyReport)>) -> Result<VerifyReport, CombineError> {
+    let Some((first_path, first)) = reports.first() else {
+        return Err(CombineError::Empty);
+    };
+    let Some(share0) = first.shard else {
+        return Err(CombineError::NotAShare(first_path.clone()));
+    };
+    // No split: --quick, which reads no items.
+    let split = first.split.clone();
+    let mut seen: Vec<Option<&str>> = vec![None; share0.count as usize];
+    for (path, r) in &reports {
+        let Some(share) = r.shard else {
+            return Err(CombineError::NotAShare(path.clone()));
+        };
+        let mismatch = |why: String| CombineError::Mismatch {
+            path: path.clone(),
+            first: first_path.clone(),
+            why,
+        };
+        if r.checkpoint != first.checkpoint {
+            return Err(mismatch(format!(
+                "it verified {}, not {}",
+                r.checkpoint, first.checkpoint
+            )));
+        }
+        match (&r.split, &split) {
+            (Some(theirs), Some(split)) => {
+                if let Some(why) = theirs.difference(split) {
+                    return Err(mismatch(why));
+                }
+            }
+            (None, None) => {}
+            _ => return Err(mismatch("one of them read no items (--quick)".to_owned())),
+        }
+        if share.count != share0.count {
+            return Err(mismatch(format!(
+                "it is share {share}, of {} shares, not {}",
+                share.count, share0.count
+            )));
+        }
+        match seen[share.index as usize] {
+            Some(earlier) => {
+                return Err(CombineError::Twice {
+                    first: earlier.to_owned(),
+                    path: path.clone(),
+                    share,
+                });
+            }
+            None => seen[share.index as usize] = Some(path),
+        }
+    }
+    let missing: Vec<u32> = (0..share0.count)
+        .filter(|&i| seen[i as usize].is_none())
+        .collect();
+    if !missing.is_empty() {
+        return Err(CombineError::Missing {
+            missing,
+            count: share0.count,
+        });
+    }
+
+    let mut checks: Vec<CheckResult> = Vec::new();
+    for (_, r) in &reports {
+        for c in &r.checks {
+            let Some(into) = checks.iter_mut().find(|k| k.name == c.name) else {
+                checks.push(c.clone());
+                continue;
+            };
+            if c.name.starts_with("items.") {
+                into.checked += c.checked;
+            } else {
+                into.checked = into.checked.max(c.checked);
+            }
+            into.problems.extend(c.problems.iter().cloned());
+            for n in &c.notes {
+                if !into.notes.contains(n) {
+                    into.notes.push(n.clone());
+                }
+            }
+            into.status = match (into.status, c.status) {
+                (Status::Fail, _) | (_, Status::Fail) => Status::Fail,
+                (Status::Pass, _) | (_, Status::Pass) => Status::Pass,
+                _ => Status::Skipped,
+            };
+        }
+    }
+    for c in &mut checks {
+        c.problems.sort();
+        c.problems.dedup();
+        if c.status == Status::Pass {
+            c.notes.retain(|n| n != "nothing to check");
+        }
+    }
+    Ok(VerifyReport {
+        checkpoint: first.checkpoint.clone(),
+        ok: checks.iter().all(|c| c.status != Status::Fail),
+        checks,
+        elapsed_seconds: reports
+            .iter()
+            .map(|(_, r)| r.elapsed_seconds)
+            .fold(0.0, f64::max),
+        shard: None,
+        split,
+    })
 }
 
 /// Why verification could not run to the end (problems it finds are in the report instead).
@@ -302,6 +448,7 @@ pub async fn run(
     let started = Instant::now();
     let (source, ck) = (&opened.source, &opened.ck);
     let mut checks = Checks::new();
+    let mut split = None;
 
     metadata::check_globals(ck, &mut checks);
     let storage = metadata::selected_storage(ck, &selection.selected, selection.everything);
@@ -341,7 +488,7 @@ pub async fn run(
                 .push("items of 0 bytes were checked from the metadata".into());
         }
     } else {
-        let deep: Vec<usize> = in_bounds
+        let mut deep: Vec<usize> = in_bounds
             .iter()
             .copied()
             .filter(|s| overlapping.binary_search(s).is_err())
@@ -351,6 +498,20 @@ pub async fn run(
             })
             .collect();
         let whole_files = opts.manifest.is_some();
+        // With --shard, the stored items of this share (kept whole: each is checked as a whole).
+        if !opts.share.is_whole() {
+            let plan = Plan::of_storage(ck, &deep, opts.plan, None).map_err(VerifyError::Plan)?;
+            let mine = plan
+                .share(opts.share, Cut::Items)
+                .map_err(VerifyError::Plan)?;
+            split = Some(Split::of(&plan, opts.share.count));
+            deep = mine
+                .files
+                .iter()
+                .flat_map(|f| f.items.iter().flat_map(|i| i.storage.iter().copied()))
+                .collect();
+            deep.sort_unstable();
+        }
         let results = sink::check_bytes(source, ck, &deep, &objects, whole_files, opts).await?;
         results.record(ck, &mut checks);
         if let Some(path) = &opts.manifest {
@@ -369,5 +530,7 @@ pub async fn run(
         ok: results.iter().all(|c| c.status != Status::Fail),
         checks: results,
         elapsed_seconds: started.elapsed().as_secs_f64(),
+        shard: (!opts.share.is_whole()).then_some(opts.share),
+        split,
     })
 }

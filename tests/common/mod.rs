@@ -737,3 +737,41 @@ pub fn quick_http() -> dcpfetch::source::HttpOptions {
         ..Default::default()
     }
 }
+
+/// The `dcpfetch` binary as a process to spawn (several at once, or one to kill), with the clean
+/// AWS environment of [`dcpfetch`].
+pub fn dcpfetch_process() -> Command {
+    let mut c = Command::new(assert_cmd::cargo::cargo_bin("dcpfetch"));
+    for var in [
+        "AWS_PROFILE",
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_SESSION_TOKEN",
+        "AWS_DEFAULT_REGION",
+        "RANK",
+        "WORLD_SIZE",
+        "SLURM_ARRAY_TASK_ID",
+        "SLURM_PROCID",
+        "JOB_COMPLETION_INDEX",
+        "OMPI_COMM_WORLD_RANK",
+    ] {
+        c.env_remove(var);
+    }
+    c.env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+/// [`snapshot`] of a fetched folder without dcpfetch's own state (`.dcpfetch/`).
+pub fn fetched_tree(dir: &Path) -> std::collections::BTreeMap<String, String> {
+    let mut tree = snapshot(dir);
+    tree.retain(|path, _| !path.starts_with(".dcpfetch"));
+    tree
+}

@@ -59,6 +59,11 @@ pub struct ServerConfig {
     pub conn_bandwidth: Option<u64>,
     /// Body bytes per second over all connections together.
     pub total_bandwidth: Option<u64>,
+    /// Body bytes per second over all connections of one client, told apart by the access key
+    /// of their requests (SigV4 `Authorization: ... Credential=KEY/...`; requests without one are
+    /// one client): several processes on one machine, each with its own key, are capped as
+    /// machines with their own links would be.
+    pub client_bandwidth: Option<u64>,
 }
 
 impl ServerConfig {
@@ -70,6 +75,7 @@ impl ServerConfig {
             latency: Duration::ZERO,
             conn_bandwidth: None,
             total_bandwidth: None,
+            client_bandwidth: None,
         }
     }
 }
@@ -447,7 +453,10 @@ impl TestServer {
                 config.addr
             )));
         }
-        if config.conn_bandwidth == Some(0) || config.total_bandwidth == Some(0) {
+        if config.conn_bandwidth == Some(0)
+            || config.total_bandwidth == Some(0)
+            || config.client_bandwidth == Some(0)
+        {
             return Err(invalid(
                 "a bandwidth limit must be at least 1 byte per second".into(),
             ));
@@ -610,6 +619,9 @@ struct Shared {
     latency: Duration,
     conn_bandwidth: Option<u64>,
     total: Option<Mutex<TokenBucket>>,
+    client_bandwidth: Option<u64>,
+    /// Per access key, the bucket of [`ServerConfig::client_bandwidth`].
+    clients: Mutex<HashMap<String, Arc<Mutex<TokenBucket>>>>,
     /// Body bytes per shaped write, small enough for a smooth rate.
     slice: usize,
     faults: Mutex<Vec<FaultRule>>,
@@ -629,6 +641,7 @@ impl Shared {
             .conn_bandwidth
             .into_iter()
             .chain(config.total_bandwidth)
+            .chain(config.client_bandwidth)
             .min();
         let slice = slowest.map_or(CHUNK, slice_for);
         Shared {
@@ -638,6 +651,8 @@ impl Shared {
             total: config
                 .total_bandwidth
                 .map(|r| Mutex::new(TokenBucket::new(r, slice))),
+            client_bandwidth: config.client_bandwidth,
+            clients: Mutex::new(HashMap::new()),
             slice,
             faults: Mutex::new(Vec::new()),
             stats: Mutex::new(Stats::default()),
@@ -646,6 +661,22 @@ impl Shared {
             no_etags: AtomicBool::new(false),
             ignore_if_unmodified_since: AtomicBool::new(false),
         }
+    }
+
+    /// The bucket of the client that sent `req` (by its access key), with a per-client cap.
+    fn client_bucket(&self, req: &Request) -> Option<Arc<Mutex<TokenBucket>>> {
+        let rate = self.client_bandwidth?;
+        let key = req
+            .header("authorization")
+            .and_then(|a| a.split("Credential=").nth(1))
+            .and_then(|c| c.split('/').next())
+            .unwrap_or_default()
+            .to_owned();
+        let mut clients = lock(&self.clients);
+        let bucket = clients
+            .entry(key)
+            .or_insert_with(|| Arc::new(Mutex::new(TokenBucket::new(rate, self.slice))));
+        Some(Arc::clone(bucket))
     }
 
     /// Takes one use of the first rule matching this request.
@@ -1775,6 +1806,8 @@ struct Conn {
     /// Object buffers, kept for the next request.
     buffers: Vec<Vec<u8>>,
     bucket: Option<TokenBucket>,
+    /// The per-client bucket of the request being answered.
+    client: Option<Arc<Mutex<TokenBucket>>>,
 }
 
 enum HeadError {
@@ -1792,6 +1825,7 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
         bucket: shared
             .conn_bandwidth
             .map(|r| TokenBucket::new(r, shared.slice)),
+        client: None,
     };
     loop {
         let head = match conn.read_head().await {
@@ -1854,6 +1888,7 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
                 return;
             }
         }
+        conn.client = shared.client_bucket(&req);
         let server = Arc::clone(&shared);
         let Ok((resp, fault)) = tokio::task::spawn_blocking(move || route(&server, &req)).await
         else {
@@ -1966,7 +2001,10 @@ impl Conn {
             match &resp.body {
                 // Small bodies go out with the headers in one write.
                 Body::Bytes(b)
-                    if cut == Cut::None && shared.total.is_none() && self.bucket.is_none() =>
+                    if cut == Cut::None
+                        && shared.total.is_none()
+                        && self.bucket.is_none()
+                        && self.client.is_none() =>
                 {
                     let mut all = head.into_bytes();
                     all.extend_from_slice(b);
@@ -2065,7 +2103,7 @@ impl Conn {
 
     /// Writes body bytes, in small slices paced by the token buckets if any.
     async fn write_shaped(&mut self, shared: &Shared, data: &[u8]) -> io::Result<()> {
-        if self.bucket.is_none() && shared.total.is_none() {
+        if self.bucket.is_none() && shared.total.is_none() && self.client.is_none() {
             return self.stream.write_all(data).await;
         }
         for slice in data.chunks(shared.slice) {
@@ -2076,6 +2114,9 @@ impl Conn {
             }
             if let Some(total) = &shared.total {
                 wait = wait.max(lock(total).take(slice.len(), now));
+            }
+            if let Some(client) = &self.client {
+                wait = wait.max(lock(client).take(slice.len(), now));
             }
             if !wait.is_zero() {
                 tokio::time::sleep(wait).await;

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! cargo run --release --example s3-test-server -- --root DIR [--listen 127.0.0.1:9000]
-//!     [--latency-ms 30] [--conn-bandwidth 90MB] [--total-bandwidth 1GB] [--fault SPEC]...
+//!     [--latency-ms 30] [--conn-bandwidth 90MB] [--total-bandwidth 1GB]
+//!     [--client-bandwidth 200MB] [--fault SPEC]...
 //! ```
 //! It prints `listening on http://ADDR` once ready and runs until SIGINT or SIGTERM, then prints
 //! a one-line summary of the requests served.
@@ -45,6 +46,12 @@ struct Args {
     /// Body bandwidth over all connections, bytes per second (suffixes as above).
     #[arg(long, value_name = "BYTES_PER_SEC", value_parser = parse_rate)]
     total_bandwidth: Option<u64>,
+
+    /// Body bandwidth over all connections of one client (one access key), bytes per second
+    /// (suffixes as above): worker processes on one machine, each with its own
+    /// AWS_ACCESS_KEY_ID, are capped as machines with their own links would be.
+    #[arg(long, value_name = "BYTES_PER_SEC", value_parser = parse_rate)]
+    client_bandwidth: Option<u64>,
 
     /// A fault to inject (repeatable; rules are tried in order). SPEC is a kind and `:`-separated
     /// fields: `status:503[:SlowDown]`, `reset[:after=N]`, `stall[:after=N][:ms=N]`,
@@ -111,6 +118,7 @@ fn run(args: Args) -> std::io::Result<()> {
         latency: Duration::from_millis(args.latency_ms),
         conn_bandwidth: args.conn_bandwidth,
         total_bandwidth: args.total_bandwidth,
+        client_bandwidth: args.client_bandwidth,
         ..ServerConfig::new(&args.root)
     };
     let server = TestServer::start(config)?;
