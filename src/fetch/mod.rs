@@ -37,8 +37,12 @@ use crate::source::{BoxFuture, ObjectMeta, ObjectName, Receive, Source, SourceEr
 const UNIT: u64 = 64 << 10;
 
 /// Most bytes of chunks on their way from the requests to the consumer: what a sink that places
-/// bytes costs in memory (with one chunk in hand per request).
+/// bytes costs in memory (with one batch in hand per request).
 const PASSAGE_BYTES: usize = 4 << 20;
+
+/// A request passes its chunks on in batches of about this many bytes (and what is left when its
+/// body ends): one wake-up of the consumer per batch, not per chunk of a few KiB.
+const BATCH_BYTES: usize = 256 << 10;
 
 /// How hard the engine pushes.
 #[derive(Debug, Clone, Copy)]
@@ -162,10 +166,10 @@ pub struct EngineReport {
 
 /// What a request task tells the consumer.
 enum Event {
-    /// The next bytes of a part, and their place in the passage to the consumer.
-    Chunk {
+    /// The next bytes of a part, in order, and their place in the passage to the consumer.
+    Chunks {
         part: PartId,
-        data: Bytes,
+        data: Vec<Bytes>,
         _passage: OwnedSemaphorePermit,
     },
     /// Ctrl-C.
@@ -322,12 +326,17 @@ async fn produce(
                 range: range.clone(),
                 left: range.end - range.start,
                 refused: None,
+                batch: Vec::new(),
+                batch_bytes: 0,
             };
             tasks.spawn(async move {
                 let read = source
                     .stream_range(&name, range.clone(), &meta, &mut sender)
                     .await;
                 drop(slot);
+                if read.is_ok() && sender.refused.is_none() && sender.pass_on().await.is_err() {
+                    return;
+                }
                 let result = match (read, sender.refused.take()) {
                     (_, Some(refused)) => Err(refused),
                     (Err(SourceError::Stopped { .. }), None) => return,
@@ -367,6 +376,44 @@ struct PartSender {
     left: u64,
     /// Why the sender refused a chunk (a body longer than the range).
     refused: Option<SourceError>,
+    /// Chunks not passed on yet.
+    batch: Vec<Bytes>,
+    batch_bytes: usize,
+}
+
+impl PartSender {
+    /// Passes the batch on, once the passage has room for it.
+    async fn pass_on(&mut self) -> Result<(), Stopped> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let bytes = std::mem::take(&mut self.batch_bytes);
+        let data = std::mem::take(&mut self.batch);
+        let permits = bytes.clamp(1, PASSAGE_BYTES) as u32;
+        let sent = match self.passage.clone().acquire_many_owned(permits).await {
+            Ok(passage) => self
+                .tx
+                .send(Event::Chunks {
+                    part: self.part,
+                    data,
+                    _passage: passage,
+                })
+                .is_ok(),
+            Err(_) => false,
+        };
+        if !sent {
+            self.held.sub(bytes as u64);
+            return Err(Stopped);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PartSender {
+    /// Chunks of a read that failed or was abandoned are no longer held.
+    fn drop(&mut self) {
+        self.held.sub(self.batch_bytes as u64);
+    }
 }
 
 impl Receive for PartSender {
@@ -388,19 +435,10 @@ impl Receive for PartSender {
             }
             self.left -= n;
             self.held.add(n);
-            let bytes = data.len().clamp(1, PASSAGE_BYTES) as u32;
-            let Ok(passage) = self.passage.clone().acquire_many_owned(bytes).await else {
-                self.held.sub(n);
-                return Err(Stopped);
-            };
-            let chunk = Event::Chunk {
-                part: self.part,
-                data,
-                _passage: passage,
-            };
-            if self.tx.send(chunk).is_err() {
-                self.held.sub(n);
-                return Err(Stopped);
+            self.batch_bytes += data.len();
+            self.batch.push(data);
+            if self.batch_bytes >= BATCH_BYTES {
+                self.pass_on().await?;
             }
             Ok(())
         })
@@ -457,7 +495,11 @@ impl<'r> Consumer<'r> {
         let result = (|| {
             loop {
                 match rx.blocking_recv() {
-                    Some(Event::Chunk { part, data, .. }) => self.chunk(part, data)?,
+                    Some(Event::Chunks { part, data, .. }) => {
+                        for chunk in data {
+                            self.chunk(part, chunk)?;
+                        }
+                    }
                     Some(Event::Interrupted) => return Err(FetchError::Interrupted),
                     Some(Event::End {
                         part,
