@@ -5,7 +5,8 @@
       python3 bench/make_metadata.py CKPTS/one-$n --tensors $n --chunks 1 --files 64 --rows 1 --cols 4 --archives
       python3 bench/make_metadata.py CKPTS/fsdp-$n --tensors $((n / 100)) --chunks 100 --files 100 --rows 1 --cols 4 --archives
     done
-    python3 bench/scale_bench.py CKPTS/one-* CKPTS/fsdp-* --out-dir SCRATCH
+    python3 bench/scale_bench.py CKPTS/one-* CKPTS/fsdp-* --out-dir SCRATCH --save results.pickle
+    python3 bench/scale_bench.py --table results.pickle   # the tables of docs/performance.md
 
 Each command runs as its own process (stdout to /dev/null, or read line by line for the time to
 the first line of `ls` and `plan`); its wall time and peak RSS (`wait4`) are divided by the
@@ -68,16 +69,53 @@ def entries_of(ck):
     return json.loads(out.stdout)["totals"]["storage_entries"]
 
 
+def table(rows):
+    """Markdown tables, one per shape: a row per command, per size wall and CPU microseconds and
+    peak RSS bytes per entry, then the ratio of the largest size's figures to the smallest's."""
+    shapes = {}
+    for ck, n, meta, name, wall, cpu, first, rss in rows:
+        shapes.setdefault(ck.rsplit("-", 1)[0], {}).setdefault(name, {})[n] = (wall, cpu, first, rss)
+    out = []
+    for shape, cmds in shapes.items():
+        sizes = sorted({n for by_n in cmds.values() for n in by_n})
+        label = lambda n: f"{n // 1_000_000}M" if n >= 1_000_000 else f"{n // 1000}k"  # noqa: E731
+        head = ["command"] + [f"{label(n)}: wall / CPU us, RSS B" for n in sizes] + [f"{label(sizes[-1])} / {label(sizes[0])}"]
+        out += [f"**{shape}**", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+        for name, by_n in cmds.items():
+            cells = [name]
+            for n in sizes:
+                if n not in by_n:
+                    cells.append("")
+                    continue
+                wall, cpu, first, rss = by_n[n]
+                f = f" (first line {first:.2f} s)" if first is not None and n == sizes[-1] else ""
+                cells.append(f"{wall / n * 1e6:.1f} / {cpu / n * 1e6:.1f}, {rss / n:.0f}{f}")
+            lo, hi = by_n.get(sizes[0]), by_n.get(sizes[-1])
+            if lo and hi:
+                r = lambda i: (hi[i] / sizes[-1]) / (lo[i] / sizes[0])  # noqa: E731
+                cells.append(f"{r(0):.2f} / {r(1):.2f}, {r(3):.2f}")
+            else:
+                cells.append("")
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main():
     global A
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoints", nargs="+")
+    ap.add_argument("checkpoints", nargs="*")
     ap.add_argument("--dcpfetch", default="target/release/dcpfetch")
-    ap.add_argument("--out-dir", required=True, help="scratch folder for fetch -o DIR (emptied per run)")
+    ap.add_argument("--out-dir", help="scratch folder for fetch -o DIR (emptied per run)")
     ap.add_argument("--only", action="append", help="run only the commands of these names")
     ap.add_argument("--first", default="model.layers.0.block.0.weight", help="the tensor of `plan (one tensor)`")
     ap.add_argument("--save", help="append the results to this pickle (for --table)")
+    ap.add_argument("--table", help="print the Markdown tables of the results saved in this pickle")
     A = ap.parse_args()
+    if A.table:
+        with open(A.table, "rb") as f:
+            print(table(pickle.load(f)))
+        return
     rows = []
     for ck in A.checkpoints:
         n = entries_of(ck)
