@@ -7,7 +7,7 @@
 //! needed bytes, and the parts are fetched concurrently. A gap is fetched only when it lies inside
 //! a part; a gap larger than the part size never is.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
 
 use crate::metadata::Checkpoint;
@@ -280,13 +280,9 @@ impl FilePlan {
         let mut merged: Vec<PlanItem> = Vec::with_capacity(items.len());
         for item in items {
             match merged.last_mut() {
-                Some(last) if last.range == item.range => {
-                    for s in item.storage {
-                        if !last.storage.contains(&s) {
-                            last.storage.push(s);
-                        }
-                    }
-                }
+                // Duplicates are removed below, once per item: a scan here would be quadratic
+                // when many copies share one range.
+                Some(last) if last.range == item.range => last.storage.extend(item.storage),
                 Some(last) if item.range.start < last.range.end => {
                     return Err(PlanError::Overlap {
                         file: name.to_string(),
@@ -300,6 +296,10 @@ impl FilePlan {
                 }
                 _ => merged.push(item),
             }
+        }
+        for item in merged.iter_mut().filter(|i| i.storage.len() > 1) {
+            let mut seen = HashSet::with_capacity(item.storage.len());
+            item.storage.retain(|s| seen.insert(*s));
         }
         let ranges: Vec<Range<u64>> = merged.iter().map(|i| i.range.clone()).collect();
         let groups = coalesce(&ranges, opts.max_gap)?;

@@ -1,26 +1,30 @@
 //! `dcpfetch plan`: what a fetch of a selection would read, per file and in total.
+//!
+//! The report holds a row per file; the range groups (`--groups`, one per group: as many as the
+//! items at worst) are read from the plan as they are written, in the JSON and in the table.
 
 use std::collections::HashMap;
 use std::io::Write;
 
 use serde::Serialize;
+use serde::ser::{SerializeSeq, Serializer};
 
 use crate::cli::settings::PlanSettings;
 use crate::pipeline::PipelineError;
 use crate::pipeline::{Files, Planned};
-use crate::plan::{Cut, Plan, Share};
+use crate::plan::{Cut, FilePlan, Plan, Share};
 use crate::report::Outcome;
 use crate::source::{ObjectMeta, ObjectName};
 use crate::units::{ByteSize, count, human};
 
 /// The `--json` document (docs/output.md).
 #[derive(Debug, Serialize)]
-pub struct PlanReport {
+pub struct PlanReport<'a> {
     pub checkpoint: String,
     /// `null` means no limit (`inf`).
     pub max_gap_size: Option<u64>,
     pub part_size: u64,
-    pub files: Vec<FileReport>,
+    pub files: Vec<FileReport<'a>>,
     pub totals: PlanTotals,
     pub warnings: Vec<String>,
     /// With `--shard I/N`: the share this report is of.
@@ -43,7 +47,7 @@ pub struct ShareReport {
 }
 
 #[derive(Debug, Serialize)]
-pub struct FileReport {
+pub struct FileReport<'a> {
     pub file: String,
     pub size: u64,
     pub items: usize,
@@ -53,8 +57,42 @@ pub struct FileReport {
     pub gap_bytes: u64,
     pub bytes_fetched: u64,
     pub bytes_skipped: u64,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub range_groups: Vec<GroupReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub range_groups: Option<Groups<'a>>,
+}
+
+/// The range groups of a file (`--groups`), serialized from its plan.
+#[derive(Debug)]
+pub struct Groups<'a>(&'a FilePlan);
+
+impl<'a> Groups<'a> {
+    /// Each group with its requests: parts are in group order, so one walk counts them.
+    fn iter(&self) -> impl Iterator<Item = GroupReport> + 'a {
+        let f = self.0;
+        let mut parts = f.parts.iter().peekable();
+        f.groups.iter().enumerate().map(move |(gi, g)| {
+            let mut requests = 0;
+            while parts.next_if(|p| p.group == gi).is_some() {
+                requests += 1;
+            }
+            GroupReport {
+                start: g.range.start,
+                end: g.range.end,
+                items: g.items.len(),
+                requests,
+            }
+        })
+    }
+}
+
+impl Serialize for Groups<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut seq = serializer.serialize_seq(Some(self.0.groups.len()))?;
+        for g in self.iter() {
+            seq.serialize_element(&g)?;
+        }
+        seq.end()
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -82,13 +120,13 @@ pub struct PlanTotals {
 }
 
 /// Builds the report; `objects` must hold every shard file of the checkpoint.
-pub fn report(
+pub fn report<'a>(
     location: &str,
-    plan: &Plan,
+    plan: &'a Plan,
     objects: &HashMap<ObjectName, ObjectMeta>,
     groups: bool,
     warnings: Vec<String>,
-) -> PlanReport {
+) -> PlanReport<'a> {
     let files: Vec<FileReport> = plan
         .files
         .iter()
@@ -106,20 +144,7 @@ pub fn report(
                 gap_bytes: fetched - needed,
                 bytes_fetched: fetched,
                 bytes_skipped: size.saturating_sub(fetched),
-                range_groups: if groups {
-                    f.groups
-                        .iter()
-                        .enumerate()
-                        .map(|(gi, g)| GroupReport {
-                            start: g.range.start,
-                            end: g.range.end,
-                            items: g.items.len(),
-                            requests: f.parts.iter().filter(|p| p.group == gi).count(),
-                        })
-                        .collect()
-                } else {
-                    Vec::new()
-                },
+                range_groups: (groups && !f.groups.is_empty()).then_some(Groups(f)),
             }
         })
         .collect();
@@ -221,14 +246,10 @@ fn write_shares(out: &mut dyn Write, r: &PlanReport) -> std::io::Result<()> {
     )
 }
 
-/// The table: a row per file (and per group with `--groups`), then the totals.
-pub fn write_table(out: &mut dyn Write, r: &PlanReport) -> std::io::Result<()> {
-    let header = [
-        "FILE", "ITEMS", "GROUPS", "REQUESTS", "NEEDED", "GAPS", "FETCHED", "SKIPPED",
-    ];
-    let mut rows: Vec<[String; 8]> = Vec::new();
-    for f in &r.files {
-        rows.push([
+/// The cells of the table's rows: a row per file, then one per group with `--groups`.
+fn rows<'r>(r: &'r PlanReport) -> impl Iterator<Item = [String; 8]> + 'r {
+    r.files.iter().flat_map(|f| {
+        let file = [
             f.file.clone(),
             f.items.to_string(),
             f.groups.to_string(),
@@ -237,9 +258,9 @@ pub fn write_table(out: &mut dyn Write, r: &PlanReport) -> std::io::Result<()> {
             human(f.gap_bytes),
             human(f.bytes_fetched),
             human(f.bytes_skipped),
-        ]);
-        for g in &f.range_groups {
-            rows.push([
+        ];
+        let groups = f.range_groups.iter().flat_map(Groups::iter).map(|g| {
+            [
                 format!("  {}..{}", g.start, g.end),
                 g.items.to_string(),
                 String::new(),
@@ -248,12 +269,21 @@ pub fn write_table(out: &mut dyn Write, r: &PlanReport) -> std::io::Result<()> {
                 String::new(),
                 human(g.end - g.start),
                 String::new(),
-            ]);
-        }
-    }
+            ]
+        });
+        std::iter::once(file).chain(groups)
+    })
+}
+
+/// The table: a row per file (and per group with `--groups`), then the totals. Rows are made
+/// twice, once to measure the columns and once to write them, so that none is held.
+pub fn write_table(out: &mut dyn Write, r: &PlanReport) -> std::io::Result<()> {
+    let header = [
+        "FILE", "ITEMS", "GROUPS", "REQUESTS", "NEEDED", "GAPS", "FETCHED", "SKIPPED",
+    ];
     let mut widths = header.map(str::len);
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
+    for row in rows(r) {
+        for (w, cell) in widths.iter_mut().zip(&row) {
             *w = (*w).max(cell.chars().count());
         }
     }
@@ -269,7 +299,7 @@ pub fn write_table(out: &mut dyn Write, r: &PlanReport) -> std::io::Result<()> {
         s.trim_end().to_owned()
     };
     writeln!(out, "{}", line(&header))?;
-    for row in &rows {
+    for row in rows(r) {
         let cells: Vec<&str> = row.iter().map(String::as_str).collect();
         writeln!(out, "{}", line(&cells))?;
     }

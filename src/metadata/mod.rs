@@ -216,6 +216,12 @@ fn is_safetensors_name(name: &str) -> bool {
 impl Checkpoint {
     /// Parses one metadata file's bytes.
     pub fn parse_file(name: &str, data: &[u8]) -> Result<ParsedFile, MetadataError> {
+        Self::parse_shared(name, Arc::from(data))
+    }
+
+    /// Parses one metadata file's bytes, kept in the [`MetadataFile`] without another copy.
+    fn parse_shared(name: &str, bytes: Arc<[u8]>) -> Result<ParsedFile, MetadataError> {
+        let data = &bytes[..];
         let p = Pickle::parse_with(data, Limits::default()).map_err(|source| {
             MetadataError::Pickle {
                 file: name.to_owned(),
@@ -243,7 +249,7 @@ impl Checkpoint {
             version: md.version.clone(),
             storage_meta: md.storage_meta.clone(),
             protocol: p.protocol,
-            bytes: Arc::from(data),
+            bytes: bytes.clone(),
         };
         Ok((file, md, findings))
     }
@@ -535,9 +541,17 @@ impl Checkpoint {
             }
             Err(e) => return Err(e),
         };
-        tokio::task::spawn_blocking(move || Checkpoint::from_files(&files))
-            .await
-            .expect("metadata parsing does not panic")
+        // Each file's bytes move into the `Arc` that keeps them (and its buffer is freed) before
+        // it is parsed: one copy of them at a time, not two.
+        tokio::task::spawn_blocking(move || {
+            Checkpoint::merge(
+                files
+                    .into_iter()
+                    .map(|(name, data)| Self::parse_shared(&name, Arc::from(data))),
+            )
+        })
+        .await
+        .expect("metadata parsing does not panic")
     }
 
     /// The entry whose chunk a stored copy holds (through its back-link, O(1)); `None` for a copy

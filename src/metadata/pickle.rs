@@ -418,21 +418,30 @@ struct Machine<'a> {
 
 type Step<T> = Result<T, PickleErrorKind>;
 
+/// An empty vector with room for `n` elements, or less if the system refuses that much.
+fn reserved<T>(n: usize) -> Vec<T> {
+    let mut v = Vec::new();
+    let _ = v.try_reserve_exact(n);
+    v
+}
+
 impl<'a> Machine<'a> {
     fn new(data: &'a [u8], limits: Limits) -> Self {
-        // torch's metadata makes a node for every 7 bytes or so: reserve for that, so that large
-        // files do not spend their time copying the arena as it grows.
-        let expected_nodes = data.len() / 8;
+        // torch's metadata makes a node for every 7 bytes or so: reserve a little more, so that
+        // large files never copy the arena as it grows (a copy touches as much memory again).
+        // Reserved pages cost nothing until they are written; a reservation the system refuses
+        // is skipped.
+        let expected_nodes = data.len() / 6;
         Machine {
             data,
             pos: 0,
             op_start: 0,
             op: 0,
             limits,
-            nodes: Vec::with_capacity(expected_nodes),
-            objects: Vec::with_capacity(expected_nodes / 4),
-            pool: Vec::with_capacity(expected_nodes / 2),
-            depth: Vec::with_capacity(expected_nodes),
+            nodes: reserved(expected_nodes),
+            objects: reserved(expected_nodes / 4),
+            pool: reserved(expected_nodes / 2),
+            depth: reserved(expected_nodes),
             stack: Vec::new(),
             marks: Vec::new(),
             memo: Vec::new(),

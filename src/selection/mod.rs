@@ -286,11 +286,9 @@ pub fn stored_copies<'a>(
 pub fn near_misses(pattern: &str, ck: &Checkpoint) -> Vec<String> {
     let literal: String = pattern.chars().filter(|c| !"*?[]{}".contains(*c)).collect();
     // A plain prefix of fqns is most likely meant as `prefix.*`.
+    let prefix = format!("{pattern}.");
     if !pattern.contains(['*', '?', '[', '{'])
-        && ck
-            .entries
-            .iter()
-            .any(|e| e.fqn.starts_with(&format!("{pattern}.")))
+        && ck.entries.iter().any(|e| e.fqn.starts_with(&prefix))
     {
         return vec![format!("{pattern}.*")];
     }
