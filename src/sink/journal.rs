@@ -14,6 +14,7 @@
 //! finished says so (`{"done": {"index": I, "count": N}}`): the worker that finds every share done
 //! publishes the metadata.
 
+use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::ops::Range;
 
@@ -44,10 +45,17 @@ impl Identity {
         if self.source != earlier.source {
             return format!("it was fetched from {}", earlier.source);
         }
+        // By name, so that a checkpoint of many files costs a lookup per file, not a scan.
+        let earlier_metadata: HashMap<&str, &String> = earlier
+            .metadata
+            .iter()
+            .map(|(n, sha)| (n.as_str(), sha))
+            .collect();
+        let metadata: HashSet<&str> = self.metadata.iter().map(|(n, _)| n.as_str()).collect();
         for (name, sha) in &self.metadata {
-            match earlier.metadata.iter().find(|(n, _)| n == name) {
+            match earlier_metadata.get(name.as_str()) {
                 None => return format!("the metadata file {name} is new"),
-                Some((_, old)) if old != sha => {
+                Some(&old) if old != sha => {
                     return format!("the metadata file {name} changed");
                 }
                 Some(_) => {}
@@ -56,19 +64,25 @@ impl Identity {
         if let Some((name, _)) = earlier
             .metadata
             .iter()
-            .find(|(n, _)| !self.metadata.iter().any(|(m, _)| m == n))
+            .find(|(n, _)| !metadata.contains(n.as_str()))
         {
             return format!("the metadata file {name} is gone");
         }
+        let earlier_files: HashMap<&str, (&u64, &Option<String>)> = earlier
+            .files
+            .iter()
+            .map(|(n, size, version)| (n.as_str(), (size, version)))
+            .collect();
+        let files: HashSet<&str> = self.files.iter().map(|(n, ..)| n.as_str()).collect();
         for (name, size, version) in &self.files {
-            match earlier.files.iter().find(|(n, ..)| n == name) {
+            match earlier_files.get(name.as_str()) {
                 None => return format!("the shard file {name} is new"),
-                Some((_, old_size, _)) if old_size != size => {
+                Some(&(old_size, _)) if old_size != size => {
                     return format!(
                         "the shard file {name} changed size ({old_size} -> {size} bytes)"
                     );
                 }
-                Some((_, _, old)) if old != version => {
+                Some(&(_, old)) if old != version => {
                     return format!(
                         "the shard file {name} changed (version {} -> {})",
                         old.as_deref().unwrap_or("none"),
@@ -81,7 +95,7 @@ impl Identity {
         if let Some((name, ..)) = earlier
             .files
             .iter()
-            .find(|(n, ..)| !self.files.iter().any(|(m, ..)| m == n))
+            .find(|(n, ..)| !files.contains(n.as_str()))
         {
             return format!("the shard file {name} is gone");
         }

@@ -1,7 +1,7 @@
 //! Items onto a byte stream (stdout): raw, back to back in plan order, or as a tar archive with one
 //! entry per item. An optional JSON manifest maps every item to its place in the stream.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{IoSlice, Write};
 use std::path::Path;
 
@@ -184,7 +184,7 @@ fn layout(
 ) -> (StreamManifest, VecDeque<String>) {
     let mut items = Vec::new();
     let mut names = VecDeque::new();
-    let mut taken = HashSet::new();
+    let mut taken = TarNames::default();
     let mut offset = 0u64;
     for file in &plan.files {
         for item in &file.items {
@@ -236,7 +236,15 @@ fn layout(
 /// A tar entry name for an item: the fqn (percent-encoded to one safe path component), `@` and
 /// the chunk offsets for tensors, `.pt` (`.pt.zst` for ZStandard items); `~N` before the
 /// extension makes repeated names unique.
-fn tar_name(ck: &Checkpoint, item: &PlanItem, taken: &mut HashSet<String>) -> String {
+/// The names given so far, and for each base name the next `~N` suffix to try (so that k copies of
+/// one name cost k tries, not k squared).
+#[derive(Default)]
+struct TarNames {
+    taken: HashSet<String>,
+    next: HashMap<String, u64>,
+}
+
+fn tar_name(ck: &Checkpoint, item: &PlanItem, names: &mut TarNames) -> String {
     let s = &ck.storage[item.storage[0]];
     let (base, ext) = entry_name(
         &s.fqn,
@@ -244,12 +252,17 @@ fn tar_name(ck: &Checkpoint, item: &PlanItem, taken: &mut HashSet<String>) -> St
         &s.info.transform_descriptors,
     );
     let mut name = format!("{base}{ext}");
-    let mut n = 2;
-    while !taken.insert(name.clone()) {
-        name = format!("{base}~{n}{ext}");
-        n += 1;
+    if names.taken.insert(name.clone()) {
+        return name;
     }
-    name
+    let n = names.next.entry(format!("{base}{ext}")).or_insert(2);
+    loop {
+        name = format!("{base}~{n}{ext}");
+        *n += 1;
+        if names.taken.insert(name.clone()) {
+            return name;
+        }
+    }
 }
 
 /// Zero bytes after a tar entry's data, up to the next block.
