@@ -238,6 +238,8 @@ pub async fn run(
     }
     let ordered = sink.ordered();
     let held = Arc::new(Held::default());
+    // For an ordered sink, the plan-order number of the part whose turn it is.
+    let turn = Arc::new(AtomicU64::new(0));
     let (tx, rx) = mpsc::unbounded_channel::<Event>();
     let passage = Arc::new(Semaphore::new(PASSAGE_BYTES));
 
@@ -245,7 +247,10 @@ pub async fn run(
     let consumer = {
         let plan = plan.clone();
         let held = held.clone();
-        tokio::task::spawn_blocking(move || Consumer::new(&plan, sink, &held, &progress).run(rx))
+        let turn = turn.clone();
+        tokio::task::spawn_blocking(move || {
+            Consumer::new(&plan, sink, &held, &turn, &progress).run(rx)
+        })
     };
     let mut tasks = JoinSet::new();
     // Ctrl-C reaches the consumer as an event (a weak sender does not keep the channel open).
@@ -258,7 +263,15 @@ pub async fn run(
         }
     });
     let produce = produce(
-        source, &plan, objects, opts, ordered, &held, &passage, tx, &mut tasks,
+        source,
+        &plan,
+        objects,
+        opts,
+        ordered.then_some(&turn),
+        &held,
+        &passage,
+        tx,
+        &mut tasks,
     );
     let mut consumer = std::pin::pin!(consumer);
     let finished = tokio::select! {
@@ -285,7 +298,7 @@ async fn produce(
     plan: &Plan,
     objects: &HashMap<ObjectName, ObjectMeta>,
     opts: EngineOptions,
-    ordered: bool,
+    turn: Option<&Arc<AtomicU64>>,
     held: &Arc<Held>,
     passage: &Arc<Semaphore>,
     tx: mpsc::UnboundedSender<Event>,
@@ -293,10 +306,12 @@ async fn produce(
 ) {
     let memory = Arc::new(Semaphore::new(units(opts.max_memory) as usize));
     let in_flight = Arc::new(Semaphore::new(opts.concurrency.max(1)));
+    let mut ordinal = 0u64;
     for (fi, f) in plan.files.iter().enumerate() {
         let meta = &objects[&f.name];
         for (pi, p) in f.parts.iter().enumerate() {
-            let memory = if ordered {
+            ordinal += 1;
+            let memory = if turn.is_some() {
                 let len = p.range.end - p.range.start;
                 let Ok(permit) = memory.clone().acquire_many_owned(units(len)).await else {
                     return;
@@ -328,6 +343,8 @@ async fn produce(
                 refused: None,
                 batch: Vec::new(),
                 batch_bytes: 0,
+                turn: turn.cloned(),
+                ordinal: ordinal - 1,
             };
             tasks.spawn(async move {
                 let read = source
@@ -379,6 +396,11 @@ struct PartSender {
     /// Chunks not passed on yet.
     batch: Vec<Bytes>,
     batch_bytes: usize,
+    /// For an ordered sink, the number of the part whose turn it is, and this part's: a part
+    /// before its turn keeps its chunks until its turn or its end (one hand-over, not one per
+    /// batch; they would only wait at the consumer).
+    turn: Option<Arc<AtomicU64>>,
+    ordinal: u64,
 }
 
 impl PartSender {
@@ -437,7 +459,11 @@ impl Receive for PartSender {
             self.held.add(n);
             self.batch_bytes += data.len();
             self.batch.push(data);
-            if self.batch_bytes >= BATCH_BYTES {
+            let my_turn = self
+                .turn
+                .as_ref()
+                .is_none_or(|t| t.load(Ordering::Relaxed) >= self.ordinal);
+            if my_turn && self.batch_bytes >= BATCH_BYTES {
                 self.pass_on().await?;
             }
             Ok(())
@@ -465,8 +491,10 @@ struct Consumer<'r> {
     parts: HashMap<PartId, PartState>,
     /// Items partly given to the sink: the bytes still to come.
     unfinished: HashMap<(usize, usize), u64>,
-    /// For an ordered sink, the part whose turn it is.
+    /// For an ordered sink, the part whose turn it is, and its number in plan order (shared with
+    /// the requests).
     head: Option<PartId>,
+    turn: &'r AtomicU64,
     report: EngineReport,
 }
 
@@ -475,6 +503,7 @@ impl<'r> Consumer<'r> {
         plan: &'r Plan,
         sink: Box<dyn Sink>,
         held: &'r Held,
+        turn: &'r AtomicU64,
         progress: &'r Progress,
     ) -> Consumer<'r> {
         let ordered = sink.ordered();
@@ -487,6 +516,7 @@ impl<'r> Consumer<'r> {
             parts: HashMap::new(),
             unfinished: HashMap::new(),
             head: next_part(plan, None),
+            turn,
             report: EngineReport::default(),
         }
     }
@@ -573,6 +603,7 @@ impl<'r> Consumer<'r> {
             }
             self.parts.remove(&head);
             self.head = next_part(self.plan, Some(head));
+            self.turn.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
     }
