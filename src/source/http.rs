@@ -1044,40 +1044,17 @@ impl ObjectStore for HttpSource {
             let (StatusCode::OK, Some(size)) = (response.status(), length) else {
                 // No length to check against the limit before the body: stat, then a range.
                 drop(response);
-                let meta = self.stat(name).await?;
-                fits(name, meta.size, limit)?;
-                let mut chunks = Vec::new();
-                self.read_range(name, 0..meta.size, &meta, &mut chunks)
-                    .await?;
-                return Ok((meta, chunks));
+                return super::read_object_by_range(self, name, limit).await;
             };
             fits(name, size, limit)?;
             let meta = ObjectMeta {
                 size,
                 version: version_of(response.headers()),
             };
-            // The body under the request timeout; what broke, stalled or timed out is resumed
-            // with ranged GETs pinned to this answer's version.
-            let mut chunks = Vec::new();
-            let mut pos = 0;
             let mut body = response;
-            let whole = resume::receive(
-                &mut body,
-                name,
-                0..size,
-                self.retry.stall_timeout,
-                &self.stats,
-                &mut chunks,
-                &mut pos,
-            );
-            match tokio::time::timeout(self.retry.request_timeout, whole).await {
-                Ok(Ok(())) => {}
-                Ok(Err(Failure::Fatal(e))) => return Err(e),
-                Ok(Err(Failure::Retry(_) | Failure::RetryAfter(..))) | Err(_) => {
-                    self.stats.add_retry();
-                    self.read_range(name, pos..meta.size, &meta, &mut chunks)
-                        .await?;
-                }
+            let (chunks, resumed) = resume::receive_whole(self, &mut body, name, &meta).await?;
+            if resumed {
+                self.stats.add_retry();
             }
             Ok((meta, chunks))
         })

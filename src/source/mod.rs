@@ -246,14 +246,7 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
         name: &'a ObjectName,
         limit: u64,
     ) -> BoxFuture<'a, Result<(ObjectMeta, Vec<Bytes>), SourceError>> {
-        Box::pin(async move {
-            let meta = self.stat(name).await?;
-            fits(name, meta.size, limit)?;
-            let mut chunks = Vec::new();
-            self.read_range(name, 0..meta.size, &meta, &mut chunks)
-                .await?;
-            Ok((meta, chunks))
-        })
+        Box::pin(read_object_by_range(self, name, limit))
     }
 
     /// The bytes `range` (inside the object) of an object, handed to `into` in order as they
@@ -267,6 +260,22 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
         meta: &'a ObjectMeta,
         into: &'a mut dyn Receive,
     ) -> BoxFuture<'a, Result<(), SourceError>>;
+}
+
+/// A whole object of at most `limit` bytes read as [`ObjectStore::read_object`]'s default does: a
+/// stat, then its whole range.
+pub(crate) async fn read_object_by_range<S: ObjectStore + ?Sized>(
+    store: &S,
+    name: &ObjectName,
+    limit: u64,
+) -> Result<(ObjectMeta, Vec<Bytes>), SourceError> {
+    let meta = store.stat(name).await?;
+    fits(name, meta.size, limit)?;
+    let mut chunks = Vec::new();
+    store
+        .read_range(name, 0..meta.size, &meta, &mut chunks)
+        .await?;
+    Ok((meta, chunks))
 }
 
 /// Where the bytes of a ranged read go as they arrive: held in memory (`Vec<Bytes>`, for small

@@ -12,7 +12,9 @@ pub(crate) const RETRY_AFTER_CAP: Duration = Duration::from_secs(60);
 
 use bytes::Bytes;
 
-use super::{ObjectMeta, ObjectName, Receive, RetryPolicy, SourceError, TransferStats};
+use super::{
+    ObjectMeta, ObjectName, ObjectStore, Receive, RetryPolicy, SourceError, TransferStats,
+};
 
 /// How one attempt ended, when it did not end well.
 #[derive(Debug)]
@@ -234,6 +236,39 @@ pub(crate) async fn receive(
         )));
     }
     Ok(())
+}
+
+/// Reads the body of a plain GET of a whole object (`meta` from its headers) under the request
+/// timeout; what broke, stalled, ended short or took too long is read on with the store's resumed
+/// ranged reads, pinned to that answer's version. Says whether it had to read on.
+pub(crate) async fn receive_whole<S: Attempts + ObjectStore>(
+    store: &S,
+    body: &mut impl Body,
+    name: &ObjectName,
+    meta: &ObjectMeta,
+) -> Result<(Vec<Bytes>, bool), SourceError> {
+    let policy = store.retry_policy();
+    let mut chunks = Vec::new();
+    let mut pos = 0u64;
+    let whole = receive(
+        body,
+        name,
+        0..meta.size,
+        policy.stall_timeout,
+        store.counters(),
+        &mut chunks,
+        &mut pos,
+    );
+    match tokio::time::timeout(policy.request_timeout, whole).await {
+        Ok(Ok(())) => Ok((chunks, false)),
+        Ok(Err(Failure::Fatal(e))) => Err(e),
+        Ok(Err(Failure::Retry(_) | Failure::RetryAfter(..))) | Err(_) => {
+            store
+                .read_range(name, pos..meta.size, meta, &mut chunks)
+                .await?;
+            Ok((chunks, true))
+        }
+    }
 }
 
 /// Runs a request that is not resumed (HEAD, LIST, a whole GET's headers) until it succeeds,

@@ -608,35 +608,8 @@ impl ObjectStore for S3Source {
                 version: out.e_tag().map(str::to_owned),
             };
             super::fits(name, meta.size, limit)?;
-            let mut chunks = Vec::new();
-            let mut pos = 0u64;
             let mut body = out.body;
-            let whole = resume::receive(
-                &mut body,
-                name,
-                0..meta.size,
-                self.retry.stall_timeout,
-                &self.stats,
-                &mut chunks,
-                &mut pos,
-            );
-            let received = match tokio::time::timeout(self.retry.request_timeout, whole).await {
-                Ok(r) => r,
-                Err(_) => Err(Failure::Retry(format!(
-                    "{name}: no complete answer within {:?}",
-                    self.retry.request_timeout
-                ))),
-            };
-            match received {
-                Ok(()) => {}
-                Err(Failure::Fatal(e)) => return Err(e),
-                // Broke, stalled, ended short or too slow: the rest, pinned to this answer's
-                // version.
-                Err(Failure::Retry(_) | Failure::RetryAfter(..)) => {
-                    self.read_range(name, pos..meta.size, &meta, &mut chunks)
-                        .await?;
-                }
-            }
+            let (chunks, _) = resume::receive_whole(self, &mut body, name, &meta).await?;
             Ok((meta, chunks))
         })
     }
