@@ -15,7 +15,7 @@ first-byte latency on every request and 90 MB/s per connection, the server's kno
 bench/side_by_side.py). Each measurement of A and B starts a fresh server. Every process is fresh;
 the selection is `--select` (default `model.*`):
 
-- A, export + load: `dcpfetch export s3://BUCKET/PREFIX SEL --endpoint-url URL --path-style
+- A, export + load: `dcpfetch export s3://BUCKET/PREFIX --select SEL --endpoint-url URL --path-style
   -o OUT/model.safetensors --quiet`, then a `python3` that imports torch and safetensors and calls
   `safetensors.torch.load_file` on the file (and reads one byte of every page of every tensor, so
   that the data is in memory even if the loader maps the file lazily). Wall time: both processes,
@@ -303,7 +303,8 @@ def main():
         """[(argv, env, label)] run one after another for one measurement."""
         s3 = ["--endpoint-url", endpoint, "--path-style"] if endpoint else []
         if client == "A":
-            return [([a.dcpfetch, "export", location, a.select, *s3, "-o", out_file, "--quiet", *extra], ENV, "export"),
+            export = [a.dcpfetch, "export", location, "--select", a.select, *s3, "-o", out_file, "--quiet", *extra]
+            return [(export, ENV, "export"),
                     ([a.python, "-c", PY_LOAD, out_file], torch_env, "load_file")]
         if client == "B":
             return [([a.python, "-c", PY_S3TORCH, spec_file], dict(torch_env, AWS_ENDPOINT_URL=endpoint), "dcp.load")]

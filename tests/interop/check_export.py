@@ -3,7 +3,7 @@
 Run by hand (needs torch and safetensors; numpy for `.npy`; not part of CI):
 
     cargo build --release
-    target/release/dcpfetch export fixtures/model 'model.*' -o /tmp/m.safetensors
+    target/release/dcpfetch export fixtures/model --select 'model.*' -o /tmp/m.safetensors
     python3 tests/interop/check_export.py fixtures/model /tmp/m.safetensors
     python3 tests/interop/check_export.py fixtures/model /tmp/m.safetensors --strip-prefix model.
     python3 tests/interop/check_export.py fixtures/single /tmp/x.npy --keys dtypes.float32
