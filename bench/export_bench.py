@@ -35,8 +35,8 @@ the selection is `--select` (default `model.*`):
 
 Wall times are whole processes (Python start and imports included); B's and the loader's own
 timers (load only) are shown as well, and a second time ratio without Python start and imports.
-After `--warmup` unrecorded rounds, the clients alternate A B C, A B C ... `--runs` times. torch processes run with OMP_NUM_THREADS=1 (`--torch-threads`),
-as in bench/side_by_side.py. Before timing, one export is checked with
+After `--warmup` unrecorded rounds, the clients alternate A B C, A B C ... `--runs` times. torch
+processes run with OMP_NUM_THREADS=1 (`--torch-threads`), as in bench/side_by_side.py. Before timing, one export is checked with
 tests/interop/check_export.py against the local folder, and C's file against A's (same keys,
 same bytes).
 
@@ -328,8 +328,8 @@ def main():
             wall = time.perf_counter() - t
         finally:
             served = server.stop() if server else None
-        return {"client": client, "profile": profile, "wall_seconds": wall, "load_average_before": load_before, "procs": procs,
-                "server": served, "output_bytes": os.path.getsize(out_file) if os.path.exists(out_file) else None}
+        return {"client": client, "profile": profile, "wall_seconds": wall, "load_average_before": load_before,
+                "procs": procs, "server": served, "output_bytes": os.path.getsize(out_file) if os.path.exists(out_file) else None}
 
     print("## Versions\n")
     vers = {"dcpfetch": version_of([a.dcpfetch, "--version"]) if ls_tool else "-",
@@ -484,7 +484,8 @@ def table(a, profile, clients, results, needed, record, c_row):
     if "A" in rows and c is not None:
         r = rows["A"]["rss"]["export"] / c["rss"]["convert"]
         r2 = max(rows["A"]["rss"].values()) / c["rss"]["convert"]
-        ratios.update(A_export_rss_over_C=r, A_largest_process_rss_over_C=r2, C_over_A_wall=c["wall"] / rows["A"]["wall"])
+        ratios.update(A_export_rss_over_C=r, A_largest_process_rss_over_C=r2,
+                      C_over_A_wall=c["wall"] / rows["A"]["wall"])
         print(f"- peak RSS, the dcpfetch export process / the torch conversion: {r:.3f} "
               f"(goal <= 0.2: {'met' if r <= 0.2 else 'not met'})")
         print(f"- peak RSS, A's largest process (load_file with every page touched) / the torch conversion: {r2:.3f}")
