@@ -9,6 +9,7 @@
 
 pub mod cli;
 pub mod commands;
+pub mod export;
 pub mod fetch;
 pub mod metadata;
 pub mod pipeline;

@@ -5,7 +5,7 @@ mod common;
 
 use common::{dcpfetch, repo};
 
-const COMMANDS: [&str; 6] = ["", "ls", "plan", "fetch", "verify", "bench"];
+const COMMANDS: [&str; 7] = ["", "ls", "plan", "fetch", "export", "verify", "bench"];
 
 #[test]
 fn help_matches_the_golden_files() {

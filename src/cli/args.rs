@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+pub use crate::export::Format as ExportFormat;
 use crate::plan::Share;
 use crate::sink::StreamFormat;
 use crate::source::Location;
@@ -60,6 +61,13 @@ Examples:
   dcpfetch fetch fixtures/model --select 'model.layers.0.*' -o - --format tar | tar -t
   dcpfetch fetch s3://bucket/run/step-1000 --exclude 'optim.*' -o model-only --resume";
 
+const EXPORT_EXAMPLES: &str = "\
+Examples:
+  dcpfetch export fixtures/model --select 'model.*' --strip-prefix model. -o model.safetensors
+  dcpfetch export fixtures/model --select 'model.*' --max-shard-size 64KiB -o model-hf
+  dcpfetch export fixtures/model --select model.embed.weight --format npy -o embed.npy
+  dcpfetch export s3://bucket/run/step-1000 --select 'model.*' -o - | python3 load.py";
+
 const VERIFY_EXAMPLES: &str = "\
 Examples:
   dcpfetch verify fixtures/model
@@ -83,6 +91,10 @@ pub enum Command {
     /// Fetch the selected items into a sparse copy of the checkpoint (-o DIR) or to stdout (-o -).
     #[command(after_help = FETCH_EXAMPLES)]
     Fetch(FetchArgs),
+    /// Export the selected tensors whole (sharded chunks assembled) as safetensors, one file or a
+    /// Hugging Face folder, or one tensor as npy; no torch needed.
+    #[command(after_help = EXPORT_EXAMPLES)]
+    Export(ExportArgs),
     /// Check a checkpoint's integrity (for CI): metadata, files, sizes and, by default, every item's
     /// bytes. Exit 0 all good, 1 problems found, 2 could not run.
     ///
@@ -345,6 +357,62 @@ pub struct FetchArgs {
     /// for people used to `aws s3 cp --dryrun`; docs/usage.md).
     #[arg(long = "dry-run", alias = "dryrun", hide = true)]
     pub dry_run: bool,
+    #[command(flatten)]
+    pub s3: S3Flags,
+    #[command(flatten)]
+    pub http: HttpFlags,
+}
+
+#[derive(Debug, Args)]
+#[command(override_usage = "dcpfetch export [OPTIONS] --output <FILE|DIR|-> <CKPT>")]
+pub struct ExportArgs {
+    /// The checkpoint: a folder, file://PATH, s3://BUCKET/PREFIX or https://HOST/PATH.
+    #[arg(value_name = "CKPT")]
+    pub checkpoint: Location,
+    #[command(flatten)]
+    pub selection: SelectFlags,
+    /// Output file (`model.safetensors`, `w.npy`), a folder with --max-shard-size, or - for
+    /// stdout. Written under a temporary name and renamed once complete.
+    #[arg(
+        help_heading = "Output",
+        short = 'o',
+        long = "output",
+        value_name = "FILE|DIR|-"
+    )]
+    pub output: PathBuf,
+    /// File format: safetensors, or npy for one tensor.
+    #[arg(help_heading = "Output", long, value_enum, default_value_t = ExportFormat::Safetensors)]
+    pub format: ExportFormat,
+    /// Files of at most SIZE of tensor data: -o is then a folder in the Hugging Face layout
+    /// (model-00001-of-0000N.safetensors and model.safetensors.index.json).
+    #[arg(help_heading = "Output", long, value_name = "SIZE")]
+    pub max_shard_size: Option<ByteSize>,
+    /// Remove PREFIX from the start of every tensor name that has it (`model.`).
+    #[arg(help_heading = "Output", long, value_name = "PREFIX")]
+    pub strip_prefix: Option<String>,
+    /// A name starting with FROM starts with TO instead (repeatable; the first that applies,
+    /// after --strip-prefix).
+    #[arg(help_heading = "Output", long, value_name = "FROM=TO")]
+    pub rename: Vec<String>,
+    /// Leave out (and list) tensors whose dtype the format cannot hold, instead of failing.
+    #[arg(help_heading = "Output", long)]
+    pub skip_unsupported: bool,
+    /// Replace an existing output file (or an earlier export in the folder).
+    #[arg(long, help_heading = "Output")]
+    pub force: bool,
+    #[command(flatten)]
+    pub plan: PlanFlags,
+    #[command(flatten)]
+    pub engine: EngineFlags,
+    /// Print a JSON summary when done: on stdout, or on stderr with -o -.
+    #[arg(long, help_heading = "Output")]
+    pub json: bool,
+    /// No progress bar and no warnings on stderr.
+    #[arg(long, short = 'q', help_heading = "Output")]
+    pub quiet: bool,
+    /// No progress bar; unlike --quiet, warnings and the summary line are still printed.
+    #[arg(long, help_heading = "Output")]
+    pub no_progress: bool,
     #[command(flatten)]
     pub s3: S3Flags,
     #[command(flatten)]

@@ -7,10 +7,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::args::{
-    BenchArgs, Command, DEFAULT_CONCURRENCY, EngineFlags, FetchArgs, HttpFlags, LsArgs, MemoryFlag,
-    PlanArgs, PlanFlags, S3Flags, SelectFlags, ShardArg, VerifyArgs,
+    BenchArgs, Command, DEFAULT_CONCURRENCY, EngineFlags, ExportArgs, ExportFormat, FetchArgs,
+    HttpFlags, LsArgs, MemoryFlag, PlanArgs, PlanFlags, S3Flags, SelectFlags, ShardArg, VerifyArgs,
 };
 use super::printer::{Printer, ReportFormat};
+use crate::export::ExportOptions;
+use crate::export::output::Target as ExportTarget;
 use crate::fetch::EngineOptions;
 use crate::pipeline::Target;
 use crate::plan::{PlanOptions, Share};
@@ -38,6 +40,7 @@ pub enum Settings {
     Ls(LsSettings),
     Plan(PlanSettings),
     Fetch(FetchSettings),
+    Export(ExportSettings),
     Verify(VerifySettings),
     /// `verify --combine`: the reports of every share, into one verdict.
     Combine(CombineSettings),
@@ -109,6 +112,18 @@ pub struct FetchSettings {
 }
 
 #[derive(Debug)]
+pub struct ExportSettings {
+    pub target: Target,
+    pub plan: PlanOptions,
+    pub engine: EngineOptions,
+    pub output: ExportTarget,
+    pub options: ExportOptions,
+    /// Replace an existing output.
+    pub force: bool,
+    pub printer: Printer,
+}
+
+#[derive(Debug)]
 pub struct VerifySettings {
     pub target: Target,
     pub plan: PlanOptions,
@@ -155,6 +170,7 @@ impl Settings {
             Command::Ls(a) => Settings::Ls(ls(a)?),
             Command::Plan(a) => Settings::Plan(plan(a)?),
             Command::Fetch(a) => Settings::Fetch(fetch(a)?),
+            Command::Export(a) => Settings::Export(export(a)?),
             Command::Verify(a) if !a.combine.is_empty() => Settings::Combine(CombineSettings {
                 reports: a.combine,
                 printer: Printer::report(ReportFormat::json_if(a.json)),
@@ -512,6 +528,56 @@ fn fetch(a: FetchArgs) -> Result<FetchSettings, UsageError> {
             .hide_progress(a.no_progress),
         output,
         shard,
+    })
+}
+
+fn export(a: ExportArgs) -> Result<ExportSettings, UsageError> {
+    let to_stdout = a.output == Path::new("-");
+    let output = match (to_stdout, a.max_shard_size) {
+        (true, Some(_)) => {
+            return Err(invalid(
+                "--max-shard-size writes a folder, not stdout: give -o DIR",
+            ));
+        }
+        (true, None) if a.force => {
+            return Err(invalid("--force goes with -o FILE, not with stdout"));
+        }
+        (true, None) => ExportTarget::Stdout,
+        (false, Some(_)) if a.format == ExportFormat::Npy => {
+            return Err(invalid("--max-shard-size goes with safetensors, not npy"));
+        }
+        (false, Some(_)) => ExportTarget::Folder(a.output),
+        (false, None) => ExportTarget::File(a.output),
+    };
+    let rename = a
+        .rename
+        .iter()
+        .map(|r| match r.split_once('=') {
+            Some((from, to)) if !from.is_empty() => Ok((from.to_owned(), to.to_owned())),
+            _ => Err(invalid(format!(
+                "--rename {r:?}: expected FROM=TO with a FROM that is not empty"
+            ))),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if a.max_shard_size.is_some_and(|s| s.0 == 0) {
+        return Err(invalid("--max-shard-size must be more than 0"));
+    }
+    let trial = engine_flags(&a.plan, &a.engine)?;
+    Ok(ExportSettings {
+        target: target(a.checkpoint, &a.s3, &a.http, &a.selection)?,
+        plan: trial.plan,
+        engine: trial.engine,
+        output,
+        options: ExportOptions {
+            format: a.format,
+            max_shard_size: a.max_shard_size.map(|s| s.0),
+            strip_prefix: a.strip_prefix,
+            rename,
+            skip_unsupported: a.skip_unsupported,
+        },
+        force: a.force,
+        printer: Printer::run(ReportFormat::json_if(a.json), a.quiet, to_stdout)
+            .hide_progress(a.no_progress),
     })
 }
 

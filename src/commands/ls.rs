@@ -428,6 +428,7 @@ mod tests {
             .map(|entry| Selected {
                 entry,
                 chunks: vec![],
+                whole: true,
             })
             .collect();
         let report = report("ck", &ck, &selected, &[]);

@@ -3,6 +3,7 @@
 //! flags arrive resolved ([`crate::cli::settings`]).
 
 mod bench;
+mod export;
 mod fetch;
 mod ls;
 mod plan;
@@ -22,6 +23,7 @@ pub async fn dispatch(settings: Settings) -> anyhow::Result<Outcome> {
         Settings::Ls(s) => ls::run(s).await,
         Settings::Plan(s) => plan::run(s).await,
         Settings::Fetch(s) => fetch::run(s).await,
+        Settings::Export(s) => export::run(s).await,
         Settings::Verify(s) => verify::run(s).await,
         Settings::Combine(s) => verify::combine(s),
         Settings::Bench(s) => bench::run(s).await,

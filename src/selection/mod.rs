@@ -45,6 +45,8 @@ pub struct Selected {
     pub entry: usize,
     /// Indexes into that entry's chunks, ascending.
     pub chunks: Vec<usize>,
+    /// Selected whole (by a glob, or by selecting everything), not only through regions.
+    pub whole: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -166,7 +168,11 @@ impl Spec {
             } else {
                 continue;
             };
-            out.push(Selected { entry: i, chunks });
+            out.push(Selected {
+                entry: i,
+                chunks,
+                whole,
+            });
         }
 
         if out.is_empty() {

@@ -23,6 +23,7 @@ use bytes::Bytes;
 
 use super::dir::{Dir, FileId, check_regular, id_of};
 use super::journal::{self, Earlier, Finished, Identity, Limits};
+use super::runs::CrcRuns;
 use crate::fetch::{Sink, SinkError};
 use crate::metadata::Checkpoint;
 use crate::plan::{FilePlan, PlanItem, Share, Split};
@@ -117,7 +118,7 @@ pub struct FolderSink {
     touched: HashSet<ObjectName>,
     /// The CRC32s of the items being written, by file and item offset: one per run of bytes
     /// written in order (pieces arrive in order within a part, parts in any order).
-    crcs: HashMap<ObjectName, HashMap<u64, Vec<Run>>>,
+    crcs: HashMap<ObjectName, HashMap<u64, CrcRuns>>,
     unsynced_bytes: u64,
     last_sync: Instant,
     /// A split fetch: this share, the header every share's journal has, and the journals' limits.
@@ -934,29 +935,6 @@ fn publish(
     root.sync()
 }
 
-/// Bytes of an item written in order, from `start` (relative to the item) to `end`, and their CRC32.
-#[derive(Debug)]
-struct Run {
-    start: u64,
-    end: u64,
-    crc: crc32fast::Hasher,
-}
-
-/// The CRC32 of an item of `len` bytes from its runs, if they cover it exactly.
-fn item_crc(mut runs: Vec<Run>, len: u64) -> Option<u32> {
-    runs.sort_by_key(|r| r.start);
-    let mut crc = crc32fast::Hasher::new();
-    let mut at = 0;
-    for r in &runs {
-        if r.start != at {
-            return None;
-        }
-        crc.combine(&r.crc);
-        at = r.end;
-    }
-    (at == len).then(|| crc.finalize())
-}
-
 impl Sink for FolderSink {
     /// Pieces are placed at their offset as they arrive.
     fn ordered(&self) -> bool {
@@ -978,29 +956,15 @@ impl Sink for FolderSink {
                 "writing {}",
                 self.root.shown(file.name.as_str()).display()
             )))?;
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&data);
-        let end = at + data.len() as u64;
         if !self.crcs.contains_key(&file.name) {
             self.crcs.insert(file.name.clone(), HashMap::new());
         }
-        let runs = self
-            .crcs
+        self.crcs
             .get_mut(&file.name)
             .expect("inserted above")
             .entry(item.range.start)
-            .or_default();
-        match runs.iter_mut().find(|r| r.end == at) {
-            Some(run) => {
-                run.crc.combine(&crc);
-                run.end = end;
-            }
-            None => runs.push(Run {
-                start: at,
-                end,
-                crc,
-            }),
-        }
+            .or_default()
+            .add(at, &data);
         self.unsynced_bytes += data.len() as u64;
         if !self.touched.contains(&file.name) {
             self.touched.insert(file.name.clone());
@@ -1014,7 +978,7 @@ impl Sink for FolderSink {
             .get_mut(&file.name)
             .and_then(|items| items.remove(&item.range.start))
             .unwrap_or_default();
-        let Some(crc32) = item_crc(runs, item.len()) else {
+        let Some(crc32) = runs.finish(item.len()) else {
             return refuse(format!(
                 "{} bytes {}..{} were not all written",
                 file.name, item.range.start, item.range.end
@@ -1039,43 +1003,5 @@ impl Sink for FolderSink {
         self.sync()?;
         self.check_unchanged()?;
         self.publish_when_complete()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn run(data: &[u8], start: u64) -> Run {
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(data);
-        Run {
-            start,
-            end: start + data.len() as u64,
-            crc,
-        }
-    }
-
-    #[test]
-    fn runs_in_any_order_give_the_item_crc() {
-        let data: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8).collect();
-        let whole = crc32fast::hash(&data);
-        let runs = vec![
-            run(&data[600..], 600),
-            run(&data[..250], 0),
-            run(&data[250..600], 250),
-        ];
-        assert_eq!(item_crc(runs, 1000), Some(whole));
-    }
-
-    #[test]
-    fn runs_with_a_hole_or_short_give_none() {
-        let data = [1u8; 100];
-        assert_eq!(
-            item_crc(vec![run(&data[..40], 0), run(&data[50..], 50)], 100),
-            None
-        );
-        assert_eq!(item_crc(vec![run(&data[..40], 0)], 100), None);
-        assert_eq!(item_crc(vec![], 100), None);
     }
 }

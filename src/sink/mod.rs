@@ -6,6 +6,7 @@ pub mod dir;
 pub mod folder;
 pub mod journal;
 pub mod null;
+pub mod runs;
 pub mod stream;
 
 pub use folder::{FolderOptions, FolderSink, local_root};

@@ -213,169 +213,11 @@ impl ArchiveChecker {
 
     /// Checks the archive; the error names what is wrong.
     pub fn finish(self) -> Result<Archive, String> {
-        let len = self.len;
-        if len < 22 {
-            return Err(format!("{len} bytes is too short for a torch.save archive"));
-        }
-        if self.bytes(0, 4).is_none_or(|b| u32le(&b, 0) != LOCAL) {
-            return Err(
-                "does not start with a zip local header (PK\\x03\\x04): not a torch.save archive"
-                    .into(),
-            );
-        }
-        // End of central directory: the last 22 + up to 65535 bytes of comment.
-        let window_start = len.saturating_sub(22 + 65_535).max(self.tail_start);
-        let window = self
-            .bytes(window_start, len)
-            .ok_or("the end of the archive was not kept")?;
-        let window: &[u8] = &window;
-        let eocd = (0..=window.len() - 22)
-            .rev()
-            .find(|&i| u32le(window, i) == EOCD)
-            .ok_or("no end-of-central-directory record: the archive is truncated or not a zip")?;
-        let e = &window[eocd..];
-        let eocd_at = window_start + eocd as u64;
-        let mut entries = u16le(e, 10) as u64;
-        let mut cd_size = u32le(e, 12) as u64;
-        let mut cd_offset = u32le(e, 16) as u64;
-        if u16le(e, 4) != 0 || u16le(e, 6) != 0 || u16le(e, 8) != u16le(e, 10) {
-            return Err(
-                "the end-of-central-directory record describes a multi-disk archive: corrupt"
-                    .into(),
-            );
-        }
-        // torch writes a zip64 end record and its locator right before the end record; when they
-        // are there they must agree with it (and they hold the sizes when those overflow).
-        let locator = eocd_at
-            .checked_sub(20)
-            .and_then(|at| self.bytes(at, eocd_at))
-            .filter(|l| u32le(l, 0) == EOCD64_LOCATOR);
-        let saturated = entries == 0xffff || cd_size == 0xffff_ffff || cd_offset == 0xffff_ffff;
-        match locator {
-            Some(loc) => {
-                if u32le(&loc, 4) != 0 || u32le(&loc, 16) != 1 {
-                    return Err("the zip64 locator describes a multi-disk archive: corrupt".into());
-                }
-                let at = u64le(&loc, 8);
-                let rec = at
-                    .checked_add(56)
-                    .and_then(|end| self.bytes(at, end))
-                    .filter(|r| r.len() == 56 && u32le(r, 0) == EOCD64)
-                    .ok_or("the zip64 locator points at no zip64 end record: corrupt")?;
-                let (entries64, cd_size64, cd_offset64) =
-                    (u64le(&rec, 32), u64le(&rec, 40), u64le(&rec, 48));
-                if u32le(&rec, 16) != 0
-                    || u32le(&rec, 20) != 0
-                    || u64le(&rec, 24) != entries64
-                    || at < cd_offset64.saturating_add(cd_size64)
-                {
-                    return Err("the zip64 end record is inconsistent: corrupt".into());
-                }
-                if !saturated
-                    && (entries64 != entries || cd_size64 != cd_size || cd_offset64 != cd_offset)
-                {
-                    return Err("the zip64 end record disagrees with the end-of-central-directory record: corrupt".into());
-                }
-                (entries, cd_size, cd_offset) = (entries64, cd_size64, cd_offset64);
-            }
-            None if saturated => return Err("zip64 sizes without a zip64 locator".into()),
-            None => {}
-        }
-        let cd_end = cd_offset
-            .checked_add(cd_size)
-            .ok_or("central directory size overflows")?;
-        if cd_end > eocd_at {
-            return Err(format!(
-                "the central directory ({cd_offset}..{cd_end}) runs past its end record at {eocd_at}: truncated or corrupt"
-            ));
-        }
-        let cd = self
-            .bytes(cd_offset, cd_end)
-            .ok_or("the central directory was not kept (it is unusually large)")?;
-        let cd: &[u8] = &cd;
-
-        let mut records = Vec::new();
+        let records = locate(self.len, self.tail_start, &|a, b| self.bytes(a, b))?;
         let mut kept = Vec::new();
         let mut unchecked_crc = Vec::new();
-        let mut pos = 0usize;
-        for i in 0..entries {
-            if pos + 46 > cd.len() || u32le(cd, pos) != CENTRAL {
-                return Err(format!("central directory entry {i} is malformed"));
-            }
-            let method = u16le(cd, pos + 10);
-            let crc = u32le(cd, pos + 16);
-            let mut csize = u32le(cd, pos + 20) as u64;
-            let mut usize_ = u32le(cd, pos + 24) as u64;
-            let name_len = u16le(cd, pos + 28) as usize;
-            let extra_len = u16le(cd, pos + 30) as usize;
-            let comment_len = u16le(cd, pos + 32) as usize;
-            let mut local = u32le(cd, pos + 42) as u64;
-            let end = pos + 46 + name_len + extra_len + comment_len;
-            if end > cd.len() {
-                return Err(format!(
-                    "central directory entry {i} runs past the directory"
-                ));
-            }
-            let name = String::from_utf8_lossy(&cd[pos + 46..pos + 46 + name_len]).into_owned();
-            // Zip64 extra field: the 0xffffffff fields, in order.
-            let mut extra = &cd[pos + 46 + name_len..pos + 46 + name_len + extra_len];
-            while extra.len() >= 4 {
-                let (id, n) = (u16le(extra, 0), u16le(extra, 2) as usize);
-                let body = extra
-                    .get(4..4 + n)
-                    .ok_or(format!("record {name}: malformed extra field"))?;
-                if id == 1 {
-                    let mut f = body;
-                    for field in [&mut usize_, &mut csize, &mut local] {
-                        if *field == 0xffff_ffff && f.len() >= 8 {
-                            *field = u64le(f, 0);
-                            f = &f[8..];
-                        }
-                    }
-                }
-                extra = &extra[4 + n..];
-            }
-            pos = end;
-            if method != 0 {
-                return Err(format!(
-                    "record {name} is compressed (method {method}); torch.save writes stored records"
-                ));
-            }
-            if csize != usize_ {
-                return Err(format!(
-                    "record {name}: stored sizes differ ({csize} vs {usize_})"
-                ));
-            }
-            let header = self
-                .bytes(local, local.saturating_add(30).min(len))
-                .filter(|h| h.len() == 30)
-                .ok_or(format!(
-                    "record {name}: its local header at {local} is outside the archive or not kept"
-                ))?;
-            let header: &[u8] = &header;
-            if u32le(header, 0) != LOCAL {
-                return Err(format!("record {name}: no local header at {local}"));
-            }
-            let lname = u16le(header, 26) as u64;
-            let lextra = u16le(header, 28) as u64;
-            let data_start = local + 30 + lname + lextra;
-            let data_end = data_start
-                .checked_add(csize)
-                .ok_or(format!("record {name}: size overflows"))?;
-            if data_end > cd_offset {
-                return Err(format!(
-                    "record {name}: data {data_start}..{data_end} runs into the central directory"
-                ));
-            }
-            match self.bytes(local + 30, local + 30 + lname) {
-                Some(n) if n == name.as_bytes() => {}
-                Some(_) => {
-                    return Err(format!(
-                        "record {name}: the local header names another file"
-                    ));
-                }
-                None => return Err(format!("record {name}: local header not kept")),
-            }
+        for r in &records {
+            let (name, data_start, data_end, crc) = (&r.name, r.data.start, r.data.end, r.crc);
             let actual = self.crc(data_start, data_end).ok_or(format!(
                 "record {name}: its edges were not kept, so its CRC cannot be checked"
             ))?;
@@ -389,24 +231,226 @@ impl ArchiveChecker {
                 }
             }
             kept.push(self.bytes(data_start, data_end).map(Cow::into_owned));
-            records.push(Record {
-                name,
-                data: data_start..data_end,
-                crc,
-            });
-        }
-        let mut order: Vec<&Record> = records.iter().collect();
-        order.sort_by_key(|r| r.data.start);
-        for w in order.windows(2) {
-            if w[0].data.end > w[1].data.start {
-                return Err(format!("records {} and {} overlap", w[0].name, w[1].name));
-            }
         }
         Ok(Archive {
             records,
             kept,
             unchecked_crc,
         })
+    }
+}
+
+/// The records of an archive of `len` bytes, found through its central directory and their local
+/// headers, reading bytes with `bytes(a, b)` (`None` when `[a, b)` is not at hand). The CRCs are
+/// the archive's, not checked here. The end records are looked for from `window_from` on (the
+/// first byte of the kept end).
+pub fn locate<'b>(
+    len: u64,
+    window_from: u64,
+    bytes: &dyn Fn(u64, u64) -> Option<Cow<'b, [u8]>>,
+) -> Result<Vec<Record>, String> {
+    if len < 22 {
+        return Err(format!("{len} bytes is too short for a torch.save archive"));
+    }
+    if bytes(0, 4).is_none_or(|b| u32le(&b, 0) != LOCAL) {
+        return Err(
+            "does not start with a zip local header (PK\\x03\\x04): not a torch.save archive"
+                .into(),
+        );
+    }
+    // End of central directory: the last 22 + up to 65535 bytes of comment.
+    let window_start = len.saturating_sub(22 + 65_535).max(window_from);
+    let window = bytes(window_start, len).ok_or("the end of the archive was not kept")?;
+    let window: &[u8] = &window;
+    let eocd = (0..=window.len() - 22)
+        .rev()
+        .find(|&i| u32le(window, i) == EOCD)
+        .ok_or("no end-of-central-directory record: the archive is truncated or not a zip")?;
+    let e = &window[eocd..];
+    let eocd_at = window_start + eocd as u64;
+    let mut entries = u16le(e, 10) as u64;
+    let mut cd_size = u32le(e, 12) as u64;
+    let mut cd_offset = u32le(e, 16) as u64;
+    if u16le(e, 4) != 0 || u16le(e, 6) != 0 || u16le(e, 8) != u16le(e, 10) {
+        return Err(
+            "the end-of-central-directory record describes a multi-disk archive: corrupt".into(),
+        );
+    }
+    // torch writes a zip64 end record and its locator right before the end record; when they
+    // are there they must agree with it (and they hold the sizes when those overflow).
+    let locator = eocd_at
+        .checked_sub(20)
+        .and_then(|at| bytes(at, eocd_at))
+        .filter(|l| u32le(l, 0) == EOCD64_LOCATOR);
+    let saturated = entries == 0xffff || cd_size == 0xffff_ffff || cd_offset == 0xffff_ffff;
+    match locator {
+        Some(loc) => {
+            if u32le(&loc, 4) != 0 || u32le(&loc, 16) != 1 {
+                return Err("the zip64 locator describes a multi-disk archive: corrupt".into());
+            }
+            let at = u64le(&loc, 8);
+            let rec = at
+                .checked_add(56)
+                .and_then(|end| bytes(at, end))
+                .filter(|r| r.len() == 56 && u32le(r, 0) == EOCD64)
+                .ok_or("the zip64 locator points at no zip64 end record: corrupt")?;
+            let (entries64, cd_size64, cd_offset64) =
+                (u64le(&rec, 32), u64le(&rec, 40), u64le(&rec, 48));
+            if u32le(&rec, 16) != 0
+                || u32le(&rec, 20) != 0
+                || u64le(&rec, 24) != entries64
+                || at < cd_offset64.saturating_add(cd_size64)
+            {
+                return Err("the zip64 end record is inconsistent: corrupt".into());
+            }
+            if !saturated
+                && (entries64 != entries || cd_size64 != cd_size || cd_offset64 != cd_offset)
+            {
+                return Err("the zip64 end record disagrees with the end-of-central-directory record: corrupt".into());
+            }
+            (entries, cd_size, cd_offset) = (entries64, cd_size64, cd_offset64);
+        }
+        None if saturated => return Err("zip64 sizes without a zip64 locator".into()),
+        None => {}
+    }
+    let cd_end = cd_offset
+        .checked_add(cd_size)
+        .ok_or("central directory size overflows")?;
+    if cd_end > eocd_at {
+        return Err(format!(
+            "the central directory ({cd_offset}..{cd_end}) runs past its end record at {eocd_at}: truncated or corrupt"
+        ));
+    }
+    let cd = bytes(cd_offset, cd_end)
+        .ok_or("the central directory was not kept (it is unusually large)")?;
+    let cd: &[u8] = &cd;
+
+    let mut records = Vec::new();
+    let mut pos = 0usize;
+    for i in 0..entries {
+        if pos + 46 > cd.len() || u32le(cd, pos) != CENTRAL {
+            return Err(format!("central directory entry {i} is malformed"));
+        }
+        let method = u16le(cd, pos + 10);
+        let crc = u32le(cd, pos + 16);
+        let mut csize = u32le(cd, pos + 20) as u64;
+        let mut usize_ = u32le(cd, pos + 24) as u64;
+        let name_len = u16le(cd, pos + 28) as usize;
+        let extra_len = u16le(cd, pos + 30) as usize;
+        let comment_len = u16le(cd, pos + 32) as usize;
+        let mut local = u32le(cd, pos + 42) as u64;
+        let end = pos + 46 + name_len + extra_len + comment_len;
+        if end > cd.len() {
+            return Err(format!(
+                "central directory entry {i} runs past the directory"
+            ));
+        }
+        let name = String::from_utf8_lossy(&cd[pos + 46..pos + 46 + name_len]).into_owned();
+        // Zip64 extra field: the 0xffffffff fields, in order.
+        let mut extra = &cd[pos + 46 + name_len..pos + 46 + name_len + extra_len];
+        while extra.len() >= 4 {
+            let (id, n) = (u16le(extra, 0), u16le(extra, 2) as usize);
+            let body = extra
+                .get(4..4 + n)
+                .ok_or(format!("record {name}: malformed extra field"))?;
+            if id == 1 {
+                let mut f = body;
+                for field in [&mut usize_, &mut csize, &mut local] {
+                    if *field == 0xffff_ffff && f.len() >= 8 {
+                        *field = u64le(f, 0);
+                        f = &f[8..];
+                    }
+                }
+            }
+            extra = &extra[4 + n..];
+        }
+        pos = end;
+        if method != 0 {
+            return Err(format!(
+                "record {name} is compressed (method {method}); torch.save writes stored records"
+            ));
+        }
+        if csize != usize_ {
+            return Err(format!(
+                "record {name}: stored sizes differ ({csize} vs {usize_})"
+            ));
+        }
+        let header = bytes(local, local.saturating_add(30).min(len))
+            .filter(|h| h.len() == 30)
+            .ok_or(format!(
+                "record {name}: its local header at {local} is outside the archive or not kept"
+            ))?;
+        let header: &[u8] = &header;
+        if u32le(header, 0) != LOCAL {
+            return Err(format!("record {name}: no local header at {local}"));
+        }
+        let lname = u16le(header, 26) as u64;
+        let lextra = u16le(header, 28) as u64;
+        let data_start = local + 30 + lname + lextra;
+        let data_end = data_start
+            .checked_add(csize)
+            .ok_or(format!("record {name}: size overflows"))?;
+        if data_end > cd_offset {
+            return Err(format!(
+                "record {name}: data {data_start}..{data_end} runs into the central directory"
+            ));
+        }
+        match bytes(local + 30, local + 30 + lname) {
+            Some(n) if n == name.as_bytes() => {}
+            Some(_) => {
+                return Err(format!(
+                    "record {name}: the local header names another file"
+                ));
+            }
+            None => return Err(format!("record {name}: local header not kept")),
+        }
+        records.push(Record {
+            name,
+            data: data_start..data_end,
+            crc,
+        });
+    }
+    let mut order: Vec<&Record> = records.iter().collect();
+    order.sort_by_key(|r| r.data.start);
+    for w in order.windows(2) {
+        if w[0].data.end > w[1].data.start {
+            return Err(format!("records {} and {} overlap", w[0].name, w[1].name));
+        }
+    }
+    Ok(records)
+}
+
+/// Decompressed size beyond an item's raw tensor data at which a ZStandard item is refused (a
+/// decompression bomb).
+pub const MAX_DECODED_SLACK: u64 = 64 << 20;
+
+/// Undoes an item's transform (torch's `stream.zstd` extension: one ZStandard stream), refusing
+/// more than `raw_len` plus [`MAX_DECODED_SLACK`] bytes of output.
+pub fn undo_transform(
+    descriptors: &[String],
+    data: &[u8],
+    raw_len: u64,
+) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    if descriptors.len() != 1 || !descriptors[0].starts_with("stream.zstd") {
+        return Err(format!("unknown transform {descriptors:?}"));
+    }
+    let limit = raw_len.saturating_add(MAX_DECODED_SLACK);
+    let mut decoder = ruzstd::decoding::StreamingDecoder::new(data)
+        .map_err(|e| format!("not a zstd stream: {e}"))?;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = decoder
+            .read(&mut buf)
+            .map_err(|e| format!("zstd stream is corrupt: {e}"))?;
+        if n == 0 {
+            return Ok(out);
+        }
+        out.extend_from_slice(&buf[..n]);
+        if out.len() as u64 > limit {
+            return Err(format!("decompresses to more than {limit} bytes: refused"));
+        }
     }
 }
 

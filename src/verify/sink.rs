@@ -4,13 +4,12 @@
 //! and the run of the fetch engine that feeds it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Read;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-use super::archive::{Archive, ArchiveChecker};
+use super::archive::{self, Archive, ArchiveChecker};
 use super::{Check, Checks, Finding, VerifyError, VerifyOptions, tensor};
 use crate::fetch::{self, Cancel, Progress, Sink, SinkError};
 use crate::metadata::{Checkpoint, dtype};
@@ -113,9 +112,6 @@ impl std::fmt::Debug for VerifySink {
     }
 }
 
-/// Decompressed size beyond which a ZStandard item is refused (a decompression bomb).
-const MAX_DECODED_SLACK: u64 = 64 << 20;
-
 impl VerifySink {
     /// A sink that records into `results`; with `hash_files`, the plan must cover whole files.
     pub fn new(ck: Arc<Checkpoint>, hash_files: bool, results: Arc<Mutex<VerifyResults>>) -> Self {
@@ -174,32 +170,15 @@ impl VerifySink {
     /// Decodes a ZStandard item into an archive checker.
     fn decode(&self, item: &PlanItem, data: &[u8]) -> Result<ArchiveChecker, String> {
         let descriptors = &self.ck.storage[item.storage[0]].info.transform_descriptors;
-        if descriptors.iter().any(|d| !d.starts_with("stream.zstd")) || descriptors.len() != 1 {
-            return Err(format!("unknown transform {descriptors:?}"));
-        }
         let expected = item
             .storage
             .iter()
             .filter_map(|&s| self.ck.raw_tensor_len(s))
             .max()
             .unwrap_or(0);
-        let limit = expected.saturating_add(MAX_DECODED_SLACK);
-        let mut decoder = ruzstd::decoding::StreamingDecoder::new(data)
-            .map_err(|e| format!("not a zstd stream: {e}"))?;
+        let decoded = archive::undo_transform(descriptors, data, expected)?;
         let mut checker = ArchiveChecker::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = decoder
-                .read(&mut buf)
-                .map_err(|e| format!("zstd stream is corrupt: {e}"))?;
-            if n == 0 {
-                break;
-            }
-            checker.feed(Bytes::copy_from_slice(&buf[..n]));
-            if checker.len() > limit {
-                return Err(format!("decompresses to more than {limit} bytes: refused"));
-            }
-        }
+        checker.feed(Bytes::from(decoded));
         Ok(checker)
     }
 
