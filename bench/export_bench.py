@@ -26,6 +26,10 @@ the selection is `--select` (default `model.*`):
   s3client_config=S3ClientConfig(force_path_style=True),
   reader_constructor=S3ReaderConstructor.dcp_optimized()))` (default 32 MiB gap) against the
   same server (AWS_ENDPOINT_URL). The same keys end up in torch as in A.
+- P, export streamed into the loader: `dcpfetch export ... -o - --quiet | python3 -c ...`, whose
+  Python reads stdin on a thread while it imports torch, then `safetensors.torch.load`s the bytes:
+  the same tensors in torch as A, with the fetch and the import overlapping and no file written.
+  Peak RSS: the larger of the two processes.
 - C, torch conversion: what `torch.distributed.checkpoint.format_utils.dcp_to_torch_save` does
   (`_load_state_dict` with `_EmptyStateDictLoadPlanner` from `FileSystemReader` on the local folder,
   no network), then the model keys (fqns starting with the selection's prefix) go to
@@ -83,6 +87,31 @@ for t in tensors.values():
     b = t.reshape(-1).view(torch.uint8) if t.numel() else None
     if b is not None:
         touched += int(b[::4096].sum())
+print(json.dumps({"load_seconds": time.perf_counter() - t0, "import_seconds": t0 - t_proc,
+                  "tensors": len(tensors), "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+# P's loader: the safetensors stream on stdin, read by a thread while torch imports (so the fetch
+# and the import overlap), then `safetensors.torch.load` of the bytes.
+PY_LOAD_STDIN = r"""
+import json, resource, sys, threading, time
+t_proc = time.perf_counter()
+chunks = []
+def drain():
+    while True:
+        b = sys.stdin.buffer.read1(1 << 20)
+        if not b:
+            return
+        chunks.append(b)
+reader = threading.Thread(target=drain)
+reader.start()
+import torch
+from safetensors.torch import load
+t0 = time.perf_counter()
+reader.join()
+tensors = load(b"".join(chunks))
+del chunks
 print(json.dumps({"load_seconds": time.perf_counter() - t0, "import_seconds": t0 - t_proc,
                   "tensors": len(tensors), "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -168,7 +197,13 @@ CLIENTS = {
     "A": "dcpfetch export + load_file",
     "B": "s3torchconnector dcp.load",
     "C": "torch dcp_to_torch_save + save_file",
+    "P": "dcpfetch export -o - | python (safetensors.torch.load)",
 }
+
+
+def shlex_quote(text):
+    """One argument for `sh -c`."""
+    return "'" + text.replace("'", "'\\''") + "'"
 
 
 def shell(cmd):
@@ -245,7 +280,7 @@ def main():
     ap.add_argument("--select", default="model.*", help="the selection glob (a prefix followed by *)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--clients", default="ABC", help="which of A, B, C to run (default all)")
+    ap.add_argument("--clients", default="ABC", help="which of A, B, C, P to run (default A, B, C)")
     ap.add_argument("--profile", action="append", choices=list(PROFILES), help="link profile (repeatable; default all)")
     ap.add_argument("--export-args", default="", help="more arguments for dcpfetch export, one string")
     ap.add_argument("--region", default="us-east-1")
@@ -308,13 +343,18 @@ def main():
                     ([a.python, "-c", PY_LOAD, out_file], torch_env, "load_file")]
         if client == "B":
             return [([a.python, "-c", PY_S3TORCH, spec_file], dict(torch_env, AWS_ENDPOINT_URL=endpoint), "dcp.load")]
+        if client == "P":
+            export = [a.dcpfetch, "export", location, "--select", a.select, *s3, "-o", "-", "--quiet", *extra]
+            pipeline = f"{shell(export)} | {shell([a.python, '-c', 'PY_LOAD_STDIN'])}"
+            return [(["sh", "-c", pipeline.replace("PY_LOAD_STDIN", shlex_quote(PY_LOAD_STDIN))],
+                     dict(torch_env, **{k: v for k, v in ENV.items() if k.startswith("AWS")}), "export | load")]
         return [([a.python, "-c", PY_TORCH_CONVERT, local, prefix_keys, out_file], torch_env, "convert")]
 
     def measure(client, profile):
         if os.path.exists(out_file):
             os.unlink(out_file)
         load_before = os.getloadavg()[0]
-        server = Server(a.server, a.root, PROFILES[profile]) if client in "AB" else None
+        server = Server(a.server, a.root, PROFILES[profile]) if client in "ABP" else None
         procs = []
         try:
             t = time.perf_counter()
@@ -480,6 +520,11 @@ def table(a, profile, clients, results, needed, record, c_row):
               f"(goal >= 3: {'met' if pair >= 3 else 'not met'})")
         print(f"- time, B / A without Python start and imports (B: its dcp.load; A: the export process + "
               f"load_file's own time, {rows['A']['work']:.2f} s): {work:.2f}")
+    if "P" in rows and "B" in rows:
+        pair = med(b["wall_seconds"] / x["wall_seconds"] for x, b in zip(ok["P"], ok["B"]))
+        ratios.update(B_over_P_wall=pair)
+        print(f"- time, B / P (the export streamed into the Python that imports torch meanwhile), whole "
+              f"processes: {pair:.2f} (goal >= 3: {'met' if pair >= 3 else 'not met'})")
     c = rows.get("C", c_row)
     if "A" in rows and c is not None:
         r = rows["A"]["rss"]["export"] / c["rss"]["convert"]

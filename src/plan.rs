@@ -172,6 +172,23 @@ pub enum PlanError {
     ZeroPartSize,
 }
 
+/// Refuses a stored copy of raw tensor bytes (a checkpoint saved with
+/// `serialization_format=SAFETENSORS`, whose `.metadata` offsets do not locate the tensors).
+pub fn refuse_raw(ck: &Checkpoint, si: usize) -> Result<(), PlanError> {
+    match ck.raw_tensor_len(si) {
+        Some(raw) if ck.is_raw_tensor(si) => {
+            let s = &ck.storage[si];
+            Err(PlanError::Safetensors {
+                file: s.info.relative_path.clone(),
+                fqn: describe_storage(ck, si),
+                length: s.info.length,
+                raw,
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Coalesces sorted ranges into groups: a range joins the current group when its gap from the
 /// previous range is `<= max_gap`. Zero-length ranges are skipped (they belong to no group).
 /// Unsorted or overlapping ranges are errors naming both ranges.
@@ -407,16 +424,7 @@ impl Plan {
         let mut by_file: BTreeMap<&str, Vec<PlanItem>> = BTreeMap::new();
         for si in stored_copies(ck, selected) {
             let s = &ck.storage[si];
-            if ck.is_raw_tensor(si)
-                && let Some(raw) = ck.raw_tensor_len(si)
-            {
-                return Err(PlanError::Safetensors {
-                    file: s.info.relative_path.clone(),
-                    fqn: fqn_of(si),
-                    length: s.info.length,
-                    raw,
-                });
-            }
+            refuse_raw(ck, si)?;
             let Some(range) = s.range() else {
                 return Err(PlanError::Overflow {
                     file: s.info.relative_path.clone(),

@@ -574,6 +574,7 @@ fn export(a: ExportArgs) -> Result<ExportSettings, UsageError> {
             strip_prefix: a.strip_prefix,
             rename,
             skip_unsupported: a.skip_unsupported,
+            read_order: to_stdout,
         },
         force: a.force,
         printer: Printer::run(ReportFormat::json_if(a.json), a.quiet, to_stdout)

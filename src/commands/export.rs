@@ -12,7 +12,7 @@ use crate::export::sink::ExportSink;
 use crate::export::{Format, Layout, Skipped};
 use crate::fetch::{self, Cancel};
 use crate::pipeline::{Opened, PipelineError};
-use crate::plan::{Plan, describe_storage};
+use crate::plan::{Plan, describe_storage, refuse_raw};
 use crate::report::{Outcome, Problem};
 use crate::units::{count, human};
 
@@ -74,8 +74,11 @@ pub async fn run(s: ExportSettings) -> anyhow::Result<Outcome> {
     }
     s.printer.warnings(&ck, &warnings);
 
-    let plan =
-        Plan::of_storage(&ck, &layout.storage(), s.plan, None).map_err(PipelineError::Plan)?;
+    let storage = layout.storage();
+    for &si in &storage {
+        refuse_raw(&ck, si).map_err(PipelineError::Plan)?;
+    }
+    let plan = Plan::of_storage(&ck, &storage, s.plan, None).map_err(PipelineError::Plan)?;
     let names: Vec<_> = plan.files.iter().map(|f| f.name.clone()).collect();
     let objects = opened.stat_all(&names, s.engine.concurrency).await?;
     for f in &plan.files {

@@ -42,6 +42,9 @@ pub struct ExportOptions {
     pub rename: Vec<(String, String)>,
     /// Skip (and list) tensors of dtypes the format cannot hold, instead of failing.
     pub skip_unsupported: bool,
+    /// Order tensors as they are read, not widest elements first (a stream, which cannot hold
+    /// a whole group of narrower tensors until the wider ones are in).
+    pub read_order: bool,
 }
 
 /// One exported tensor.
@@ -319,8 +322,8 @@ impl Layout {
         }
 
         // Order: wider elements first (so every tensor starts aligned to its element size, as
-        // safetensors' own writer does), then where the tensor's bytes are in the checkpoint (so
-        // a stream writes in about the order it reads).
+        // safetensors' own writer does), then where the tensor's bytes are in the checkpoint. A
+        // stream takes the second order only: it writes in the order it reads.
         let first_read = |i: usize| {
             sources[i]
                 .iter()
@@ -331,13 +334,14 @@ impl Layout {
                 .min_by(|a, b| natural_cmp(a.0, b.0).then(a.1.cmp(&b.1)))
         };
         let mut order: Vec<usize> = (0..tensors.len()).collect();
+        let width = |i: usize| if opts.read_order { 0 } else { tensors[i].elem };
         order.sort_by(|&a, &b| {
-            tensors[b].elem.cmp(&tensors[a].elem).then_with(|| {
-                match (first_read(a), first_read(b)) {
+            width(b)
+                .cmp(&width(a))
+                .then_with(|| match (first_read(a), first_read(b)) {
                     (Some(x), Some(y)) => natural_cmp(x.0, y.0).then(x.1.cmp(&y.1)),
                     (x, y) => x.is_some().cmp(&y.is_some()).reverse(),
-                }
-            })
+                })
         });
         let tensors: Vec<Tensor> = order.iter().map(|&i| tensors[i].clone()).collect();
         let sources: Vec<Vec<(usize, Placement)>> =

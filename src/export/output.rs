@@ -134,6 +134,14 @@ impl Output {
             Target::File(path) => {
                 let (parent, leaf) = split(path)?;
                 let dir = Dir::open_root(&parent)?;
+                if rustix::fs::statat(&dir, leaf.as_str(), AtFlags::SYMLINK_NOFOLLOW)
+                    .is_ok_and(|st| rustix::fs::FileType::from_raw_mode(st.st_mode).is_dir())
+                {
+                    return refuse(format!(
+                        "{} is a folder (give a file name, or --max-shard-size to write a folder)",
+                        path.display()
+                    ));
+                }
                 if !force && exists(&dir, &leaf) {
                     return refuse(format!(
                         "{} exists (pass --force to replace it)",
@@ -273,8 +281,9 @@ impl Output {
                     if *held_bytes > *limit {
                         return refuse(format!(
                             "the stream would hold more than --max-memory ({}) of tensors that \
-                             arrive before their turn (a tensor whose chunks lie in several shard \
-                             files); export to a file (-o FILE) or raise --max-memory",
+                             arrive before their turn (tensors whose chunks lie in several shard \
+                             files, as FSDP writes them); export to a file (-o FILE) or raise \
+                             --max-memory",
                             human(*limit)
                         ));
                     }
