@@ -620,3 +620,35 @@ fn an_existing_output_is_kept_and_a_link_never_followed() {
     );
     assert!(parse_safetensors(&read(&file)).contains_key("model.norm.weight"));
 }
+
+#[test]
+fn a_chunk_larger_than_its_item_is_refused_before_anything_is_written() {
+    // The metadata says `wide` is stored in 100 bytes: a hostile or damaged .metadata, whatever
+    // sizes it claims, never makes the export size a file for data that is not there.
+    let dir = common::copy_fixture("large");
+    common::edit_metadata(dir.path(), |p| {
+        let info = common::storage_info(p, "wide");
+        common::set_item(
+            p,
+            info,
+            "length",
+            dcpfetch::metadata::pickle::Value::Int(100),
+        );
+    });
+    let out = tempfile::tempdir().unwrap();
+    let file = out.path().join("x.safetensors");
+    let run = export(&[
+        dir.path().to_str().unwrap(),
+        "--select",
+        "wide",
+        "-o",
+        file.to_str().unwrap(),
+    ]);
+    assert_eq!(run.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        err.contains("wide: the chunk at [0, 0] of sizes [512, 256] needs 524288 bytes"),
+        "{err}"
+    );
+    assert!(std::fs::read_dir(out.path()).unwrap().next().is_none());
+}

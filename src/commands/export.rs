@@ -117,6 +117,7 @@ pub async fn run(s: ExportSettings) -> anyhow::Result<Outcome> {
         located,
         output,
         s.output == Target::Stdout,
+        s.engine.max_memory,
     );
     let progress = s.printer.progress(plan.fetched(), plan.items() as u64);
     let report = fetch::run(

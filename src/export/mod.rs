@@ -272,6 +272,24 @@ impl Layout {
                     let Some(inter) = box_.intersect(&extent) else {
                         continue;
                     };
+                    // A stored item holds at least its chunk's data (unless compressed): a
+                    // chunk claimed larger is refused before any file is sized for it.
+                    let info = &ck.storage[storage].info;
+                    let raw = box_.numel().and_then(|n| n.checked_mul(elem));
+                    if info.transform_descriptors.is_empty()
+                        && raw.is_none_or(|raw| raw > info.length)
+                    {
+                        return Err(LayoutError::Incomplete {
+                            fqn: e.fqn.clone(),
+                            detail: format!(
+                                "the chunk at {offsets:?} of sizes {sizes:?} needs {} bytes, but its stored item ({} bytes {}..) holds {}",
+                                raw.map_or_else(|| "more than 2^64".into(), |r| r.to_string()),
+                                info.relative_path,
+                                info.offset,
+                                info.length
+                            ),
+                        });
+                    }
                     let placement = Placement::new(&box_, &extent, elem)
                         .ok_or(LayoutError::Overflow { fqn: e.fqn.clone() })?;
                     covered = covered.saturating_add(inter.numel().unwrap_or(u64::MAX));

@@ -36,6 +36,8 @@ pub struct ExportSink {
     ordered: bool,
     /// Bytes written per tensor.
     written: Vec<u64>,
+    /// Most bytes an item may take once decoded.
+    max_memory: u64,
 }
 
 impl std::fmt::Debug for ExportSink {
@@ -89,6 +91,7 @@ impl ExportSink {
         located: HashMap<ObjectName, HashMap<u64, Located>>,
         output: Output,
         ordered: bool,
+        max_memory: u64,
     ) -> ExportSink {
         let written = vec![0; layout.tensors.len()];
         ExportSink {
@@ -99,6 +102,7 @@ impl ExportSink {
             output,
             ordered,
             written,
+            max_memory,
         }
     }
 
@@ -128,7 +132,12 @@ impl ExportSink {
         let data = if info.transform_descriptors.is_empty() {
             data
         } else {
-            let raw = self.ck.raw_tensor_len(s).unwrap_or(0);
+            // Decoded in memory: never more than --max-memory, whatever the metadata claims.
+            let raw = self
+                .ck
+                .raw_tensor_len(s)
+                .unwrap_or(0)
+                .min(self.max_memory.saturating_sub(archive::MAX_DECODED_SLACK));
             archive::undo_transform(&info.transform_descriptors, &data, raw)
                 .map_err(|e| self.refuse(file, item, e))?
         };
