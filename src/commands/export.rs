@@ -102,7 +102,7 @@ pub async fn run(s: ExportSettings) -> anyhow::Result<Outcome> {
     .map_err(|e| Problem(format!("cannot export: {e:#}")))?;
 
     let items_located = located.values().map(|m| m.len()).sum();
-    let output = Output::create(&s.output, &layout, s.force, s.engine.max_memory)
+    let output = Output::create(&s.output, &layout, s.force)
         .with_context(|| format!("cannot export to {}", shown(&s.output)))?;
     let written = output.names.clone();
     let shown_output = output.shown.clone();

@@ -7,8 +7,9 @@
 //! `model.safetensors.index.json` comes last. Without `--force` an existing output is refused, by
 //! the rename itself (`RENAME_NOREPLACE`) and, for a clear message, before the fetch.
 //!
-//! On stdout the bytes must go in order: a piece that arrives before its turn waits, up to a
-//! limit (`--max-memory`); past it the export fails and says to write a file instead.
+//! On stdout the bytes must go in order: a piece that arrives before its turn waits in a scratch
+//! file (unnamed, in the temporary folder, gone when the process ends) at its offset, and goes out
+//! when the stream reaches it. Memory holds only where those pieces are.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -22,7 +23,6 @@ use rustix::fs::{AtFlags, RenameFlags};
 use super::Layout;
 use crate::fetch::SinkError;
 use crate::sink::dir::Dir;
-use crate::units::human;
 
 /// Where an export goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,10 +81,10 @@ enum Writer {
         out: Box<dyn Write + Send>,
         /// Data bytes written so far.
         cursor: u64,
-        /// Pieces that arrived before their turn, by data offset.
-        held: BTreeMap<u64, Bytes>,
-        held_bytes: u64,
-        limit: u64,
+        /// Where pieces that arrived before their turn wait, once one has.
+        ahead: Option<File>,
+        /// The ranges `start -> end` of data waiting in `ahead`.
+        waiting: BTreeMap<u64, u64>,
         total: u64,
     },
 }
@@ -108,13 +108,8 @@ impl std::fmt::Debug for Output {
 
 impl Output {
     /// Creates the output of `layout` at `target`: temporary files of their final size, headers
-    /// written. `limit` bounds what a stream holds to reorder.
-    pub fn create(
-        target: &Target,
-        layout: &Layout,
-        force: bool,
-        limit: u64,
-    ) -> Result<Output, SinkError> {
+    /// written.
+    pub fn create(target: &Target, layout: &Layout, force: bool) -> Result<Output, SinkError> {
         match target {
             Target::Stdout => {
                 use std::io::IsTerminal;
@@ -129,7 +124,7 @@ impl Output {
                     .as_fd()
                     .try_clone_to_owned()
                     .map_err(SinkError::io("duplicating stdout"))?;
-                Output::stream(Box::new(File::from(fd)), layout, limit)
+                Output::stream(Box::new(File::from(fd)), layout)
             }
             Target::File(path) => {
                 let (parent, leaf) = split(path)?;
@@ -209,11 +204,7 @@ impl Output {
     }
 
     /// An output into any writer, in order (stdout, or a pipe in tests).
-    pub fn stream(
-        mut out: Box<dyn Write + Send>,
-        layout: &Layout,
-        limit: u64,
-    ) -> Result<Output, SinkError> {
+    pub fn stream(mut out: Box<dyn Write + Send>, layout: &Layout) -> Result<Output, SinkError> {
         let file = &layout.files[0];
         out.write_all(&file.header)
             .map_err(SinkError::io("writing to stdout"))?;
@@ -221,9 +212,8 @@ impl Output {
             writer: Writer::Stream {
                 out,
                 cursor: 0,
-                held: BTreeMap::new(),
-                held_bytes: 0,
-                limit,
+                ahead: None,
+                waiting: BTreeMap::new(),
                 total: file.data_len,
             },
             shown: "-".into(),
@@ -271,41 +261,41 @@ impl Output {
             Writer::Stream {
                 out,
                 cursor,
-                held,
-                held_bytes,
-                limit,
+                ahead,
+                waiting,
                 ..
             } => {
-                if at != *cursor {
-                    *held_bytes += data.len() as u64;
-                    if *held_bytes > *limit {
-                        return refuse(format!(
-                            "the stream would hold more than --max-memory ({}) of tensors that \
-                             arrive before their turn (tensors whose chunks lie in several shard \
-                             files, as FSDP writes them); export to a file (-o FILE) or raise \
-                             --max-memory",
-                            human(*limit)
-                        ));
-                    }
-                    held.insert(at, data);
+                let end = at + data.len() as u64;
+                if at > *cursor {
+                    let file = match ahead {
+                        Some(f) => f,
+                        None => ahead.insert(scratch()?),
+                    };
+                    file.write_all_at(&data, at)
+                        .map_err(SinkError::io("writing the stream's scratch file"))?;
+                    waiting.insert(at, end);
                     return Ok(());
                 }
-                out.write_all(&data)
-                    .map_err(SinkError::io("writing to stdout"))?;
-                *cursor += data.len() as u64;
+                if end > *cursor {
+                    out.write_all(&data[(*cursor - at) as usize..])
+                        .map_err(SinkError::io("writing to stdout"))?;
+                    *cursor = end;
+                }
                 // What waited for this.
-                while let Some(entry) = held.first_entry() {
-                    let at = *entry.key();
-                    let len = entry.get().len() as u64;
-                    if at > *cursor {
+                while let Some((&start, &stop)) = waiting.first_key_value() {
+                    if start > *cursor {
                         break;
                     }
-                    let data = entry.remove();
-                    *held_bytes -= len;
-                    if at + len > *cursor {
-                        out.write_all(&data[(*cursor - at) as usize..])
+                    waiting.remove(&start);
+                    let file = ahead.as_ref().expect("waiting data is in the scratch file");
+                    let mut buf = vec![0u8; COPY.min(stop.saturating_sub(*cursor)) as usize];
+                    while *cursor < stop {
+                        let n = COPY.min(stop - *cursor) as usize;
+                        file.read_exact_at(&mut buf[..n], *cursor)
+                            .map_err(SinkError::io("reading the stream's scratch file"))?;
+                        out.write_all(&buf[..n])
                             .map_err(SinkError::io("writing to stdout"))?;
-                        *cursor = at + len;
+                        *cursor += n as u64;
                     }
                 }
                 Ok(())
@@ -365,6 +355,42 @@ impl Output {
             }
         }
     }
+}
+
+/// Bytes copied at a time from the scratch file to the stream.
+const COPY: u64 = 1 << 20;
+
+/// An unnamed file in the temporary folder (`TMPDIR`), gone when closed.
+fn scratch() -> Result<File, SinkError> {
+    use rustix::fs::{Mode, OFlags};
+    let dir = std::env::temp_dir();
+    let mode = Mode::from_bits_truncate(0o600);
+    let fd = match rustix::fs::open(&dir, OFlags::RDWR | OFlags::TMPFILE | OFlags::CLOEXEC, mode) {
+        // A file system without unnamed files: a new name, removed at once.
+        Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::ISDIR | rustix::io::Errno::INVAL) => {
+            let name = dir.join(format!(
+                ".dcpfetch-stream-{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos())
+            ));
+            let flags = OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW;
+            rustix::fs::open(&name, flags | OFlags::CLOEXEC, mode).and_then(|fd| {
+                rustix::fs::unlink(&name)?;
+                Ok(fd)
+            })
+        }
+        other => other,
+    }
+    .map_err(|e| SinkError::Io {
+        what: format!(
+            "creating a scratch file in {} for the stream's reordering",
+            dir.display()
+        ),
+        source: e.into(),
+    })?;
+    Ok(File::from(fd))
 }
 
 /// Renames `from` to `to` in `dir`, replacing `to` only when `replace`.
