@@ -342,28 +342,35 @@ impl Layout {
         // Order: wider elements first (so every tensor starts aligned to its element size, as
         // safetensors' own writer does), then where the tensor's bytes are in the checkpoint. A
         // stream takes the second order only: it writes in the order it reads.
-        let first_read = |i: usize| {
-            sources[i]
-                .iter()
-                .map(|(s, _)| {
-                    let info = &ck.storage[*s].info;
-                    (info.relative_path.as_str(), info.offset)
-                })
-                .min_by(|a, b| natural_cmp(a.0, b.0).then(a.1.cmp(&b.1)))
-        };
+        let first_read: Vec<Option<(&str, u64)>> = sources
+            .iter()
+            .map(|feeds| {
+                feeds
+                    .iter()
+                    .map(|(s, _)| {
+                        let info = &ck.storage[*s].info;
+                        (info.relative_path.as_str(), info.offset)
+                    })
+                    .min_by(|a, b| natural_cmp(a.0, b.0).then(a.1.cmp(&b.1)))
+            })
+            .collect();
         let mut order: Vec<usize> = (0..tensors.len()).collect();
         let width = |i: usize| if opts.read_order { 0 } else { tensors[i].elem };
         order.sort_by(|&a, &b| {
             width(b)
                 .cmp(&width(a))
-                .then_with(|| match (first_read(a), first_read(b)) {
+                .then_with(|| match (first_read[a], first_read[b]) {
                     (Some(x), Some(y)) => natural_cmp(x.0, y.0).then(x.1.cmp(&y.1)),
                     (x, y) => x.is_some().cmp(&y.is_some()).reverse(),
                 })
         });
         let tensors: Vec<Tensor> = order.iter().map(|&i| tensors[i].clone()).collect();
-        let sources: Vec<Vec<(usize, Placement)>> =
-            order.iter().map(|&i| sources[i].clone()).collect();
+        let mut sources: Vec<Option<Vec<(usize, Placement)>>> =
+            sources.into_iter().map(Some).collect();
+        let sources: Vec<Vec<(usize, Placement)>> = order
+            .iter()
+            .map(|&i| sources[i].take().expect("each tensor once"))
+            .collect();
 
         let mut layout = Layout {
             format: opts.format,
