@@ -234,6 +234,16 @@ fn through_s3_too() {
     check_fixture(Backend::S3, &large, "large", &PLACED);
 }
 
+#[test]
+fn over_http_too() {
+    let nginx = common::Nginx::start(&common::repo().join("fixtures"), "");
+    // (per_rank has no .metadata, and HTTP no listing to find its __N.metadata.)
+    for name in ["dtensor", "zstd", "model"] {
+        check_fixture(Backend::Local, &nginx.url(name), name, &[]);
+    }
+    check_fixture(Backend::Local, &nginx.url("large"), "large", &PLACED);
+}
+
 fn export(args: &[&str]) -> std::process::Output {
     dcpfetch().arg("export").args(args).output().unwrap()
 }
