@@ -49,6 +49,10 @@ fn is_problem(e: &anyhow::Error) -> bool {
                     c.downcast_ref::<SelectionError>(),
                     Some(SelectionError::NothingMatched { .. })
                 )
+                || matches!(
+                    c.downcast_ref::<crate::fetch::SinkError>(),
+                    Some(crate::fetch::SinkError::Bad(_))
+                )
                 || c.downcast_ref::<SourceError>()
                     .is_some_and(SourceError::is_checkpoint_problem)
                     && !e.chain().any(|c| c.is::<MetadataError>())

@@ -197,7 +197,7 @@ fn assert_no_leftovers(dir: &Path) {
 }
 
 /// Small memory and concurrency, so that `large`'s items are located first and placed as they
-/// arrive (items above 128 KiB), not read whole; small parts, so that one item comes in several.
+/// arrive (items above 256 KiB), not read whole; small parts, so that one item comes in several.
 const PLACED: [&str; 6] = [
     "--max-memory",
     "4MiB",
@@ -562,17 +562,19 @@ fn a_tensor_missing_chunks_names_what_is_missing() {
 #[test]
 fn a_corrupt_item_fails_and_leaves_nothing() {
     // A byte inside each of the three large tensors' data in turn, placed as it arrives or read
-    // whole.
+    // whole; then one in `wide`'s data.pkl (its item starts at 1261, its pickle 64 bytes in).
     let good = read(&fixture("large").join("__0_0.distcp"));
-    for (at, extra) in [
-        (1, &PLACED[..]),
-        (2, &PLACED[..]),
-        (4, &PLACED[..]),
-        (1, &[]),
+    let fifth = |n: usize| good.len() * n / 5;
+    for (flip, extra) in [
+        (fifth(1), &PLACED[..]),
+        (fifth(2), &PLACED[..]),
+        (fifth(4), &PLACED[..]),
+        (fifth(1), &[]),
+        (1261 + 64 + 15, &PLACED[..]),
+        (1261 + 64 + 15, &[]),
     ] {
         let dir = common::copy_fixture("large");
         let mut bytes = good.clone();
-        let flip = bytes.len() * at / 5;
         bytes[flip] ^= 0x40;
         std::fs::write(dir.path().join("__0_0.distcp"), &bytes).unwrap();
         let out = tempfile::tempdir().unwrap();
@@ -581,7 +583,7 @@ fn a_corrupt_item_fails_and_leaves_nothing() {
         args.extend(extra);
         let run = export(&args);
         let err = String::from_utf8_lossy(&run.stderr);
-        assert!(!run.status.success(), "{extra:?}");
+        assert_eq!(run.status.code(), Some(1), "byte {flip}, {extra:?}: {err}");
         assert!(err.contains("CRC32"), "{err}");
         assert!(!file.exists());
         assert_no_leftovers(out.path());

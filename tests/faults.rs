@@ -604,3 +604,99 @@ fn oversized_metadata_is_refused_before_it_is_read() {
         server.stats().body_bytes
     );
 }
+
+/// `export` through the same faults: 503s, resets and a short body on the reads that locate items
+/// and on those that carry their values; the tensors come out whole and exact, or the export
+/// fails and leaves nothing.
+#[test]
+fn an_export_through_faults_is_exact_or_leaves_nothing() {
+    let s = serve("large");
+    s.server.add_fault(
+        status(503, "SlowDown")
+            .on_key(".distcp")
+            .on_method("GET")
+            .times(3),
+    );
+    s.server.add_fault(
+        FaultRule::new(Fault::ResetAfter(40_000))
+            .on_key(".distcp")
+            .on_method("GET")
+            .times(2),
+    );
+    s.server.add_fault(
+        FaultRule::new(Fault::ShortBody(3000))
+            .on_key(".distcp")
+            .on_method("GET"),
+    );
+    let out = tempfile::tempdir().unwrap();
+    let file = out.path().join("large.safetensors");
+    let export = |file: &Path| {
+        dcpfetch()
+            .args([
+                "export",
+                "s3://ckpt/large",
+                "--endpoint-url",
+                &s.server.endpoint(),
+                "--path-style",
+                "--max-memory",
+                "4MiB",
+                "--concurrency",
+                "16",
+                "--part-size",
+                "128KiB",
+                "--json",
+                "-q",
+                "-o",
+            ])
+            .arg(file)
+            .output()
+            .unwrap()
+    };
+    let r = export(&file);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let summary: Value = serde_json::from_slice(&r.stdout).unwrap();
+    assert_eq!(summary["retries"], 6, "{summary}");
+    assert_eq!(summary["items_located"], 2);
+    let bytes = std::fs::read(&file).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let full: Value = serde_json::from_str(
+        &std::fs::read_to_string(common::repo().join("fixtures/expected/full_tensors.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    for (fqn, want) in full["large"].as_object().unwrap() {
+        let offsets = &header[fqn]["data_offsets"];
+        let (a, b) = (
+            8 + n + offsets[0].as_u64().unwrap() as usize,
+            8 + n + offsets[1].as_u64().unwrap() as usize,
+        );
+        assert_eq!(
+            sha256(&bytes[a..b]),
+            want["sha256"].as_str().unwrap(),
+            "{fqn}"
+        );
+    }
+
+    // The file replaced while it is read: refused, and nothing under the output's name.
+    s.server.add_fault(
+        FaultRule::new(Fault::Replace)
+            .on_key("__0_0")
+            .on_method("GET"),
+    );
+    let again = out.path().join("again.safetensors");
+    let r = export(&again);
+    assert_eq!(
+        r.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("changed while it was read"), "{err}");
+    let names: Vec<String> = std::fs::read_dir(out.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, vec!["large.safetensors".to_owned()]);
+}

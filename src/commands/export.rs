@@ -6,7 +6,7 @@ use anyhow::Context;
 use serde::Serialize;
 
 use crate::cli::settings::ExportSettings;
-use crate::export::item::locate_all;
+use crate::export::item::{ItemError, locate_all};
 use crate::export::output::{Output, Target};
 use crate::export::sink::ExportSink;
 use crate::export::{Format, Layout, Skipped};
@@ -99,7 +99,11 @@ pub async fn run(s: ExportSettings) -> anyhow::Result<Outcome> {
         s.engine.concurrency,
     )
     .await
-    .map_err(|e| Problem(format!("cannot export: {e:#}")))?;
+    .map_err(|e| match e {
+        // A failed read says what failed (a changed file is a problem, a lost link is not).
+        ItemError::Read { .. } => anyhow::Error::new(e),
+        ItemError::Bad { .. } => anyhow::Error::new(e).context(Problem("cannot export".into())),
+    })?;
 
     let items_located = located.values().map(|m| m.len()).sum();
     let output = Output::create(&s.output, &layout, s.force)

@@ -118,8 +118,15 @@ pub fn locate(
         .iter()
         .find(|r| r.name.ends_with("/data.pkl"))
         .ok_or("the archive has no data.pkl record")?;
+    let pkl_crc = pkl.crc;
     let pkl = bytes(pkl.data.start, pkl.data.end)
         .ok_or("data.pkl is not among the item's first bytes")?;
+    let actual = crc32fast::hash(&pkl);
+    if pkl_crc != 0 && actual != pkl_crc {
+        return Err(format!(
+            "record data.pkl: CRC32 is {actual:08x}, the archive says {pkl_crc:08x}"
+        ));
+    }
     let t = tensor::read(&pkl)?;
     let record = storage_record(&t, &records, expect)?;
     if !contiguous(&t) {

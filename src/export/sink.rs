@@ -107,7 +107,7 @@ impl ExportSink {
     }
 
     fn refuse(&self, file: &FilePlan, item: &PlanItem, msg: String) -> SinkError {
-        SinkError::Refused(format!(
+        SinkError::Bad(format!(
             "{} bytes {}..{} ({}): {msg}",
             file.name,
             item.range.start,

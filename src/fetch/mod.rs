@@ -122,6 +122,10 @@ pub enum SinkError {
     },
     #[error("{0}")]
     Refused(String),
+    /// The bytes are not what the checkpoint says they are (a corrupt or inconsistent item): a
+    /// problem with the checkpoint, not with where they go.
+    #[error("{0}")]
+    Bad(String),
 }
 
 impl SinkError {
