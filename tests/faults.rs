@@ -700,3 +700,59 @@ fn an_export_through_faults_is_exact_or_leaves_nothing() {
         .collect();
     assert_eq!(names, vec!["large.safetensors".to_owned()]);
 }
+
+/// Ctrl-C in the middle of an export: exit 130, and neither the output nor its temporary left.
+#[test]
+fn an_interrupted_export_leaves_nothing() {
+    let s = serve("large");
+    s.server.add_fault(
+        FaultRule::new(Fault::StallAfter {
+            after: 1000,
+            stall: Duration::from_secs(30),
+        })
+        .on_key(".distcp")
+        .on_method("GET")
+        .always(),
+    );
+    let out = tempfile::tempdir().unwrap();
+    let file = out.path().join("large.safetensors");
+    let child = common::dcpfetch_process()
+        .args([
+            "export",
+            "s3://ckpt/large",
+            "--endpoint-url",
+            &s.server.endpoint(),
+            "--path-style",
+            "--part-size",
+            "128KiB",
+            "-q",
+            "-o",
+        ])
+        .arg(&file)
+        .spawn()
+        .unwrap();
+    // Once the temporary exists, the fetch is under way.
+    let temporary = out.path().join(".large.safetensors.dcpfetch-partial");
+    let started = Instant::now();
+    while !temporary.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the export never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let killed = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let res = child.wait_with_output().unwrap();
+    assert_eq!(
+        res.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
+}
