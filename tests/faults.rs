@@ -756,3 +756,26 @@ fn an_interrupted_export_leaves_nothing() {
     );
     assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
 }
+
+/// A 503 SlowDown that says `Retry-After: 1` is retried after that second, not after the usual
+/// backoff of a few milliseconds.
+#[test]
+fn retry_after_from_s3_is_honoured() {
+    let s = serve("model");
+    s.server.add_fault(
+        FaultRule::new(Fault::SlowDownFor(1))
+            .on_key("__0_0")
+            .on_method("GET")
+            .times(2),
+    );
+    let (_d, out) = out_dir();
+    let started = Instant::now();
+    let r = summary(&fetch(&s, &out, &["--concurrency", "1"]));
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(r["retries"], 2);
+    assert_complete(&out);
+}

@@ -568,23 +568,9 @@ fn same_origin(a: &Url, b: &Url) -> bool {
 }
 
 /// A client error with its causes, without the URL (whose query may carry a token).
-/// How long an answer asks to wait before the next attempt (`Retry-After`: seconds, or an HTTP
-/// date), if it says.
+/// How long an answer asks to wait before the next attempt (`Retry-After`), if it says.
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let when =
-        aws_smithy_types::DateTime::from_str(value, aws_smithy_types::date_time::Format::HttpDate)
-            .ok()?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .ok()?
-        .as_secs() as i64;
-    Some(Duration::from_secs(
-        when.secs().saturating_sub(now).max(0) as u64
-    ))
+    resume::retry_after(headers.get(header::RETRY_AFTER)?.to_str().ok()?)
 }
 
 fn error_chain(e: reqwest::Error) -> String {

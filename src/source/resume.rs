@@ -321,3 +321,21 @@ fn wait(policy: &RetryPolicy, attempt: u32, asked: Option<Duration>) -> Duration
     let backoff = policy.backoff(attempt);
     asked.map_or(backoff, |a| a.min(RETRY_AFTER_CAP).max(backoff))
 }
+/// How long an answer asks to wait before the next attempt, from its `Retry-After` value
+/// (seconds, or an HTTP date), if it says.
+pub fn retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when =
+        aws_smithy_types::DateTime::from_str(value, aws_smithy_types::date_time::Format::HttpDate)
+            .ok()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs() as i64;
+    Some(Duration::from_secs(
+        when.secs().saturating_sub(now).max(0) as u64
+    ))
+}

@@ -229,10 +229,21 @@ impl S3Source {
                     (c, "") => format!("{c} (HTTP {status})"),
                     (c, m) => format!("{c}: {m} (HTTP {status})"),
                 };
+                let after = se
+                    .raw()
+                    .headers()
+                    .get("retry-after")
+                    .and_then(resume::retry_after);
+                let retry = |msg: String| match after {
+                    Some(after) => {
+                        Failure::RetryAfter(format!("{msg}, Retry-After {after:?}"), after)
+                    }
+                    None => Failure::Retry(msg),
+                };
                 match status {
-                    500..=599 | 429 => Failure::Retry(format!("{what}: {detail}")),
+                    500..=599 | 429 => retry(format!("{what}: {detail}")),
                     _ if code == "SlowDown" || code == "Throttling" || code == "RequestTimeout" => {
-                        Failure::Retry(format!("{what}: {detail}"))
+                        retry(format!("{what}: {detail}"))
                     }
                     404 if code == "NoSuchBucket" => Failure::Fatal(SourceError::Request {
                         name: self.describe(),

@@ -91,6 +91,8 @@ impl ServerConfig {
 pub enum Fault {
     /// Answer with this status and S3 error code (XML body; for HEAD only `x-amz-error-code`).
     Status { status: u16, code: &'static str },
+    /// Answer 503 SlowDown with `Retry-After` of this many seconds.
+    SlowDownFor(u64),
     /// Send the headers and this many body bytes, then reset the connection (RST). A HEAD is
     /// reset before its headers.
     ResetAfter(u64),
@@ -274,6 +276,7 @@ impl FromStr for FaultRule {
                 };
                 Fault::Status { status, code }
             }
+            "slow-down-for" => Fault::SlowDownFor(ms.take().unwrap_or(1000) / 1000),
             "reset" => Fault::ResetAfter(after.take().unwrap_or(0)),
             "stall" => Fault::StallAfter {
                 after: after.take().unwrap_or(0),
@@ -296,7 +299,7 @@ impl FromStr for FaultRule {
             )),
             _ => {
                 return Err(format!(
-                    "fault {spec:?}: unknown kind {kind:?} (status, reset, stall, short, wrong-range, replace, latency, ignore-range, wrong-total, long, wrong-etag, dribble)"
+                    "fault {spec:?}: unknown kind {kind:?} (status, slow-down-for, reset, stall, short, wrong-range, replace, latency, ignore-range, wrong-total, long, wrong-etag, dribble)"
                 ));
             }
         };
@@ -323,6 +326,7 @@ impl fmt::Display for FaultRule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.fault {
             Fault::Status { status, code } => write!(f, "status:{status}:{code}")?,
+            Fault::SlowDownFor(secs) => write!(f, "slow-down-for:ms={}", secs * 1000)?,
             Fault::ResetAfter(n) => write!(f, "reset:after={n}")?,
             Fault::StallAfter { after, stall } => {
                 write!(f, "stall:after={after}:ms={}", stall.as_millis())?
@@ -1087,6 +1091,14 @@ fn object_request(
             (Some(Fault::Status { status, code }), _) => {
                 Response::error(*status, code, standard_message(code), &req.path, head)
             }
+            (Some(Fault::SlowDownFor(secs)), _) => Response::error(
+                503,
+                "SlowDown",
+                standard_message("SlowDown"),
+                &req.path,
+                head,
+            )
+            .header("Retry-After", secs.to_string()),
             (_, Ok(obj)) => serve_object(shared, req, obj, spec, head, fault.as_ref()),
             (_, Err(resp)) => *resp,
         };
