@@ -610,3 +610,25 @@ fn an_output_folder_moved_under_the_fetch_fails() {
     );
     assert!(!out.join(".metadata").exists() && !moved.join(".metadata").exists());
 }
+
+/// Another checkpoint's per-rank metadata left in the folder (a fetch of it, then one of this
+/// checkpoint with --force) is removed: a reader would merge it with this checkpoint's.
+#[test]
+fn stale_rank_metadata_of_another_checkpoint_is_removed() {
+    let (_d, out) = out_dir();
+    ok(&fetch(&fixture("per_rank"), &out, &[]));
+    // A third rank's metadata, as a checkpoint with more ranks would have left.
+    std::fs::copy(out.join("__1.metadata"), out.join("__7.metadata")).unwrap();
+    std::fs::write(out.join("__notarank.metadata"), b"kept").unwrap();
+    ok(&fetch(&fixture("per_rank"), &out, &["--force"]));
+    assert!(!out.join("__7.metadata").exists());
+    assert!(out.join("__0.metadata").exists() && out.join("__1.metadata").exists());
+    assert_eq!(read(&out.join("__notarank.metadata")), b"kept");
+    // And into a folder fetched from a per-rank checkpoint, a checkpoint with one .metadata.
+    ok(&fetch(&fixture("model"), &out, &["--force"]));
+    assert!(!out.join("__0.metadata").exists() && !out.join("__1.metadata").exists());
+    assert_eq!(
+        read(&out.join(".metadata")),
+        read(&fixture("model").join(".metadata"))
+    );
+}

@@ -332,7 +332,8 @@ pub struct FetchArgs {
     #[arg(long, help_heading = "Output")]
     pub resume: bool,
     /// Write into a folder that holds something else (existing files named by the checkpoint are
-    /// overwritten; nothing else is touched).
+    /// overwritten, per-rank `__N.metadata` files it does not have are removed; nothing else is
+    /// touched).
     #[arg(long, help_heading = "Output")]
     pub force: bool,
     #[command(flatten)]

@@ -893,11 +893,25 @@ fn unpublish(
             parent.remove(leaf)?;
         }
     }
+    // Per-rank metadata files this checkpoint does not have (an earlier fetch of another one
+    // into this folder, with --force): a reader would merge them with this checkpoint's.
+    for leaf in root.names()? {
+        if is_rank_metadata(&leaf) && !metadata.iter().any(|(n, _)| n.as_str() == leaf) {
+            root.remove(&leaf)?;
+        }
+    }
     if blocked {
         root.sync()?;
         root.remove(METADATA)?;
     }
     root.sync()
+}
+
+/// Whether a name is a rank's metadata file (`__3.metadata`).
+fn is_rank_metadata(name: &str) -> bool {
+    name.strip_prefix("__")
+        .and_then(|r| r.strip_suffix(METADATA))
+        .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Writes the metadata files aside, then puts them in place in the order explained above.
