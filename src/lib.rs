@@ -11,6 +11,7 @@ pub mod cli;
 pub mod commands;
 pub mod export;
 pub mod fetch;
+pub mod item;
 pub mod metadata;
 pub mod pipeline;
 pub mod plan;

@@ -5,7 +5,7 @@
 #![no_main]
 
 use bytes::Bytes;
-use dcpfetch::verify::{archive::ArchiveChecker, tensor};
+use dcpfetch::item::{archive::ArchiveChecker, tensor};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -14,12 +14,12 @@ use std::sync::Arc;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use crate::item::archive::{self, Record};
+use crate::item::tensor::{self, StoredTensor};
 use crate::metadata::{Checkpoint, dtype};
 use crate::plan::{FilePlan, Plan, PlanItem, describe_storage};
 use crate::source::{ObjectMeta, ObjectName, Source, SourceError};
 use crate::units::human;
-use crate::verify::archive::{self, Record};
-use crate::verify::tensor::{self, StoredTensor};
 
 /// Bytes read from each end of a large item to locate its values.
 pub const PROBE: u64 = 64 << 10;

@@ -13,11 +13,11 @@ use super::item::{self, Expect, Located};
 use super::output::Output;
 use super::{Layout, Tensor};
 use crate::fetch::{Sink, SinkError};
+use crate::item::archive;
 use crate::metadata::Checkpoint;
 use crate::plan::{FilePlan, PlanItem, describe_storage};
 use crate::sink::runs::CrcRuns;
 use crate::source::ObjectName;
-use crate::verify::archive;
 
 /// An item on its way in.
 enum Pending {

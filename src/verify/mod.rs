@@ -5,12 +5,10 @@
 //! sizes, format and sha256 manifest ([`files`]), and over item bytes, which run through the fetch
 //! engine into [`sink::VerifySink`] (with [`archive`], [`tensor`] and [`safetensors`]).
 
-pub mod archive;
 pub mod files;
 pub mod metadata;
 pub mod safetensors;
 pub mod sink;
-pub mod tensor;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;

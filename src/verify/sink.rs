@@ -9,9 +9,10 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-use super::archive::{self, Archive, ArchiveChecker};
-use super::{Check, Checks, Finding, VerifyError, VerifyOptions, tensor};
+use super::{Check, Checks, Finding, VerifyError, VerifyOptions};
 use crate::fetch::{self, Cancel, Progress, Sink, SinkError};
+use crate::item::archive::{self, Archive, ArchiveChecker};
+use crate::item::tensor;
 use crate::metadata::{Checkpoint, dtype};
 use crate::plan::{FilePlan, Plan, PlanItem, describe_storage};
 use crate::source::{ObjectMeta, ObjectName, Source};
