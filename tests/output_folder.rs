@@ -266,17 +266,30 @@ fn resume_fetches_again_an_item_whose_bytes_changed() {
     let at = (*start + (end - start) / 2) as usize;
     data[at] ^= 0xff;
     std::fs::write(&path, &data).unwrap();
-    let s = ok(&fetch(&fixture("model"), &out, &["--resume"]));
+    let run = dcpfetch()
+        .arg("fetch")
+        .arg(fixture("model"))
+        .arg("-o")
+        .arg(&out)
+        .args(["--json", "--resume", "--no-progress"])
+        .output()
+        .unwrap();
+    let s = ok(&run);
     assert_eq!(s["items_already_present"], 5, "{s:#}");
     assert_eq!(s["items"], 115);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        err.contains("1 item recorded in the journal changed on disk since"),
+        "{err}"
+    );
     assert_whole_copy(&fixture("model"), &out);
 }
 
 #[test]
 fn a_damaged_journal_vouches_only_for_what_it_can_prove() {
-    // (what is done to the journal, items still trusted of 6)
+    // (what is done to the journal, items still trusted of 6, the warning)
     type Damage = fn(&str) -> String;
-    let cases: [(&str, Damage, u64); 4] = [
+    let cases: [(&str, Damage, u64, &str); 4] = [
         (
             "a flipped digit in an offset",
             |t| {
@@ -293,20 +306,47 @@ fn a_damaged_journal_vouches_only_for_what_it_can_prove() {
                 lines.join("\n") + "\n"
             },
             5,
+            "1 line of the earlier fetch's journal could not be read",
         ),
-        ("a cut last line", |t| t[..t.len() - 7].to_owned(), 5),
-        ("a damaged header", |t| t.replacen("size", "sise", 1), 0),
-        ("an empty journal", |_| String::new(), 0),
+        (
+            "a cut last line",
+            |t| t[..t.len() - 7].to_owned(),
+            5,
+            "1 line of the earlier fetch's journal could not be read",
+        ),
+        (
+            "a damaged header",
+            |t| t.replacen("size", "sise", 1),
+            0,
+            "journal is damaged (its header is damaged): every item is fetched again",
+        ),
+        (
+            "an empty journal",
+            |_| String::new(),
+            0,
+            "journal is damaged",
+        ),
     ];
-    for (what, damage, trusted) in cases {
+    for (what, damage, trusted, warning) in cases {
         let (_d, out) = partial();
         let journal = out.join(".dcpfetch/journal.jsonl");
         let text = std::fs::read_to_string(&journal).unwrap();
         std::fs::write(&journal, damage(&text)).unwrap();
         // Without --resume or --force, a folder with a journal is still an earlier fetch.
         refused(&fetch(&fixture("model"), &out, &[]), &["--resume"]);
-        let s = ok(&fetch(&fixture("model"), &out, &["--resume"]));
+        // Not --quiet, so that the warning shows.
+        let run = dcpfetch()
+            .arg("fetch")
+            .arg(fixture("model"))
+            .arg("-o")
+            .arg(&out)
+            .args(["--json", "--resume", "--no-progress"])
+            .output()
+            .unwrap();
+        let s = ok(&run);
         assert_eq!(s["items_already_present"], trusted, "{what}");
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert!(err.contains(warning), "{what}: {err}");
         assert_whole_copy(&fixture("model"), &out);
     }
 }

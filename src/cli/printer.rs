@@ -113,6 +113,13 @@ impl Printer {
         }
     }
 
+    /// One warning on stderr, unless `--quiet`.
+    pub fn warning(&self, message: &str) {
+        if !self.quiet {
+            report::warn(message);
+        }
+    }
+
     /// A note on stderr (what `--shard auto` found), unless `--quiet`.
     pub fn note(&self, message: &str) {
         if !self.quiet {

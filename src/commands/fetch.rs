@@ -112,6 +112,9 @@ pub async fn run(s: FetchSettings) -> anyhow::Result<Outcome> {
             )
             .with_context(|| format!("cannot fetch into {}", path.display()))?;
             completion = Some(sink.completion());
+            for w in sink.warnings() {
+                s.printer.warning(w);
+            }
             let plan = mine
                 .without(
                     &|name, item| done.contains(&(name.clone(), item.range.clone())),

@@ -28,7 +28,7 @@ use crate::fetch::{Sink, SinkError};
 use crate::metadata::Checkpoint;
 use crate::plan::{FilePlan, PlanItem, Share, Split};
 use crate::source::{Location, ObjectMeta, ObjectName};
-use crate::units::sha256_hex;
+use crate::units::{count, sha256_hex};
 
 /// The folder dcpfetch keeps its own state in, inside the output folder.
 pub use crate::source::STATE_DIR;
@@ -126,6 +126,8 @@ pub struct FolderSink {
     /// This share's lock (a split fetch), held as long as the sink lives.
     _share_lock: Option<File>,
     completion: Completion,
+    /// What prepare found that the user should know.
+    warnings: Vec<String>,
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SinkError {
@@ -310,12 +312,22 @@ impl FolderSink {
             Some(s) => format!(" of share {s}"),
             None => String::new(),
         };
+        let mut warnings = Vec::new();
         let (fresh, claimed) = match mine {
             Some(Earlier::Found {
                 identity: old,
                 items,
+                distrusted,
                 ..
-            }) if opts.resume && old == identity => (false, items),
+            }) if opts.resume && old == identity => {
+                if distrusted > 0 {
+                    warnings.push(format!(
+                        "{} of the earlier fetch's journal could not be read (cut or damaged): the items they recorded are fetched again",
+                        count(distrusted as u64, "line")
+                    ));
+                }
+                (false, items)
+            }
             Some(Earlier::Found { identity: old, .. }) if opts.resume && !opts.force => {
                 return refuse(format!(
                     "{} holds {}; pass --force to start over",
@@ -324,7 +336,12 @@ impl FolderSink {
                 ));
             }
             // A damaged journal vouches for nothing: everything is fetched again.
-            Some(Earlier::Damaged(_)) if opts.resume => (true, Vec::new()),
+            Some(Earlier::Damaged(why)) if opts.resume => {
+                warnings.push(format!(
+                    "the earlier fetch's journal is damaged ({why}): every item is fetched again"
+                ));
+                (true, Vec::new())
+            }
             Some(_) if !opts.force => {
                 return refuse(format!(
                     "{} holds an earlier fetch{of_share}; pass --resume to continue it (or add to it), or --force to start over",
@@ -426,6 +443,12 @@ impl FolderSink {
 
         // What the journal claims, checked against the bytes on disk.
         let kept = check_claims(&dir, &files, &intact, claimed.clone())?;
+        if kept.len() < claimed.len() {
+            warnings.push(format!(
+                "{} recorded in the journal changed on disk since (their CRC32 differs): fetched again",
+                count((claimed.len() - kept.len()) as u64, "item")
+            ));
+        }
         if kept != claimed {
             journal = write_journal(&state, share, &identity, &kept)?;
         }
@@ -444,11 +467,18 @@ impl FolderSink {
             split: opts.shard.map(|s| (s.share, identity, limits)),
             _share_lock: share_lock,
             completion: Completion::default(),
+            warnings,
         };
         Ok((sink, done))
     }
 
     /// What the command learns once the sink has finished.
+    /// What the user should know about the earlier fetch being resumed (a damaged journal,
+    /// items whose bytes changed on disk).
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
     pub fn completion(&self) -> Completion {
         self.completion.clone()
     }
