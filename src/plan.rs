@@ -344,7 +344,7 @@ impl Plan {
             let info = &ck.storage[s].info;
             let Some(range) = ck.storage[s].range() else {
                 return Err(PlanError::Overflow {
-                    file: info.relative_path.clone(),
+                    file: info.relative_path.to_string(),
                     fqn: fqn_of(s),
                     offset: info.offset,
                     length: info.length,
@@ -411,7 +411,7 @@ impl Plan {
                 && let Some(raw) = ck.raw_tensor_len(si)
             {
                 return Err(PlanError::Safetensors {
-                    file: s.info.relative_path.clone(),
+                    file: s.info.relative_path.to_string(),
                     fqn: fqn_of(si),
                     length: s.info.length,
                     raw,
@@ -419,7 +419,7 @@ impl Plan {
             }
             let Some(range) = s.range() else {
                 return Err(PlanError::Overflow {
-                    file: s.info.relative_path.clone(),
+                    file: s.info.relative_path.to_string(),
                     fqn: fqn_of(si),
                     offset: s.info.offset,
                     length: s.info.length,
@@ -475,7 +475,7 @@ pub fn describe_storage(ck: &Checkpoint, storage: usize) -> String {
     let s = &ck.storage[storage];
     match &s.chunk_offsets {
         Some(o) => format!("{} chunk {o:?}", s.fqn),
-        None => s.fqn.clone(),
+        None => s.fqn.to_string(),
     }
 }
 
