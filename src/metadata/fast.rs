@@ -116,8 +116,7 @@ impl Bits {
     }
 }
 
-/// The opcodes of a pickle, as `(offset of the opcode, opcode, argument)`: only those the fast
-/// path knows, and only while their arguments are within the input.
+/// The input, read from the start: opcodes and their arguments, never past the end.
 struct Ops<'a> {
     data: &'a [u8],
     pos: usize,
@@ -145,56 +144,14 @@ impl<'a> Ops<'a> {
         Some(&rest[..end])
     }
 
-    /// The next opcode and its argument.
-    fn next(&mut self) -> Option<(u8, Arg<'a>)> {
-        let op = *self.data.get(self.pos)?;
-        self.pos += 1;
-        let arg = match op {
-            0x80 | b'K' | b'q' | b'h' => Arg::Int(self.uint(1)?),
-            b'M' => Arg::Int(self.uint(2)?),
-            b'J' => Arg::Int(self.uint(4)? as u32 as i32 as i64 as u64),
-            b'r' | b'j' => Arg::Int(self.uint(4)?),
-            0x95 => Arg::Int(self.uint(8)?),
-            b'G' => Arg::Bytes(self.take(8)?),
-            0x8a => {
-                let n = self.uint(1)? as usize;
-                Arg::Bytes(self.take(n)?)
-            }
-            0x8c => {
-                let n = self.uint(1)? as usize;
-                Arg::Bytes(self.take(n)?)
-            }
-            b'X' => {
-                let n = self.uint(4)? as usize;
-                Arg::Bytes(self.take(n)?)
-            }
-            0x8d => {
-                let n = usize::try_from(self.uint(8)?).ok()?;
-                Arg::Bytes(self.take(n)?)
-            }
-            b'c' => Arg::Lines(self.line()?, self.line()?),
-            b'.' | b'N' | 0x88 | 0x89 | b')' | 0x85 | 0x86 | 0x87 | b't' | b']' | b'}' | b'a'
-            | b'e' | b's' | b'u' | b'(' | 0x94 | 0x93 | b'R' | 0x81 | b'b' => Arg::None,
-            _ => return None,
+    /// The argument of a string opcode (`SHORT_BINUNICODE`, `BINUNICODE`, `BINUNICODE8`).
+    fn string_arg(&mut self, op: u8) -> Option<&'a [u8]> {
+        let n = match op {
+            0x8c => self.uint(1)?,
+            b'X' => self.uint(4)?,
+            _ => self.uint(8)?,
         };
-        Some((op, arg))
-    }
-}
-
-#[derive(Clone, Copy)]
-enum Arg<'a> {
-    None,
-    Int(u64),
-    Bytes(&'a [u8]),
-    Lines(&'a [u8], &'a [u8]),
-}
-
-impl Arg<'_> {
-    fn int(self) -> u64 {
-        match self {
-            Arg::Int(i) => i,
-            _ => 0,
-        }
+        self.take(usize::try_from(n).ok()?)
     }
 }
 
@@ -432,6 +389,9 @@ struct Fields<const N: usize> {
     owned: bool,
 }
 
+/// The string a span of the input was interned as last.
+type LastInterned = Option<(Val, Arc<str>)>;
+
 /// `planner_data`: fqn -> key path.
 type PlannerData = Vec<(String, Vec<PathPart>)>;
 
@@ -441,8 +401,6 @@ struct Machine<'a> {
     referenced: Bits,
     stack: Vec<Val>,
     marks: Vec<usize>,
-    /// What the last `MARK` held, reused.
-    scratch: Vec<Val>,
     /// Emptied vectors of released dicts, reused.
     spare_dicts: Vec<Vec<(Val, Val)>>,
     /// The memo entries a `GET` reads, by their rank in `referenced`.
@@ -458,6 +416,8 @@ struct Machine<'a> {
     objs: Slab<Rec>,
     conts: Slab<Cont>,
     intern: Interner,
+    last_fqn: LastInterned,
+    last_path: LastInterned,
     protocol: u8,
 }
 
@@ -472,7 +432,6 @@ impl<'a> Machine<'a> {
             referenced,
             stack: Vec::new(),
             marks: Vec::new(),
-            scratch: Vec::new(),
             spare_dicts: Vec::new(),
             memo,
             memo_next: 0,
@@ -483,6 +442,8 @@ impl<'a> Machine<'a> {
             objs: Slab::new(),
             conts: Slab::new(),
             intern: Interner::default(),
+            last_fqn: None,
+            last_path: None,
             protocol: 0,
         })
     }
@@ -493,7 +454,8 @@ impl<'a> Machine<'a> {
             pos: 0,
         };
         loop {
-            let (op, arg) = ops.next()?;
+            let op = *ops.data.get(ops.pos)?;
+            ops.pos += 1;
             if op == b'.' {
                 let root = self.pop()?;
                 let Val::Obj(id) = root else { return None };
@@ -507,12 +469,12 @@ impl<'a> Machine<'a> {
             }
             if op == 0x95 {
                 // FRAME: its declared length must be within the input, as the general reader checks.
-                if arg.int() > (self.data.len() - ops.pos) as u64 {
+                if ops.uint(8)? > (self.data.len() - ops.pos) as u64 {
                     return None;
                 }
                 continue;
             }
-            self.step(op, arg)?;
+            self.step(op, &mut ops)?;
         }
     }
 
@@ -536,19 +498,37 @@ impl<'a> Machine<'a> {
         self.stack.last().copied()
     }
 
-    /// The items above the topmost mark, moved into the scratch vector (give it back with
-    /// `self.scratch = items` once done).
-    fn pop_mark(&mut self) -> Step<Vec<Val>> {
+    /// Runs `f` on the value below the topmost mark (`None` when there is none above the next
+    /// mark) and the items above the mark, in place, then removes the items and the mark.
+    fn with_mark<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self, Option<Val>, &[Val]) -> Step<T>,
+    ) -> Step<T> {
         let mark = self.marks.pop()?;
-        let mut items = std::mem::take(&mut self.scratch);
-        items.clear();
-        items.extend(self.stack.drain(mark..));
-        Some(items)
+        let below = (mark > self.floor())
+            .then(|| self.stack.get(mark.wrapping_sub(1)).copied())
+            .flatten();
+        let stack = std::mem::take(&mut self.stack);
+        let r = match stack.get(mark..) {
+            Some(items) => f(self, below, items),
+            None => None,
+        };
+        self.stack = stack;
+        self.stack.truncate(mark);
+        r
     }
 
-    fn recycle(&mut self, mut items: Vec<Val>) {
-        items.clear();
-        self.scratch = items;
+    /// An interned string, the same `Arc` as last time when it is the same span of the input
+    /// (torch's files name a tensor's fqn by a memo reference for each of its chunks).
+    fn intern_span(&mut self, v: Val, last: fn(&mut Self) -> &mut LastInterned) -> Step<Arc<str>> {
+        if let Some((span, a)) = last(self)
+            && *span == v
+        {
+            return Some(a.clone());
+        }
+        let a = self.intern.get(self.str_of(v)?);
+        *last(self) = Some((v, a.clone()));
+        Some(a)
     }
 
     /// Whether a value is the string `name`.
@@ -740,19 +720,27 @@ impl<'a> Machine<'a> {
 
     // ---- the opcodes -------------------------------------------------------------------------
 
-    fn step(&mut self, op: u8, arg: Arg<'a>) -> Step<()> {
-        match (op, arg) {
-            (0x80, Arg::Int(p)) => {
+    /// Runs one opcode (not `STOP` or `FRAME`), reading its argument from `ops`.
+    fn step(&mut self, op: u8, ops: &mut Ops<'a>) -> Step<()> {
+        match op {
+            0x80 => {
+                let p = ops.uint(1)?;
                 if p > 5 {
                     return None;
                 }
                 self.protocol = self.protocol.max(p as u8);
             }
-            (b'N', _) => self.stack.push(Val::None),
-            (0x88, _) => self.stack.push(Val::Bool(true)),
-            (0x89, _) => self.stack.push(Val::Bool(false)),
-            (b'K' | b'M' | b'J', Arg::Int(i)) => self.stack.push(Val::Int(i as i64)),
-            (0x8a, Arg::Bytes(b)) => {
+            b'N' => self.stack.push(Val::None),
+            0x88 => self.stack.push(Val::Bool(true)),
+            0x89 => self.stack.push(Val::Bool(false)),
+            b'K' => self.stack.push(Val::Int(ops.uint(1)? as i64)),
+            b'M' => self.stack.push(Val::Int(ops.uint(2)? as i64)),
+            b'J' => self
+                .stack
+                .push(Val::Int(i64::from(ops.uint(4)? as u32 as i32))),
+            0x8a => {
+                let n = ops.uint(1)? as usize;
+                let b = ops.take(n)?;
                 if b.len() > 8 {
                     return None;
                 }
@@ -766,75 +754,71 @@ impl<'a> Machine<'a> {
                 };
                 self.stack.push(Val::Int(v));
             }
-            (b'G', Arg::Bytes(b)) => {
+            b'G' => {
+                let b = ops.take(8)?;
                 self.stack
                     .push(Val::Float(f64::from_be_bytes(b.try_into().ok()?)));
             }
-            (0x8c | b'X' | 0x8d, Arg::Bytes(b)) => {
+            0x8c | b'X' | 0x8d => {
+                let b = ops.string_arg(op)?;
                 let v = self.string(b)?;
                 self.stack.push(v);
             }
-            (b')', _) => self.stack.push(Val::Dims(self.dims.len() as u32, 0)),
-            (0x85..=0x87, _) => {
+            b')' => self.stack.push(Val::Dims(self.dims.len() as u32, 0)),
+            0x85..=0x87 => {
                 let n = (op - 0x84) as usize;
                 if self.stack.len() < self.floor() + n {
                     return None;
                 }
                 let from = self.stack.len() - n;
-                let mut items = std::mem::take(&mut self.scratch);
-                items.clear();
-                items.extend(self.stack.drain(from..));
-                let v = self.tuple(&items);
-                self.recycle(items);
+                let stack = std::mem::take(&mut self.stack);
+                let v = self.tuple(&stack[from..]);
+                self.stack = stack;
+                self.stack.truncate(from);
                 self.stack.push(v?);
             }
-            (b't', _) => {
-                let items = self.pop_mark()?;
-                let v = self.tuple(&items);
-                self.recycle(items);
-                self.stack.push(v?);
+            b't' => {
+                let v = self.with_mark(|m, _, items| m.tuple(items))?;
+                self.stack.push(v);
             }
-            (b']', _) => {
+            b']' => {
                 let i = self.conts.alloc(Cont::List(Vec::new()), 1)?;
                 self.stack.push(Val::Cont(i));
             }
-            (b'}', _) => {
+            b'}' => {
                 let d = self.spare_dicts.pop().unwrap_or_default();
                 let i = self.conts.alloc(Cont::Dict(d), 1)?;
                 self.stack.push(Val::Cont(i));
             }
-            (b'a', _) => {
+            b'a' => {
                 let item = self.pop()?;
                 let target = self.top()?;
                 self.append(target, &[item])?;
             }
-            (b'e', _) => {
-                let items = self.pop_mark()?;
-                let target = self.top()?;
-                let done = self.append(target, &items);
-                self.recycle(items);
-                done?;
+            b'e' => {
+                self.with_mark(|m, target, items| m.append(target?, items))?;
             }
-            (b's', _) => {
+            b's' => {
                 let value = self.pop()?;
                 let key = self.pop()?;
                 let target = self.top()?;
                 self.set_items(target, &[key, value])?;
             }
-            (b'u', _) => {
-                let items = self.pop_mark()?;
-                let target = self.top()?;
-                let done = self.set_items(target, &items);
-                self.recycle(items);
-                done?;
+            b'u' => {
+                self.with_mark(|m, target, items| m.set_items(target?, items))?;
             }
-            (b'(', _) => {
+            b'(' => {
                 if self.marks.len() as u32 >= self.limits.max_depth {
                     return None;
                 }
                 self.marks.push(self.stack.len());
             }
-            (0x94 | b'q' | b'r', _) => {
+            0x94 | b'q' | b'r' => {
+                match op {
+                    b'q' => ops.take(1)?,
+                    b'r' => ops.take(4)?,
+                    _ => &[],
+                };
                 // The first pass checked that every write is at the next index.
                 let v = self.top()?;
                 let i = self.memo_next;
@@ -844,12 +828,14 @@ impl<'a> Machine<'a> {
                     *self.memo.get_mut(r)? = Some(v);
                 }
             }
-            (b'h' | b'j', Arg::Int(i)) => {
+            b'h' | b'j' => {
+                let i = ops.uint(if op == b'h' { 1 } else { 4 })?;
                 let r = self.referenced.rank(usize::try_from(i).ok()?)?;
                 let v = (*self.memo.get(r)?)?;
                 self.stack.push(v);
             }
-            (b'c', Arg::Lines(module, name)) => {
+            b'c' => {
+                let (module, name) = (ops.line()?, ops.line()?);
                 let module = std::str::from_utf8(module).ok()?;
                 let n = std::str::from_utf8(name).ok()?;
                 let Val::Str(s, l) = self.string(name)? else {
@@ -857,7 +843,7 @@ impl<'a> Machine<'a> {
                 };
                 self.stack.push(Val::Global(class_of(module, n, (s, l))?));
             }
-            (0x93, _) => {
+            0x93 => {
                 let name = self.pop()?;
                 let module = self.pop()?;
                 let (Some(m), Some(n), Val::Str(s, l)) =
@@ -867,7 +853,7 @@ impl<'a> Machine<'a> {
                 };
                 self.stack.push(Val::Global(class_of(m, n, (s, l))?));
             }
-            (b'R', _) => {
+            b'R' => {
                 let args = self.pop()?;
                 let callable = self.pop()?;
                 let v = self.reduce(callable, args)?;
@@ -880,7 +866,7 @@ impl<'a> Machine<'a> {
                 }
                 self.stack.push(v);
             }
-            (0x81, _) => {
+            0x81 => {
                 let args = self.pop()?;
                 let cls = self.pop()?;
                 let (Val::Global(c), Val::Dims(_, 0)) = (cls, args) else {
@@ -902,7 +888,7 @@ impl<'a> Machine<'a> {
                 let i = self.objs.alloc(Rec::Pending(c), 0)?;
                 self.stack.push(Val::Obj(i));
             }
-            (b'b', _) => {
+            b'b' => {
                 let state = self.pop()?;
                 let Val::Obj(i) = self.top()? else {
                     return None;
@@ -1251,7 +1237,7 @@ impl<'a> Machine<'a> {
             Class::Index => {
                 let f = self.fields(state, ["fqn", "offset", "index"])?;
                 let [fqn, offset, index] = f.values;
-                let fqn = self.intern.get(self.str_of(fqn?)?);
+                let fqn = self.intern_span(fqn?, |m| &mut m.last_fqn)?;
                 let offset = match offset {
                     Some(o) => Some(self.dims_of(o)?),
                     None => None,
@@ -1274,7 +1260,7 @@ impl<'a> Machine<'a> {
                 };
                 let path = path?;
                 let relative_path = match path {
-                    Val::Str(..) => self.intern.get(self.str_of(path)?),
+                    Val::Str(..) => self.intern_span(path, |m| &mut m.last_path)?,
                     _ => {
                         let p = self.path_like(path)?;
                         self.intern.get(&p)

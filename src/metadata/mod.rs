@@ -490,14 +490,10 @@ impl Checkpoint {
             let group = &mut grouped[start[ei]..start[ei + 1]];
             // By key, then file, then position: a key that one file sets twice keeps its last
             // value, as a Python dict does (MetadataIndex compares fqn and offsets only).
-            if group.len() > 1 {
-                group.sort_unstable_by(|a, b| {
-                    (&storage[*a].chunk_offsets, storage[*a].metadata_file, *a).cmp(&(
-                        &storage[*b].chunk_offsets,
-                        storage[*b].metadata_file,
-                        *b,
-                    ))
-                });
+            let key = |i: &usize| (&storage[*i].chunk_offsets, storage[*i].metadata_file, *i);
+            // torch writes a tensor's items in the order of its chunks: usually sorted already.
+            if !group.is_sorted_by_key(key) {
+                group.sort_unstable_by(|a, b| key(a).cmp(&key(b)));
             }
             stored.clear();
             for &si in group.iter() {
@@ -513,7 +509,7 @@ impl Checkpoint {
             }
             order.clear();
             order.extend(0..e.chunks.len());
-            if order.len() > 1 {
+            if !order.is_sorted_by_key(|c| &e.chunks[*c].offsets) {
                 order.sort_by(|a, b| e.chunks[*a].offsets.cmp(&e.chunks[*b].offsets));
             }
             let mut j = 0;
