@@ -418,6 +418,9 @@ struct Machine<'a> {
     intern: Interner,
     last_fqn: LastInterned,
     last_path: LastInterned,
+    /// Whether the first `state_dict_metadata` and `storage_data` got their room.
+    reserved_entries: bool,
+    reserved_storage: bool,
     protocol: u8,
 }
 
@@ -444,6 +447,8 @@ impl<'a> Machine<'a> {
             intern: Interner::default(),
             last_fqn: None,
             last_path: None,
+            reserved_entries: false,
+            reserved_storage: false,
             protocol: 0,
         })
     }
@@ -908,9 +913,16 @@ impl<'a> Machine<'a> {
 
     /// Room for the items of `state_dict_metadata` or `storage_data`, so that a million are never
     /// copied as the vector grows: torch pickles either in more than 100 bytes an item (reserved
-    /// pages that are never written cost nothing).
-    fn expected_items(&self) -> usize {
-        self.data.len() / 100
+    /// pages that are never written cost nothing). Only the first dict of each kind gets it (a
+    /// file of many small ones must not reserve for each), and a reservation the system refuses
+    /// is skipped.
+    fn reserve_once<T>(input_len: usize, done: &mut bool) -> Vec<T> {
+        let mut v = Vec::new();
+        if !*done {
+            *done = true;
+            let _ = v.try_reserve_exact(input_len / 100);
+        }
+        v
     }
 
     fn tuple(&mut self, items: &[Val]) -> Step<Val> {
@@ -1034,11 +1046,14 @@ impl<'a> Machine<'a> {
         {
             let kind = match (k, self.peek_obj(k), self.peek_obj(v)) {
                 (Val::Str(..), _, Some(Rec::Tensor(_) | Rec::Pending(Class::BytesStorage))) => {
-                    Some(Cont::Entries(Vec::with_capacity(self.expected_items())))
+                    Some(Cont::Entries(Self::reserve_once(
+                        self.data.len(),
+                        &mut self.reserved_entries,
+                    )))
                 }
-                (_, Some(Rec::Index(..)), Some(Rec::Info(_))) => {
-                    Some(Cont::Storage(Vec::with_capacity(self.expected_items())))
-                }
+                (_, Some(Rec::Index(..)), Some(Rec::Info(_))) => Some(Cont::Storage(
+                    Self::reserve_once(self.data.len(), &mut self.reserved_storage),
+                )),
                 _ => None,
             };
             if let Some(kind) = kind {

@@ -1,9 +1,11 @@
 //! Reading a checkpoint's `.metadata` (or per-rank `__N.metadata` files) into one [`Checkpoint`].
 //!
-//! [`pickle`] turns bytes into a value graph without executing anything, [`model`] reads torch's
-//! classes from that graph, and this module merges the files into one view, links every chunk to
-//! its stored copies (and every stored copy back to its chunk) and reports globals outside the
-//! known set as security findings ([`UnsafeGlobal`]).
+//! torch's own files take a fast path (`fast`: one pass over the opcodes straight into entries and
+//! storage, giving up on anything it does not know); every other file, and every error and
+//! finding, takes the general one: [`pickle`] turns bytes into a value graph without executing
+//! anything and [`model`] reads torch's classes from that graph. This module merges the files into
+//! one view, links every chunk to its stored copies (and every stored copy back to its chunk) and
+//! reports globals outside the known set as security findings ([`UnsafeGlobal`]).
 
 pub mod dtype;
 mod fast;
