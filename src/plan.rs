@@ -179,7 +179,7 @@ pub fn refuse_raw(ck: &Checkpoint, si: usize) -> Result<(), PlanError> {
         Some(raw) if ck.is_raw_tensor(si) => {
             let s = &ck.storage[si];
             Err(PlanError::Safetensors {
-                file: s.info.relative_path.clone(),
+                file: s.info.relative_path.to_string(),
                 fqn: describe_storage(ck, si),
                 length: s.info.length,
                 raw,
@@ -361,7 +361,7 @@ impl Plan {
             let info = &ck.storage[s].info;
             let Some(range) = ck.storage[s].range() else {
                 return Err(PlanError::Overflow {
-                    file: info.relative_path.clone(),
+                    file: info.relative_path.to_string(),
                     fqn: fqn_of(s),
                     offset: info.offset,
                     length: info.length,
@@ -427,7 +427,7 @@ impl Plan {
             refuse_raw(ck, si)?;
             let Some(range) = s.range() else {
                 return Err(PlanError::Overflow {
-                    file: s.info.relative_path.clone(),
+                    file: s.info.relative_path.to_string(),
                     fqn: fqn_of(si),
                     offset: s.info.offset,
                     length: s.info.length,
@@ -483,7 +483,7 @@ pub fn describe_storage(ck: &Checkpoint, storage: usize) -> String {
     let s = &ck.storage[storage];
     match &s.chunk_offsets {
         Some(o) => format!("{} chunk {o:?}", s.fqn),
-        None => s.fqn.clone(),
+        None => s.fqn.to_string(),
     }
 }
 

@@ -104,9 +104,7 @@ impl<'a> EntryView<'a> {
 
     /// The files holding the selected chunks, sorted.
     fn files(&self) -> BTreeSet<&'a str> {
-        self.copies()
-            .map(|s| s.info.relative_path.as_str())
-            .collect()
+        self.copies().map(|s| &*s.info.relative_path).collect()
     }
 
     /// Selected chunks with distinct offsets.
@@ -133,9 +131,9 @@ impl Serialize for EntryView<'_> {
         let e = self.entry;
         let t = e.tensor.as_ref();
         let mut st = serializer.serialize_struct("Entry", 9)?;
-        st.serialize_field("fqn", &e.fqn)?;
+        st.serialize_field("fqn", &*e.fqn)?;
         st.serialize_field("kind", e.kind())?;
-        st.serialize_field("dtype", &t.map(|t| &t.dtype))?;
+        st.serialize_field("dtype", &t.map(|t| &*t.dtype))?;
         st.serialize_field("shape", &t.map(|t| &t.shape))?;
         st.serialize_field("strides", &t.and_then(|t| t.strides.as_ref()))?;
         st.serialize_field("requires_grad", &t.map(|t| t.requires_grad))?;
@@ -185,7 +183,7 @@ impl Serialize for ChunkJson<'_> {
         let mut st = serializer.serialize_struct("Chunk", 7)?;
         st.serialize_field("offsets", &self.chunk.offsets)?;
         st.serialize_field("sizes", &self.chunk.sizes)?;
-        st.serialize_field("file", &info.map(|i| &i.relative_path))?;
+        st.serialize_field("file", &info.map(|i| &*i.relative_path))?;
         st.serialize_field("offset", &info.map(|i| i.offset))?;
         st.serialize_field("length", &info.map(|i| i.length))?;
         let none: &[String] = &[];
@@ -319,7 +317,7 @@ fn row(view: &EntryView) -> [String; 7] {
     [
         printable(&view.entry.fqn).into_owned(),
         view.entry.kind().to_owned(),
-        t.map_or_else(|| "-".into(), |t| t.dtype.clone()),
+        t.map_or_else(|| "-".into(), |t| t.dtype.to_string()),
         shape_text(t.map(|t| &t.shape)),
         view.distinct_chunks().to_string(),
         human(view.stored_bytes()),

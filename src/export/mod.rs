@@ -215,7 +215,7 @@ impl Layout {
             let e = &ck.entries[sel.entry];
             let Some(t) = &e.tensor else {
                 skipped.push(Skipped {
-                    fqn: e.fqn.clone(),
+                    fqn: e.fqn.to_string(),
                     reason: "a bytes entry, not a tensor".into(),
                 });
                 continue;
@@ -224,13 +224,13 @@ impl Layout {
             else {
                 if !opts.skip_unsupported {
                     return Err(LayoutError::Unsupported {
-                        fqn: e.fqn.clone(),
-                        dtype: t.dtype.clone(),
+                        fqn: e.fqn.to_string(),
+                        dtype: t.dtype.to_string(),
                         format: opts.format_name(),
                     });
                 }
                 skipped.push(Skipped {
-                    fqn: e.fqn.clone(),
+                    fqn: e.fqn.to_string(),
                     reason: format!("{} cannot hold {}", opts.format_name(), t.dtype),
                 });
                 continue;
@@ -240,7 +240,7 @@ impl Layout {
             } else {
                 regions
                     .iter()
-                    .filter(|r| r.fqn == e.fqn)
+                    .filter(|r| *r.fqn == *e.fqn)
                     .map(|r| Extent {
                         offsets: r.offsets.clone(),
                         sizes: r.sizes.clone(),
@@ -248,12 +248,12 @@ impl Layout {
                     .collect()
             };
             for extent in extents {
-                let total = extent
-                    .numel()
-                    .ok_or(LayoutError::Overflow { fqn: e.fqn.clone() })?;
-                let len = total
-                    .checked_mul(elem)
-                    .ok_or(LayoutError::Overflow { fqn: e.fqn.clone() })?;
+                let total = extent.numel().ok_or(LayoutError::Overflow {
+                    fqn: e.fqn.to_string(),
+                })?;
+                let len = total.checked_mul(elem).ok_or(LayoutError::Overflow {
+                    fqn: e.fqn.to_string(),
+                })?;
                 let mut feeds = Vec::new();
                 let mut held = Vec::new();
                 let mut covered = 0u64;
@@ -266,8 +266,8 @@ impl Layout {
                         continue;
                     };
                     let box_ = Extent {
-                        offsets: offsets.clone(),
-                        sizes: sizes.clone(),
+                        offsets: offsets.to_vec(),
+                        sizes: sizes.to_vec(),
                     };
                     let Some(inter) = box_.intersect(&extent) else {
                         continue;
@@ -280,7 +280,7 @@ impl Layout {
                         && raw.is_none_or(|raw| raw > info.length)
                     {
                         return Err(LayoutError::Incomplete {
-                            fqn: e.fqn.clone(),
+                            fqn: e.fqn.to_string(),
                             detail: format!(
                                 "the chunk at {offsets:?} of sizes {sizes:?} needs {} bytes, but its stored item ({} bytes {}..) holds {}",
                                 raw.map_or_else(|| "more than 2^64".into(), |r| r.to_string()),
@@ -290,22 +290,24 @@ impl Layout {
                             ),
                         });
                     }
-                    let placement = Placement::new(&box_, &extent, elem)
-                        .ok_or(LayoutError::Overflow { fqn: e.fqn.clone() })?;
+                    let placement =
+                        Placement::new(&box_, &extent, elem).ok_or(LayoutError::Overflow {
+                            fqn: e.fqn.to_string(),
+                        })?;
                     covered = covered.saturating_add(inter.numel().unwrap_or(u64::MAX));
                     held.push(inter);
                     feeds.push((storage, placement));
                 }
                 if covered < total {
                     return Err(LayoutError::Incomplete {
-                        fqn: e.fqn.clone(),
+                        fqn: e.fqn.to_string(),
                         detail: missing(&extent, &held, covered, total),
                     });
                 }
                 tensors.push(Tensor {
                     name: opts.name(&e.fqn),
-                    fqn: e.fqn.clone(),
-                    dtype: t.dtype.clone(),
+                    fqn: e.fqn.to_string(),
+                    dtype: t.dtype.to_string(),
                     code,
                     extent,
                     elem,
@@ -349,7 +351,7 @@ impl Layout {
                     .iter()
                     .map(|(s, _)| {
                         let info = &ck.storage[*s].info;
-                        (info.relative_path.as_str(), info.offset)
+                        (&*info.relative_path, info.offset)
                     })
                     .min_by(|a, b| natural_cmp(a.0, b.0).then(a.1.cmp(&b.1)))
             })

@@ -1,12 +1,18 @@
 //! Reading a checkpoint's `.metadata` (or per-rank `__N.metadata` files) into one [`Checkpoint`].
 //!
-//! [`pickle`] turns bytes into a value graph without executing anything, [`model`] reads torch's
-//! classes from that graph, and this module merges the files into one view, links every chunk to
-//! its stored copies (and every stored copy back to its chunk) and reports globals outside the
-//! known set as security findings ([`UnsafeGlobal`]).
+//! torch's own files take a fast path (`fast`: one pass over the opcodes straight into entries and
+//! storage, giving up on anything it does not know); every other file, and every error and
+//! finding, takes the general one: [`pickle`] turns bytes into a value graph without executing
+//! anything and [`model`] reads torch's classes from that graph. This module merges the files into
+//! one view, links every chunk to its stored copies (and every stored copy back to its chunk) and
+//! reports globals outside the known set as security findings ([`UnsafeGlobal`]).
 
 pub mod dtype;
+mod fast;
 pub mod model;
+
+#[doc(hidden)]
+pub use fast::check_against_general;
 pub mod pickle;
 
 use std::collections::HashMap;
@@ -15,6 +21,9 @@ use std::sync::Arc;
 
 use crate::source::{Source, SourceError};
 use model::{EntryMeta, ModelError, RankMetadata, StorageInfo, StorageMeta, TensorMeta};
+
+/// The dimensions of a chunk (its offsets or its sizes): one allocation of exactly its length.
+pub type Dims = Box<[u64]>;
 use pickle::{Limits, Pickle, PickleError};
 
 /// The name torch gives the metadata file of a checkpoint saved with collectives.
@@ -36,8 +45,9 @@ pub struct MetadataFile {
     pub storage_meta: Option<StorageMeta>,
     /// The pickle protocol the file declares.
     pub protocol: u8,
-    /// The file's bytes, kept to copy them byte for byte into a fetched folder.
-    pub bytes: Arc<[u8]>,
+    /// The file's bytes, kept to copy them byte for byte into a fetched folder (the buffer they
+    /// were read into, never copied).
+    pub bytes: bytes::Bytes,
 }
 
 /// A global named by a metadata file that is not one torch's loading resolves to build data:
@@ -74,9 +84,10 @@ pub struct ChunkIndex {
 pub struct Storage {
     /// Index into [`Checkpoint::metadata_files`] of the file that lists this copy.
     pub metadata_file: usize,
-    pub fqn: String,
+    /// The same allocation as its entry's [`Entry::fqn`].
+    pub fqn: Arc<str>,
     /// The chunk offsets of the `MetadataIndex`; `None` for bytes entries.
-    pub chunk_offsets: Option<Vec<u64>>,
+    pub chunk_offsets: Option<Dims>,
     pub info: StorageInfo,
     /// The chunk this is a copy of: the back-link of [`Chunk::storage`], set in the same place.
     /// `None` only for a copy that no chunk refers to (its fqn or offsets match no chunk).
@@ -95,8 +106,8 @@ impl Storage {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Chunk {
     /// `None` for bytes entries.
-    pub offsets: Option<Vec<u64>>,
-    pub sizes: Option<Vec<u64>>,
+    pub offsets: Option<Dims>,
+    pub sizes: Option<Dims>,
     /// Indexes into [`Checkpoint::storage`]: one per rank that stored it (usually one).
     pub storage: Vec<usize>,
 }
@@ -115,13 +126,43 @@ impl Chunk {
 /// One fqn of the state dict.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
-    pub fqn: String,
+    pub fqn: Arc<str>,
     /// `None` for bytes entries (opaque `torch.save` values such as `step`).
     pub tensor: Option<TensorMeta>,
     pub chunks: Vec<Chunk>,
 }
 
 impl Entry {
+    /// An entry as one metadata file describes it: its chunks not yet linked to storage.
+    pub(crate) fn new(fqn: Arc<str>, meta: EntryMeta) -> Entry {
+        match meta {
+            EntryMeta::Bytes => Entry {
+                fqn,
+                tensor: None,
+                chunks: vec![Chunk {
+                    offsets: None,
+                    sizes: None,
+                    storage: Vec::new(),
+                }],
+            },
+            EntryMeta::Tensor(mut t) => {
+                let chunks = std::mem::take(&mut t.chunks)
+                    .into_iter()
+                    .map(|c| Chunk {
+                        offsets: Some(c.offsets),
+                        sizes: Some(c.sizes),
+                        storage: Vec::new(),
+                    })
+                    .collect();
+                Entry {
+                    fqn,
+                    tensor: Some(t),
+                    chunks,
+                }
+            }
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         if self.tensor.is_some() {
             "tensor"
@@ -146,12 +187,12 @@ pub struct Checkpoint {
     pub warnings: Vec<String>,
 }
 
-/// Lookups while merging files: entries by fqn, and the chunks of entries that more than one file
-/// names, by offsets.
+/// Lookups while merging files: entries by fqn (made when a second file comes: one file's entries
+/// are unique), and the chunks of entries that more than one file names, by offsets.
 #[derive(Debug, Default)]
 struct MergeIndex {
-    by_fqn: HashMap<String, usize>,
-    chunks: HashMap<usize, HashMap<Option<Vec<u64>>, usize>>,
+    by_fqn: Option<HashMap<Arc<str>, usize>>,
+    chunks: HashMap<usize, HashMap<Option<Dims>, usize>>,
 }
 
 /// One metadata file read: the file, its model and its unsafe globals.
@@ -216,12 +257,26 @@ fn is_safetensors_name(name: &str) -> bool {
 impl Checkpoint {
     /// Parses one metadata file's bytes.
     pub fn parse_file(name: &str, data: &[u8]) -> Result<ParsedFile, MetadataError> {
-        Self::parse_shared(name, Arc::from(data))
+        Self::parse_shared(name, bytes::Bytes::copy_from_slice(data))
     }
 
     /// Parses one metadata file's bytes, kept in the [`MetadataFile`] without another copy.
-    fn parse_shared(name: &str, bytes: Arc<[u8]>) -> Result<ParsedFile, MetadataError> {
+    fn parse_shared(name: &str, bytes: bytes::Bytes) -> Result<ParsedFile, MetadataError> {
         let data = &bytes[..];
+        // torch's own files take the fast path; anything else (and every error and finding) the
+        // general unpickler.
+        if let Some(fast) = fast::read(data, Limits::default()) {
+            let md = fast.md;
+            let file = MetadataFile {
+                name: name.to_owned(),
+                size: data.len() as u64,
+                version: md.version.clone(),
+                storage_meta: md.storage_meta.clone(),
+                protocol: fast.protocol,
+                bytes: bytes.clone(),
+            };
+            return Ok((file, md, Vec::new()));
+        }
         let p = Pickle::parse_with(data, Limits::default()).map_err(|source| {
             MetadataError::Pickle {
                 file: name.to_owned(),
@@ -284,17 +339,24 @@ impl Checkpoint {
                     "{name}: state_dict_metadata sets {fqn:?} more than once; the last value is kept, as in Python"
                 ));
             }
-            for (fqn, meta) in md.entries {
-                ck.merge_entry(&mut index, name, fqn, meta)?;
+            if ck.entries.is_empty() {
+                // Moved, not copied: the first file's entries are unique.
+                ck.entries = md.entries;
+            } else {
+                for entry in md.entries {
+                    ck.merge_entry(&mut index, name, entry)?;
+                }
             }
-            ck.storage
-                .extend(md.storage.into_iter().map(|(index, info)| Storage {
-                    metadata_file: file_index,
-                    fqn: index.fqn,
-                    chunk_offsets: index.offset,
-                    info,
-                    chunk: None,
-                }));
+            let mut storage = md.storage;
+            for s in &mut storage {
+                s.metadata_file = file_index;
+            }
+            // The first file's items are moved, not copied: a million of them are 140 MB.
+            if ck.storage.is_empty() {
+                ck.storage = storage;
+            } else {
+                ck.storage.extend(storage);
+            }
         }
         ck.link();
         Ok(ck)
@@ -304,32 +366,23 @@ impl Checkpoint {
         &mut self,
         index: &mut MergeIndex,
         file: &str,
-        fqn: String,
-        meta: EntryMeta,
+        entry: Entry,
     ) -> Result<(), MetadataError> {
-        let (tensor, chunks) = match meta {
-            EntryMeta::Bytes => (
-                None,
-                vec![Chunk {
-                    offsets: None,
-                    sizes: None,
-                    storage: Vec::new(),
-                }],
-            ),
-            EntryMeta::Tensor(mut t) => {
-                let chunks = std::mem::take(&mut t.chunks)
-                    .into_iter()
-                    .map(|c| Chunk {
-                        offsets: Some(c.offsets),
-                        sizes: Some(c.sizes),
-                        storage: Vec::new(),
-                    })
-                    .collect();
-                (Some(t), chunks)
-            }
-        };
-        let Some(&i) = index.by_fqn.get(&fqn) else {
-            index.by_fqn.insert(fqn.clone(), self.entries.len());
+        let Entry {
+            fqn,
+            tensor,
+            chunks,
+        } = entry;
+        let entries = &self.entries;
+        let by_fqn = index.by_fqn.get_or_insert_with(|| {
+            entries
+                .iter()
+                .enumerate()
+                .map(|(i, e)| (e.fqn.clone(), i))
+                .collect()
+        });
+        let Some(&i) = by_fqn.get(&fqn) else {
+            by_fqn.insert(fqn.clone(), self.entries.len());
             self.entries.push(Entry {
                 fqn,
                 tensor,
@@ -399,40 +452,70 @@ impl Checkpoint {
     /// Links every chunk to the storage entries with its `(fqn, offsets)` key, and each of those
     /// storage entries back to the chunk.
     fn link(&mut self) {
-        // Group the storage entries by fqn, sort each group by chunk offsets, and merge it with
-        // the entry's chunks sorted the same way: no per-entry hashing of strings.
-        let mut by_fqn: HashMap<&str, Vec<usize>> = HashMap::with_capacity(self.entries.len());
-        for (i, s) in self.storage.iter().enumerate() {
-            by_fqn.entry(&s.fqn).or_default().push(i);
-        }
+        // Group the storage entries by their entry (a counting sort: no allocation per entry),
+        // sort each group by chunk offsets, and merge it with the entry's chunks sorted the same
+        // way: one hash of each fqn, and no hashing of (fqn, offsets) keys.
         let storage = &self.storage;
+        let mut owner: Vec<usize> = vec![usize::MAX; storage.len()];
+        let mut start = vec![0usize; self.entries.len() + 1];
+        {
+            let entry_of: HashMap<&str, usize> = self
+                .entries
+                .iter()
+                .enumerate()
+                .map(|(i, e)| (&*e.fqn, i))
+                .collect();
+            for (si, s) in storage.iter().enumerate() {
+                if let Some(&ei) = entry_of.get(&*s.fqn) {
+                    owner[si] = ei;
+                    start[ei + 1] += 1;
+                }
+            }
+        }
+        for i in 1..start.len() {
+            start[i] += start[i - 1];
+        }
+        let mut grouped = vec![0usize; start[self.entries.len()]];
+        let mut next = start.clone();
+        for (si, &ei) in owner.iter().enumerate() {
+            if ei != usize::MAX {
+                grouped[next[ei]] = si;
+                next[ei] += 1;
+            }
+        }
+        drop((owner, next));
         let mut back: Vec<Option<ChunkIndex>> = vec![None; storage.len()];
         let mut dropped = vec![false; storage.len()];
+        let mut stored: Vec<usize> = Vec::new();
+        let mut order: Vec<usize> = Vec::new();
         for (ei, e) in self.entries.iter_mut().enumerate() {
-            let mut stored = by_fqn.remove(e.fqn.as_str()).unwrap_or_default();
+            let group = &mut grouped[start[ei]..start[ei + 1]];
             // By key, then file, then position: a key that one file sets twice keeps its last
             // value, as a Python dict does (MetadataIndex compares fqn and offsets only).
-            stored.sort_by(|a, b| {
-                (&storage[*a].chunk_offsets, storage[*a].metadata_file, *a).cmp(&(
-                    &storage[*b].chunk_offsets,
-                    storage[*b].metadata_file,
-                    *b,
-                ))
-            });
-            stored.dedup_by(|later, earlier| {
-                let same = storage[*later].chunk_offsets == storage[*earlier].chunk_offsets
-                    && storage[*later].metadata_file == storage[*earlier].metadata_file;
-                if same {
-                    // `dedup_by` keeps the earlier element: move the later one into its place.
-                    dropped[*earlier] = true;
-                    std::mem::swap(later, earlier);
+            let key = |i: &usize| (&storage[*i].chunk_offsets, storage[*i].metadata_file, *i);
+            // torch writes a tensor's items in the order of its chunks: usually sorted already.
+            if !group.is_sorted_by_key(key) {
+                group.sort_unstable_by(|a, b| key(a).cmp(&key(b)));
+            }
+            stored.clear();
+            for &si in group.iter() {
+                if let Some(last) = stored.last_mut()
+                    && storage[*last].chunk_offsets == storage[si].chunk_offsets
+                    && storage[*last].metadata_file == storage[si].metadata_file
+                {
+                    dropped[*last] = true;
+                    *last = si;
+                } else {
+                    stored.push(si);
                 }
-                same
-            });
-            let mut order: Vec<usize> = (0..e.chunks.len()).collect();
-            order.sort_by(|a, b| e.chunks[*a].offsets.cmp(&e.chunks[*b].offsets));
+            }
+            order.clear();
+            order.extend(0..e.chunks.len());
+            if !order.is_sorted_by_key(|c| &e.chunks[*c].offsets) {
+                order.sort_by(|a, b| e.chunks[*a].offsets.cmp(&e.chunks[*b].offsets));
+            }
             let mut j = 0;
-            for ci in order {
+            for &ci in &order {
                 let c = &mut e.chunks[ci];
                 while j < stored.len() && storage[stored[j]].chunk_offsets < c.offsets {
                     j += 1;
@@ -541,13 +624,12 @@ impl Checkpoint {
             }
             Err(e) => return Err(e),
         };
-        // Each file's bytes move into the `Arc` that keeps them (and its buffer is freed) before
-        // it is parsed: one copy of them at a time, not two.
+        // Each file's buffer becomes the `Bytes` that keeps it: its bytes are never copied.
         tokio::task::spawn_blocking(move || {
             Checkpoint::merge(
                 files
                     .into_iter()
-                    .map(|(name, data)| Self::parse_shared(&name, Arc::from(data))),
+                    .map(|(name, data)| Self::parse_shared(&name, bytes::Bytes::from(data))),
             )
         })
         .await
@@ -594,10 +676,19 @@ impl Checkpoint {
 
     /// Every shard file the metadata names, in first-seen order.
     pub fn files(&self) -> Vec<&str> {
+        // By address first: the items of one file share its name's allocation, so the names are
+        // hashed once per file, not once per item.
+        let mut addresses = model::AddressMap::default();
         let mut seen = std::collections::HashSet::new();
         self.storage
             .iter()
-            .map(|s| s.info.relative_path.as_str())
+            .map(|s| &s.info.relative_path)
+            .filter(|p| {
+                addresses
+                    .insert(Arc::as_ptr(p) as *const u8 as usize, ())
+                    .is_none()
+            })
+            .map(|p| &**p)
             .filter(|p| seen.insert(*p))
             .collect()
     }
@@ -615,37 +706,37 @@ fn rank_metadata(name: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use model::{ChunkMeta, MetadataIndex};
+    use model::ChunkMeta;
 
     fn tensor(dtype: &str, chunks: &[(&[u64], &[u64])]) -> EntryMeta {
         EntryMeta::Tensor(TensorMeta {
-            dtype: dtype.to_owned(),
-            layout: "strided".to_owned(),
+            dtype: dtype.into(),
+            layout: "strided".into(),
             requires_grad: false,
-            memory_format: "contiguous_format".to_owned(),
+            memory_format: "contiguous_format".into(),
             pin_memory: false,
             strides: None,
             shape: vec![4, 4],
             chunks: chunks
                 .iter()
                 .map(|(offsets, sizes)| ChunkMeta {
-                    offsets: offsets.to_vec(),
-                    sizes: sizes.to_vec(),
+                    offsets: (*offsets).into(),
+                    sizes: (*sizes).into(),
                 })
                 .collect(),
         })
     }
 
-    fn w(chunks: &[&[u64]]) -> (String, EntryMeta) {
+    fn w(chunks: &[&[u64]]) -> (Arc<str>, EntryMeta) {
         let chunks: Vec<(&[u64], &[u64])> = chunks.iter().map(|o| (*o, &[2u64, 4][..])).collect();
-        ("w".to_owned(), tensor("float32", &chunks))
+        ("w".into(), tensor("float32", &chunks))
     }
 
-    fn bytes(fqn: &str) -> (String, EntryMeta) {
-        (fqn.to_owned(), EntryMeta::Bytes)
+    fn bytes(fqn: &str) -> (Arc<str>, EntryMeta) {
+        (fqn.into(), EntryMeta::Bytes)
     }
 
-    fn stored(fqn: &str, offsets: Option<&[u64]>, at: u64) -> (MetadataIndex, StorageInfo) {
+    fn stored(fqn: &str, offsets: Option<&[u64]>, at: u64) -> Storage {
         stored_as(fqn, offsets, at, 1000, &[])
     }
 
@@ -655,28 +746,27 @@ mod tests {
         at: u64,
         length: u64,
         transforms: &[&str],
-    ) -> (MetadataIndex, StorageInfo) {
-        (
-            MetadataIndex {
-                fqn: fqn.to_owned(),
-                offset: offsets.map(<[u64]>::to_vec),
-                index: None,
-            },
-            StorageInfo {
-                relative_path: "__0_0.distcp".to_owned(),
+    ) -> Storage {
+        Storage {
+            metadata_file: 0,
+            fqn: fqn.into(),
+            chunk_offsets: offsets.map(Into::into),
+            info: StorageInfo {
+                relative_path: "__0_0.distcp".into(),
                 offset: at,
                 length,
                 transform_descriptors: transforms.iter().map(|t| (*t).to_owned()).collect(),
             },
-        )
+            chunk: None,
+        }
     }
 
-    fn rank(
-        entries: Vec<(String, EntryMeta)>,
-        storage: Vec<(MetadataIndex, StorageInfo)>,
-    ) -> RankMetadata {
+    fn rank(entries: Vec<(Arc<str>, EntryMeta)>, storage: Vec<Storage>) -> RankMetadata {
         RankMetadata {
-            entries,
+            entries: entries
+                .into_iter()
+                .map(|(fqn, meta)| Entry::new(fqn, meta))
+                .collect(),
             storage,
             ..RankMetadata::default()
         }
@@ -700,7 +790,7 @@ mod tests {
                     version: None,
                     storage_meta: None,
                     protocol: 2,
-                    bytes: Arc::from(&[][..]),
+                    bytes: bytes::Bytes::new(),
                 };
                 Ok((file, md, Vec::new()))
             })
@@ -883,7 +973,7 @@ mod tests {
         let files = vec![
             rank(vec![w(&[&[0, 0], &[2, 0]])], vec![]),
             rank(
-                vec![("w".to_owned(), tensor("float32", &[(&[2, 0], &[2, 2])]))],
+                vec![("w".into(), tensor("float32", &[(&[2, 0], &[2, 2])]))],
                 vec![],
             ),
         ];
@@ -1027,13 +1117,13 @@ mod tests {
                 EntryMeta::Bytes => None,
             };
             let storage = vec![stored_as("t", offsets, 0, length, transforms)];
-            let ck = merged(vec![rank(vec![("t".to_owned(), meta.clone())], storage)]);
+            let ck = merged(vec![rank(vec![("t".into(), meta.clone())], storage)]);
             assert_eq!(ck.raw_tensor_len(0), raw, "{name}");
             assert_eq!(ck.is_raw_tensor(0), is_raw, "{name}");
         }
         // A bytes entry, a copy no chunk refers to, an index out of range.
         let ck = merged(vec![rank(
-            vec![bytes("step"), ("t".to_owned(), f32_2x3())],
+            vec![bytes("step"), ("t".into(), f32_2x3())],
             vec![
                 stored_as("step", None, 0, 24, &[]),
                 stored_as("t", Some(&[9, 9]), 24, 24, &[]),

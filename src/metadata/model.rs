@@ -6,10 +6,13 @@
 //! (`torch.distributed._shard.checkpoint`, whose `TensorProperties` and `MEM_FORMAT_ENCODING` live
 //! in `torch.distributed._shard.sharded_tensor.metadata`).
 
-use std::collections::HashMap;
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use super::dtype;
 use super::pickle::{CallKind, Node, Object, Pickle, Value};
+use super::{Entry, Storage};
 
 /// One `.metadata` file, as written by one save (or by one rank with `use_collectives=False`).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -17,10 +20,14 @@ pub struct RankMetadata {
     /// `Metadata.version` (`"1.0.0"` on torch >= 2.5; absent before).
     pub version: Option<String>,
     pub storage_meta: Option<StorageMeta>,
-    /// `state_dict_metadata`, in file order.
-    pub entries: Vec<(String, EntryMeta)>,
-    /// `storage_data`, in file order.
-    pub storage: Vec<(MetadataIndex, StorageInfo)>,
+    /// `state_dict_metadata`, in file order, as the checkpoint keeps it (chunks not yet linked to
+    /// their storage).
+    pub entries: Vec<Entry>,
+    /// `storage_data`, in file order, as the checkpoint keeps it: each item's `metadata_file` is
+    /// 0 and its `chunk` is `None` until [`super::Checkpoint`] merges and links the files (so
+    /// that a million items are not copied once more). `MetadataIndex.index`, a lookup hint, is
+    /// checked and not kept.
+    pub storage: Vec<Storage>,
     /// `planner_data`: fqn -> the un-flattened key path, when recorded.
     pub planner_data: Option<Vec<(String, Vec<PathPart>)>>,
     /// fqns that `state_dict_metadata` sets more than once (the last value is kept).
@@ -53,11 +60,12 @@ pub enum EntryMeta {
 /// `TensorStorageMetadata` with its `TensorProperties`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TensorMeta {
-    /// dtype name as torch pickles it (`float32`, `bfloat16`, ...).
-    pub dtype: String,
-    pub layout: String,
+    /// dtype name as torch pickles it (`float32`, `bfloat16`, ...). This and the other names
+    /// are shared by every tensor that has them (one allocation per distinct name).
+    pub dtype: Arc<str>,
+    pub layout: Arc<str>,
     pub requires_grad: bool,
-    pub memory_format: String,
+    pub memory_format: Arc<str>,
     pub pin_memory: bool,
     /// Present in the 6-tuple form of `TensorProperties` (newer torch).
     pub strides: Option<Vec<i64>>,
@@ -75,24 +83,23 @@ impl TensorMeta {
 /// `ChunkStorageMetadata`: the box of the tensor one stored chunk covers.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ChunkMeta {
-    pub offsets: Vec<u64>,
-    pub sizes: Vec<u64>,
+    pub offsets: Box<[u64]>,
+    pub sizes: Box<[u64]>,
 }
 
 /// `MetadataIndex`: the key of a storage entry.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct MetadataIndex {
-    pub fqn: String,
+struct MetadataIndex {
+    fqn: Arc<str>,
     /// The chunk's offsets; `None` for bytes entries.
-    pub offset: Option<Vec<u64>>,
-    /// A lookup hint, not part of the identity.
-    pub index: Option<i64>,
+    offset: Option<Box<[u64]>>,
 }
 
 /// `_StorageInfo`: where an item's bytes are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StorageInfo {
-    pub relative_path: String,
+    /// Shared by every item of the same file (one allocation per file name).
+    pub relative_path: Arc<str>,
     pub offset: u64,
     pub length: u64,
     pub transform_descriptors: Vec<String>,
@@ -128,16 +135,138 @@ fn err<T>(context: impl Into<String>, problem: impl Into<String>) -> Result<T, M
     })
 }
 
-const METADATA_MODULES: [&str; 2] = [
+/// One shared allocation per distinct string: fqns (named once by `state_dict_metadata` and
+/// again by every storage key of the tensor) and file names (one per shard file).
+///
+/// A small direct-mapped cache of the strings seen last sits in front of the set: torch's files
+/// name the same fqn and the same few files over and over, and a hit costs a cheap hash and a
+/// comparison instead of SipHash. The cache cannot be flooded (a slot is overwritten, never
+/// chained); the set keeps its keyed hash.
+#[derive(Debug, Default)]
+pub(crate) struct Interner {
+    set: HashSet<Arc<str>>,
+    recent: Vec<Option<Arc<str>>>,
+}
+
+impl Interner {
+    const RECENT: usize = 256;
+
+    pub(crate) fn get(&mut self, s: &str) -> Arc<str> {
+        if self.recent.is_empty() {
+            self.recent.resize(Self::RECENT, None);
+        }
+        let slot = Self::slot(s);
+        if let Some(a) = &self.recent[slot]
+            && **a == *s
+        {
+            return a.clone();
+        }
+        let a = match self.set.get(s) {
+            Some(a) => a.clone(),
+            None => {
+                let a: Arc<str> = Arc::from(s);
+                self.set.insert(a.clone());
+                a
+            }
+        };
+        self.recent[slot] = Some(a.clone());
+        a
+    }
+
+    fn slot(s: &str) -> usize {
+        let mut h = s.len() as u64;
+        for w in s.as_bytes().chunks(8) {
+            let mut a = [0u8; 8];
+            a[..w.len()].copy_from_slice(w);
+            h = (h.rotate_left(5) ^ u64::from_le_bytes(a)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+        (h >> 56) as usize % Self::RECENT
+    }
+}
+
+/// The address of an interned string: equal strings of one [`Interner`] share it.
+fn interned_key(s: &Arc<str>) -> usize {
+    Arc::as_ptr(s) as *const u8 as usize
+}
+
+/// A hash for addresses (not chosen by the input).
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct AddressHasher(u64);
+
+impl std::hash::Hasher for AddressHasher {
+    fn finish(&self) -> u64 {
+        // murmur3's finalizer.
+        let mut h = self.0;
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        h ^ (h >> 33)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) ^ u64::from(b);
+        }
+    }
+
+    fn write_usize(&mut self, i: usize) {
+        self.0 = i as u64;
+    }
+}
+
+pub(crate) type AddressMap<V> = HashMap<usize, V, std::hash::BuildHasherDefault<AddressHasher>>;
+
+/// `state_dict_metadata` as a Python dict reads it: a key set twice keeps its first place and
+/// takes its last value. The fqns must come from one [`Interner`] (they are compared by address).
+pub(crate) fn dedup_entries(entries: Vec<Entry>, duplicate_keys: &mut Vec<String>) -> Vec<Entry> {
+    let mut position: AddressMap<usize> = AddressMap::default();
+    position.reserve(entries.len());
+    if entries
+        .iter()
+        .enumerate()
+        .all(|(i, e)| position.insert(interned_key(&e.fqn), i).is_none())
+    {
+        return entries;
+    }
+    position.clear();
+    let mut out: Vec<Entry> = Vec::with_capacity(entries.len());
+    for e in entries {
+        match position.get(&interned_key(&e.fqn)) {
+            Some(&i) => {
+                duplicate_keys.push(e.fqn.to_string());
+                out[i] = e;
+            }
+            None => {
+                position.insert(interned_key(&e.fqn), out.len());
+                out.push(e);
+            }
+        }
+    }
+    out
+}
+
+/// The name `_MEM_FORMAT_ENCODING(i)` stands for.
+pub(crate) fn memory_format_name(i: i64) -> std::borrow::Cow<'static, str> {
+    match i {
+        0 => "contiguous_format".into(),
+        1 => "channels_last".into(),
+        2 => "preserve_format".into(),
+        3 => "channels_last_3d".into(),
+        other => format!("unknown ({other})").into(),
+    }
+}
+
+pub(crate) const METADATA_MODULES: [&str; 2] = [
     "torch.distributed.checkpoint.metadata",
     "torch.distributed._shard.checkpoint.metadata",
 ];
-const FILESYSTEM_MODULES: [&str; 2] = [
+pub(crate) const FILESYSTEM_MODULES: [&str; 2] = [
     "torch.distributed.checkpoint.filesystem",
     "torch.distributed._shard.checkpoint.filesystem",
 ];
 /// Where torch 1.13 kept `TensorProperties` and `MEM_FORMAT_ENCODING` (no leading underscore).
-const SHARDED_TENSOR_MODULE: &str = "torch.distributed._shard.sharded_tensor.metadata";
+pub(crate) const SHARDED_TENSOR_MODULE: &str = "torch.distributed._shard.sharded_tensor.metadata";
 const PROPERTIES_MODULES: [&str; 3] = [
     METADATA_MODULES[0],
     METADATA_MODULES[1],
@@ -198,6 +327,7 @@ pub fn is_known_global(module: &str, name: &str) -> bool {
 
 struct Reader<'p> {
     p: &'p Pickle,
+    intern: RefCell<Interner>,
 }
 
 impl<'p> Reader<'p> {
@@ -411,13 +541,7 @@ impl<'p> Reader<'p> {
                 self.reduce_arg(v, &[SHARDED_TENSOR_MODULE], "MEM_FORMAT_ENCODING", ctx)
                     .map_err(|_| current)
             })?;
-        Ok(match self.int(arg, ctx)? {
-            0 => "contiguous_format".into(),
-            1 => "channels_last".into(),
-            2 => "preserve_format".into(),
-            3 => "channels_last_3d".into(),
-            other => format!("unknown ({other})"),
-        })
+        Ok(memory_format_name(self.int(arg, ctx)?).into_owned())
     }
 
     fn metadata(&self, root: Value) -> Result<RankMetadata, ModelError> {
@@ -448,25 +572,16 @@ impl<'p> Reader<'p> {
                 format!("expected a dict, found {}", self.describe(sdm)),
             );
         };
-        md.entries.reserve(pairs.len());
-        // A key set twice keeps its first place and takes its last value, as a Python dict does.
-        let mut position: HashMap<String, usize> = HashMap::with_capacity(pairs.len());
+        let mut entries = Vec::with_capacity(pairs.len());
         for (k, v) in pairs {
             let fqn = self.string(*k, "state_dict_metadata key")?;
             let entry = self
                 .entry(*v)
                 .map_err(|e| e.within(|| format!("entry {fqn:?}")))?;
-            match position.get(&fqn) {
-                Some(&i) => {
-                    md.duplicate_keys.push(fqn.clone());
-                    md.entries[i].1 = entry;
-                }
-                None => {
-                    position.insert(fqn.clone(), md.entries.len());
-                    md.entries.push((fqn, entry));
-                }
-            }
+            let fqn = self.intern.borrow_mut().get(&fqn);
+            entries.push(Entry::new(fqn, entry));
         }
+        md.entries = dedup_entries(entries, &mut md.duplicate_keys);
         if let Some(sd) = self.attr(attrs, "storage_data") {
             let Some(pairs) = self.p.pairs(sd) else {
                 return err(
@@ -480,7 +595,13 @@ impl<'p> Reader<'p> {
                 let info = self
                     .storage_info(*v)
                     .map_err(|e| e.within(|| format!("storage entry for {:?}", index.fqn)))?;
-                md.storage.push((index, info));
+                md.storage.push(Storage {
+                    metadata_file: 0,
+                    fqn: index.fqn,
+                    chunk_offsets: index.offset,
+                    info,
+                    chunk: None,
+                });
             }
         }
         if let Some(pd) = self.attr(attrs, "planner_data") {
@@ -642,11 +763,12 @@ impl<'p> Reader<'p> {
             Some(s) if s != Value::None => Some(self.ints(s, "properties strides")?),
             _ => None,
         };
+        let mut intern = self.intern.borrow_mut();
         Ok(TensorMeta {
-            dtype,
-            layout,
+            dtype: intern.get(&dtype),
+            layout: intern.get(&layout),
             requires_grad,
-            memory_format,
+            memory_format: intern.get(&memory_format),
             pin_memory,
             strides,
             shape,
@@ -668,8 +790,8 @@ impl<'p> Reader<'p> {
             return err(ctx, "offsets or sizes missing");
         };
         Ok(ChunkMeta {
-            offsets: self.size(offsets, "chunk offsets")?,
-            sizes: self.size(sizes, "chunk sizes")?,
+            offsets: self.size(offsets, "chunk offsets")?.into(),
+            sizes: self.size(sizes, "chunk sizes")?.into(),
         })
     }
 
@@ -688,14 +810,14 @@ impl<'p> Reader<'p> {
         let fqn = self.string(fqn, ctx)?;
         let within = |e: ModelError| e.within(|| format!("storage key for {fqn:?}"));
         let offset = match self.attr(attrs, "offset") {
-            Some(o) => Some(self.size(o, "offset").map_err(within)?),
+            Some(o) => Some(self.size(o, "offset").map_err(within)?.into()),
             None => None,
         };
-        let index = match self.attr(attrs, "index") {
-            Some(i) => Some(self.int(i, "index").map_err(within)?),
-            None => None,
-        };
-        Ok(MetadataIndex { fqn, offset, index })
+        if let Some(i) = self.attr(attrs, "index") {
+            self.int(i, "index").map_err(within)?;
+        }
+        let fqn = self.intern.borrow_mut().get(&fqn);
+        Ok(MetadataIndex { fqn, offset })
     }
 
     fn storage_info(&self, v: Value) -> Result<StorageInfo, ModelError> {
@@ -729,8 +851,9 @@ impl<'p> Reader<'p> {
                 transform_descriptors.push(self.string(*item, "transform_descriptors")?);
             }
         }
+        let relative_path = self.path_like(path, "relative_path")?;
         Ok(StorageInfo {
-            relative_path: self.path_like(path, "relative_path")?,
+            relative_path: self.intern.borrow_mut().get(&relative_path),
             offset: self.uint(offset, "offset")?,
             length: self.uint(length, "length")?,
             transform_descriptors,
@@ -761,7 +884,11 @@ impl<'p> Reader<'p> {
 
 /// Reads a DCP `Metadata` from a parsed pickle.
 pub fn read(p: &Pickle) -> Result<RankMetadata, ModelError> {
-    Reader { p }.metadata(p.root)
+    Reader {
+        p,
+        intern: RefCell::default(),
+    }
+    .metadata(p.root)
 }
 
 #[cfg(test)]

@@ -113,13 +113,13 @@ impl Spec {
         // Regions by fqn, checked against the entries they name.
         let mut regions: BTreeMap<&str, Vec<&Region>> = BTreeMap::new();
         for r in &self.regions {
-            regions.entry(r.fqn.as_str()).or_default().push(r);
+            regions.entry(&*r.fqn).or_default().push(r);
         }
         let by_fqn: std::collections::HashMap<&str, &crate::metadata::Entry> = if regions.is_empty()
         {
             Default::default()
         } else {
-            ck.entries.iter().map(|e| (e.fqn.as_str(), e)).collect()
+            ck.entries.iter().map(|e| (&*e.fqn, e)).collect()
         };
         for (fqn, rs) in &regions {
             let Some(entry) = by_fqn.get(fqn) else {
@@ -153,7 +153,7 @@ impl Spec {
             let whole = !matched.is_empty() || self.selects_all();
             let chunks: Vec<usize> = if whole {
                 (0..e.chunks.len()).collect()
-            } else if let Some(rs) = regions.get(e.fqn.as_str()) {
+            } else if let Some(rs) = regions.get(&*e.fqn) {
                 e.chunks
                     .iter()
                     .enumerate()
@@ -301,7 +301,7 @@ pub fn near_misses(pattern: &str, ck: &Checkpoint) -> Vec<String> {
     let mut scored: Vec<(f64, &str)> = ck
         .entries
         .iter()
-        .map(|e| (strsim::jaro_winkler(&literal, &e.fqn), e.fqn.as_str()))
+        .map(|e| (strsim::jaro_winkler(&literal, &e.fqn), &*e.fqn))
         .filter(|(s, _)| *s > 0.75)
         .collect();
     scored.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(b.1)));
@@ -328,8 +328,8 @@ mod tests {
             let mut sizes = shape.to_vec();
             sizes[0] = rows;
             chunks.push(Chunk {
-                offsets: Some(offsets),
-                sizes: Some(sizes),
+                offsets: Some(offsets.into()),
+                sizes: Some(sizes.into()),
                 storage: vec![],
             });
             row += rows;
@@ -373,7 +373,7 @@ mod tests {
 
     fn fqns(ck: &Checkpoint, sel: &[Selected]) -> Vec<String> {
         sel.iter()
-            .map(|s| ck.entries[s.entry].fqn.clone())
+            .map(|s| ck.entries[s.entry].fqn.to_string())
             .collect()
     }
 

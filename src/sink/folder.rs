@@ -111,7 +111,7 @@ pub struct FolderSink {
     root: Dir,
     state: Dir,
     files: HashMap<ObjectName, Shard>,
-    metadata: Vec<(ObjectName, Arc<[u8]>)>,
+    metadata: Vec<(ObjectName, bytes::Bytes)>,
     journal: File,
     /// Items written since the last sync.
     pending: Vec<Finished>,
@@ -803,7 +803,7 @@ fn write_journal(
 
 /// Whether the metadata files are in place with their bytes (and, for per-rank files, no
 /// blocker): an earlier worker of a split fetch published them.
-fn published(root: &Dir, metadata: &[(ObjectName, Arc<[u8]>)]) -> Result<bool, SinkError> {
+fn published(root: &Dir, metadata: &[(ObjectName, bytes::Bytes)]) -> Result<bool, SinkError> {
     if per_rank(metadata) && root.entry_id(METADATA).is_some() {
         return Ok(false);
     }
@@ -872,7 +872,7 @@ fn check_claims(
 
 /// Whether the metadata files are torch's per-rank ones (`__N.metadata`) rather than one
 /// `.metadata`.
-fn per_rank(metadata: &[(ObjectName, Arc<[u8]>)]) -> bool {
+fn per_rank(metadata: &[(ObjectName, bytes::Bytes)]) -> bool {
     !(metadata.len() == 1 && metadata[0].0.as_str() == METADATA)
 }
 
@@ -911,7 +911,7 @@ fn place_blocker(root: &Dir, state: &Dir, tag: &str) -> Result<(), SinkError> {
 fn unpublish(
     root: &Dir,
     state: &Dir,
-    metadata: &[(ObjectName, Arc<[u8]>)],
+    metadata: &[(ObjectName, bytes::Bytes)],
     tag: &str,
 ) -> Result<(), SinkError> {
     let blocked = per_rank(metadata);
@@ -948,7 +948,7 @@ fn is_rank_metadata(name: &str) -> bool {
 fn publish(
     root: &Dir,
     state: &Dir,
-    metadata: &[(ObjectName, Arc<[u8]>)],
+    metadata: &[(ObjectName, bytes::Bytes)],
     tag: &str,
 ) -> Result<(), SinkError> {
     for (name, bytes) in metadata {

@@ -200,14 +200,16 @@ fn layout(
             for &si in &item.storage {
                 let s = &ck.storage[si];
                 items.push(StreamManifestItem {
-                    fqn: s.fqn.clone(),
+                    fqn: s.fqn.to_string(),
                     kind: if s.chunk_offsets.is_some() {
                         "tensor"
                     } else {
                         "bytes"
                     },
-                    chunk_offsets: s.chunk_offsets.clone(),
-                    chunk_sizes: ck.chunk_of(si).and_then(|c| c.sizes.clone()),
+                    chunk_offsets: s.chunk_offsets.as_deref().map(<[u64]>::to_vec),
+                    chunk_sizes: ck
+                        .chunk_of(si)
+                        .and_then(|c| c.sizes.as_deref().map(<[u64]>::to_vec)),
                     file: file.name.to_string(),
                     offset: item.range.start,
                     length: item.len(),

@@ -98,11 +98,13 @@ pub async fn check_format(
     let mut archive_end: HashMap<&str, u64> = HashMap::new();
     for s in 0..ck.storage.len() {
         let info = &ck.storage[s].info;
-        if !present.contains_key(info.relative_path.as_str()) {
+        if !present.contains_key(&*info.relative_path) {
             continue;
         }
         if ck.is_raw_tensor(s) {
-            raw.entry(info.relative_path.clone()).or_default().push(s);
+            raw.entry(info.relative_path.to_string())
+                .or_default()
+                .push(s);
         } else {
             let end = archive_end.entry(&info.relative_path).or_default();
             *end = (*end).max(info.offset.saturating_add(info.length));
@@ -142,7 +144,7 @@ pub async fn check_format(
             let e = ck.entry_of(s).expect("raw items have entries");
             let t = e.tensor.as_ref().expect("raw items are tensors");
             let chunk = ck.chunk_of(s).expect("linked");
-            let Some(h) = header.tensors.get(&st.fqn) else {
+            let Some(h) = header.tensors.get(&*st.fqn) else {
                 problems.push(Finding::item(
                     ck,
                     s,
@@ -155,10 +157,10 @@ pub async fn check_format(
             };
             let (a, b) = h.data_offsets;
             let mut wrong = Vec::new();
-            if safetensors::torch_dtype(&h.dtype) != Some(t.dtype.as_str()) {
+            if safetensors::torch_dtype(&h.dtype) != Some(&*t.dtype) {
                 wrong.push(format!("dtype {} (metadata: {})", h.dtype, t.dtype));
             }
-            if Some(&h.shape) != chunk.sizes.as_ref() {
+            if Some(&h.shape[..]) != chunk.sizes.as_deref() {
                 wrong.push(format!("shape {:?} (chunk: {:?})", h.shape, chunk.sizes));
             }
             if b < a || b - a != st.info.length {

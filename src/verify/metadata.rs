@@ -74,7 +74,7 @@ pub fn check_chunks(ck: &Checkpoint, selected: &[Selected], everything: bool, ch
                     None => "the bytes entry has no storage entry".into(),
                 };
                 linked.push(Finding {
-                    fqn: Some(e.fqn.clone()),
+                    fqn: Some(e.fqn.to_string()),
                     ..Finding::new(what)
                 });
             }
@@ -88,7 +88,7 @@ pub fn check_chunks(ck: &Checkpoint, selected: &[Selected], everything: bool, ch
             )
         {
             tile.push(Finding {
-                fqn: Some(e.fqn.clone()),
+                fqn: Some(e.fqn.to_string()),
                 ..Finding::new(problem)
             });
         }

@@ -143,7 +143,7 @@ impl Finding {
     pub fn item(ck: &Checkpoint, storage: usize, message: impl Into<String>) -> Self {
         let s = &ck.storage[storage];
         Finding {
-            file: Some(s.info.relative_path.clone()),
+            file: Some(s.info.relative_path.to_string()),
             offset: Some(s.info.offset),
             length: Some(s.info.length),
             fqn: Some(describe_storage(ck, storage)),
@@ -491,8 +491,7 @@ pub async fn run(
             .copied()
             .filter(|s| overlapping.binary_search(s).is_err())
             .filter(|&s| {
-                !(raw_files.contains(ck.storage[s].info.relative_path.as_str())
-                    && ck.is_raw_tensor(s))
+                !(raw_files.contains(&*ck.storage[s].info.relative_path) && ck.is_raw_tensor(s))
             })
             .collect();
         let whole_files = opts.manifest.is_some();

@@ -157,7 +157,7 @@ impl VerifySink {
                 && let Some(t) = &self.ck.entries[link.entry].tensor
             {
                 if t.element_size().is_none() {
-                    r.unknown_dtypes.push(t.dtype.clone());
+                    r.unknown_dtypes.push(t.dtype.to_string());
                     continue;
                 }
                 r.tensor_checked = true;
@@ -196,13 +196,13 @@ impl VerifySink {
             Err(msg) => return vec![msg],
         };
         let mut problems = Vec::new();
-        if dtype::canonical(&t.dtype) != meta.dtype {
+        if dtype::canonical(&t.dtype) != &*meta.dtype {
             problems.push(format!(
                 "the item holds {}, the metadata says {}",
                 t.dtype, meta.dtype
             ));
         }
-        if t.size != sizes {
+        if *t.size != *sizes {
             problems.push(format!(
                 "the item holds a tensor of size {:?}, the chunk is {sizes:?}",
                 t.size

@@ -1,0 +1,1598 @@
+//! The fast path for the `.metadata` files torch writes: one pass over the opcodes straight into
+//! [`RankMetadata`], without the general value graph of [`super::pickle`].
+//!
+//! torch pickles the same few shapes a million times (`MetadataIndex`, `_StorageInfo`,
+//! `ChunkStorageMetadata`, each `NEWOBJ` + `BUILD` of a state dict, and `torch.Size` as a `REDUCE`).
+//! This reader interprets the binary opcodes of protocols 2 to 5 with compact values (strings are
+//! spans of the input, dimensions spans of one `u64` pool) and turns each object of a known class
+//! into its record at its `BUILD`; the containers `state_dict_metadata`, `storage_data` and a
+//! tensor's `chunks` take the records as they are filled, and everything an object no longer needs
+//! (its state dict, the `torch.Size` tuples) is freed at once. A first pass over the opcodes finds
+//! the memo entries that are ever read back, and only those are kept.
+//!
+//! It never fails: on anything it does not know (an opcode, a global outside its set, a class or a
+//! field of another shape, a limit reached, malformed input) it returns `None` and the caller reads
+//! the file with the general unpickler and [`super::model`], which give the findings and the
+//! errors. So it keeps every safety property of those: it calls nothing, its memory is linear in
+//! the input, and a result it returns is the one the general path gives (a property test and the
+//! `metadata` fuzz target compare the two).
+
+use std::sync::Arc;
+
+use super::dtype;
+use super::model::{
+    self, ChunkMeta, EntryMeta, Interner, PathPart, RankMetadata, StorageInfo, StorageMeta,
+    TensorMeta,
+};
+use super::pickle::Limits;
+use super::{Entry, Storage};
+
+/// What the fast path read.
+#[derive(Debug)]
+pub(crate) struct Read {
+    pub md: RankMetadata,
+    /// The highest protocol declared by `PROTO`.
+    pub protocol: u8,
+}
+
+/// Reads a torch `.metadata` pickle, or `None` when it is not one of the shapes this reader knows.
+pub(crate) fn read(data: &[u8], limits: Limits) -> Option<Read> {
+    if data.len() > limits.max_input || u32::try_from(data.len()).is_err() {
+        return None;
+    }
+    let referenced = referenced_memo(data, &limits)?;
+    Machine::new(data, limits, referenced)?.run()
+}
+
+/// Reads `data` both ways and panics if the fast path returns a model the general path does not
+/// give (a different one, or one where the general path fails or finds an unknown global).
+/// Returns whether the fast path read it. For the tests and the `metadata` fuzz target.
+#[doc(hidden)]
+pub fn check_against_general(data: &[u8]) -> bool {
+    let Some(fast) = read(data, Limits::default()) else {
+        return false;
+    };
+    let p = super::pickle::Pickle::parse(data)
+        .unwrap_or_else(|e| panic!("the fast path read a pickle the general path refuses: {e}"));
+    if let Some(g) = p
+        .globals
+        .iter()
+        .find(|g| !model::is_known_global(&g.module, &g.name))
+    {
+        panic!(
+            "the fast path read a pickle that names {}.{}",
+            g.module, g.name
+        );
+    }
+    let md = model::read(&p)
+        .unwrap_or_else(|e| panic!("the fast path read a pickle the model refuses: {e}"));
+    assert!(
+        fast.md == md,
+        "the fast path reads another model than the general path"
+    );
+    assert_eq!(fast.protocol, p.protocol);
+    true
+}
+
+/// Most nesting of general containers the fast path follows (torch's files need 3).
+const MAX_NESTING: u8 = 16;
+
+/// A set of memo indexes, and the rank of each in the set (so that the memo holds only those, in
+/// one dense vector, without hashing).
+struct Bits {
+    words: Vec<u64>,
+    /// How many indexes the set holds below each word.
+    ranks: Vec<u32>,
+}
+
+impl Bits {
+    fn set(&mut self, i: usize) {
+        let w = i / 64;
+        if w >= self.words.len() {
+            self.words.resize(w + 1, 0);
+        }
+        self.words[w] |= 1 << (i % 64);
+    }
+
+    /// Fills the ranks once every index is set; returns how many there are.
+    fn rank_all(&mut self) -> Option<usize> {
+        self.ranks = Vec::with_capacity(self.words.len());
+        let mut n = 0u32;
+        for w in &self.words {
+            self.ranks.push(n);
+            n = n.checked_add(w.count_ones())?;
+        }
+        Some(n as usize)
+    }
+
+    /// The rank of `i` when it is in the set.
+    fn rank(&self, i: usize) -> Option<usize> {
+        let w = *self.words.get(i / 64)?;
+        let bit = 1u64 << (i % 64);
+        if w & bit == 0 {
+            return None;
+        }
+        Some(self.ranks[i / 64] as usize + (w & (bit - 1)).count_ones() as usize)
+    }
+}
+
+/// The input, read from the start: opcodes and their arguments, never past the end.
+struct Ops<'a> {
+    data: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Ops<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.pos.checked_add(n)?;
+        let b = self.data.get(self.pos..end)?;
+        self.pos = end;
+        Some(b)
+    }
+
+    fn uint(&mut self, n: usize) -> Option<u64> {
+        let b = self.take(n)?;
+        let mut a = [0u8; 8];
+        a[..n].copy_from_slice(b);
+        Some(u64::from_le_bytes(a))
+    }
+
+    fn line(&mut self) -> Option<&'a [u8]> {
+        let rest = self.data.get(self.pos..)?;
+        let end = rest.iter().position(|&b| b == b'\n')?;
+        self.pos += end + 1;
+        Some(&rest[..end])
+    }
+
+    /// The argument of a string opcode (`SHORT_BINUNICODE`, `BINUNICODE`, `BINUNICODE8`).
+    fn string_arg(&mut self, op: u8) -> Option<&'a [u8]> {
+        let n = match op {
+            0x8c => self.uint(1)?,
+            b'X' => self.uint(4)?,
+            _ => self.uint(8)?,
+        };
+        self.take(usize::try_from(n).ok()?)
+    }
+}
+
+/// The first pass: which memo indexes a `GET` reads, with every memo write at the next index (as
+/// Python's pickler writes them).
+fn referenced_memo(data: &[u8], limits: &Limits) -> Option<Bits> {
+    let mut bits = Bits {
+        words: Vec::new(),
+        ranks: Vec::new(),
+    };
+    let mut next = 0usize;
+    let mut pos = 0usize;
+    let byte = |i: usize| data.get(i).copied().map(usize::from);
+    let le = |i: usize, n: usize| -> Option<usize> {
+        let b = data.get(i..i + n)?;
+        let mut a = [0u8; 8];
+        a[..n].copy_from_slice(b);
+        usize::try_from(u64::from_le_bytes(a)).ok()
+    };
+    loop {
+        let op = *data.get(pos)?;
+        pos += 1;
+        // Only the memo opcodes are read here; the others are skipped by their length (the
+        // second pass checks them).
+        match op {
+            b'.' => return Some(bits),
+            0x94 | b'q' | b'r' => {
+                if op == b'q' {
+                    if byte(pos)? != next {
+                        return None;
+                    }
+                    pos += 1;
+                } else if op == b'r' {
+                    if le(pos, 4)? != next {
+                        return None;
+                    }
+                    pos += 4;
+                }
+                next += 1;
+                if next > limits.max_memo {
+                    return None;
+                }
+            }
+            b'h' | b'j' => {
+                let i = if op == b'h' {
+                    pos += 1;
+                    byte(pos - 1)?
+                } else {
+                    pos += 4;
+                    le(pos - 4, 4)?
+                };
+                if i >= next {
+                    return None;
+                }
+                bits.set(i);
+            }
+            0x8c => pos += 1 + byte(pos)?,
+            b'X' => pos = pos.checked_add(4 + le(pos, 4)?)?,
+            0x8a => pos += 1 + byte(pos)?,
+            b'K' | 0x80 => pos += 1,
+            b'M' => pos += 2,
+            b'J' => pos += 4,
+            0x95 | b'G' => pos += 8,
+            0x8d => pos = pos.checked_add(8)?.checked_add(le(pos, 8)?)?,
+            b'c' => {
+                for _ in 0..2 {
+                    pos += data.get(pos..)?.iter().position(|&b| b == b'\n')? + 1;
+                }
+            }
+            b'N' | 0x88 | 0x89 | b')' | 0x85 | 0x86 | 0x87 | b't' | b']' | b'}' | b'a' | b'e'
+            | b's' | b'u' | b'(' | 0x93 | b'R' | 0x81 | b'b' => {}
+            _ => return None,
+        }
+    }
+}
+
+/// A class or function the fast path knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    Metadata,
+    TensorStorage,
+    BytesStorage,
+    Chunk,
+    Properties,
+    Index,
+    StorageMeta,
+    StorageInfo,
+    MemFormat,
+    Size,
+    Layout,
+    Path,
+    /// `torch.<dtype>`: the span of its name in the input.
+    Dtype(u32, u32),
+}
+
+fn class_of(module: &str, name: &str, span: (u32, u32)) -> Option<Class> {
+    if !model::is_known_global(module, name) {
+        return None;
+    }
+    let metadata = model::METADATA_MODULES.contains(&module);
+    Some(match (module, name) {
+        (_, "Metadata") if metadata => Class::Metadata,
+        (_, "TensorStorageMetadata") if metadata => Class::TensorStorage,
+        (_, "BytesStorageMetadata") if metadata => Class::BytesStorage,
+        (_, "ChunkStorageMetadata") if metadata => Class::Chunk,
+        (_, "MetadataIndex") if metadata => Class::Index,
+        (_, "StorageMeta") if metadata => Class::StorageMeta,
+        (_, "_MEM_FORMAT_ENCODING") if metadata => Class::MemFormat,
+        (_, "TensorProperties") if metadata || module == model::SHARDED_TENSOR_MODULE => {
+            Class::Properties
+        }
+        (model::SHARDED_TENSOR_MODULE, "MEM_FORMAT_ENCODING") => Class::MemFormat,
+        (m, "_StorageInfo") if model::FILESYSTEM_MODULES.contains(&m) => Class::StorageInfo,
+        ("torch", "Size") => Class::Size,
+        ("torch", n) if dtype::is_dtype_name(n) => Class::Dtype(span.0, span.1),
+        ("torch.serialization", "_get_layout") => Class::Layout,
+        ("pathlib", _) => Class::Path,
+        _ => return None,
+    })
+}
+
+/// A value on the stack, in the memo or in a container: 16 bytes, no allocation of its own.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Val {
+    None,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    /// A string: its span of the input (checked UTF-8).
+    Str(u32, u32),
+    Global(Class),
+    /// A tuple of non-negative integers: its span of the dims pool.
+    Dims(u32, u32),
+    /// `torch.Size(dims)`: its span of the dims pool.
+    Size(u32, u32),
+    /// Any other tuple of flat values (no tuples, objects or containers in it): its span of the
+    /// tuple pool.
+    Tup(u32, u32),
+    /// `_get_layout(name)`: the span of the name.
+    Layout(u32, u32),
+    /// `_MEM_FORMAT_ENCODING(i)`.
+    MemFormat(i64),
+    /// A `pathlib` path of its parts: their span of the tuple pool (strings).
+    Path(u32, u32),
+    Obj(u32),
+    Cont(u32),
+}
+
+/// An object: a known class until its `BUILD`, then what the model keeps of it.
+#[derive(Debug, Clone)]
+enum Rec {
+    Free,
+    /// Moved out; the slot is freed when its value is released.
+    Taken,
+    Pending(Class),
+    Chunk(ChunkMeta),
+    Index(Arc<str>, Option<Box<[u64]>>),
+    Info(StorageInfo),
+    Properties(Box<TensorMeta>),
+    Tensor(Box<TensorMeta>),
+    StorageMeta(Box<StorageMeta>),
+    Metadata(Box<RankMetadata>),
+}
+
+#[derive(Debug, Clone)]
+enum Cont {
+    Free,
+    Taken,
+    Dict(Vec<(Val, Val)>),
+    List(Vec<Val>),
+    /// `state_dict_metadata`: a dict of strings to tensor or bytes entries.
+    Entries(Vec<Entry>),
+    /// `storage_data`: a dict of `MetadataIndex` to `_StorageInfo`.
+    Storage(Vec<Storage>),
+    /// A tensor's `chunks`: a list of `ChunkStorageMetadata`.
+    Chunks(Vec<ChunkMeta>),
+}
+
+struct Slot<T> {
+    /// The memo holds it (a `GET` may read it again): never moved out or freed.
+    pinned: bool,
+    /// Nesting of general containers (containers only).
+    depth: u8,
+    value: T,
+}
+
+/// Slots that are reused once freed.
+struct Slab<T> {
+    slots: Vec<Slot<T>>,
+    free: Vec<u32>,
+}
+
+impl<T> Slab<T> {
+    fn new() -> Self {
+        Slab {
+            slots: Vec::new(),
+            free: Vec::new(),
+        }
+    }
+
+    fn alloc(&mut self, value: T, depth: u8) -> Option<u32> {
+        let slot = Slot {
+            pinned: false,
+            depth,
+            value,
+        };
+        if let Some(i) = self.free.pop() {
+            self.slots[i as usize] = slot;
+            return Some(i);
+        }
+        let i = u32::try_from(self.slots.len()).ok()?;
+        self.slots.push(slot);
+        Some(i)
+    }
+
+    fn get(&self, i: u32) -> Option<&Slot<T>> {
+        self.slots.get(i as usize)
+    }
+
+    fn get_mut(&mut self, i: u32) -> Option<&mut Slot<T>> {
+        self.slots.get_mut(i as usize)
+    }
+}
+
+/// Whether a value may go into a tuple of the pool: nothing that holds other values.
+fn is_flat(v: &Val) -> bool {
+    !matches!(v, Val::Tup(..) | Val::Path(..) | Val::Obj(_) | Val::Cont(_))
+}
+
+/// The fields of an object's state dict that a class reads, and the dict's pairs (to release
+/// once read, when they are the reader's).
+struct Fields<const N: usize> {
+    values: [Option<Val>; N],
+    pairs: Vec<(Val, Val)>,
+    owned: bool,
+}
+
+/// The string a span of the input was interned as last.
+type LastInterned = Option<(Val, Arc<str>)>;
+
+/// `planner_data`: fqn -> key path.
+type PlannerData = Vec<(String, Vec<PathPart>)>;
+
+struct Machine<'a> {
+    data: &'a [u8],
+    limits: Limits,
+    referenced: Bits,
+    stack: Vec<Val>,
+    marks: Vec<usize>,
+    /// Emptied vectors of released dicts, reused.
+    spare_dicts: Vec<Vec<(Val, Val)>>,
+    /// The memo entries a `GET` reads, by their rank in `referenced`.
+    memo: Vec<Option<Val>>,
+    memo_next: u32,
+    /// Dimensions of `Val::Dims` and `Val::Size`, and the elements of `Val::Tup`/`Val::Path`:
+    /// freed from the end as their values are released, except below the floors (the spans the
+    /// memo holds).
+    dims: Vec<u64>,
+    dims_floor: usize,
+    tuples: Vec<Val>,
+    tuples_floor: usize,
+    objs: Slab<Rec>,
+    conts: Slab<Cont>,
+    intern: Interner,
+    last_fqn: LastInterned,
+    last_path: LastInterned,
+    /// Whether the first `state_dict_metadata` and `storage_data` got their room.
+    reserved_entries: bool,
+    reserved_storage: bool,
+    protocol: u8,
+}
+
+type Step<T> = Option<T>;
+
+impl<'a> Machine<'a> {
+    fn new(data: &'a [u8], limits: Limits, mut referenced: Bits) -> Option<Self> {
+        let memo = vec![None; referenced.rank_all()?];
+        Some(Machine {
+            data,
+            limits,
+            referenced,
+            stack: Vec::new(),
+            marks: Vec::new(),
+            spare_dicts: Vec::new(),
+            memo,
+            memo_next: 0,
+            dims: Vec::new(),
+            dims_floor: 0,
+            tuples: Vec::new(),
+            tuples_floor: 0,
+            objs: Slab::new(),
+            conts: Slab::new(),
+            intern: Interner::default(),
+            last_fqn: None,
+            last_path: None,
+            reserved_entries: false,
+            reserved_storage: false,
+            protocol: 0,
+        })
+    }
+
+    fn run(mut self) -> Option<Read> {
+        let mut ops = Ops {
+            data: self.data,
+            pos: 0,
+        };
+        loop {
+            let op = *ops.data.get(ops.pos)?;
+            ops.pos += 1;
+            if op == b'.' {
+                let root = self.pop()?;
+                let Val::Obj(id) = root else { return None };
+                let Rec::Metadata(md) = self.take_obj(id)? else {
+                    return None;
+                };
+                return Some(Read {
+                    md: *md,
+                    protocol: self.protocol,
+                });
+            }
+            if op == 0x95 {
+                // FRAME: its declared length must be within the input, as the general reader checks.
+                if ops.uint(8)? > (self.data.len() - ops.pos) as u64 {
+                    return None;
+                }
+                continue;
+            }
+            self.step(op, &mut ops)?;
+        }
+    }
+
+    // ---- the stack -------------------------------------------------------------------------
+
+    fn floor(&self) -> usize {
+        self.marks.last().copied().unwrap_or(0)
+    }
+
+    fn pop(&mut self) -> Step<Val> {
+        if self.stack.len() <= self.floor() {
+            return None;
+        }
+        self.stack.pop()
+    }
+
+    fn top(&self) -> Step<Val> {
+        if self.stack.len() <= self.floor() {
+            return None;
+        }
+        self.stack.last().copied()
+    }
+
+    /// Runs `f` on the value below the topmost mark (`None` when there is none above the next
+    /// mark) and the items above the mark, in place, then removes the items and the mark.
+    fn with_mark<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self, Option<Val>, &[Val]) -> Step<T>,
+    ) -> Step<T> {
+        let mark = self.marks.pop()?;
+        let below = (mark > self.floor())
+            .then(|| self.stack.get(mark.wrapping_sub(1)).copied())
+            .flatten();
+        let stack = std::mem::take(&mut self.stack);
+        let r = match stack.get(mark..) {
+            Some(items) => f(self, below, items),
+            None => None,
+        };
+        self.stack = stack;
+        self.stack.truncate(mark);
+        r
+    }
+
+    /// An interned string, the same `Arc` as last time when it is the same span of the input
+    /// (torch's files name a tensor's fqn by a memo reference for each of its chunks).
+    fn intern_span(&mut self, v: Val, last: fn(&mut Self) -> &mut LastInterned) -> Step<Arc<str>> {
+        if let Some((span, a)) = last(self)
+            && *span == v
+        {
+            return Some(a.clone());
+        }
+        let a = self.intern.get(self.str_of(v)?);
+        *last(self) = Some((v, a.clone()));
+        Some(a)
+    }
+
+    /// Whether a value is the string `name`.
+    fn is_str(&self, v: Val, name: &str) -> bool {
+        matches!(v, Val::Str(s, l) if self.span(s, l) == name.as_bytes())
+    }
+
+    fn span(&self, start: u32, len: u32) -> &'a [u8] {
+        &self.data[start as usize..start as usize + len as usize]
+    }
+
+    fn str_of(&self, v: Val) -> Option<&'a str> {
+        match v {
+            // Checked UTF-8 when read.
+            Val::Str(s, l) => std::str::from_utf8(self.span(s, l)).ok(),
+            _ => None,
+        }
+    }
+
+    fn string(&self, bytes: &'a [u8]) -> Step<Val> {
+        std::str::from_utf8(bytes).ok()?;
+        let start = bytes.as_ptr() as usize - self.data.as_ptr() as usize;
+        Some(Val::Str(
+            u32::try_from(start).ok()?,
+            u32::try_from(bytes.len()).ok()?,
+        ))
+    }
+
+    // ---- ownership ---------------------------------------------------------------------------
+
+    /// Marks a value the memo holds: it may be read again, so it is never moved out or freed.
+    fn pin(&mut self, v: Val) {
+        match v {
+            Val::Dims(s, l) | Val::Size(s, l) => {
+                self.dims_floor = self.dims_floor.max(s as usize + l as usize);
+            }
+            Val::Tup(s, l) | Val::Path(s, l) => {
+                self.tuples_floor = self.tuples_floor.max(s as usize + l as usize);
+                for i in s as usize..s as usize + l as usize {
+                    let e = self.tuples[i];
+                    self.pin(e);
+                }
+            }
+            Val::Obj(i) => {
+                if let Some(slot) = self.objs.get_mut(i) {
+                    slot.pinned = true;
+                }
+            }
+            Val::Cont(i) => {
+                let Some(slot) = self.conts.get_mut(i) else {
+                    return;
+                };
+                if slot.pinned {
+                    return;
+                }
+                slot.pinned = true;
+                let inner: Vec<Val> = match &slot.value {
+                    Cont::Dict(d) => d.iter().flat_map(|(k, v)| [*k, *v]).collect(),
+                    Cont::List(l) => l.clone(),
+                    _ => Vec::new(),
+                };
+                for e in inner {
+                    self.pin(e);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Frees a value that nothing refers to any more (the memo's stay).
+    fn release(&mut self, v: Val) {
+        match v {
+            Val::Dims(s, l) | Val::Size(s, l) => {
+                let (s, end) = (s as usize, s as usize + l as usize);
+                if end == self.dims.len() && s >= self.dims_floor {
+                    self.dims.truncate(s);
+                }
+            }
+            Val::Tup(s, l) | Val::Path(s, l) => {
+                let (s, end) = (s as usize, s as usize + l as usize);
+                if end == self.tuples.len() && s >= self.tuples_floor {
+                    for i in (s..end).rev() {
+                        let e = self.tuples[i];
+                        self.release(e);
+                    }
+                    self.tuples.truncate(s);
+                }
+            }
+            Val::Obj(i) => {
+                if let Some(slot) = self.objs.get_mut(i)
+                    && !slot.pinned
+                    && !matches!(slot.value, Rec::Free)
+                {
+                    slot.value = Rec::Free;
+                    self.objs.free.push(i);
+                }
+            }
+            Val::Cont(i) => {
+                let Some(slot) = self.conts.get_mut(i) else {
+                    return;
+                };
+                if slot.pinned || matches!(slot.value, Cont::Free) {
+                    return;
+                }
+                let inner = std::mem::replace(&mut slot.value, Cont::Free);
+                self.conts.free.push(i);
+                match inner {
+                    Cont::Dict(mut d) => {
+                        for (k, v) in d.drain(..).rev() {
+                            self.release(v);
+                            self.release(k);
+                        }
+                        self.spare_dicts.push(d);
+                    }
+                    Cont::List(l) => {
+                        for v in l.into_iter().rev() {
+                            self.release(v);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Frees a tuple of the pool without its elements (which live on in another value).
+    fn release_shell(&mut self, v: Val) {
+        if let Val::Tup(s, l) = v {
+            let (s, end) = (s as usize, s as usize + l as usize);
+            if end == self.tuples.len() && s >= self.tuples_floor {
+                self.tuples.truncate(s);
+            }
+        }
+    }
+
+    /// The dimensions of a span of the dims pool.
+    fn dims_slice(&self, s: u32, l: u32) -> Option<&[u64]> {
+        if l == 0 {
+            return Some(&[]);
+        }
+        self.dims.get(s as usize..s as usize + l as usize)
+    }
+
+    /// An object's record, moved out (a copy when the memo holds it). The slot stays until the
+    /// value is released.
+    fn take_obj(&mut self, i: u32) -> Step<Rec> {
+        let slot = self.objs.get_mut(i)?;
+        let rec = if slot.pinned {
+            slot.value.clone()
+        } else {
+            std::mem::replace(&mut slot.value, Rec::Taken)
+        };
+        match rec {
+            Rec::Free | Rec::Taken => None,
+            rec => Some(rec),
+        }
+    }
+
+    /// A container's contents, moved out (a copy when the memo holds it), and whether they are
+    /// the caller's to release.
+    fn take_cont(&mut self, i: u32) -> Step<(Cont, bool)> {
+        let slot = self.conts.get_mut(i)?;
+        let owned = !slot.pinned;
+        let c = if owned {
+            std::mem::replace(&mut slot.value, Cont::Taken)
+        } else {
+            slot.value.clone()
+        };
+        match c {
+            Cont::Free | Cont::Taken => None,
+            c => Some((c, owned)),
+        }
+    }
+
+    fn peek_obj(&self, v: Val) -> Option<&Rec> {
+        match v {
+            Val::Obj(i) => self.objs.get(i).map(|s| &s.value),
+            _ => None,
+        }
+    }
+
+    fn depth(&self, v: Val) -> u8 {
+        match v {
+            Val::Cont(i) => self.conts.get(i).map_or(0, |s| s.depth),
+            _ => 0,
+        }
+    }
+
+    // ---- the opcodes -------------------------------------------------------------------------
+
+    /// Runs one opcode (not `STOP` or `FRAME`), reading its argument from `ops`.
+    fn step(&mut self, op: u8, ops: &mut Ops<'a>) -> Step<()> {
+        match op {
+            0x80 => {
+                let p = ops.uint(1)?;
+                if p > 5 {
+                    return None;
+                }
+                self.protocol = self.protocol.max(p as u8);
+            }
+            b'N' => self.stack.push(Val::None),
+            0x88 => self.stack.push(Val::Bool(true)),
+            0x89 => self.stack.push(Val::Bool(false)),
+            b'K' => self.stack.push(Val::Int(ops.uint(1)? as i64)),
+            b'M' => self.stack.push(Val::Int(ops.uint(2)? as i64)),
+            b'J' => self
+                .stack
+                .push(Val::Int(i64::from(ops.uint(4)? as u32 as i32))),
+            0x8a => {
+                let n = ops.uint(1)? as usize;
+                let b = ops.take(n)?;
+                if b.len() > 8 {
+                    return None;
+                }
+                let v = if b.is_empty() {
+                    0
+                } else {
+                    let negative = b[b.len() - 1] & 0x80 != 0;
+                    let mut a = [if negative { 0xff } else { 0 }; 8];
+                    a[..b.len()].copy_from_slice(b);
+                    i64::from_le_bytes(a)
+                };
+                self.stack.push(Val::Int(v));
+            }
+            b'G' => {
+                let b = ops.take(8)?;
+                self.stack
+                    .push(Val::Float(f64::from_be_bytes(b.try_into().ok()?)));
+            }
+            0x8c | b'X' | 0x8d => {
+                let b = ops.string_arg(op)?;
+                let v = self.string(b)?;
+                self.stack.push(v);
+            }
+            b')' => self.stack.push(Val::Dims(self.dims.len() as u32, 0)),
+            0x85..=0x87 => {
+                let n = (op - 0x84) as usize;
+                if self.stack.len() < self.floor() + n {
+                    return None;
+                }
+                let from = self.stack.len() - n;
+                let stack = std::mem::take(&mut self.stack);
+                let v = self.tuple(&stack[from..]);
+                self.stack = stack;
+                self.stack.truncate(from);
+                self.stack.push(v?);
+            }
+            b't' => {
+                let v = self.with_mark(|m, _, items| m.tuple(items))?;
+                self.stack.push(v);
+            }
+            b']' => {
+                let i = self.conts.alloc(Cont::List(Vec::new()), 1)?;
+                self.stack.push(Val::Cont(i));
+            }
+            b'}' => {
+                let d = self.spare_dicts.pop().unwrap_or_default();
+                let i = self.conts.alloc(Cont::Dict(d), 1)?;
+                self.stack.push(Val::Cont(i));
+            }
+            b'a' => {
+                let item = self.pop()?;
+                let target = self.top()?;
+                self.append(target, &[item])?;
+            }
+            b'e' => {
+                self.with_mark(|m, target, items| m.append(target?, items))?;
+            }
+            b's' => {
+                let value = self.pop()?;
+                let key = self.pop()?;
+                let target = self.top()?;
+                self.set_items(target, &[key, value])?;
+            }
+            b'u' => {
+                self.with_mark(|m, target, items| m.set_items(target?, items))?;
+            }
+            b'(' => {
+                if self.marks.len() as u32 >= self.limits.max_depth {
+                    return None;
+                }
+                self.marks.push(self.stack.len());
+            }
+            0x94 | b'q' | b'r' => {
+                match op {
+                    b'q' => ops.take(1)?,
+                    b'r' => ops.take(4)?,
+                    _ => &[],
+                };
+                // The first pass checked that every write is at the next index.
+                let v = self.top()?;
+                let i = self.memo_next;
+                self.memo_next = i.checked_add(1)?;
+                if let Some(r) = self.referenced.rank(i as usize) {
+                    self.pin(v);
+                    *self.memo.get_mut(r)? = Some(v);
+                }
+            }
+            b'h' | b'j' => {
+                let i = ops.uint(if op == b'h' { 1 } else { 4 })?;
+                let r = self.referenced.rank(usize::try_from(i).ok()?)?;
+                let v = (*self.memo.get(r)?)?;
+                self.stack.push(v);
+            }
+            b'c' => {
+                let (module, name) = (ops.line()?, ops.line()?);
+                let module = std::str::from_utf8(module).ok()?;
+                let n = std::str::from_utf8(name).ok()?;
+                let Val::Str(s, l) = self.string(name)? else {
+                    return None;
+                };
+                self.stack.push(Val::Global(class_of(module, n, (s, l))?));
+            }
+            0x93 => {
+                let name = self.pop()?;
+                let module = self.pop()?;
+                let (Some(m), Some(n), Val::Str(s, l)) =
+                    (self.str_of(module), self.str_of(name), name)
+                else {
+                    return None;
+                };
+                self.stack.push(Val::Global(class_of(m, n, (s, l))?));
+            }
+            b'R' => {
+                let args = self.pop()?;
+                let callable = self.pop()?;
+                let v = self.reduce(callable, args)?;
+                match v {
+                    // The dims stay with the size, the parts with the path: only the tuple that
+                    // held them goes.
+                    Val::Size(..) => self.release_shell(args),
+                    Val::Path(..) => {}
+                    _ => self.release(args),
+                }
+                self.stack.push(v);
+            }
+            0x81 => {
+                let args = self.pop()?;
+                let cls = self.pop()?;
+                let (Val::Global(c), Val::Dims(_, 0)) = (cls, args) else {
+                    return None;
+                };
+                if !matches!(
+                    c,
+                    Class::Metadata
+                        | Class::TensorStorage
+                        | Class::BytesStorage
+                        | Class::Chunk
+                        | Class::Properties
+                        | Class::Index
+                        | Class::StorageMeta
+                        | Class::StorageInfo
+                ) {
+                    return None;
+                }
+                let i = self.objs.alloc(Rec::Pending(c), 0)?;
+                self.stack.push(Val::Obj(i));
+            }
+            b'b' => {
+                let state = self.pop()?;
+                let Val::Obj(i) = self.top()? else {
+                    return None;
+                };
+                let class = match self.peek_obj(Val::Obj(i)) {
+                    Some(Rec::Pending(class)) => *class,
+                    _ => return None,
+                };
+                // The memo refers to the slot, so a GET after this BUILD reads the record.
+                let rec = self.build(class, state)?;
+                self.objs.get_mut(i)?.value = rec;
+            }
+            _ => return None,
+        }
+        Some(())
+    }
+
+    /// Room for the items of `state_dict_metadata` or `storage_data`, so that a million are never
+    /// copied as the vector grows: torch pickles either in more than 100 bytes an item (reserved
+    /// pages that are never written cost nothing). Only the first dict of each kind gets it (a
+    /// file of many small ones must not reserve for each), and a reservation the system refuses
+    /// is skipped.
+    fn reserve_once<T>(input_len: usize, done: &mut bool) -> Vec<T> {
+        let mut v = Vec::new();
+        if !*done {
+            *done = true;
+            let _ = v.try_reserve_exact(input_len / 100);
+        }
+        v
+    }
+
+    fn tuple(&mut self, items: &[Val]) -> Step<Val> {
+        if items.len() > self.limits.max_container {
+            return None;
+        }
+        if items.iter().all(|v| matches!(v, Val::Int(i) if *i >= 0)) {
+            let start = u32::try_from(self.dims.len()).ok()?;
+            self.dims.extend(items.iter().map(|v| match v {
+                Val::Int(i) => *i as u64,
+                _ => 0,
+            }));
+            return Some(Val::Dims(start, items.len() as u32));
+        }
+        if !items.iter().all(is_flat) {
+            return None;
+        }
+        let start = u32::try_from(self.tuples.len()).ok()?;
+        let len = items.len() as u32;
+        self.tuples.extend_from_slice(items);
+        Some(Val::Tup(start, len))
+    }
+
+    fn tuple_items(&self, v: Val) -> Option<&[Val]> {
+        match v {
+            Val::Tup(s, l) | Val::Path(s, l) => {
+                self.tuples.get(s as usize..s as usize + l as usize)
+            }
+            Val::Dims(_, 0) => Some(&[]),
+            _ => None,
+        }
+    }
+
+    fn reduce(&mut self, callable: Val, args: Val) -> Step<Val> {
+        let Val::Global(c) = callable else {
+            return None;
+        };
+        let items = self.tuple_items(args);
+        Some(match (c, items) {
+            (Class::Size, _) if matches!(args, Val::Dims(_, 0)) => {
+                Val::Size(self.dims.len() as u32, 0)
+            }
+            (Class::Size, Some([Val::Dims(s, l)])) => Val::Size(*s, *l),
+            (Class::Layout, Some([Val::Str(s, l)])) => Val::Layout(*s, *l),
+            (Class::MemFormat, Some([Val::Int(i)])) => Val::MemFormat(*i),
+            (Class::MemFormat, _) if matches!(args, Val::Dims(_, 1)) => {
+                let Val::Dims(s, l) = args else { return None };
+                Val::MemFormat(i64::try_from(self.dims_slice(s, l)?[0]).ok()?)
+            }
+            (Class::Path, Some(parts))
+                if !parts.is_empty() && parts.iter().all(|p| matches!(p, Val::Str(..))) =>
+            {
+                // The path keeps the tuple's span of the pool.
+                let Val::Tup(s, l) = args else { return None };
+                Val::Path(s, l)
+            }
+            _ => return None,
+        })
+    }
+
+    fn append(&mut self, target: Val, items: &[Val]) -> Step<()> {
+        let Val::Cont(t) = target else { return None };
+        let max = self.limits.max_container;
+        let chunks = matches!(self.conts.get(t)?.value, Cont::List(ref l) if l.is_empty())
+            && items
+                .first()
+                .is_some_and(|v| matches!(self.peek_obj(*v), Some(Rec::Chunk(_))));
+        if chunks {
+            self.conts.get_mut(t)?.value = Cont::Chunks(Vec::new());
+        }
+        if matches!(self.conts.get(t)?.value, Cont::Chunks(_)) {
+            let mut add = Vec::with_capacity(items.len());
+            for &v in items {
+                let Val::Obj(i) = v else { return None };
+                let Rec::Chunk(c) = self.take_obj(i)? else {
+                    return None;
+                };
+                self.release(v);
+                add.push(c);
+            }
+            let Cont::Chunks(list) = &mut self.conts.get_mut(t)?.value else {
+                return None;
+            };
+            if list.len() + add.len() > max {
+                return None;
+            }
+            list.extend(add);
+            return Some(());
+        }
+        let children = items.iter().map(|v| self.depth(*v)).max().unwrap_or(0);
+        let slot = self.conts.get_mut(t)?;
+        let pinned = slot.pinned;
+        let Cont::List(list) = &mut slot.value else {
+            return None;
+        };
+        if list.len() + items.len() > max {
+            return None;
+        }
+        slot.depth = slot.depth.max(children + 1);
+        if slot.depth > MAX_NESTING {
+            return None;
+        }
+        list.extend_from_slice(items);
+        if pinned {
+            for &v in items {
+                self.pin(v);
+            }
+        }
+        Some(())
+    }
+
+    fn set_items(&mut self, target: Val, flat: &[Val]) -> Step<()> {
+        if !flat.len().is_multiple_of(2) {
+            return None;
+        }
+        let Val::Cont(t) = target else { return None };
+        let max = self.limits.max_container;
+        if let Cont::Dict(d) = &self.conts.get(t)?.value
+            && d.is_empty()
+            && let [k, v, ..] = *flat
+        {
+            let kind = match (k, self.peek_obj(k), self.peek_obj(v)) {
+                (Val::Str(..), _, Some(Rec::Tensor(_) | Rec::Pending(Class::BytesStorage))) => {
+                    Some(Cont::Entries(Self::reserve_once(
+                        self.data.len(),
+                        &mut self.reserved_entries,
+                    )))
+                }
+                (_, Some(Rec::Index(..)), Some(Rec::Info(_))) => Some(Cont::Storage(
+                    Self::reserve_once(self.data.len(), &mut self.reserved_storage),
+                )),
+                _ => None,
+            };
+            if let Some(kind) = kind {
+                self.conts.get_mut(t)?.value = kind;
+            }
+        }
+        match &self.conts.get(t)?.value {
+            Cont::Entries(_) => {
+                let mut add = Vec::with_capacity(flat.len() / 2);
+                for pair in flat.chunks_exact(2) {
+                    let (k, v) = (pair[0], pair[1]);
+                    let fqn = self.str_of(k)?;
+                    let Val::Obj(i) = v else { return None };
+                    let entry = match self.take_obj(i)? {
+                        Rec::Tensor(t) => EntryMeta::Tensor(*t),
+                        Rec::Pending(Class::BytesStorage) => EntryMeta::Bytes,
+                        _ => return None,
+                    };
+                    self.release(v);
+                    add.push(Entry::new(self.intern.get(fqn), entry));
+                }
+                let Cont::Entries(e) = &mut self.conts.get_mut(t)?.value else {
+                    return None;
+                };
+                if e.len() + add.len() > max {
+                    return None;
+                }
+                e.extend(add);
+            }
+            Cont::Storage(_) => {
+                let mut add = Vec::with_capacity(flat.len() / 2);
+                for pair in flat.chunks_exact(2) {
+                    let (k, v) = (pair[0], pair[1]);
+                    let (Val::Obj(ki), Val::Obj(vi)) = (k, v) else {
+                        return None;
+                    };
+                    let (Rec::Index(fqn, offset), Rec::Info(info)) =
+                        (self.take_obj(ki)?, self.take_obj(vi)?)
+                    else {
+                        return None;
+                    };
+                    self.release(v);
+                    self.release(k);
+                    add.push(Storage {
+                        metadata_file: 0,
+                        fqn,
+                        chunk_offsets: offset,
+                        info,
+                        chunk: None,
+                    });
+                }
+                let Cont::Storage(s) = &mut self.conts.get_mut(t)?.value else {
+                    return None;
+                };
+                if s.len() + add.len() > max {
+                    return None;
+                }
+                s.extend(add);
+            }
+            Cont::Dict(_) => {
+                let children = flat.iter().map(|v| self.depth(*v)).max().unwrap_or(0);
+                let slot = self.conts.get_mut(t)?;
+                let pinned = slot.pinned;
+                let Cont::Dict(d) = &mut slot.value else {
+                    return None;
+                };
+                if d.len() + flat.len() / 2 > max {
+                    return None;
+                }
+                slot.depth = slot.depth.max(children + 1);
+                if slot.depth > MAX_NESTING {
+                    return None;
+                }
+                d.extend(flat.chunks_exact(2).map(|p| (p[0], p[1])));
+                if pinned {
+                    for &v in flat {
+                        self.pin(v);
+                    }
+                }
+            }
+            _ => return None,
+        }
+        Some(())
+    }
+
+    // ---- objects -----------------------------------------------------------------------------
+
+    /// The fields of an object's state dict that `names` lists (the last value of a key set twice,
+    /// `None` values as absent, as the model reads them), and the pairs to release afterwards.
+    fn fields<const N: usize>(&mut self, state: Val, names: [&str; N]) -> Step<Fields<N>> {
+        let Val::Cont(i) = state else { return None };
+        let (Cont::Dict(pairs), owned) = self.take_cont(i)? else {
+            return None;
+        };
+        let mut out = [None; N];
+        for (k, v) in &pairs {
+            let Val::Str(..) = k else { return None };
+            if let Some(f) = names.iter().position(|n| self.is_str(*k, n)) {
+                out[f] = Some(*v);
+            }
+        }
+        for v in &mut out {
+            if *v == Some(Val::None) {
+                *v = None;
+            }
+        }
+        Some(Fields {
+            values: out,
+            pairs,
+            owned,
+        })
+    }
+
+    /// Releases a state dict after its fields were read.
+    fn release_state<const N: usize>(&mut self, state: Val, fields: Fields<N>) {
+        let Fields {
+            mut pairs, owned, ..
+        } = fields;
+        if owned {
+            for (k, v) in pairs.drain(..).rev() {
+                self.release(v);
+                self.release(k);
+            }
+            self.spare_dicts.push(pairs);
+        }
+        self.release(state);
+    }
+
+    fn dims_of(&self, v: Val) -> Option<Box<[u64]>> {
+        match v {
+            Val::Size(s, l) | Val::Dims(s, l) => self.dims_slice(s, l).map(Into::into),
+            _ => None,
+        }
+    }
+
+    fn uint(v: Val) -> Option<u64> {
+        match v {
+            Val::Int(i) => u64::try_from(i).ok(),
+            _ => None,
+        }
+    }
+
+    fn bool(v: Val) -> Option<bool> {
+        match v {
+            Val::Bool(b) => Some(b),
+            Val::Int(0) => Some(false),
+            Val::Int(1) => Some(true),
+            _ => None,
+        }
+    }
+
+    /// A string, or a `pathlib` path joined as the model joins it.
+    fn path_like(&self, v: Val) -> Option<String> {
+        if let Some(s) = self.str_of(v) {
+            return Some(s.to_owned());
+        }
+        let Val::Path(..) = v else { return None };
+        let mut out = String::new();
+        for part in self.tuple_items(v)? {
+            let part = self.str_of(*part)?;
+            if !out.is_empty() && !out.ends_with('/') {
+                out.push('/');
+            }
+            out.push_str(part);
+        }
+        Some(out)
+    }
+
+    /// The strings of a list or tuple.
+    fn strings(&mut self, v: Val) -> Option<Vec<String>> {
+        let items: Vec<Val> = match v {
+            Val::Cont(i) => match &self.conts.get(i)?.value {
+                Cont::List(l) => l.clone(),
+                _ => return None,
+            },
+            v => self.tuple_items(v)?.to_vec(),
+        };
+        items
+            .iter()
+            .map(|s| self.str_of(*s).map(str::to_owned))
+            .collect()
+    }
+
+    fn build(&mut self, class: Class, state: Val) -> Step<Rec> {
+        let rec = match class {
+            Class::Chunk => {
+                let f = self.fields(state, ["offsets", "sizes"])?;
+                let [offsets, sizes] = f.values;
+                let rec = Rec::Chunk(ChunkMeta {
+                    offsets: self.dims_of(offsets?)?,
+                    sizes: self.dims_of(sizes?)?,
+                });
+                self.release_state(state, f);
+                rec
+            }
+            Class::Index => {
+                let f = self.fields(state, ["fqn", "offset", "index"])?;
+                let [fqn, offset, index] = f.values;
+                let fqn = self.intern_span(fqn?, |m| &mut m.last_fqn)?;
+                let offset = match offset {
+                    Some(o) => Some(self.dims_of(o)?),
+                    None => None,
+                };
+                if let Some(i) = index {
+                    let Val::Int(_) = i else { return None };
+                }
+                self.release_state(state, f);
+                Rec::Index(fqn, offset)
+            }
+            Class::StorageInfo => {
+                let f = self.fields(
+                    state,
+                    ["relative_path", "offset", "length", "transform_descriptors"],
+                )?;
+                let [path, offset, length, transforms] = f.values;
+                let transform_descriptors = match transforms {
+                    Some(t) => self.strings(t)?,
+                    None => Vec::new(),
+                };
+                let path = path?;
+                let relative_path = match path {
+                    Val::Str(..) => self.intern_span(path, |m| &mut m.last_path)?,
+                    _ => {
+                        let p = self.path_like(path)?;
+                        self.intern.get(&p)
+                    }
+                };
+                let info = StorageInfo {
+                    relative_path,
+                    offset: Self::uint(offset?)?,
+                    length: Self::uint(length?)?,
+                    transform_descriptors,
+                };
+                self.release_state(state, f);
+                Rec::Info(info)
+            }
+            Class::Properties => {
+                let items = match state {
+                    Val::Tup(..) => self.tuple_items(state)?.to_vec(),
+                    _ => return None,
+                };
+                if items.len() != 5 && items.len() != 6 {
+                    return None;
+                }
+                let Val::Global(Class::Dtype(s, l)) = items[0] else {
+                    return None;
+                };
+                let name = std::str::from_utf8(self.span(s, l)).ok()?;
+                let layout = match items[1] {
+                    Val::None => self.intern.get("strided"),
+                    Val::Layout(s, l) => {
+                        let n = std::str::from_utf8(self.span(s, l)).ok()?;
+                        self.intern.get(n.strip_prefix("torch.").unwrap_or(n))
+                    }
+                    _ => return None,
+                };
+                let memory_format = match items[3] {
+                    Val::None => self.intern.get("contiguous_format"),
+                    Val::MemFormat(i) => self.intern.get(&model::memory_format_name(i)),
+                    _ => return None,
+                };
+                let strides = match items.get(5) {
+                    None | Some(Val::None) => None,
+                    Some(Val::Dims(s, l)) => Some(
+                        self.dims_slice(*s, *l)?
+                            .iter()
+                            .map(|d| i64::try_from(*d).ok())
+                            .collect::<Option<Vec<i64>>>()?,
+                    ),
+                    Some(Val::Tup(..)) => Some(
+                        self.tuple_items(items[5])?
+                            .iter()
+                            .map(|d| match d {
+                                Val::Int(i) => Some(*i),
+                                _ => None,
+                            })
+                            .collect::<Option<Vec<i64>>>()?,
+                    ),
+                    _ => return None,
+                };
+                let t = TensorMeta {
+                    dtype: self.intern.get(dtype::canonical(name)),
+                    layout,
+                    requires_grad: Self::bool(items[2])?,
+                    memory_format,
+                    pin_memory: Self::bool(items[4])?,
+                    strides,
+                    shape: Vec::new(),
+                    chunks: Vec::new(),
+                };
+                self.release(state);
+                Rec::Properties(Box::new(t))
+            }
+            Class::TensorStorage => {
+                let f = self.fields(state, ["properties", "size", "chunks"])?;
+                let [props, size, chunks] = f.values;
+                let (Val::Obj(pi), size) = (props?, size?) else {
+                    return None;
+                };
+                let shape = self.dims_of(size)?.into_vec();
+                let Rec::Properties(mut t) = self.take_obj(pi)? else {
+                    return None;
+                };
+                t.shape = shape;
+                if let Some(c) = chunks {
+                    let Val::Cont(ci) = c else { return None };
+                    t.chunks = match self.take_cont(ci)? {
+                        (Cont::Chunks(c), _) => c,
+                        (Cont::List(l), _) if l.is_empty() => Vec::new(),
+                        _ => return None,
+                    };
+                }
+                self.release_state(state, f);
+                Rec::Tensor(t)
+            }
+            Class::BytesStorage => {
+                // The model reads nothing of its state.
+                let (Val::Cont(_) | Val::None) = state else {
+                    return None;
+                };
+                self.release(state);
+                Rec::Pending(Class::BytesStorage)
+            }
+            Class::StorageMeta => {
+                let f = self.fields(state, ["checkpoint_id", "save_id", "load_id", "modules"])?;
+                let [id, save, load, modules] = f.values;
+                let mut sm = StorageMeta::default();
+                if let Some(v) = id {
+                    sm.checkpoint_id = Some(self.path_like(v)?);
+                }
+                if let Some(v) = save {
+                    sm.save_id = Some(self.str_of(v)?.to_owned());
+                }
+                if let Some(v) = load {
+                    sm.load_id = Some(self.str_of(v)?.to_owned());
+                }
+                if let Some(v) = modules {
+                    sm.modules = self.strings(v)?;
+                }
+                self.release_state(state, f);
+                Rec::StorageMeta(Box::new(sm))
+            }
+            Class::Metadata => {
+                let f = self.fields(
+                    state,
+                    [
+                        "version",
+                        "storage_meta",
+                        "state_dict_metadata",
+                        "storage_data",
+                        "planner_data",
+                    ],
+                )?;
+                let [version, storage_meta, sdm, storage, planner] = f.values;
+                let mut md = RankMetadata::default();
+                if let Some(v) = version {
+                    md.version = Some(self.str_of(v)?.to_owned());
+                }
+                if let Some(v) = storage_meta {
+                    let Val::Obj(i) = v else { return None };
+                    let Rec::StorageMeta(sm) = self.take_obj(i)? else {
+                        return None;
+                    };
+                    md.storage_meta = Some(*sm);
+                }
+                let Val::Cont(i) = sdm? else { return None };
+                let entries = match self.take_cont(i)? {
+                    (Cont::Entries(e), _) => e,
+                    (Cont::Dict(d), _) if d.is_empty() => Vec::new(),
+                    _ => return None,
+                };
+                md.entries = model::dedup_entries(entries, &mut md.duplicate_keys);
+                if let Some(v) = storage {
+                    let Val::Cont(i) = v else { return None };
+                    md.storage = match self.take_cont(i)? {
+                        (Cont::Storage(s), _) => s,
+                        (Cont::Dict(d), _) if d.is_empty() => Vec::new(),
+                        _ => return None,
+                    };
+                }
+                if let Some(v) = planner {
+                    md.planner_data = self.planner_data(v)?;
+                }
+                self.release_state(state, f);
+                Rec::Metadata(Box::new(md))
+            }
+            _ => return None,
+        };
+        Some(rec)
+    }
+
+    /// `planner_data`, or `Some(None)` where the model drops it (advisory data in another shape).
+    fn planner_data(&self, v: Val) -> Option<Option<PlannerData>> {
+        let Val::Cont(i) = v else { return None };
+        let Cont::Dict(pairs) = &self.conts.get(i)?.value else {
+            return None;
+        };
+        let mut out = Vec::with_capacity(pairs.len());
+        for (k, path) in pairs {
+            let Some(fqn) = self.str_of(*k) else {
+                return Some(None);
+            };
+            let parts: Option<Vec<PathPart>> = match path {
+                Val::Dims(s, l) => Some(
+                    self.dims_slice(*s, *l)?
+                        .iter()
+                        .map(|d| i64::try_from(*d).ok().map(PathPart::Index))
+                        .collect::<Option<_>>()?,
+                ),
+                Val::Tup(..) => self
+                    .tuple_items(*path)?
+                    .iter()
+                    .map(|p| match p {
+                        Val::Str(..) => self.str_of(*p).map(|s| PathPart::Key(s.to_owned())),
+                        Val::Int(i) => Some(PathPart::Index(*i)),
+                        _ => None,
+                    })
+                    .collect(),
+                // A list, or anything else: the general reader decides.
+                _ => return None,
+            };
+            match parts {
+                Some(parts) => out.push((fqn.to_owned(), parts)),
+                None => return Some(None),
+            }
+        }
+        Some(Some(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::path::{Path, PathBuf};
+
+    fn agrees(data: &[u8]) -> bool {
+        check_against_general(data)
+    }
+
+    fn metadata_files(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                out.extend(metadata_files(&p));
+            } else if p
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().ends_with(".metadata"))
+            {
+                out.push(p);
+            }
+        }
+        out.sort();
+        out
+    }
+
+    fn root() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    }
+
+    /// Every torch-written fixture: the same model both ways; only those in shapes the fast path
+    /// leaves to the general one (protocols 0 and 1, Megatron's save plans) fall back.
+    #[test]
+    fn fixtures_read_the_same_both_ways() {
+        let mut fast = Vec::new();
+        let mut general_only = Vec::new();
+        for f in metadata_files(&root().join("fixtures")) {
+            let data = std::fs::read(&f).unwrap();
+            if agrees(&data) {
+                fast.push(f);
+            } else {
+                general_only.push(f);
+            }
+        }
+        let names = |v: &[PathBuf]| {
+            v.iter()
+                .map(|p| p.strip_prefix(root()).unwrap().display().to_string())
+                .collect::<Vec<_>>()
+        };
+        assert!(fast.len() >= 10, "fast: {:?}", names(&fast));
+        for f in names(&general_only) {
+            assert!(
+                ["protocol0", "protocol1", "megatron"]
+                    .iter()
+                    .any(|d| f.contains(d)),
+                "{f} takes the general path"
+            );
+        }
+    }
+
+    /// The hostile corpus: whatever the fast path reads agrees (most give up, for the general path
+    /// to report).
+    #[test]
+    fn hostile_files_agree_or_fall_back() {
+        for f in metadata_files(&root().join("tests/hostile")) {
+            let data = std::fs::read(&f).unwrap();
+            agrees(&data);
+        }
+    }
+
+    fn seeds() -> Vec<Vec<u8>> {
+        [
+            "fixtures/single",
+            "fixtures/per_rank",
+            "fixtures/zstd",
+            "fixtures/torch2_5",
+        ]
+        .iter()
+        .flat_map(|d| metadata_files(&root().join(d)))
+        .map(|f| std::fs::read(f).unwrap())
+        .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+        /// Damaged torch files: the fast path never disagrees with the general one and never
+        /// panics.
+        #[test]
+        fn damaged_files_agree_or_fall_back(
+            seed in any::<prop::sample::Index>(),
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+            cut in any::<Option<prop::sample::Index>>(),
+        ) {
+            let seeds = seeds();
+            let mut data = seed.get(&seeds).clone();
+            for (i, b) in flips {
+                let i = i.index(data.len());
+                data[i] = b;
+            }
+            if let Some(c) = cut {
+                data.truncate(c.index(data.len()));
+            }
+            agrees(&data);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = read(&data, Limits::default());
+        }
+    }
+}
