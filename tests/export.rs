@@ -662,3 +662,36 @@ fn a_chunk_larger_than_its_item_is_refused_before_anything_is_written() {
     );
     assert!(std::fs::read_dir(out.path()).unwrap().next().is_none());
 }
+
+#[test]
+fn a_failed_export_over_an_earlier_one_keeps_it() {
+    let out = tempfile::tempdir().unwrap();
+    let hf = out.path().join("hf");
+    let large = fixture("large").display().to_string();
+    ok(&export(&[
+        &large,
+        "--max-shard-size",
+        "600KiB",
+        "-o",
+        hf.to_str().unwrap(),
+    ]));
+    let before = common::snapshot(&hf);
+    assert_eq!(before.len(), 4, "{before:?}");
+    // The same export with --force from a corrupt copy fails: the earlier one is still whole.
+    let dir = common::copy_fixture("large");
+    let shard = dir.path().join("__0_0.distcp");
+    let mut bytes = read(&shard);
+    let flip = bytes.len() / 2;
+    bytes[flip] ^= 1;
+    std::fs::write(&shard, &bytes).unwrap();
+    let run = export(&[
+        dir.path().to_str().unwrap(),
+        "--max-shard-size",
+        "1MiB",
+        "-o",
+        hf.to_str().unwrap(),
+        "--force",
+    ]);
+    assert_eq!(run.status.code(), Some(1));
+    assert_eq!(common::snapshot(&hf), before);
+}

@@ -4,7 +4,8 @@
 //! created anew (a stale temporary or a planted link at that name is removed, never followed),
 //! its bytes placed at their offsets, then synced and renamed: the output never exists under its
 //! final name until it is complete. A folder's files are renamed once all are complete, and its
-//! `model.safetensors.index.json` comes last. Without `--force` an existing output is refused, by
+//! `model.safetensors.index.json` comes last; with `--force`, an earlier export's index goes
+//! first and its other files once the new ones are in place, so a failed export leaves it whole. Without `--force` an existing output is refused, by
 //! the rename itself (`RENAME_NOREPLACE`) and, for a clear message, before the fetch.
 //!
 //! On stdout the bytes must go in order: a piece that arrives before its turn waits in a scratch
@@ -76,6 +77,8 @@ enum Writer {
         /// The folder's index, written last.
         index: Option<Vec<u8>>,
         force: bool,
+        /// An earlier export's files in the folder (`--force`), kept until this one is complete.
+        earlier: Vec<String>,
     },
     Stream {
         out: Box<dyn Write + Send>,
@@ -150,6 +153,7 @@ impl Output {
                         files,
                         index: None,
                         force,
+                        earlier: Vec::new(),
                     },
                     shown: path.display().to_string(),
                     names: vec![leaf],
@@ -162,21 +166,12 @@ impl Output {
                     .into_iter()
                     .filter(|n| n == INDEX || is_shard_name(n))
                     .collect();
-                if !earlier.is_empty() {
-                    if !force {
-                        return refuse(format!(
-                            "{} already holds an export ({}; pass --force to replace it)",
-                            path.display(),
-                            earlier.join(", ")
-                        ));
-                    }
-                    // The index goes first: a reader never sees it name files that are gone.
-                    for n in earlier.iter().filter(|n| *n == INDEX) {
-                        dir.remove(n)?;
-                    }
-                    for n in earlier.iter().filter(|n| *n != INDEX) {
-                        dir.remove(n)?;
-                    }
+                if !earlier.is_empty() && !force {
+                    return refuse(format!(
+                        "{} already holds an export ({}; pass --force to replace it)",
+                        path.display(),
+                        earlier.join(", ")
+                    ));
                 }
                 let mut files = Vec::new();
                 for (i, f) in layout.files.iter().enumerate() {
@@ -195,6 +190,7 @@ impl Output {
                         files,
                         index: Some(index),
                         force: true,
+                        earlier,
                     },
                     shown: path.display().to_string(),
                     names,
@@ -321,6 +317,7 @@ impl Output {
                 files,
                 index,
                 force,
+                earlier,
             } => {
                 for w in files.iter() {
                     w.file.sync_all().map_err(SinkError::io(format!(
@@ -328,8 +325,19 @@ impl Output {
                         dir.shown(&w.temporary).display()
                     )))?;
                 }
+                // An earlier export's index goes first, so that no reader follows it to files
+                // that are replaced or gone; its other files go once this one's are in place.
+                if index.is_some() {
+                    dir.remove(INDEX)?;
+                    dir.sync()?;
+                }
                 for w in files.iter() {
                     rename(dir, &w.temporary, &w.name, *force)?;
+                }
+                for n in earlier.iter() {
+                    if n != INDEX && !files.iter().any(|w| &w.name == n) {
+                        dir.remove(n)?;
+                    }
                 }
                 if let Some(index) = index {
                     let tmp = temporary(INDEX);
