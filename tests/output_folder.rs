@@ -31,6 +31,19 @@ fn fetch(src: &Path, out: &Path, extra: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `fetch --resume` of `model` into `out` without --quiet, so that its warnings show.
+fn resume_loud(out: &Path) -> Output {
+    dcpfetch()
+        .arg("fetch")
+        .arg(fixture("model"))
+        .arg("-o")
+        .arg(out)
+        .args(["--json", "--resume", "--no-progress"])
+        .timeout(Duration::from_secs(60))
+        .output()
+        .unwrap()
+}
+
 fn ok(out: &Output) -> Value {
     assert!(
         out.status.success(),
@@ -266,14 +279,7 @@ fn resume_fetches_again_an_item_whose_bytes_changed() {
     let at = (*start + (end - start) / 2) as usize;
     data[at] ^= 0xff;
     std::fs::write(&path, &data).unwrap();
-    let run = dcpfetch()
-        .arg("fetch")
-        .arg(fixture("model"))
-        .arg("-o")
-        .arg(&out)
-        .args(["--json", "--resume", "--no-progress"])
-        .output()
-        .unwrap();
+    let run = resume_loud(&out);
     let s = ok(&run);
     assert_eq!(s["items_already_present"], 5, "{s:#}");
     assert_eq!(s["items"], 115);
@@ -334,15 +340,7 @@ fn a_damaged_journal_vouches_only_for_what_it_can_prove() {
         std::fs::write(&journal, damage(&text)).unwrap();
         // Without --resume or --force, a folder with a journal is still an earlier fetch.
         refused(&fetch(&fixture("model"), &out, &[]), &["--resume"]);
-        // Not --quiet, so that the warning shows.
-        let run = dcpfetch()
-            .arg("fetch")
-            .arg(fixture("model"))
-            .arg("-o")
-            .arg(&out)
-            .args(["--json", "--resume", "--no-progress"])
-            .output()
-            .unwrap();
+        let run = resume_loud(&out);
         let s = ok(&run);
         assert_eq!(s["items_already_present"], trusted, "{what}");
         let err = String::from_utf8_lossy(&run.stderr);
