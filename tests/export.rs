@@ -695,3 +695,16 @@ fn a_failed_export_over_an_earlier_one_keeps_it() {
     assert_eq!(run.status.code(), Some(1));
     assert_eq!(common::snapshot(&hf), before);
 }
+
+#[test]
+fn an_export_refused_by_the_engine_leaves_nothing() {
+    // Parts larger than --max-memory: the engine refuses before fetching, after the output's
+    // temporary was created; it goes with the refusal.
+    let out = tempfile::tempdir().unwrap();
+    let file = out.path().join("x.safetensors");
+    let large = fixture("large").display().to_string();
+    let run = export(&[&large, "-o", file.to_str().unwrap(), "--max-memory", "4MiB"]);
+    assert_eq!(run.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("must not exceed --max-memory"));
+    assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
+}

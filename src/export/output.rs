@@ -99,6 +99,18 @@ pub struct Output {
     pub shown: String,
     /// The files written, relative to the output (a folder's), for the summary.
     pub names: Vec<String>,
+    /// Published: the temporaries are the output now.
+    published: bool,
+}
+
+/// An output dropped before it was published (any error, before or during the fetch) takes its
+/// temporaries with it.
+impl Drop for Output {
+    fn drop(&mut self) {
+        if !self.published {
+            self.abandon();
+        }
+    }
 }
 
 impl std::fmt::Debug for Output {
@@ -157,6 +169,7 @@ impl Output {
                     },
                     shown: path.display().to_string(),
                     names: vec![leaf],
+                    published: false,
                 })
             }
             Target::Folder(path) => {
@@ -194,6 +207,7 @@ impl Output {
                     },
                     shown: path.display().to_string(),
                     names,
+                    published: false,
                 })
             }
         }
@@ -214,6 +228,7 @@ impl Output {
             },
             shown: "-".into(),
             names: Vec::new(),
+            published: false,
         })
     }
 
@@ -301,6 +316,12 @@ impl Output {
 
     /// Makes the output complete and durable, under its final names.
     pub fn publish(&mut self) -> Result<(), SinkError> {
+        self.put_in_place()?;
+        self.published = true;
+        Ok(())
+    }
+
+    fn put_in_place(&mut self) -> Result<(), SinkError> {
         match &mut self.writer {
             Writer::Stream {
                 out, cursor, total, ..
