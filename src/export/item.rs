@@ -47,19 +47,10 @@ fn storage_record<'r>(
     records: &'r [Record],
     expect: Expect<'_>,
 ) -> Result<&'r Record, String> {
-    if dtype::canonical(&t.dtype) != dtype::canonical(expect.dtype) {
-        return Err(format!(
-            "the item holds {}, the metadata says {}",
-            t.dtype, expect.dtype
-        ));
+    if let Some(difference) = t.differences(expect.dtype, expect.sizes).into_iter().next() {
+        return Err(difference);
     }
-    if t.size != expect.sizes {
-        return Err(format!(
-            "the item holds a tensor of size {:?}, the chunk is {:?}",
-            t.size, expect.sizes
-        ));
-    }
-    let suffix = format!("/data/{}", t.key);
+    let suffix = t.storage_suffix();
     let record = records
         .iter()
         .find(|r| r.name.ends_with(&suffix))
@@ -113,22 +104,7 @@ pub fn locate(
         }
         None
     };
-    let records = archive::locate(len, tail_start, &bytes)?;
-    let pkl = records
-        .iter()
-        .find(|r| r.name.ends_with("/data.pkl"))
-        .ok_or("the archive has no data.pkl record")?;
-    let pkl_crc = pkl.crc;
-    let pkl = bytes(pkl.data.start, pkl.data.end)
-        .ok_or("data.pkl is not among the item's first bytes")?;
-    let actual = crc32fast::hash(&pkl);
-    if pkl_crc != 0 && actual != pkl_crc {
-        return Err(format!(
-            "record data.pkl: CRC32 is {actual:08x}, the archive says {pkl_crc:08x}"
-        ));
-    }
-    let t = tensor::read(&pkl)?;
-    let record = storage_record(&t, &records, expect)?;
+    let (t, record) = read_tensor(len, tail_start, &bytes, expect)?;
     if !contiguous(&t) {
         return Ok(None);
     }
@@ -142,9 +118,31 @@ pub fn locate(
     }))
 }
 
-/// Checks a record's CRC32 (a record saved without one, CRC 0, passes).
-fn check_crc(item: &[u8], r: &Record) -> Result<(), String> {
-    let actual = crc32fast::hash(&item[r.data.start as usize..r.data.end as usize]);
+/// The tensor an archive of `len` bytes holds (its `data.pkl` read, CRC checked, and checked
+/// against the chunk) and the record of its storage, reading bytes with `bytes(a, b)` (the end
+/// records looked for from `window_from` on).
+fn read_tensor<'b>(
+    len: u64,
+    window_from: u64,
+    bytes: &dyn Fn(u64, u64) -> Option<Cow<'b, [u8]>>,
+    expect: Expect<'_>,
+) -> Result<(StoredTensor, Record), String> {
+    let records = archive::locate(len, window_from, bytes)?;
+    let pkl = records
+        .iter()
+        .find(|r| r.name.ends_with("/data.pkl"))
+        .ok_or("the archive has no data.pkl record")?;
+    let data = bytes(pkl.data.start, pkl.data.end)
+        .ok_or("data.pkl is not among the item's first bytes")?;
+    check_crc(&data, pkl)?;
+    let t = tensor::read(&data)?;
+    let record = storage_record(&t, &records, expect)?.clone();
+    Ok((t, record))
+}
+
+/// Checks a record's CRC32 against its `data` (a record saved without one, CRC 0, passes).
+fn check_crc(data: &[u8], r: &Record) -> Result<(), String> {
+    let actual = crc32fast::hash(data);
     if r.crc != 0 && actual != r.crc {
         return Err(format!(
             "record {} (bytes {}..{} of the item): CRC32 is {actual:08x}, the archive says {:08x}",
@@ -157,18 +155,14 @@ fn check_crc(item: &[u8], r: &Record) -> Result<(), String> {
 /// The chunk's row-major bytes from a whole item (the CRCs of its pickle and storage checked).
 pub fn gather<'i>(item: &'i [u8], expect: Expect<'_>) -> Result<Cow<'i, [u8]>, String> {
     let len = item.len() as u64;
-    let records = archive::locate(len, 0, &|a, b| {
-        (a <= b && b <= len).then(|| Cow::Borrowed(&item[a as usize..b as usize]))
-    })?;
-    let pkl = records
-        .iter()
-        .find(|r| r.name.ends_with("/data.pkl"))
-        .ok_or("the archive has no data.pkl record")?;
-    check_crc(item, pkl)?;
-    let t = tensor::read(&item[pkl.data.start as usize..pkl.data.end as usize])?;
-    let record = storage_record(&t, &records, expect)?;
-    check_crc(item, record)?;
+    let (t, record) = read_tensor(
+        len,
+        0,
+        &|a, b| (a <= b && b <= len).then(|| Cow::Borrowed(&item[a as usize..b as usize])),
+        expect,
+    )?;
     let storage = &item[record.data.start as usize..record.data.end as usize];
+    check_crc(storage, &record)?;
     let elem = dtype::element_size(&t.dtype).expect("checked by storage_record") as usize;
     let numel = t.size.iter().product::<u64>() as usize;
     let offset = t.storage_offset as usize * elem;

@@ -128,35 +128,31 @@ impl Output {
         match target {
             Target::Stdout => {
                 use std::io::IsTerminal;
-                use std::os::fd::AsFd;
                 if std::io::stdout().is_terminal() {
                     return refuse(
                         "stdout is a terminal; redirect it to a file or a pipe (or give -o FILE)"
                             .into(),
                     );
                 }
-                let fd = std::io::stdout()
-                    .as_fd()
-                    .try_clone_to_owned()
-                    .map_err(SinkError::io("duplicating stdout"))?;
-                Output::stream(Box::new(File::from(fd)), layout)
+                Output::stream(Box::new(crate::sink::stream::stdout_file()?), layout)
             }
             Target::File(path) => {
                 let (parent, leaf) = split(path)?;
                 let dir = Dir::open_root(&parent)?;
-                if rustix::fs::statat(&dir, leaf.as_str(), AtFlags::SYMLINK_NOFOLLOW)
-                    .is_ok_and(|st| rustix::fs::FileType::from_raw_mode(st.st_mode).is_dir())
-                {
-                    return refuse(format!(
-                        "{} is a folder (give a file name, or --max-shard-size to write a folder)",
-                        path.display()
-                    ));
-                }
-                if !force && exists(&dir, &leaf) {
-                    return refuse(format!(
-                        "{} exists (pass --force to replace it)",
-                        path.display()
-                    ));
+                match rustix::fs::statat(&dir, leaf.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
+                    Ok(st) if rustix::fs::FileType::from_raw_mode(st.st_mode).is_dir() => {
+                        return refuse(format!(
+                            "{} is a folder (give a file name, or --max-shard-size to write a folder)",
+                            path.display()
+                        ));
+                    }
+                    Ok(_) if !force => {
+                        return refuse(format!(
+                            "{} exists (pass --force to replace it)",
+                            path.display()
+                        ));
+                    }
+                    _ => {}
                 }
                 let files = vec![Self::temporary_file(&dir, &leaf, layout, 0)?];
                 Ok(Output {
@@ -377,7 +373,7 @@ impl Output {
     }
 
     /// Removes what an unfinished export wrote (its temporaries).
-    pub fn abandon(&mut self) {
+    fn abandon(&mut self) {
         if let Writer::Files { dir, files, .. } = &self.writer {
             for w in files {
                 let _ = dir.remove(&w.temporary);

@@ -272,9 +272,4 @@ impl Sink for ExportSink {
         }
         self.output.publish()
     }
-
-    fn interrupted(&mut self) -> Result<(), SinkError> {
-        self.output.abandon();
-        Ok(())
-    }
 }

@@ -18,6 +18,30 @@ pub struct StoredTensor {
 }
 
 impl StoredTensor {
+    /// How the tensor differs from the chunk the metadata describes (its `dtype`, canonical as
+    /// the metadata's are, and its `sizes`), in words; empty when it does not.
+    pub fn differences(&self, dtype: &str, sizes: &[u64]) -> Vec<String> {
+        let mut out = Vec::new();
+        if dtype::canonical(&self.dtype) != dtype {
+            out.push(format!(
+                "the item holds {}, the metadata says {dtype}",
+                self.dtype
+            ));
+        }
+        if *self.size != *sizes {
+            out.push(format!(
+                "the item holds a tensor of size {:?}, the chunk is {sizes:?}",
+                self.size
+            ));
+        }
+        out
+    }
+
+    /// How the name of the record that holds its storage ends (`/data/<key>`).
+    pub fn storage_suffix(&self) -> String {
+        format!("/data/{}", self.key)
+    }
+
     /// Elements of the storage the tensor reaches: offset plus the span of its strides.
     pub fn required_elements(&self) -> Option<u64> {
         if self.size.contains(&0) {

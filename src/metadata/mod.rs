@@ -695,7 +695,7 @@ impl Checkpoint {
 }
 
 /// The rank of a per-rank metadata file name (`__3.metadata` -> 3).
-fn rank_metadata(name: &str) -> Option<u64> {
+pub fn rank_metadata(name: &str) -> Option<u64> {
     let digits = name.strip_prefix("__")?.strip_suffix(METADATA_FILE)?;
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;

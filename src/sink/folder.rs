@@ -25,7 +25,7 @@ use super::dir::{Dir, FileId, check_regular, id_of};
 use super::journal::{self, Earlier, Finished, Identity, Limits};
 use super::runs::CrcRuns;
 use crate::fetch::{Sink, SinkError};
-use crate::metadata::Checkpoint;
+use crate::metadata::{Checkpoint, rank_metadata};
 use crate::plan::{FilePlan, PlanItem, Share, Split};
 use crate::source::{Location, ObjectMeta, ObjectName};
 use crate::units::{count, sha256_hex};
@@ -926,7 +926,7 @@ fn unpublish(
     // Per-rank metadata files this checkpoint does not have (an earlier fetch of another one
     // into this folder, with --force): a reader would merge them with this checkpoint's.
     for leaf in root.names()? {
-        if is_rank_metadata(&leaf) && !metadata.iter().any(|(n, _)| n.as_str() == leaf) {
+        if rank_metadata(&leaf).is_some() && !metadata.iter().any(|(n, _)| n.as_str() == leaf) {
             root.remove(&leaf)?;
         }
     }
@@ -935,13 +935,6 @@ fn unpublish(
         root.remove(METADATA)?;
     }
     root.sync()
-}
-
-/// Whether a name is a rank's metadata file (`__3.metadata`).
-fn is_rank_metadata(name: &str) -> bool {
-    name.strip_prefix("__")
-        .and_then(|r| r.strip_suffix(METADATA))
-        .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Writes the metadata files aside, then puts them in place in the order explained above.

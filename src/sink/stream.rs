@@ -78,6 +78,16 @@ const BLOCK: usize = 512;
 /// Longest tar entry name before its extension, so that names extract on common file systems.
 const MAX_NAME: usize = 200;
 
+/// stdout as a file of its own (unbuffered, written from any thread).
+pub fn stdout_file() -> Result<std::fs::File, SinkError> {
+    use std::os::fd::AsFd;
+    let out = std::io::stdout()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(SinkError::io("duplicating stdout"))?;
+    Ok(std::fs::File::from(out))
+}
+
 impl StreamSink {
     /// A sink for `plan`'s items. The manifest is known from the plan alone, so it is written
     /// (to `manifest_path`) before the first byte: a reader that stops early still has it.
@@ -115,18 +125,7 @@ impl StreamSink {
         plan: &Plan,
         manifest_path: Option<&Path>,
     ) -> Result<Self, SinkError> {
-        use std::os::fd::AsFd;
-        let out = std::io::stdout()
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(SinkError::io("duplicating stdout"))?;
-        StreamSink::new(
-            Box::new(std::fs::File::from(out)),
-            format,
-            ck,
-            plan,
-            manifest_path,
-        )
+        StreamSink::new(Box::new(stdout_file()?), format, ck, plan, manifest_path)
     }
 
     /// Queues bytes for the stream.

@@ -195,20 +195,8 @@ impl VerifySink {
             Ok(t) => t,
             Err(msg) => return vec![msg],
         };
-        let mut problems = Vec::new();
-        if dtype::canonical(&t.dtype) != &*meta.dtype {
-            problems.push(format!(
-                "the item holds {}, the metadata says {}",
-                t.dtype, meta.dtype
-            ));
-        }
-        if *t.size != *sizes {
-            problems.push(format!(
-                "the item holds a tensor of size {:?}, the chunk is {sizes:?}",
-                t.size
-            ));
-        }
-        let Some(record) = archive.record(&format!("/data/{}", t.key)) else {
+        let mut problems = t.differences(&meta.dtype, &sizes);
+        let Some(record) = archive.record(&t.storage_suffix()) else {
             problems.push(format!(
                 "the archive has no data/{} record for the tensor's storage",
                 t.key
