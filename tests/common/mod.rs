@@ -77,13 +77,25 @@ impl Backend {
 
 /// The `dcpfetch` binary with a clean AWS environment (dummy credentials, no instance metadata).
 pub fn dcpfetch() -> assert_cmd::Command {
-    let mut c = assert_cmd::Command::cargo_bin("dcpfetch").unwrap();
+    assert_cmd::Command::from_std(clean_dcpfetch())
+}
+
+/// The `dcpfetch` binary in a clean environment: dummy AWS credentials, no instance metadata, no
+/// AWS endpoint or profile of the machine's, no scheduler variables (`--shard auto`).
+fn clean_dcpfetch() -> Command {
+    let mut c = Command::new(assert_cmd::cargo::cargo_bin("dcpfetch"));
     for var in [
         "AWS_PROFILE",
         "AWS_ENDPOINT_URL",
         "AWS_ENDPOINT_URL_S3",
         "AWS_SESSION_TOKEN",
         "AWS_DEFAULT_REGION",
+        "RANK",
+        "WORLD_SIZE",
+        "SLURM_ARRAY_TASK_ID",
+        "SLURM_PROCID",
+        "JOB_COMPLETION_INDEX",
+        "OMPI_COMM_WORLD_RANK",
     ] {
         c.env_remove(var);
     }
@@ -741,29 +753,8 @@ pub fn quick_http() -> dcpfetch::source::HttpOptions {
 /// The `dcpfetch` binary as a process to spawn (several at once, or one to kill), with the clean
 /// AWS environment of [`dcpfetch`].
 pub fn dcpfetch_process() -> Command {
-    let mut c = Command::new(assert_cmd::cargo::cargo_bin("dcpfetch"));
-    for var in [
-        "AWS_PROFILE",
-        "AWS_ENDPOINT_URL",
-        "AWS_ENDPOINT_URL_S3",
-        "AWS_SESSION_TOKEN",
-        "AWS_DEFAULT_REGION",
-        "RANK",
-        "WORLD_SIZE",
-        "SLURM_ARRAY_TASK_ID",
-        "SLURM_PROCID",
-        "JOB_COMPLETION_INDEX",
-        "OMPI_COMM_WORLD_RANK",
-    ] {
-        c.env_remove(var);
-    }
-    c.env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("AWS_CONFIG_FILE", "/dev/null")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-        .stdin(Stdio::null())
+    let mut c = clean_dcpfetch();
+    c.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     c
