@@ -280,8 +280,9 @@ enum Val {
     Bool(bool),
     Int(i64),
     Float(f64),
-    /// A string: its span of the input (checked UTF-8).
-    Str(u32, u32),
+    /// A string: its span of the input (checked UTF-8), and 1 + its index in `Machine::strs`
+    /// once a memo entry that is read back holds it (0 before).
+    Str(u32, u32, u32),
     Global(Class),
     /// A tuple of non-negative integers: its span of the dims pool.
     Dims(u32, u32),
@@ -416,8 +417,12 @@ struct Machine<'a> {
     objs: Slab<Rec>,
     conts: Slab<Cont>,
     intern: Interner,
+    /// The interned strings of memo entries that are read back.
+    strs: Vec<Arc<str>>,
     last_fqn: LastInterned,
     last_path: LastInterned,
+    /// The last tensor properties' dtype, layout and memory format, by what named them.
+    last_properties: Option<((&'a str, Val, Val), [Arc<str>; 3])>,
     /// Whether the first `state_dict_metadata` and `storage_data` got their room.
     reserved_entries: bool,
     reserved_storage: bool,
@@ -428,7 +433,8 @@ type Step<T> = Option<T>;
 
 impl<'a> Machine<'a> {
     fn new(data: &'a [u8], limits: Limits, mut referenced: Bits) -> Option<Self> {
-        let memo = vec![None; referenced.rank_all()?];
+        let read_back = referenced.rank_all()?;
+        let memo = vec![None; read_back];
         Some(Machine {
             data,
             limits,
@@ -444,9 +450,12 @@ impl<'a> Machine<'a> {
             tuples_floor: 0,
             objs: Slab::new(),
             conts: Slab::new(),
-            intern: Interner::default(),
+            // torch's files read back each fqn they name more than once: most strings to intern.
+            intern: Interner::with_capacity(read_back),
+            strs: Vec::with_capacity(read_back),
             last_fqn: None,
             last_path: None,
+            last_properties: None,
             reserved_entries: false,
             reserved_storage: false,
             protocol: 0,
@@ -531,14 +540,22 @@ impl<'a> Machine<'a> {
         {
             return Some(a.clone());
         }
-        let a = self.intern.get(self.str_of(v)?);
+        let a = self.interned(v)?;
         *last(self) = Some((v, a.clone()));
         Some(a)
     }
 
+    /// A string interned: a memo entry's by its index, any other by the interner.
+    fn interned(&mut self, v: Val) -> Step<Arc<str>> {
+        match v {
+            Val::Str(_, _, i @ 1..) => self.strs.get(i as usize - 1).cloned(),
+            _ => Some(self.intern.get(self.str_of(v)?)),
+        }
+    }
+
     /// Whether a value is the string `name`.
     fn is_str(&self, v: Val, name: &str) -> bool {
-        matches!(v, Val::Str(s, l) if self.span(s, l) == name.as_bytes())
+        matches!(v, Val::Str(s, l, _) if self.span(s, l) == name.as_bytes())
     }
 
     fn span(&self, start: u32, len: u32) -> &'a [u8] {
@@ -548,7 +565,7 @@ impl<'a> Machine<'a> {
     fn str_of(&self, v: Val) -> Option<&'a str> {
         match v {
             // Checked UTF-8 when read.
-            Val::Str(s, l) => std::str::from_utf8(self.span(s, l)).ok(),
+            Val::Str(s, l, _) => std::str::from_utf8(self.span(s, l)).ok(),
             _ => None,
         }
     }
@@ -559,6 +576,7 @@ impl<'a> Machine<'a> {
         Some(Val::Str(
             u32::try_from(start).ok()?,
             u32::try_from(bytes.len()).ok()?,
+            0,
         ))
     }
 
@@ -825,10 +843,18 @@ impl<'a> Machine<'a> {
                     _ => &[],
                 };
                 // The first pass checked that every write is at the next index.
-                let v = self.top()?;
+                let mut v = self.top()?;
                 let i = self.memo_next;
                 self.memo_next = i.checked_add(1)?;
                 if let Some(r) = self.referenced.rank(i as usize) {
+                    // A string read back (an fqn named again by each of its storage entries) is
+                    // interned once, here, and found again by its index.
+                    if let Val::Str(s, l, 0) = v {
+                        let a = self.intern.get_new(self.str_of(v)?);
+                        self.strs.push(a);
+                        v = Val::Str(s, l, u32::try_from(self.strs.len()).ok()?);
+                        *self.stack.last_mut()? = v;
+                    }
                     self.pin(v);
                     *self.memo.get_mut(r)? = Some(v);
                 }
@@ -843,7 +869,7 @@ impl<'a> Machine<'a> {
                 let (module, name) = (ops.line()?, ops.line()?);
                 let module = std::str::from_utf8(module).ok()?;
                 let n = std::str::from_utf8(name).ok()?;
-                let Val::Str(s, l) = self.string(name)? else {
+                let Val::Str(s, l, _) = self.string(name)? else {
                     return None;
                 };
                 self.stack.push(Val::Global(class_of(module, n, (s, l))?));
@@ -851,7 +877,7 @@ impl<'a> Machine<'a> {
             0x93 => {
                 let name = self.pop()?;
                 let module = self.pop()?;
-                let (Some(m), Some(n), Val::Str(s, l)) =
+                let (Some(m), Some(n), Val::Str(s, l, _)) =
                     (self.str_of(module), self.str_of(name), name)
                 else {
                     return None;
@@ -966,7 +992,7 @@ impl<'a> Machine<'a> {
                 Val::Size(self.dims.len() as u32, 0)
             }
             (Class::Size, Some([Val::Dims(s, l)])) => Val::Size(*s, *l),
-            (Class::Layout, Some([Val::Str(s, l)])) => Val::Layout(*s, *l),
+            (Class::Layout, Some([Val::Str(s, l, _)])) => Val::Layout(*s, *l),
             (Class::MemFormat, Some([Val::Int(i)])) => Val::MemFormat(*i),
             (Class::MemFormat, _) if matches!(args, Val::Dims(_, 1)) => {
                 let Val::Dims(s, l) = args else { return None };
@@ -1065,7 +1091,6 @@ impl<'a> Machine<'a> {
                 let mut add = Vec::with_capacity(flat.len() / 2);
                 for pair in flat.chunks_exact(2) {
                     let (k, v) = (pair[0], pair[1]);
-                    let fqn = self.str_of(k)?;
                     let Val::Obj(i) = v else { return None };
                     let entry = match self.take_obj(i)? {
                         Rec::Tensor(t) => EntryMeta::Tensor(*t),
@@ -1073,7 +1098,7 @@ impl<'a> Machine<'a> {
                         _ => return None,
                     };
                     self.release(v);
-                    add.push(Entry::new(self.intern.get(fqn), entry));
+                    add.push(Entry::new(self.interned(k)?, entry));
                 }
                 let Cont::Entries(e) = &mut self.conts.get_mut(t)?.value else {
                     return None;
@@ -1302,18 +1327,32 @@ impl<'a> Machine<'a> {
                     return None;
                 };
                 let name = std::str::from_utf8(self.span(s, l)).ok()?;
-                let layout = match items[1] {
-                    Val::None => self.intern.get("strided"),
-                    Val::Layout(s, l) => {
-                        let n = std::str::from_utf8(self.span(s, l)).ok()?;
-                        self.intern.get(n.strip_prefix("torch.").unwrap_or(n))
+                // Every tensor's properties name the same few: the last ones are kept.
+                let key = (name, items[1], items[3]);
+                let [dtype, layout, memory_format] = match &self.last_properties {
+                    Some((k, names)) if *k == key => names.clone(),
+                    _ => {
+                        let layout = match items[1] {
+                            Val::None => self.intern.get("strided"),
+                            Val::Layout(s, l) => {
+                                let n = std::str::from_utf8(self.span(s, l)).ok()?;
+                                self.intern.get(n.strip_prefix("torch.").unwrap_or(n))
+                            }
+                            _ => return None,
+                        };
+                        let memory_format = match items[3] {
+                            Val::None => self.intern.get("contiguous_format"),
+                            Val::MemFormat(i) => self.intern.get(&model::memory_format_name(i)),
+                            _ => return None,
+                        };
+                        let names = [
+                            self.intern.get(dtype::canonical(name)),
+                            layout,
+                            memory_format,
+                        ];
+                        self.last_properties = Some((key, names.clone()));
+                        names
                     }
-                    _ => return None,
-                };
-                let memory_format = match items[3] {
-                    Val::None => self.intern.get("contiguous_format"),
-                    Val::MemFormat(i) => self.intern.get(&model::memory_format_name(i)),
-                    _ => return None,
                 };
                 let strides = match items.get(5) {
                     None | Some(Val::None) => None,
@@ -1335,7 +1374,7 @@ impl<'a> Machine<'a> {
                     _ => return None,
                 };
                 let t = TensorMeta {
-                    dtype: self.intern.get(dtype::canonical(name)),
+                    dtype,
                     layout,
                     requires_grad: Self::bool(items[2])?,
                     memory_format,

@@ -459,14 +459,31 @@ impl Checkpoint {
         let mut owner: Vec<usize> = vec![usize::MAX; storage.len()];
         let mut start = vec![0usize; self.entries.len() + 1];
         {
-            let entry_of: HashMap<&str, usize> = self
-                .entries
-                .iter()
-                .enumerate()
-                .map(|(i, e)| (&*e.fqn, i))
-                .collect();
+            // A file's reader interns its fqns, so an entry and its storage entries from the same
+            // file share one string: found by address. Across files (or for a fqn no entry has),
+            // by name, in a map made on the first miss.
+            let entries = &self.entries;
+            let mut by_address: model::AddressMap<usize> = model::AddressMap::default();
+            by_address.reserve(entries.len());
+            for (i, e) in entries.iter().enumerate() {
+                by_address.insert(model::interned_key(&e.fqn), i);
+            }
+            let mut by_name: Option<hashbrown::HashMap<&str, usize>> = None;
             for (si, s) in storage.iter().enumerate() {
-                if let Some(&ei) = entry_of.get(&*s.fqn) {
+                let found = match by_address.get(&model::interned_key(&s.fqn)) {
+                    Some(&ei) => Some(ei),
+                    None => by_name
+                        .get_or_insert_with(|| {
+                            entries
+                                .iter()
+                                .enumerate()
+                                .map(|(i, e)| (&*e.fqn, i))
+                                .collect()
+                        })
+                        .get(&*s.fqn)
+                        .copied(),
+                };
+                if let Some(ei) = found {
                     owner[si] = ei;
                     start[ei + 1] += 1;
                 }

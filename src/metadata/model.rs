@@ -7,7 +7,7 @@
 //! in `torch.distributed._shard.sharded_tensor.metadata`).
 
 use std::cell::RefCell;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::dtype;
@@ -140,52 +140,69 @@ fn err<T>(context: impl Into<String>, problem: impl Into<String>) -> Result<T, M
 ///
 /// A small direct-mapped cache of the strings seen last sits in front of the set: torch's files
 /// name the same fqn and the same few files over and over, and a hit costs a cheap hash and a
-/// comparison instead of SipHash. The cache cannot be flooded (a slot is overwritten, never
-/// chained); the set keeps its keyed hash.
+/// comparison instead of a probe of the set. The cache cannot be flooded (a slot is overwritten,
+/// never chained); the set keeps a randomly seeded hash (foldhash).
 #[derive(Debug, Default)]
 pub(crate) struct Interner {
-    set: HashSet<Arc<str>>,
-    recent: Vec<Option<Arc<str>>>,
+    set: hashbrown::HashSet<Arc<str>>,
+    /// `(cheap hash, string)`: strings seen at least twice.
+    recent: Vec<(u64, Option<Arc<str>>)>,
 }
 
 impl Interner {
     const RECENT: usize = 256;
 
+    /// Room for `n` distinct strings (growing a set of a million rehashes every string).
+    pub(crate) fn with_capacity(n: usize) -> Interner {
+        let mut set = hashbrown::HashSet::new();
+        let _ = set.try_reserve(n);
+        Interner {
+            set,
+            recent: Vec::new(),
+        }
+    }
+
     pub(crate) fn get(&mut self, s: &str) -> Arc<str> {
         if self.recent.is_empty() {
-            self.recent.resize(Self::RECENT, None);
+            self.recent.resize(Self::RECENT, (0, None));
         }
-        let slot = Self::slot(s);
-        if let Some(a) = &self.recent[slot]
+        let h = Self::cheap_hash(s);
+        let slot = (h >> 56) as usize % Self::RECENT;
+        if let (seen, Some(a)) = &self.recent[slot]
+            && *seen == h
             && **a == *s
         {
             return a.clone();
         }
-        let a = match self.set.get(s) {
-            Some(a) => a.clone(),
-            None => {
-                let a: Arc<str> = Arc::from(s);
-                self.set.insert(a.clone());
-                a
-            }
-        };
-        self.recent[slot] = Some(a.clone());
+        let before = self.set.len();
+        let a = self.set.get_or_insert_with(s, |s| Arc::from(s)).clone();
+        // A string seen for the first time (most fqns) does not take the place of one that
+        // comes back (a file name, a dtype).
+        if self.set.len() == before {
+            self.recent[slot] = (h, Some(a.clone()));
+        }
         a
     }
 
-    fn slot(s: &str) -> usize {
+    /// [`Interner::get`] for a string most likely seen for the first time (an fqn): straight to
+    /// the set.
+    pub(crate) fn get_new(&mut self, s: &str) -> Arc<str> {
+        self.set.get_or_insert_with(s, |s| Arc::from(s)).clone()
+    }
+
+    fn cheap_hash(s: &str) -> u64 {
         let mut h = s.len() as u64;
         for w in s.as_bytes().chunks(8) {
             let mut a = [0u8; 8];
             a[..w.len()].copy_from_slice(w);
             h = (h.rotate_left(5) ^ u64::from_le_bytes(a)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         }
-        (h >> 56) as usize % Self::RECENT
+        h
     }
 }
 
 /// The address of an interned string: equal strings of one [`Interner`] share it.
-fn interned_key(s: &Arc<str>) -> usize {
+pub(crate) fn interned_key(s: &Arc<str>) -> usize {
     Arc::as_ptr(s) as *const u8 as usize
 }
 

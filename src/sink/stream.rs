@@ -1,9 +1,11 @@
 //! Items onto a byte stream (stdout): raw, back to back in plan order, or as a tar archive with one
 //! entry per item. An optional JSON manifest maps every item to its place in the stream.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io::{IoSlice, Write};
 use std::path::Path;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::Serialize;
@@ -53,8 +55,10 @@ pub struct StreamManifestItem {
 pub struct StreamSink {
     out: Box<dyn Write + Send>,
     format: StreamFormat,
-    /// The tar entry names of the items still to come, in plan order (tar format only).
-    tar_names: VecDeque<String>,
+    /// The checkpoint, for the tar entry names (given as the items start, in plan order, as the
+    /// manifest gives them).
+    ck: Arc<Checkpoint>,
+    tar_names: TarNames,
     offset: u64,
     /// Pieces not yet written: gathered so that one `writev` takes many of them, without copying.
     pending: Vec<Bytes>,
@@ -90,16 +94,17 @@ pub fn stdout_file() -> Result<std::fs::File, SinkError> {
 
 impl StreamSink {
     /// A sink for `plan`'s items. The manifest is known from the plan alone, so it is written
-    /// (to `manifest_path`) before the first byte: a reader that stops early still has it.
+    /// (to `manifest_path`) before the first byte: a reader that stops early still has it. Without
+    /// one, nothing is made per item before the stream starts.
     pub fn new(
         out: Box<dyn Write + Send>,
         format: StreamFormat,
-        ck: &Checkpoint,
+        ck: &Arc<Checkpoint>,
         plan: &Plan,
         manifest_path: Option<&Path>,
     ) -> Result<Self, SinkError> {
-        let (manifest, tar_names) = layout(format, ck, plan);
         if let Some(path) = manifest_path {
+            let manifest = layout(format, ck, plan);
             let text = serde_json::to_vec_pretty(&manifest).expect("the manifest serializes");
             std::fs::write(path, text).map_err(SinkError::io(format!(
                 "writing the manifest {}",
@@ -109,7 +114,8 @@ impl StreamSink {
         Ok(StreamSink {
             out,
             format,
-            tar_names,
+            ck: ck.clone(),
+            tar_names: TarNames::default(),
             offset: 0,
             pending: Vec::new(),
             pending_bytes: 0,
@@ -121,7 +127,7 @@ impl StreamSink {
     /// so `>>` appends).
     pub fn stdout(
         format: StreamFormat,
-        ck: &Checkpoint,
+        ck: &Arc<Checkpoint>,
         plan: &Plan,
         manifest_path: Option<&Path>,
     ) -> Result<Self, SinkError> {
@@ -162,12 +168,7 @@ impl StreamSink {
 
     fn start_item(&mut self, item: &PlanItem) -> Result<(), SinkError> {
         if self.format == StreamFormat::Tar {
-            let name = self.tar_names.pop_front().ok_or_else(|| {
-                SinkError::Refused(format!(
-                    "an item at {}..{} that the plan did not announce",
-                    item.range.start, item.range.end
-                ))
-            })?;
+            let name = tar_name(&self.ck, item, &mut self.tar_names);
             self.emit(Bytes::from(tar_header(&name, item.len())))?;
         }
         Ok(())
@@ -175,14 +176,9 @@ impl StreamSink {
 }
 
 /// Where every item of `plan` lands in the stream, in plan order (the order the engine delivers
-/// them), and the tar entry names: the manifest, and the names the stream will use.
-fn layout(
-    format: StreamFormat,
-    ck: &Checkpoint,
-    plan: &Plan,
-) -> (StreamManifest, VecDeque<String>) {
+/// them), with the tar entry names the stream will give them: the manifest.
+fn layout(format: StreamFormat, ck: &Checkpoint, plan: &Plan) -> StreamManifest {
     let mut items = Vec::new();
-    let mut names = VecDeque::new();
     let mut taken = TarNames::default();
     let mut offset = 0u64;
     for file in &plan.files {
@@ -192,7 +188,6 @@ fn layout(
                 StreamFormat::Tar => {
                     let name = tar_name(ck, item, &mut taken);
                     offset += tar_header(&name, item.len()).len() as u64;
-                    names.push_back(name.clone());
                     Some(name)
                 }
             };
@@ -226,25 +221,32 @@ fn layout(
     if format == StreamFormat::Tar {
         offset += 2 * BLOCK as u64;
     }
-    let manifest = StreamManifest {
+    StreamManifest {
         format,
         total_bytes: offset,
         items,
-    };
-    (manifest, names)
+    }
+}
+
+/// The names given so far (by a 64-bit hash: a name whose hash an earlier one has also gets a
+/// suffix, which costs nothing but the shorter name), and for each base name the next `~N` suffix
+/// to try (so that k copies of one name cost k tries, not k squared).
+#[derive(Default)]
+struct TarNames {
+    taken: HashSet<u64>,
+    next: HashMap<String, u64>,
+}
+
+/// A name's key in [`TarNames::taken`]: SipHash with fixed keys, the same in every run.
+fn name_key(name: &str) -> u64 {
+    let mut h = DefaultHasher::new();
+    name.hash(&mut h);
+    h.finish()
 }
 
 /// A tar entry name for an item: the fqn (percent-encoded to one safe path component), `@` and
 /// the chunk offsets for tensors, `.pt` (`.pt.zst` for ZStandard items); `~N` before the
 /// extension makes repeated names unique.
-/// The names given so far, and for each base name the next `~N` suffix to try (so that k copies of
-/// one name cost k tries, not k squared).
-#[derive(Default)]
-struct TarNames {
-    taken: HashSet<String>,
-    next: HashMap<String, u64>,
-}
-
 fn tar_name(ck: &Checkpoint, item: &PlanItem, names: &mut TarNames) -> String {
     let s = &ck.storage[item.storage[0]];
     let (base, ext) = entry_name(
@@ -253,14 +255,14 @@ fn tar_name(ck: &Checkpoint, item: &PlanItem, names: &mut TarNames) -> String {
         &s.info.transform_descriptors,
     );
     let mut name = format!("{base}{ext}");
-    if names.taken.insert(name.clone()) {
+    if names.taken.insert(name_key(&name)) {
         return name;
     }
     let n = names.next.entry(format!("{base}{ext}")).or_insert(2);
     loop {
         name = format!("{base}~{n}{ext}");
         *n += 1;
-        if names.taken.insert(name.clone()) {
+        if names.taken.insert(name_key(&name)) {
             return name;
         }
     }
