@@ -186,6 +186,37 @@ impl ObjectStore for LocalSource {
         })
     }
 
+    /// The whole file in one read into one buffer (a `.metadata` of hundreds of MB is neither
+    /// cut into blocks nor copied), between two checks of its version.
+    fn read_object<'a>(
+        &'a self,
+        name: &'a ObjectName,
+        limit: u64,
+    ) -> BoxFuture<'a, Result<(ObjectMeta, Vec<Bytes>), SourceError>> {
+        Box::pin(async move {
+            let meta = self.stat(name).await?;
+            super::fits(name, meta.size, limit)?;
+            let (this, owned, whole) = (self.clone(), name.clone(), meta.clone());
+            let read = tokio::task::spawn_blocking(move || {
+                this.stats.add_request();
+                let started = Instant::now();
+                let read = this.read_pinned(&owned, &(0..whole.size), &whole);
+                let status = if read.is_ok() { "local" } else { "local error" };
+                super::resume::trace("read", owned.as_str(), None, status, started, 1);
+                read
+            })
+            .await;
+            match read {
+                Ok(data) => Ok((meta, vec![data?])),
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(_) => Err(SourceError::Io {
+                    path: self.path(name).display().to_string(),
+                    source: std::io::Error::other("the read was cancelled"),
+                }),
+            }
+        })
+    }
+
     /// Reads `BLOCK` bytes at a time on a blocking thread, two blocks ahead of the receiver at
     /// most, each between two checks of the file's version.
     fn read_range<'a>(

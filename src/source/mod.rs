@@ -124,7 +124,7 @@ fn jitter() -> f64 {
 }
 
 /// Refuses an object of more than `limit` bytes before its body is read.
-fn fits(name: &ObjectName, size: u64, limit: u64) -> Result<(), SourceError> {
+pub(crate) fn fits(name: &ObjectName, size: u64, limit: u64) -> Result<(), SourceError> {
     if size > limit {
         return Err(SourceError::TooLarge {
             name: name.to_string(),
@@ -360,8 +360,12 @@ impl Source {
         limit: u64,
     ) -> Result<(ObjectMeta, Vec<u8>), SourceError> {
         let name = ObjectName::new(name)?;
-        let (meta, chunks) = self.0.read_object(&name, limit).await?;
-        let data = chunks.concat();
+        let (meta, mut chunks) = self.0.read_object(&name, limit).await?;
+        // One chunk (a local file) is taken as it is, without a copy.
+        let data = match chunks.len() {
+            1 => Vec::from(chunks.swap_remove(0)),
+            _ => chunks.concat(),
+        };
         received_whole(&name, 0..meta.size, data.len())?;
         Ok((meta, data))
     }
