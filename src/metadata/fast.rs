@@ -393,6 +393,10 @@ struct Fields<const N: usize> {
 /// The string a span of the input was interned as last.
 type LastInterned = Option<(Val, Arc<str>)>;
 
+/// The last tensor properties' dtype, layout and memory format, by what named them (the dtype's
+/// name, the layout and memory format values).
+type LastProperties<'a> = Option<((&'a str, Val, Val), [Arc<str>; 3])>;
+
 /// `planner_data`: fqn -> key path.
 type PlannerData = Vec<(String, Vec<PathPart>)>;
 
@@ -421,8 +425,7 @@ struct Machine<'a> {
     strs: Vec<Arc<str>>,
     last_fqn: LastInterned,
     last_path: LastInterned,
-    /// The last tensor properties' dtype, layout and memory format, by what named them.
-    last_properties: Option<((&'a str, Val, Val), [Arc<str>; 3])>,
+    last_properties: LastProperties<'a>,
     /// Whether the first `state_dict_metadata` and `storage_data` got their room.
     reserved_entries: bool,
     reserved_storage: bool,
