@@ -270,7 +270,7 @@ const MIN_WINDOW: Duration = Duration::from_millis(20);
 /// the bytes per second grow by a quarter with it. Where the server shares the machine (loopback, a cache on
 /// the node), more connections only cost CPU: with 32 on 2 cores dcpfetch was 0.6x curl, with 4
 /// at or above it, and a stream holds the bytes of every GET but the first until their turn: 2
-/// took 10-20% less CPU and half the memory of 4 at the same speed (docs/performance.md).
+/// moved them as fast as 4 with two thirds of the memory (docs/performance.md).
 ///
 /// Slots follow the order the engine consumes parts (files in natural order, then offsets): waiting
 /// reads get them in that order, not in the order their tasks happened to run, and a read keeps its
