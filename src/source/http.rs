@@ -250,8 +250,9 @@ pub struct HttpSource {
     reached: Arc<AtomicBool>,
 }
 
-/// Ranged GETs a source starts with at once (the engine's `--concurrency` bounds them too).
-const FIRST_CONNECTIONS: usize = 4;
+/// Ranged GETs a source starts with at once (the engine's `--concurrency` bounds them too). The
+/// first decision of the ramp doubles it whatever the rate, so a near server is measured at 2 and 4.
+const FIRST_CONNECTIONS: usize = 2;
 /// The most ranged GETs at once the ramp opens to (the engine's limit is lower).
 const MAX_CONNECTIONS: usize = 1024;
 /// Doubling the GETs in flight paid off when the bytes per second grew by this factor.
@@ -268,19 +269,25 @@ const MIN_WINDOW: Duration = Duration::from_millis(20);
 /// when the link is far or slow per connection (a CDN, S3 behind a URL), else doubled while
 /// the bytes per second grow by a quarter with it. Where the server shares the machine (loopback, a cache on
 /// the node), more connections only cost CPU: with 32 on 2 cores dcpfetch was 0.6x curl, with 4
-/// at or above it (docs/performance.md).
+/// at or above it, and a stream holds the bytes of every GET but the first until their turn: 2
+/// moved them as fast as 4 with two thirds of the memory (docs/performance.md).
 ///
-/// Waiting GETs get their slot in the order the engine consumes parts (files in natural order,
-/// then offsets), not in the order their tasks happened to run: a part that waits behind later
-/// ones holds every later part's bytes in memory until it arrives.
+/// Slots follow the order the engine consumes parts (files in natural order, then offsets): waiting
+/// reads get them in that order, not in the order their tasks happened to run, and a read keeps its
+/// slot over all its attempts, which comes back only when that read and every read before it are
+/// done. So no read starts more than `limit` reads after the oldest one still arriving. Where one
+/// connection falls behind (on loopback the kernel grows the buffers of the connections read
+/// fastest, and two of them took nearly all the bytes while others got a trickle for a quarter of
+/// a second), the later reads stop there instead of running on and holding their bytes in memory
+/// until the late one arrives, and the late one gets the machine to itself.
 #[derive(Debug)]
 struct Ramp {
     stats: Arc<TransferStats>,
     state: std::sync::Mutex<RampState>,
 }
 
-/// A GET's place in line: its file in natural order, its offset, then first come.
-#[derive(Debug, PartialEq, Eq)]
+/// A read's place in line: its file in natural order, its offset, then first come.
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Turn {
     name: String,
     offset: u64,
@@ -301,16 +308,17 @@ impl PartialOrd for Turn {
     }
 }
 
-/// One GET's right to run; given back when dropped.
+/// One read's right to run, its place in the window; the read is done when this is dropped.
 #[derive(Debug)]
 struct Slot {
     ramp: Option<Arc<Ramp>>,
+    turn: Turn,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         if let Some(ramp) = self.ramp.take() {
-            ramp.give_back();
+            ramp.done(&self.turn);
         }
     }
 }
@@ -318,13 +326,12 @@ impl Drop for Slot {
 #[derive(Debug)]
 struct RampState {
     limit: usize,
-    /// Slots nobody holds.
-    free: usize,
-    /// GETs waiting for a slot, first in line first.
+    /// The reads given a slot, in line, each with whether it is done; the first ones that are
+    /// done leave. A slot is free while fewer than `limit` are here.
+    open: std::collections::BTreeMap<Turn, bool>,
+    /// Reads waiting for a slot, first in line first.
     waiting: std::collections::BTreeMap<Turn, tokio::sync::oneshot::Sender<Slot>>,
     seq: u64,
-    /// Slots to drop as they come back, after a step back.
-    debt: usize,
     settled: bool,
     /// The limit before the last doubling and its rate.
     last: Option<(usize, f64)>,
@@ -361,10 +368,9 @@ impl Ramp {
             stats,
             state: std::sync::Mutex::new(RampState {
                 limit: FIRST_CONNECTIONS,
-                free: FIRST_CONNECTIONS,
+                open: std::collections::BTreeMap::new(),
                 waiting: std::collections::BTreeMap::new(),
                 seq: 0,
-                debt: 0,
                 settled: false,
                 last: None,
                 started: None,
@@ -381,7 +387,6 @@ impl Ramp {
         {
             let mut st = ramp.state();
             st.limit = MAX_CONNECTIONS;
-            st.free = MAX_CONNECTIONS;
             st.settled = true;
         }
         ramp
@@ -395,7 +400,7 @@ impl Ramp {
         self.stats.snapshot().0
     }
 
-    /// Waits for a slot for one GET of `name` from `offset`.
+    /// Waits for a slot for one read of `name` from `offset`.
     async fn slot(self: &Arc<Self>, name: &str, offset: u64) -> Slot {
         let waiting = {
             let mut st = self.state();
@@ -408,64 +413,58 @@ impl Ramp {
                     self.set(&mut st, MAX_CONNECTIONS);
                 }
             }
-            if st.free > 0 && st.waiting.is_empty() {
-                st.free -= 1;
-                return Slot {
-                    ramp: Some(self.clone()),
-                };
-            }
-            let (tx, rx) = tokio::sync::oneshot::channel();
             st.seq += 1;
             let turn = Turn {
                 name: name.to_owned(),
                 offset,
                 seq: st.seq,
             };
+            if st.open.len() < st.limit && st.waiting.is_empty() {
+                st.open.insert(turn.clone(), false);
+                return Slot {
+                    ramp: Some(self.clone()),
+                    turn,
+                };
+            }
+            let (tx, rx) = tokio::sync::oneshot::channel();
             st.waiting.insert(turn, tx);
             rx
         };
         // A sender is only ever dropped by sending (`hand_out`), and the ramp outlives it.
-        waiting.await.expect("a waiting GET always gets its slot")
+        waiting.await.expect("a waiting read always gets its slot")
     }
 
-    /// A slot came back: dropped when the limit stepped back, else handed on.
-    fn give_back(self: &Arc<Self>) {
+    /// A read is done: the first reads that are done leave, and the slots they free go to the
+    /// reads in line.
+    fn done(self: &Arc<Self>, turn: &Turn) {
         let mut st = self.state();
-        if st.debt > 0 {
-            st.debt -= 1;
-        } else {
-            self.hand_out(&mut st);
-        }
+        leave(&mut st, turn);
+        self.hand_out(&mut st);
     }
 
-    /// Gives one slot to the first GET in line that still waits, else keeps it free.
+    /// Gives the free slots to the first reads in line that still wait.
     fn hand_out(self: &Arc<Self>, st: &mut RampState) {
-        while let Some((_, tx)) = st.waiting.pop_first() {
-            match tx.send(Slot {
+        while st.open.len() < st.limit {
+            let Some((turn, tx)) = st.waiting.pop_first() else {
+                return;
+            };
+            st.open.insert(turn.clone(), false);
+            if let Err(mut slot) = tx.send(Slot {
                 ramp: Some(self.clone()),
+                turn,
             }) {
-                Ok(()) => return,
-                // That GET was abandoned: the slot goes to the next (not back through `Drop`,
-                // which would take the lock held here).
-                Err(mut slot) => slot.ramp = None,
+                // That read was abandoned: it leaves here (not through `Drop`, which would take
+                // the lock held here), and the slot goes to the next.
+                slot.ramp = None;
+                leave(st, &slot.turn);
             }
         }
-        st.free += 1;
     }
 
-    /// Sets a new limit and starts a new window.
+    /// Sets a new limit and starts a new window. A lower limit takes effect as reads leave.
     fn set(self: &Arc<Self>, st: &mut RampState, limit: usize) {
-        if limit > st.limit {
-            for _ in st.limit..limit {
-                self.hand_out(st);
-            }
-        } else {
-            let drop = st.limit - limit;
-            let from_free = drop.min(st.free);
-            st.free -= from_free;
-            st.debt += drop - from_free;
-        }
         st.limit = limit;
+        self.hand_out(st);
         st.started = Some(Instant::now());
         st.bytes_before = self.received();
         st.parts = 0;
@@ -496,6 +495,19 @@ impl Ramp {
         }
         st.settled = settled;
         self.set(&mut st, limit);
+    }
+}
+
+/// Marks a read done, and lets the first reads that are done leave.
+fn leave(st: &mut RampState, turn: &Turn) {
+    if let Some(done) = st.open.get_mut(turn) {
+        *done = true;
+    }
+    while let Some(entry) = st.open.first_entry() {
+        if !*entry.get() {
+            break;
+        }
+        entry.remove();
     }
 }
 
@@ -1058,7 +1070,8 @@ impl ObjectStore for HttpSource {
         })
     }
 
-    /// One ranged GET, resumed from the last byte received when the body breaks or stalls.
+    /// One ranged GET once the ramp gives the read a slot, resumed from the last byte received
+    /// when the body breaks or stalls (the slot is kept between attempts).
     fn read_range<'a>(
         &'a self,
         name: &'a ObjectName,
@@ -1066,7 +1079,15 @@ impl ObjectStore for HttpSource {
         meta: &'a ObjectMeta,
         into: &'a mut dyn Receive,
     ) -> BoxFuture<'a, Result<(), SourceError>> {
-        Box::pin(resume::read_resuming(self, name, range, meta, into))
+        Box::pin(async move {
+            let slot = self.ramp.slot(name.as_str(), range.start).await;
+            let read = resume::read_resuming(self, name, range, meta, into).await;
+            if read.is_ok() {
+                self.ramp.finished();
+            }
+            drop(slot);
+            read
+        })
     }
 }
 
@@ -1083,7 +1104,7 @@ impl Attempts for HttpSource {
         name.to_string()
     }
 
-    /// One ranged GET, once the ramp gives it a slot (the GET logs itself, hop by hop).
+    /// One ranged GET (it logs itself, hop by hop); the read holds its slot.
     async fn attempt(
         &self,
         name: &ObjectName,
@@ -1092,15 +1113,8 @@ impl Attempts for HttpSource {
         attempt: u32,
         received: &mut Received<'_>,
     ) -> Result<(), Failure> {
-        let slot = self.ramp.slot(name.as_str(), range.start).await;
-        let got = self
-            .get_part(name, range, meta, attempt, received.into, &mut received.pos)
-            .await;
-        if got.is_ok() {
-            self.ramp.finished();
-        }
-        drop(slot);
-        got
+        self.get_part(name, range, meta, attempt, received.into, &mut received.pos)
+            .await
     }
 }
 
@@ -1286,7 +1300,8 @@ mod tests {
     }
 
     fn free(ramp: &Arc<Ramp>) -> usize {
-        ramp.state().free
+        let st = ramp.state();
+        st.limit.saturating_sub(st.open.len())
     }
 
     #[test]
@@ -1334,7 +1349,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_ramp_steps_back_by_dropping_slots_as_they_return() {
+    async fn the_ramp_steps_back_as_reads_leave() {
         let ramp = Arc::new(Ramp::new(Arc::new(TransferStats::default())));
         ramp.answered(Duration::from_micros(100));
         let mut held = Vec::new();
@@ -1350,13 +1365,41 @@ mod tests {
         {
             let mut st = ramp.state();
             ramp.set(&mut st, 2);
-            // The 12 free slots are gone at once; 2 of the 4 held are owed.
-            assert_eq!(st.debt, 2);
         }
+        // The 12 free slots are gone at once, and no read starts until 2 of the 4 have left.
         assert_eq!(free(&ramp), 0);
-        drop(held);
+        held.truncate(2);
+        assert_eq!(free(&ramp), 0);
+        held.clear();
         assert_eq!(free(&ramp), 2);
-        assert_eq!(ramp.state().debt, 0);
+    }
+
+    #[tokio::test]
+    async fn no_read_starts_more_than_the_limit_after_the_oldest_one_arriving() {
+        let ramp = Arc::new(Ramp::new(Arc::new(TransferStats::default())));
+        ramp.answered(Duration::from_micros(100));
+        let mut held = std::collections::VecDeque::new();
+        for i in 0..FIRST_CONNECTIONS {
+            held.push_back(ramp.slot("f", i as u64).await);
+        }
+        let next = {
+            let ramp = ramp.clone();
+            tokio::spawn(async move { ramp.slot("f", 100).await })
+        };
+        // Every read but the first is done: the next one still waits for the first.
+        let first = held.pop_front().unwrap();
+        held.clear();
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!next.is_finished());
+        assert_eq!(ramp.state().open.len(), FIRST_CONNECTIONS);
+        // The first is done: the done ones leave with it and the next one starts.
+        drop(first);
+        let next = next.await.unwrap();
+        assert_eq!(ramp.state().open.len(), 1);
+        drop(next);
+        assert_eq!(free(&ramp), FIRST_CONNECTIONS);
     }
 
     #[tokio::test]
@@ -1389,8 +1432,9 @@ mod tests {
         assert_eq!(ramp.state().waiting.len(), 5);
         abandoned.abort();
         let _ = abandoned.await;
-        // One slot back: the GETs run one after another, in order.
-        held.truncate(FIRST_CONNECTIONS - 1);
+        // The first read is done: the waiting ones, all before the others in line, run one
+        // after another, in order.
+        held.remove(0);
         for t in tasks {
             t.await.unwrap();
         }
