@@ -138,8 +138,8 @@ fn err<T>(context: impl Into<String>, problem: impl Into<String>) -> Result<T, M
 /// One shared allocation per distinct string: fqns (named once by `state_dict_metadata` and
 /// again by every storage key of the tensor) and file names (one per shard file).
 ///
-/// A small direct-mapped cache of the strings seen last sits in front of the set: torch's files
-/// name the same fqn and the same few files over and over, and a hit costs a cheap hash and a
+/// A small direct-mapped cache of strings seen more than once sits in front of the set: torch's
+/// files name the same few files and dtypes over and over, and a hit costs a cheap hash and a
 /// comparison instead of a probe of the set. The cache cannot be flooded (a slot is overwritten,
 /// never chained); the set keeps a randomly seeded hash (foldhash).
 #[derive(Debug, Default)]
