@@ -262,21 +262,28 @@ impl Checkpoint {
 
     /// Parses one metadata file's bytes, kept in the [`MetadataFile`] without another copy.
     fn parse_shared(name: &str, bytes: bytes::Bytes) -> Result<ParsedFile, MetadataError> {
-        let data = &bytes[..];
         // torch's own files take the fast path; anything else (and every error and finding) the
         // general unpickler.
-        if let Some(fast) = fast::read(data, Limits::default()) {
-            let md = fast.md;
-            let file = MetadataFile {
-                name: name.to_owned(),
-                size: data.len() as u64,
-                version: md.version.clone(),
-                storage_meta: md.storage_meta.clone(),
-                protocol: fast.protocol,
-                bytes: bytes.clone(),
-            };
-            return Ok((file, md, Vec::new()));
-        }
+        let (md, protocol, findings) = match fast::read(&bytes, Limits::default()) {
+            Some(fast) => (fast.md, fast.protocol, Vec::new()),
+            None => Self::parse_general(name, &bytes)?,
+        };
+        let file = MetadataFile {
+            name: name.to_owned(),
+            size: bytes.len() as u64,
+            version: md.version.clone(),
+            storage_meta: md.storage_meta.clone(),
+            protocol,
+            bytes,
+        };
+        Ok((file, md, findings))
+    }
+
+    /// The general unpickler and model: the file's model, its protocol and its unknown globals.
+    fn parse_general(
+        name: &str,
+        data: &[u8],
+    ) -> Result<(RankMetadata, u8, Vec<UnsafeGlobal>), MetadataError> {
         let p = Pickle::parse_with(data, Limits::default()).map_err(|source| {
             MetadataError::Pickle {
                 file: name.to_owned(),
@@ -298,15 +305,7 @@ impl Checkpoint {
             file: name.to_owned(),
             source,
         })?;
-        let file = MetadataFile {
-            name: name.to_owned(),
-            size: data.len() as u64,
-            version: md.version.clone(),
-            storage_meta: md.storage_meta.clone(),
-            protocol: p.protocol,
-            bytes: bytes.clone(),
-        };
-        Ok((file, md, findings))
+        Ok((md, p.protocol, findings))
     }
 
     /// Parses and merges metadata files (one `.metadata`, or every rank's `__N.metadata`).
