@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use common::{Backend, dcpfetch, fixture, read, sha256, upload};
+use common::{Backend, PLACED, dcpfetch, fixture, read, sha256, upload};
 use serde_json::Value;
 
 /// The fixtures export reads (the `safetensors` one is refused by the plan, as by fetch).
@@ -195,17 +195,6 @@ fn assert_no_leftovers(dir: &Path) {
         assert!(!n.ends_with(".dcpfetch-partial"), "left behind: {n}");
     }
 }
-
-/// Small memory and concurrency, so that `large`'s items are located first and placed as they
-/// arrive (items above 256 KiB), not read whole; small parts, so that one item comes in several.
-const PLACED: [&str; 6] = [
-    "--max-memory",
-    "4MiB",
-    "--concurrency",
-    "16",
-    "--part-size",
-    "128KiB",
-];
 
 #[test]
 fn every_fixture_exports_the_tensors_torch_computed() {

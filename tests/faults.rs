@@ -13,6 +13,24 @@ use common::{dcpfetch, expected, fixture, sha256};
 use s3_server::{Fault, FaultRule, ServerConfig, TestServer};
 use serde_json::Value;
 
+/// Sends Ctrl-C (SIGINT, through `kill`: the tests forbid `unsafe`) to a running dcpfetch, waits
+/// for it, and checks that it exited 130, the status of an interrupted run.
+fn interrupt(child: std::process::Child) -> std::process::Output {
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let res = child.wait_with_output().unwrap();
+    assert_eq!(
+        res.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    res
+}
+
 /// The `model` fixture served at `s3://ckpt/model`.
 struct Served {
     _root: tempfile::TempDir,
@@ -402,18 +420,7 @@ fn ctrl_c_keeps_what_was_written_and_resume_finishes() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
-    let status = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let res = child.wait_with_output().unwrap();
-    assert_eq!(
-        res.status.code(),
-        Some(130),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
+    let res = interrupt(child);
     assert!(String::from_utf8_lossy(&res.stderr).contains("--resume"));
     assert!(!out.join(".metadata").exists());
     s.server.clear_faults();
@@ -638,16 +645,9 @@ fn an_export_through_faults_is_exact_or_leaves_nothing() {
                 "--endpoint-url",
                 &s.server.endpoint(),
                 "--path-style",
-                "--max-memory",
-                "4MiB",
-                "--concurrency",
-                "16",
-                "--part-size",
-                "128KiB",
-                "--json",
-                "-q",
-                "-o",
             ])
+            .args(common::PLACED)
+            .args(["--json", "-q", "-o"])
             .arg(file)
             .output()
             .unwrap()
@@ -742,18 +742,7 @@ fn an_interrupted_export_leaves_nothing() {
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(200));
-    let killed = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let res = child.wait_with_output().unwrap();
-    assert_eq!(
-        res.status.code(),
-        Some(130),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
+    interrupt(child);
     assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
 }
 

@@ -766,3 +766,15 @@ pub fn fetched_tree(dir: &Path) -> std::collections::BTreeMap<String, String> {
     tree.retain(|path, _| !path.starts_with(".dcpfetch"));
     tree
 }
+
+/// Export flags for `fixtures/large`: small memory and concurrency, so that its items are located
+/// first and placed as they arrive (items above 256 KiB), not read whole; small parts, so that
+/// one item comes in several.
+pub const PLACED: [&str; 6] = [
+    "--max-memory",
+    "4MiB",
+    "--concurrency",
+    "16",
+    "--part-size",
+    "128KiB",
+];
