@@ -129,6 +129,19 @@ impl LocalSource {
         Ok(buf.freeze())
     }
 
+    /// A blocking read that did not finish: its panic goes on, else it was cancelled. The
+    /// runtime is shutting down (a closed stdout ends the run early) before the read ran: nobody
+    /// waits for it any more, and it must not print a panic on the way out.
+    fn unjoined(&self, name: &ObjectName, e: tokio::task::JoinError) -> SourceError {
+        if e.is_panic() {
+            std::panic::resume_unwind(e.into_panic());
+        }
+        SourceError::Io {
+            path: self.path(name).display().to_string(),
+            source: std::io::Error::other("the read was cancelled"),
+        }
+    }
+
     fn file(&self, name: &ObjectName) -> Result<Arc<File>, SourceError> {
         let mut open = self.open.lock().expect("no panics while holding the lock");
         if let Some(f) = open.get(name) {
@@ -206,14 +219,8 @@ impl ObjectStore for LocalSource {
                 read
             })
             .await;
-            match read {
-                Ok(data) => Ok((meta, vec![data?])),
-                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                Err(_) => Err(SourceError::Io {
-                    path: self.path(name).display().to_string(),
-                    source: std::io::Error::other("the read was cancelled"),
-                }),
-            }
+            let data = read.map_err(|e| self.unjoined(name, e))??;
+            Ok((meta, vec![data]))
         })
     }
 
@@ -272,16 +279,8 @@ impl ObjectStore for LocalSource {
                 }
             }
             drop(rx);
-            match reader.await {
-                Ok(()) => result,
-                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                // The runtime is shutting down (a closed stdout ends the run early) before the read
-                // ran: nobody waits for it any more, and it must not print a panic on the way out.
-                Err(_) => Err(SourceError::Io {
-                    path: self.path(name).display().to_string(),
-                    source: std::io::Error::other("the read was cancelled"),
-                }),
-            }
+            reader.await.map_err(|e| self.unjoined(name, e))?;
+            result
         })
     }
 }
