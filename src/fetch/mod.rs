@@ -42,7 +42,7 @@ const PASSAGE_BYTES: usize = 4 << 20;
 
 /// A request passes its chunks on in batches of about this many bytes (and what is left when its
 /// body ends): one wake-up of the consumer per batch, not per chunk of a few KiB.
-const BATCH_BYTES: usize = 256 << 10;
+const BATCH_BYTES: usize = 64 << 10;
 
 /// How hard the engine pushes.
 #[derive(Debug, Clone, Copy)]
