@@ -69,16 +69,20 @@ impl Transport {
             Some(path) => bundle_roots(path)?,
             None => system_roots(),
         };
-        Ok(Transport::build(connect_timeout, roots, READ_BUFFER))
+        Transport::build(connect_timeout, roots, READ_BUFFER)
     }
 
-    fn build(connect_timeout: Duration, roots: RootCertStore, read_buffer: usize) -> Transport {
+    fn build(
+        connect_timeout: Duration,
+        roots: RootCertStore,
+        read_buffer: usize,
+    ) -> Result<Transport, SourceError> {
         let mut tcp = TcpConnector::new();
         tcp.enforce_http(false);
         tcp.set_nodelay(true);
         tcp.set_connect_timeout(Some(connect_timeout));
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls_config(roots))
+            .with_tls_config(tls_config(roots)?)
             .https_or_http()
             .enable_http1()
             .wrap_connector(tcp);
@@ -87,10 +91,10 @@ impl Transport {
             .pool_idle_timeout(POOL_IDLE)
             .http1_max_buf_size(read_buffer)
             .build(https);
-        Transport {
+        Ok(Transport {
             client,
             read_buffer,
-        }
+        })
     }
 }
 
@@ -135,15 +139,12 @@ fn bundle_roots(path: &Path) -> Result<RootCertStore, SourceError> {
 }
 
 /// rustls with aws-lc, the provider the SDK uses.
-fn tls_config(roots: RootCertStore) -> rustls::ClientConfig {
+fn tls_config(roots: RootCertStore) -> Result<rustls::ClientConfig, SourceError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    match rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-    {
-        Ok(builder) => builder.with_root_certificates(roots).with_no_client_auth(),
-        // aws-lc's default provider supports the default versions; this is not reached.
-        Err(e) => unreachable!("aws-lc does not support TLS 1.2 and 1.3: {e}"),
-    }
+        .map_err(|e| SourceError::Config(format!("TLS: {e}")))?;
+    Ok(builder.with_root_certificates(roots).with_no_client_auth())
 }
 
 impl HttpClient for Transport {
@@ -255,7 +256,7 @@ mod tests {
         });
         // A small cap, so that hyper's default (pieces of up to about 400 KiB) would fail.
         let cap = 64 << 10;
-        let t = Transport::build(Duration::from_secs(5), RootCertStore::empty(), cap);
+        let t = Transport::build(Duration::from_secs(5), RootCertStore::empty(), cap).unwrap();
         let req = http::Request::get(format!("http://{addr}/b/k"))
             .body(SdkBody::empty())
             .unwrap();
