@@ -679,3 +679,95 @@ fn the_cli_fetches_through_faults() {
         server.faults()
     );
 }
+
+/// The S3 source's own transport over HTTPS: nginx serves the repository, so a path-style GET of
+/// `s3://fixtures/model/NAME` is the file; it answers the listing with no bucket listing, and
+/// dcpfetch asks for each shard instead. The private CA is trusted through `SSL_CERT_FILE` (the
+/// system's roots, as the SDK's client reads them) or `--ca-bundle`, and refused without them.
+#[test]
+fn s3_over_https_trusts_ssl_cert_file_and_the_ca_bundle() {
+    let ca = common::TestCa::new();
+    let nginx = Nginx::start_tls(&common::repo(), &ca);
+    let endpoint = nginx.url("");
+    let endpoint = endpoint.trim_end_matches('/');
+    let bundle = ca.ca().display().to_string();
+    let s3 = |c: &mut assert_cmd::Command| {
+        c.env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "us-east-1")
+            .args(["--endpoint-url", endpoint]);
+    };
+    let local = fixture("model").display().to_string();
+    let mut ls = cmd();
+    ls.env("SSL_CERT_FILE", &bundle)
+        .args(["ls", "s3://fixtures/model", "--json"]);
+    s3(&mut ls);
+    let (code, out, err) = run(&mut ls);
+    assert_eq!(code, Some(0), "{err}");
+    let over_s3: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        over_s3["entries"],
+        json_of(&["ls", &local, "--json"])["entries"]
+    );
+
+    let mut fetch = cmd();
+    fetch.args([
+        "fetch",
+        "s3://fixtures/model",
+        "-o",
+        "-",
+        "-q",
+        "-s",
+        LAYER,
+        "--ca-bundle",
+        &bundle,
+    ]);
+    s3(&mut fetch);
+    let got = fetch.output().unwrap();
+    assert!(
+        got.status.success(),
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    let want = cmd()
+        .args(["fetch", &local, "-o", "-", "-q", "-s", LAYER])
+        .output()
+        .unwrap();
+    assert!(!got.stdout.is_empty());
+    assert!(got.stdout == want.stdout, "other bytes");
+
+    // Without the bundle the certificate is not trusted: said at once (not retried), with the
+    // hint the HTTP source gives.
+    let started = std::time::Instant::now();
+    let mut ls = cmd();
+    ls.args(["ls", "s3://fixtures/model"]);
+    s3(&mut ls);
+    let (code, _, err) = run(&mut ls);
+    assert_eq!(code, Some(2), "{err}");
+    let untrusted = format!("the certificate of 127.0.0.1:{} is not trusted", nginx.port);
+    assert!(err.contains(&untrusted), "{err}");
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("hint: ") && l.contains("SSL_CERT_FILE")),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "retried a certificate error"
+    );
+    // --ca-bundle trusts only what it holds, and a file with no certificate is named.
+    let other = common::TestCa::new();
+    let other = other.ca().display().to_string();
+    let not_pem = fixture("model").join(".metadata").display().to_string();
+    for (bundle, says) in [
+        (&other, untrusted.as_str()),
+        (&not_pem, "holds no PEM certificate"),
+    ] {
+        let mut ls = cmd();
+        ls.args(["ls", "s3://fixtures/model", "--ca-bundle", bundle]);
+        s3(&mut ls);
+        let (code, _, err) = run(&mut ls);
+        assert_eq!(code, Some(2), "{err}");
+        assert!(err.contains(says), "{err}");
+    }
+}

@@ -197,8 +197,8 @@ pub struct HttpFlags {
     /// DCPFETCH_HTTP_HEADERS (one header a line) and DCPFETCH_HTTP_BEARER_TOKEN also work.
     #[arg(long = "header", short = 'H', value_name = "'NAME: VALUE'")]
     pub headers: Vec<String>,
-    /// Trust only the CA certificates in this PEM file for https:// (default: the system's, or
-    /// those of SSL_CERT_FILE).
+    /// Trust only the CA certificates in this PEM file for https:// checkpoints and S3 endpoints
+    /// (default: the system's, or those of SSL_CERT_FILE).
     #[arg(long, value_name = "FILE")]
     pub ca_bundle: Option<PathBuf>,
 }

@@ -193,7 +193,7 @@ fn target(
         Some(path) => Spec::from_file(path)?,
         None => Spec::default(),
     };
-    let store = store_options(s3)?;
+    let mut store = store_options(s3)?;
     let http = HttpOptions::resolve(
         &http.headers,
         http.ca_bundle.clone(),
@@ -201,6 +201,8 @@ fn target(
         store.retry,
     )
     .map_err(UsageError::Invalid)?;
+    // An S3 endpoint with a private CA is trusted the same way.
+    store.ca_bundle = http.ca_bundle.clone();
     Ok(Target {
         location,
         store,
@@ -238,6 +240,7 @@ fn store_options(s3: &S3Flags) -> Result<S3Options, UsageError> {
         path_style: s3.path_style,
         virtual_hosted: s3.virtual_hosted,
         no_sign_request: s3.no_sign_request,
+        ca_bundle: None,
         retry: RetryPolicy {
             max_attempts: s3.max_attempts,
             stall_timeout: seconds(s3.stall_timeout),

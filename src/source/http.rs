@@ -47,6 +47,14 @@ pub fn is_untrusted_certificate(e: &SourceError) -> bool {
         if detail.starts_with("the certificate of ") && detail.contains(UNTRUSTED))
 }
 
+/// The error of a server certificate that TLS refused, at `host` (`HOST:PORT`).
+pub(super) fn untrusted(name: &str, host: &str, detail: &str) -> SourceError {
+    SourceError::Request {
+        name: name.to_owned(),
+        detail: format!("the certificate of {host} {UNTRUSTED} ({detail})"),
+    }
+}
+
 /// The environment variable of extra headers, one `Name: value` a line.
 pub const HEADERS_ENV: &str = "DCPFETCH_HTTP_HEADERS";
 /// The environment variable of a bearer token (sent as `Authorization: Bearer TOKEN`).
@@ -745,10 +753,7 @@ impl HttpSource {
         if detail.to_ascii_lowercase().contains("certificate") {
             let host = url.host_str().unwrap_or_default();
             let port = url.port_or_known_default().unwrap_or_default();
-            return Failure::Fatal(SourceError::Request {
-                name: what.to_owned(),
-                detail: format!("the certificate of {host}:{port} {UNTRUSTED} ({detail})"),
-            });
+            return Failure::Fatal(untrusted(what, &format!("{host}:{port}"), &detail));
         }
         if retry {
             Failure::Retry(format!("{what}: {detail}"))

@@ -12,6 +12,7 @@ mod location;
 mod name;
 mod resume;
 pub mod s3;
+mod s3_transport;
 mod stat;
 
 use std::fmt;

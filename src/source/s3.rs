@@ -8,10 +8,14 @@
 //! Last-Modified and size instead (`If-Unmodified-Since`, and both compared on every answer), with
 //! one warning that a change within the same second of the same size cannot be seen.
 //!
+//! Requests go through [`Transport`], the SDK's hyper client with each connection's read buffer
+//! bounded.
+//!
 //! Every request attempt emits a `tracing` debug event with target `dcpfetch::requests`.
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,9 +33,13 @@ use bytes::Bytes;
 
 use super::Receive;
 use super::resume::{self, Attempts, Body, Failure, Received};
+use super::s3_transport::Transport;
 use super::{
     BoxFuture, ObjectMeta, ObjectName, ObjectStore, RetryPolicy, SourceError, TransferStats,
 };
+
+/// How long a connection may take to open.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How to reach S3: everything not given here comes from aws-config's default chain (environment,
 /// profiles, SSO, web identity, instance metadata).
@@ -48,6 +56,8 @@ pub struct S3Options {
     pub virtual_hosted: bool,
     /// Send unsigned requests (public buckets).
     pub no_sign_request: bool,
+    /// Trust only the CA certificates of this PEM file (`--ca-bundle`); else the system's.
+    pub ca_bundle: Option<PathBuf>,
     pub retry: RetryPolicy,
 }
 
@@ -103,6 +113,7 @@ impl S3Source {
         let endpoint = sdk.endpoint_url().map(str::to_owned);
         let path_style = opts.path_style || (endpoint.is_some() && !opts.virtual_hosted);
         let mut conf = aws_sdk_s3::config::Builder::from(&sdk)
+            .http_client(Transport::new(CONNECT_TIMEOUT, opts.ca_bundle.as_deref())?)
             .force_path_style(path_style)
             .retry_config(RetryConfig::disabled())
             .stalled_stream_protection(StalledStreamProtectionConfig::disabled())
@@ -110,7 +121,7 @@ impl S3Source {
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
             .timeout_config(
                 TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_secs(10))
+                    .connect_timeout(CONNECT_TIMEOUT)
                     .build(),
             );
         if sdk.region().is_none() {
@@ -297,8 +308,8 @@ impl S3Source {
     }
 
     /// The failure of a request that never reached a server: its host does not resolve, nothing
-    /// listens on its port (before any answer came back), or there are no credentials to sign
-    /// it with. `None` for other dispatch failures.
+    /// listens on its port (before any answer came back), its certificate is not trusted, or
+    /// there are no credentials to sign it with. `None` for other dispatch failures.
     fn unreachable<E>(
         &self,
         what: &str,
@@ -325,6 +336,13 @@ impl S3Source {
                     detail: format!("cannot resolve {host}"),
                 }));
             }
+            if let Some(rustls::Error::InvalidCertificate(why)) = c.downcast_ref() {
+                return Some(Failure::Fatal(super::http::untrusted(
+                    what,
+                    self.host(),
+                    &format!("{why:?}"),
+                )));
+            }
             if let Some(io) = c.downcast_ref::<std::io::Error>()
                 && io.kind() == std::io::ErrorKind::ConnectionRefused
             {
@@ -338,7 +356,14 @@ impl S3Source {
                     })
                 });
             }
-            cause = c.source();
+            // An I/O error's `source` is its payload's source, which skips the payload (where
+            // TLS puts its error): go into the payload instead.
+            cause = match c.downcast_ref::<std::io::Error>() {
+                Some(io) => io
+                    .get_ref()
+                    .map(|p| p as &(dyn std::error::Error + 'static)),
+                None => c.source(),
+            };
         }
         None
     }
