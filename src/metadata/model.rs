@@ -223,9 +223,27 @@ pub(crate) type AddressMap<V> = HashMap<usize, V, std::hash::BuildHasherDefault<
 /// seeded), so the fqns need not come from one [`Interner`].
 pub(crate) fn dedup_entries(entries: Vec<Entry>, duplicate_keys: &mut Vec<String>) -> Vec<Entry> {
     {
-        let mut seen: hashbrown::HashSet<&str> = hashbrown::HashSet::new();
-        let _ = seen.try_reserve(entries.len());
-        if entries.iter().all(|e| seen.insert(&*e.fqn)) {
+        use std::hash::BuildHasher;
+        // A table of positions (4 bytes a slot), not of strings: a million fit in a few MB.
+        let state = hashbrown::DefaultHashBuilder::default();
+        let hash = |i: &u32| state.hash_one(&*entries[*i as usize].fqn);
+        let mut seen: hashbrown::HashTable<u32> = hashbrown::HashTable::new();
+        let _ = seen.try_reserve(entries.len(), hash);
+        let unique = u32::try_from(entries.len()).is_ok()
+            && entries.iter().enumerate().all(|(i, e)| {
+                match seen.entry(
+                    state.hash_one(&*e.fqn),
+                    |j| entries[*j as usize].fqn == e.fqn,
+                    hash,
+                ) {
+                    hashbrown::hash_table::Entry::Occupied(_) => false,
+                    hashbrown::hash_table::Entry::Vacant(v) => {
+                        v.insert(i as u32);
+                        true
+                    }
+                }
+            });
+        if unique {
             drop(seen);
             return entries;
         }
