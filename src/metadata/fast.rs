@@ -621,7 +621,10 @@ impl<'a> Machine<'a> {
     }
 
     fn string(&self, bytes: &'a [u8]) -> Step<Val> {
-        std::str::from_utf8(bytes).ok()?;
+        // Nearly every string torch writes is ASCII: checked a word at a time.
+        if !bytes.is_ascii() {
+            std::str::from_utf8(bytes).ok()?;
+        }
         let start = bytes.as_ptr() as usize - self.data.as_ptr() as usize;
         Some(Val::Str(
             u32::try_from(start).ok()?,
@@ -1143,8 +1146,17 @@ impl<'a> Machine<'a> {
         }
         match &self.conts.get(t)?.value {
             Cont::Entries(..) => {
-                let mut add = Vec::with_capacity(flat.len() / 2);
-                let mut keys = Vec::with_capacity(flat.len() / 2);
+                // The vectors are taken out of the slot while the items go straight in (an
+                // entry is moved once, not twice); a failure leaves the slot taken, and the
+                // whole read fails.
+                let Cont::Entries(mut add, mut keys) =
+                    std::mem::replace(&mut self.conts.get_mut(t)?.value, Cont::Taken)
+                else {
+                    return None;
+                };
+                if add.len() + flat.len() / 2 > max {
+                    return None;
+                }
                 for pair in flat.chunks_exact(2) {
                     let (k, v) = (pair[0], pair[1]);
                     let Val::Obj(i) = v else { return None };
@@ -1165,18 +1177,17 @@ impl<'a> Machine<'a> {
                         _ => return None,
                     });
                 }
-                let Cont::Entries(e, ids) = &mut self.conts.get_mut(t)?.value else {
-                    return None;
-                };
-                if e.len() + add.len() > max {
-                    return None;
-                }
-                e.extend(add);
-                ids.extend(keys);
+                self.conts.get_mut(t)?.value = Cont::Entries(add, keys);
             }
             Cont::Storage(..) => {
-                let mut add = Vec::with_capacity(flat.len() / 2);
-                let mut keys = Vec::with_capacity(flat.len() / 2);
+                let Cont::Storage(mut add, mut keys) =
+                    std::mem::replace(&mut self.conts.get_mut(t)?.value, Cont::Taken)
+                else {
+                    return None;
+                };
+                if add.len() + flat.len() / 2 > max {
+                    return None;
+                }
                 for pair in flat.chunks_exact(2) {
                     let (k, v) = (pair[0], pair[1]);
                     let (Val::Obj(ki), Val::Obj(vi)) = (k, v) else {
@@ -1198,14 +1209,7 @@ impl<'a> Machine<'a> {
                         chunk: None,
                     });
                 }
-                let Cont::Storage(s, ids) = &mut self.conts.get_mut(t)?.value else {
-                    return None;
-                };
-                if s.len() + add.len() > max {
-                    return None;
-                }
-                s.extend(add);
-                ids.extend(keys);
+                self.conts.get_mut(t)?.value = Cont::Storage(add, keys);
             }
             Cont::Dict(_) => {
                 let children = flat.iter().map(|v| self.depth(*v)).max().unwrap_or(0);
