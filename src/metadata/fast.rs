@@ -21,11 +21,10 @@ use std::sync::Arc;
 
 use super::dtype;
 use super::model::{
-    self, ChunkMeta, EntryMeta, Interner, PathPart, RankMetadata, StorageInfo, StorageMeta,
-    TensorMeta,
+    self, EntryMeta, Interner, PathPart, RankMetadata, StorageInfo, StorageMeta, TensorMeta,
 };
 use super::pickle::Limits;
-use super::{Entry, Storage};
+use super::{Chunk, Entry, Storage};
 
 /// What the fast path read.
 #[derive(Debug)]
@@ -33,6 +32,11 @@ pub(crate) struct Read {
     pub md: RankMetadata,
     /// The highest protocol declared by `PROTO`.
     pub protocol: u8,
+    /// For each item of `md.storage`, the index in `md.entries` of the entry it names, where the
+    /// file names both by one memo entry (torch's files: the storage key reads back the fqn the
+    /// entry's key wrote); `u32::MAX` where it does not. `None` when the entries had a duplicate
+    /// key. [`super::Checkpoint`] links by it instead of looking each fqn up.
+    pub owners: Option<Vec<u32>>,
 }
 
 /// Reads a torch `.metadata` pickle, or `None` when it is not one of the shapes this reader knows.
@@ -155,6 +159,28 @@ impl<'a> Ops<'a> {
     }
 }
 
+/// For the first pass: 1 + the length of the argument of each opcode that it skips by a fixed
+/// length and that is not a memo opcode; 0 for every other.
+const SKIP: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let none = [
+        b'N', 0x88, 0x89, b')', 0x85, 0x86, 0x87, b't', b']', b'}', b'a', b'e', b's', b'u', b'(',
+        0x93, b'R', 0x81, b'b',
+    ];
+    let mut i = 0;
+    while i < none.len() {
+        t[none[i] as usize] = 1;
+        i += 1;
+    }
+    t[b'K' as usize] = 2;
+    t[0x80] = 2;
+    t[b'M' as usize] = 3;
+    t[b'J' as usize] = 5;
+    t[0x95] = 9;
+    t[b'G' as usize] = 9;
+    t
+};
+
 /// The first pass: which memo indexes a `GET` reads, with every memo write at the next index (as
 /// Python's pickler writes them).
 fn referenced_memo(data: &[u8], limits: &Limits) -> Option<Bits> {
@@ -175,10 +201,27 @@ fn referenced_memo(data: &[u8], limits: &Limits) -> Option<Bits> {
         let op = *data.get(pos)?;
         pos += 1;
         // Only the memo opcodes are read here; the others are skipped by their length (the
-        // second pass checks them).
+        // second pass checks them). The most frequent first, without the jump of the match:
+        // a memo write, a short string, and the opcodes of a fixed length.
+        if op == 0x94 {
+            next += 1;
+            if next > limits.max_memo {
+                return None;
+            }
+            continue;
+        }
+        if op == 0x8c {
+            pos += 1 + byte(pos)?;
+            continue;
+        }
+        let skip = SKIP[usize::from(op)];
+        if skip != 0 {
+            pos += usize::from(skip - 1);
+            continue;
+        }
         match op {
             b'.' => return Some(bits),
-            0x94 | b'q' | b'r' => {
+            b'q' | b'r' => {
                 if op == b'q' {
                     if byte(pos)? != next {
                         return None;
@@ -208,21 +251,15 @@ fn referenced_memo(data: &[u8], limits: &Limits) -> Option<Bits> {
                 }
                 bits.set(i);
             }
-            0x8c => pos += 1 + byte(pos)?,
             b'X' => pos = pos.checked_add(4 + le(pos, 4)?)?,
             0x8a => pos += 1 + byte(pos)?,
-            b'K' | 0x80 => pos += 1,
-            b'M' => pos += 2,
-            b'J' => pos += 4,
-            0x95 | b'G' => pos += 8,
             0x8d => pos = pos.checked_add(8)?.checked_add(le(pos, 8)?)?,
             b'c' => {
                 for _ in 0..2 {
                     pos += data.get(pos..)?.iter().position(|&b| b == b'\n')? + 1;
                 }
             }
-            b'N' | 0x88 | 0x89 | b')' | 0x85 | 0x86 | 0x87 | b't' | b']' | b'}' | b'a' | b'e'
-            | b's' | b'u' | b'(' | 0x93 | b'R' | 0x81 | b'b' => {}
+            // The opcodes of `SKIP` do not come here.
             _ => return None,
         }
     }
@@ -308,13 +345,17 @@ enum Rec {
     /// Moved out; the slot is freed when its value is released.
     Taken,
     Pending(Class),
-    Chunk(ChunkMeta),
-    Index(Arc<str>, Option<Box<[u64]>>),
+    /// A chunk as the entry keeps it (not yet linked to storage).
+    Chunk(Chunk),
+    /// The fqn, the memo string it was read back from (1 + its index in `Machine::strs`, or 0)
+    /// and the offset.
+    Index(Arc<str>, u32, Option<Box<[u64]>>),
     Info(StorageInfo),
     Properties(Box<TensorMeta>),
-    Tensor(Box<TensorMeta>),
+    /// A tensor's properties and shape, and its chunks.
+    Tensor(Box<TensorMeta>, Vec<Chunk>),
     StorageMeta(Box<StorageMeta>),
-    Metadata(Box<RankMetadata>),
+    Metadata(Box<RankMetadata>, Option<Vec<u32>>),
 }
 
 #[derive(Debug, Clone)]
@@ -323,12 +364,14 @@ enum Cont {
     Taken,
     Dict(Vec<(Val, Val)>),
     List(Vec<Val>),
-    /// `state_dict_metadata`: a dict of strings to tensor or bytes entries.
-    Entries(Vec<Entry>),
-    /// `storage_data`: a dict of `MetadataIndex` to `_StorageInfo`.
-    Storage(Vec<Storage>),
+    /// `state_dict_metadata`: a dict of strings to tensor or bytes entries, and the memo string
+    /// of each key (as [`Rec::Index`] has it).
+    Entries(Vec<Entry>, Vec<u32>),
+    /// `storage_data`: a dict of `MetadataIndex` to `_StorageInfo`, and the memo string of each
+    /// key's fqn.
+    Storage(Vec<Storage>, Vec<u32>),
     /// A tensor's `chunks`: a list of `ChunkStorageMetadata`.
-    Chunks(Vec<ChunkMeta>),
+    Chunks(Vec<Chunk>),
 }
 
 struct Slot<T> {
@@ -453,8 +496,9 @@ impl<'a> Machine<'a> {
             tuples_floor: 0,
             objs: Slab::new(),
             conts: Slab::new(),
-            // torch's files read back each fqn they name more than once: most strings to intern.
-            intern: Interner::with_capacity(read_back),
+            // The strings read back (most of them fqns) are not interned: each memo entry is
+            // one allocation, shared by every value that reads it back.
+            intern: Interner::default(),
             strs: Vec::with_capacity(read_back),
             last_fqn: None,
             last_path: None,
@@ -476,12 +520,13 @@ impl<'a> Machine<'a> {
             if op == b'.' {
                 let root = self.pop()?;
                 let Val::Obj(id) = root else { return None };
-                let Rec::Metadata(md) = self.take_obj(id)? else {
+                let Rec::Metadata(md, owners) = self.take_obj(id)? else {
                     return None;
                 };
                 return Some(Read {
                     md: *md,
                     protocol: self.protocol,
+                    owners,
                 });
             }
             if op == 0x95 {
@@ -558,7 +603,9 @@ impl<'a> Machine<'a> {
 
     /// Whether a value is the string `name`.
     fn is_str(&self, v: Val, name: &str) -> bool {
-        matches!(v, Val::Str(s, l, _) if self.span(s, l) == name.as_bytes())
+        // Field names are short: compared in place, not by a call to `memcmp`.
+        matches!(v, Val::Str(s, l, _) if l as usize == name.len()
+            && self.span(s, l).iter().zip(name.as_bytes()).all(|(a, b)| a == b))
     }
 
     fn span(&self, start: u32, len: u32) -> &'a [u8] {
@@ -574,7 +621,10 @@ impl<'a> Machine<'a> {
     }
 
     fn string(&self, bytes: &'a [u8]) -> Step<Val> {
-        std::str::from_utf8(bytes).ok()?;
+        // Nearly every string torch writes is ASCII: checked a word at a time.
+        if !bytes.is_ascii() {
+            std::str::from_utf8(bytes).ok()?;
+        }
         let start = bytes.as_ptr() as usize - self.data.as_ptr() as usize;
         Some(Val::Str(
             u32::try_from(start).ok()?,
@@ -845,15 +895,20 @@ impl<'a> Machine<'a> {
                     b'r' => ops.take(4)?,
                     _ => &[],
                 };
-                // The first pass checked that every write is at the next index.
-                let mut v = self.top()?;
+                // The first pass checked that every write is at the next index. The value is
+                // read only for the writes read back (most are not): the stack need only hold
+                // one.
+                if self.stack.len() <= self.floor() {
+                    return None;
+                }
                 let i = self.memo_next;
                 self.memo_next = i.checked_add(1)?;
                 if let Some(r) = self.referenced.rank(i as usize) {
+                    let mut v = self.top()?;
                     // A string read back (an fqn named again by each of its storage entries) is
-                    // interned once, here, and found again by its index.
+                    // allocated once, here, and found again by its index.
                     if let Val::Str(s, l, 0) = v {
-                        let a = self.intern.get_new(self.str_of(v)?);
+                        let a: Arc<str> = Arc::from(self.str_of(v)?);
                         self.strs.push(a);
                         v = Val::Str(s, l, u32::try_from(self.strs.len()).ok()?);
                         *self.stack.last_mut()? = v;
@@ -945,10 +1000,9 @@ impl<'a> Machine<'a> {
     /// pages that are never written cost nothing). Only the first dict of each kind gets it (a
     /// file of many small ones must not reserve for each), and a reservation the system refuses
     /// is skipped.
-    fn reserve_once<T>(input_len: usize, done: &mut bool) -> Vec<T> {
+    fn room<T>(input_len: usize, first: bool) -> Vec<T> {
         let mut v = Vec::new();
-        if !*done {
-            *done = true;
+        if first {
             let _ = v.try_reserve_exact(input_len / 100);
         }
         v
@@ -1022,23 +1076,23 @@ impl<'a> Machine<'a> {
         if chunks {
             self.conts.get_mut(t)?.value = Cont::Chunks(Vec::new());
         }
-        if matches!(self.conts.get(t)?.value, Cont::Chunks(_)) {
-            let mut add = Vec::with_capacity(items.len());
+        if let Cont::Chunks(list) = &mut self.conts.get_mut(t)?.value {
+            if list.len() + items.len() > max {
+                return None;
+            }
+            // Exactly the room they take: most tensors have one chunk, appended alone.
+            list.reserve_exact(items.len());
             for &v in items {
                 let Val::Obj(i) = v else { return None };
                 let Rec::Chunk(c) = self.take_obj(i)? else {
                     return None;
                 };
                 self.release(v);
-                add.push(c);
+                let Cont::Chunks(list) = &mut self.conts.get_mut(t)?.value else {
+                    return None;
+                };
+                list.push(c);
             }
-            let Cont::Chunks(list) = &mut self.conts.get_mut(t)?.value else {
-                return None;
-            };
-            if list.len() + add.len() > max {
-                return None;
-            }
-            list.extend(add);
             return Some(());
         }
         let children = items.iter().map(|v| self.depth(*v)).max().unwrap_or(0);
@@ -1074,15 +1128,16 @@ impl<'a> Machine<'a> {
             && let [k, v, ..] = *flat
         {
             let kind = match (k, self.peek_obj(k), self.peek_obj(v)) {
-                (Val::Str(..), _, Some(Rec::Tensor(_) | Rec::Pending(Class::BytesStorage))) => {
-                    Some(Cont::Entries(Self::reserve_once(
-                        self.data.len(),
-                        &mut self.reserved_entries,
-                    )))
+                (Val::Str(..), _, Some(Rec::Tensor(..) | Rec::Pending(Class::BytesStorage))) => {
+                    let first = !std::mem::replace(&mut self.reserved_entries, true);
+                    let n = self.data.len();
+                    Some(Cont::Entries(Self::room(n, first), Self::room(n, first)))
                 }
-                (_, Some(Rec::Index(..)), Some(Rec::Info(_))) => Some(Cont::Storage(
-                    Self::reserve_once(self.data.len(), &mut self.reserved_storage),
-                )),
+                (_, Some(Rec::Index(..)), Some(Rec::Info(_))) => {
+                    let first = !std::mem::replace(&mut self.reserved_storage, true);
+                    let n = self.data.len();
+                    Some(Cont::Storage(Self::room(n, first), Self::room(n, first)))
+                }
                 _ => None,
             };
             if let Some(kind) = kind {
@@ -1090,41 +1145,62 @@ impl<'a> Machine<'a> {
             }
         }
         match &self.conts.get(t)?.value {
-            Cont::Entries(_) => {
-                let mut add = Vec::with_capacity(flat.len() / 2);
+            Cont::Entries(..) => {
+                // The vectors are taken out of the slot while the items go straight in (an
+                // entry is moved once, not twice); a failure leaves the slot taken, and the
+                // whole read fails.
+                let Cont::Entries(mut add, mut keys) =
+                    std::mem::replace(&mut self.conts.get_mut(t)?.value, Cont::Taken)
+                else {
+                    return None;
+                };
+                if add.len() + flat.len() / 2 > max {
+                    return None;
+                }
                 for pair in flat.chunks_exact(2) {
                     let (k, v) = (pair[0], pair[1]);
                     let Val::Obj(i) = v else { return None };
-                    let entry = match self.take_obj(i)? {
-                        Rec::Tensor(t) => EntryMeta::Tensor(*t),
-                        Rec::Pending(Class::BytesStorage) => EntryMeta::Bytes,
-                        _ => return None,
-                    };
+                    let rec = self.take_obj(i)?;
                     self.release(v);
-                    add.push(Entry::new(self.interned(k)?, entry));
+                    keys.push(match k {
+                        Val::Str(_, _, i) => i,
+                        _ => 0,
+                    });
+                    let fqn = self.interned(k)?;
+                    add.push(match rec {
+                        Rec::Tensor(t, chunks) => Entry {
+                            fqn,
+                            tensor: Some(*t),
+                            chunks,
+                        },
+                        Rec::Pending(Class::BytesStorage) => Entry::new(fqn, EntryMeta::Bytes),
+                        _ => return None,
+                    });
                 }
-                let Cont::Entries(e) = &mut self.conts.get_mut(t)?.value else {
+                self.conts.get_mut(t)?.value = Cont::Entries(add, keys);
+            }
+            Cont::Storage(..) => {
+                let Cont::Storage(mut add, mut keys) =
+                    std::mem::replace(&mut self.conts.get_mut(t)?.value, Cont::Taken)
+                else {
                     return None;
                 };
-                if e.len() + add.len() > max {
+                if add.len() + flat.len() / 2 > max {
                     return None;
                 }
-                e.extend(add);
-            }
-            Cont::Storage(_) => {
-                let mut add = Vec::with_capacity(flat.len() / 2);
                 for pair in flat.chunks_exact(2) {
                     let (k, v) = (pair[0], pair[1]);
                     let (Val::Obj(ki), Val::Obj(vi)) = (k, v) else {
                         return None;
                     };
-                    let (Rec::Index(fqn, offset), Rec::Info(info)) =
+                    let (Rec::Index(fqn, id, offset), Rec::Info(info)) =
                         (self.take_obj(ki)?, self.take_obj(vi)?)
                     else {
                         return None;
                     };
                     self.release(v);
                     self.release(k);
+                    keys.push(id);
                     add.push(Storage {
                         metadata_file: 0,
                         fqn,
@@ -1133,13 +1209,7 @@ impl<'a> Machine<'a> {
                         chunk: None,
                     });
                 }
-                let Cont::Storage(s) = &mut self.conts.get_mut(t)?.value else {
-                    return None;
-                };
-                if s.len() + add.len() > max {
-                    return None;
-                }
-                s.extend(add);
+                self.conts.get_mut(t)?.value = Cont::Storage(add, keys);
             }
             Cont::Dict(_) => {
                 let children = flat.iter().map(|v| self.depth(*v)).max().unwrap_or(0);
@@ -1270,9 +1340,10 @@ impl<'a> Machine<'a> {
             Class::Chunk => {
                 let f = self.fields(state, ["offsets", "sizes"])?;
                 let [offsets, sizes] = f.values;
-                let rec = Rec::Chunk(ChunkMeta {
-                    offsets: self.dims_of(offsets?)?,
-                    sizes: self.dims_of(sizes?)?,
+                let rec = Rec::Chunk(Chunk {
+                    offsets: Some(self.dims_of(offsets?)?),
+                    sizes: Some(self.dims_of(sizes?)?),
+                    storage: Vec::new(),
                 });
                 self.release_state(state, f);
                 rec
@@ -1280,7 +1351,12 @@ impl<'a> Machine<'a> {
             Class::Index => {
                 let f = self.fields(state, ["fqn", "offset", "index"])?;
                 let [fqn, offset, index] = f.values;
-                let fqn = self.intern_span(fqn?, |m| &mut m.last_fqn)?;
+                let fqn_val = fqn?;
+                let fqn = self.intern_span(fqn_val, |m| &mut m.last_fqn)?;
+                let id = match fqn_val {
+                    Val::Str(_, _, i) => i,
+                    _ => 0,
+                };
                 let offset = match offset {
                     Some(o) => Some(self.dims_of(o)?),
                     None => None,
@@ -1289,7 +1365,7 @@ impl<'a> Machine<'a> {
                     let Val::Int(_) = i else { return None };
                 }
                 self.release_state(state, f);
-                Rec::Index(fqn, offset)
+                Rec::Index(fqn, id, offset)
             }
             Class::StorageInfo => {
                 let f = self.fields(
@@ -1400,16 +1476,17 @@ impl<'a> Machine<'a> {
                     return None;
                 };
                 t.shape = shape;
+                let mut list = Vec::new();
                 if let Some(c) = chunks {
                     let Val::Cont(ci) = c else { return None };
-                    t.chunks = match self.take_cont(ci)? {
+                    list = match self.take_cont(ci)? {
                         (Cont::Chunks(c), _) => c,
                         (Cont::List(l), _) if l.is_empty() => Vec::new(),
                         _ => return None,
                     };
                 }
                 self.release_state(state, f);
-                Rec::Tensor(t)
+                Rec::Tensor(t, list)
             }
             Class::BytesStorage => {
                 // The model reads nothing of its state.
@@ -1462,29 +1539,52 @@ impl<'a> Machine<'a> {
                     md.storage_meta = Some(*sm);
                 }
                 let Val::Cont(i) = sdm? else { return None };
-                let entries = match self.take_cont(i)? {
-                    (Cont::Entries(e), _) => e,
-                    (Cont::Dict(d), _) if d.is_empty() => Vec::new(),
+                let (entries, entry_ids) = match self.take_cont(i)? {
+                    (Cont::Entries(e, ids), _) => (e, ids),
+                    (Cont::Dict(d), _) if d.is_empty() => (Vec::new(), Vec::new()),
                     _ => return None,
                 };
                 md.entries = model::dedup_entries(entries, &mut md.duplicate_keys);
+                let mut storage_ids = Vec::new();
                 if let Some(v) = storage {
                     let Val::Cont(i) = v else { return None };
-                    md.storage = match self.take_cont(i)? {
-                        (Cont::Storage(s), _) => s,
-                        (Cont::Dict(d), _) if d.is_empty() => Vec::new(),
+                    (md.storage, storage_ids) = match self.take_cont(i)? {
+                        (Cont::Storage(s, ids), _) => (s, ids),
+                        (Cont::Dict(d), _) if d.is_empty() => (Vec::new(), Vec::new()),
                         _ => return None,
                     };
                 }
+                let owners = md
+                    .duplicate_keys
+                    .is_empty()
+                    .then(|| self.owners(&entry_ids, &storage_ids));
                 if let Some(v) = planner {
                     md.planner_data = self.planner_data(v)?;
                 }
                 self.release_state(state, f);
-                Rec::Metadata(Box::new(md))
+                Rec::Metadata(Box::new(md), owners)
             }
             _ => return None,
         };
         Some(rec)
+    }
+
+    /// [`Read::owners`]: the entry of each storage item whose fqn reads back the memo string of an
+    /// entry's key (the entries are unique: one entry per memo string).
+    fn owners(&self, entry_ids: &[u32], storage_ids: &[u32]) -> Vec<u32> {
+        let mut entry_of = vec![u32::MAX; self.strs.len() + 1];
+        for (e, &id) in entry_ids.iter().enumerate() {
+            if id != 0
+                && let (Some(slot), Ok(e)) = (entry_of.get_mut(id as usize), u32::try_from(e))
+            {
+                *slot = e;
+            }
+        }
+        entry_of[0] = u32::MAX;
+        storage_ids
+            .iter()
+            .map(|&id| entry_of.get(id as usize).copied().unwrap_or(u32::MAX))
+            .collect()
     }
 
     /// `planner_data`, or `Some(None)` where the model drops it (advisory data in another shape).
@@ -1584,6 +1684,20 @@ mod tests {
                     .any(|d| f.contains(d)),
                 "{f} takes the general path"
             );
+        }
+    }
+
+    /// torch's files name each storage key's fqn by the memo entry of its entry's key: the reader
+    /// gives the entry of every item, and it is the entry of that name.
+    #[test]
+    fn owners_of_torch_files() {
+        let data = std::fs::read(root().join("fixtures/single/.metadata")).unwrap();
+        let r = read(&data, Limits::default()).unwrap();
+        let owners = r.owners.unwrap();
+        assert_eq!(owners.len(), r.md.storage.len());
+        assert!(!owners.is_empty());
+        for (s, &e) in r.md.storage.iter().zip(&owners) {
+            assert_eq!(r.md.entries[e as usize].fqn, s.fqn);
         }
     }
 

@@ -195,8 +195,14 @@ struct MergeIndex {
     chunks: HashMap<usize, HashMap<Option<Dims>, usize>>,
 }
 
-/// One metadata file read: the file, its model and its unsafe globals.
-type ParsedFile = (MetadataFile, RankMetadata, Vec<UnsafeGlobal>);
+/// One metadata file read: the file, its model, its unsafe globals, and the entry of each storage
+/// item when the fast path knows it (see `fast::Read::owners`).
+type ParsedFile = (
+    MetadataFile,
+    RankMetadata,
+    Vec<UnsafeGlobal>,
+    Option<Vec<u32>>,
+);
 
 /// Why the metadata could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -264,9 +270,12 @@ impl Checkpoint {
     fn parse_shared(name: &str, bytes: bytes::Bytes) -> Result<ParsedFile, MetadataError> {
         // torch's own files take the fast path; anything else (and every error and finding) the
         // general unpickler.
-        let (md, protocol, findings) = match fast::read(&bytes, Limits::default()) {
-            Some(fast) => (fast.md, fast.protocol, Vec::new()),
-            None => Self::parse_general(name, &bytes)?,
+        let (md, protocol, findings, owners) = match fast::read(&bytes, Limits::default()) {
+            Some(fast) => (fast.md, fast.protocol, Vec::new(), fast.owners),
+            None => {
+                let (md, protocol, findings) = Self::parse_general(name, &bytes)?;
+                (md, protocol, findings, None)
+            }
         };
         let file = MetadataFile {
             name: name.to_owned(),
@@ -276,7 +285,7 @@ impl Checkpoint {
             protocol,
             bytes,
         };
-        Ok((file, md, findings))
+        Ok((file, md, findings, owners))
     }
 
     /// The general unpickler and model: the file's model, its protocol and its unknown globals.
@@ -324,8 +333,13 @@ impl Checkpoint {
     ) -> Result<Checkpoint, MetadataError> {
         let mut ck = Checkpoint::default();
         let mut index = MergeIndex::default();
+        // The first file's owners: its entries and storage items keep their places.
+        let mut owners = None;
         for (file_index, parsed) in parsed.into_iter().enumerate() {
-            let (file, md, findings) = parsed?;
+            let (file, md, findings, file_owners) = parsed?;
+            if file_index == 0 {
+                owners = file_owners.filter(|o| o.len() == md.storage.len());
+            }
             let name = file.name.clone();
             let name = name.as_str();
             ck.metadata_files.push(file);
@@ -357,7 +371,7 @@ impl Checkpoint {
                 ck.storage.extend(storage);
             }
         }
-        ck.link();
+        ck.link(owners.as_deref().unwrap_or_default());
         Ok(ck)
     }
 
@@ -449,8 +463,9 @@ impl Checkpoint {
     }
 
     /// Links every chunk to the storage entries with its `(fqn, offsets)` key, and each of those
-    /// storage entries back to the chunk.
-    fn link(&mut self) {
+    /// storage entries back to the chunk. `owners` gives the entry of the first storage items,
+    /// where the reader knew it (`u32::MAX` where not): those are not looked up.
+    fn link(&mut self, owners: &[u32]) {
         // Group the storage entries by their entry (a counting sort: no allocation per entry),
         // sort each group by chunk offsets, and merge it with the entry's chunks sorted the same
         // way: one hash of each fqn, and no hashing of (fqn, offsets) keys.
@@ -462,13 +477,25 @@ impl Checkpoint {
             // file share one string: found by address. Across files (or for a fqn no entry has),
             // by name, in a map made on the first miss.
             let entries = &self.entries;
-            let mut by_address: model::AddressMap<usize> = model::AddressMap::default();
-            by_address.reserve(entries.len());
-            for (i, e) in entries.iter().enumerate() {
-                by_address.insert(model::interned_key(&e.fqn), i);
-            }
+            let mut by_address: Option<model::AddressMap<usize>> = None;
             let mut by_name: Option<hashbrown::HashMap<&str, usize>> = None;
             for (si, s) in storage.iter().enumerate() {
+                if let Some(&ei) = owners.get(si)
+                    && let Some(e) = entries.get(ei as usize)
+                    && e.fqn == s.fqn
+                {
+                    owner[si] = ei as usize;
+                    start[ei as usize + 1] += 1;
+                    continue;
+                }
+                let by_address = by_address.get_or_insert_with(|| {
+                    let mut m = model::AddressMap::default();
+                    m.reserve(entries.len());
+                    for (i, e) in entries.iter().enumerate() {
+                        m.insert(model::interned_key(&e.fqn), i);
+                    }
+                    m
+                });
                 let found = match by_address.get(&model::interned_key(&s.fqn)) {
                     Some(&ei) => Some(ei),
                     None => by_name
@@ -808,7 +835,7 @@ mod tests {
                     protocol: 2,
                     bytes: bytes::Bytes::new(),
                 };
-                Ok((file, md, Vec::new()))
+                Ok((file, md, Vec::new(), None))
             })
             .collect()
     }
@@ -1024,6 +1051,12 @@ mod tests {
             files.sort_by_key(|(n, _)| rank_metadata(n));
             let ck = Checkpoint::from_files(&files).unwrap();
             assert_links(&ck);
+            // The fast path's owners only spare the lookups: without them, the same links.
+            let looked_up = Checkpoint::merge(files.iter().map(|(name, data)| {
+                Checkpoint::parse_file(name, data).map(|(f, md, g, _)| (f, md, g, None))
+            }))
+            .unwrap();
+            assert_eq!(ck, looked_up, "{}", dir.display());
             assert!(
                 ck.storage.iter().all(|s| s.chunk.is_some()),
                 "{}",

@@ -152,16 +152,6 @@ pub(crate) struct Interner {
 impl Interner {
     const RECENT: usize = 256;
 
-    /// Room for `n` distinct strings (growing a set of a million rehashes every string).
-    pub(crate) fn with_capacity(n: usize) -> Interner {
-        let mut set = hashbrown::HashSet::new();
-        let _ = set.try_reserve(n);
-        Interner {
-            set,
-            recent: Vec::new(),
-        }
-    }
-
     pub(crate) fn get(&mut self, s: &str) -> Arc<str> {
         if self.recent.is_empty() {
             self.recent.resize(Self::RECENT, (0, None));
@@ -182,12 +172,6 @@ impl Interner {
             self.recent[slot] = (h, Some(a.clone()));
         }
         a
-    }
-
-    /// [`Interner::get`] for a string most likely seen for the first time (an fqn): straight to
-    /// the set.
-    pub(crate) fn get_new(&mut self, s: &str) -> Arc<str> {
-        self.set.get_or_insert_with(s, |s| Arc::from(s)).clone()
     }
 
     fn cheap_hash(s: &str) -> u64 {
@@ -235,27 +219,45 @@ impl std::hash::Hasher for AddressHasher {
 pub(crate) type AddressMap<V> = HashMap<usize, V, std::hash::BuildHasherDefault<AddressHasher>>;
 
 /// `state_dict_metadata` as a Python dict reads it: a key set twice keeps its first place and
-/// takes its last value. The fqns must come from one [`Interner`] (they are compared by address).
+/// takes its last value. Keys are compared by their text (one hash of each; the set is randomly
+/// seeded), so the fqns need not come from one [`Interner`].
 pub(crate) fn dedup_entries(entries: Vec<Entry>, duplicate_keys: &mut Vec<String>) -> Vec<Entry> {
-    let mut position: AddressMap<usize> = AddressMap::default();
-    position.reserve(entries.len());
-    if entries
-        .iter()
-        .enumerate()
-        .all(|(i, e)| position.insert(interned_key(&e.fqn), i).is_none())
     {
-        return entries;
+        use std::hash::BuildHasher;
+        // A table of positions (4 bytes a slot), not of strings: a million fit in a few MB.
+        let state = hashbrown::DefaultHashBuilder::default();
+        let hash = |i: &u32| state.hash_one(&*entries[*i as usize].fqn);
+        let mut seen: hashbrown::HashTable<u32> = hashbrown::HashTable::new();
+        let _ = seen.try_reserve(entries.len(), hash);
+        let unique = u32::try_from(entries.len()).is_ok()
+            && entries.iter().enumerate().all(|(i, e)| {
+                match seen.entry(
+                    state.hash_one(&*e.fqn),
+                    |j| entries[*j as usize].fqn == e.fqn,
+                    hash,
+                ) {
+                    hashbrown::hash_table::Entry::Occupied(_) => false,
+                    hashbrown::hash_table::Entry::Vacant(v) => {
+                        v.insert(i as u32);
+                        true
+                    }
+                }
+            });
+        if unique {
+            drop(seen);
+            return entries;
+        }
     }
-    position.clear();
+    let mut position: hashbrown::HashMap<Arc<str>, usize> = hashbrown::HashMap::new();
     let mut out: Vec<Entry> = Vec::with_capacity(entries.len());
     for e in entries {
-        match position.get(&interned_key(&e.fqn)) {
+        match position.get(&e.fqn) {
             Some(&i) => {
                 duplicate_keys.push(e.fqn.to_string());
                 out[i] = e;
             }
             None => {
-                position.insert(interned_key(&e.fqn), out.len());
+                position.insert(e.fqn.clone(), out.len());
                 out.push(e);
             }
         }
