@@ -309,6 +309,19 @@ fn the_token_goes_to_the_origin_and_not_after_a_cross_host_redirect() {
     );
 }
 
+/// `err` says the certificate of the server at 127.0.0.1:`port` is not trusted, with the hint to
+/// pass the CA (`--ca-bundle` or `SSL_CERT_FILE`).
+fn assert_untrusted(err: &str, port: u16) {
+    let untrusted = format!("the certificate of 127.0.0.1:{port} is not trusted");
+    assert!(err.contains(&untrusted), "{err}");
+    assert!(
+        err.lines().any(|l| l.starts_with("hint: ")
+            && l.contains("--ca-bundle")
+            && l.contains("SSL_CERT_FILE")),
+        "{err}"
+    );
+}
+
 /// HTTPS with a certificate from a private CA: trusted with `--ca-bundle` or `SSL_CERT_FILE`, and
 /// refused in words (naming the host, with a hint) without them.
 #[test]
@@ -354,13 +367,7 @@ fn https_with_a_private_ca_needs_its_bundle() {
         let (code, out, err) = run(cmd().args(args));
         assert_eq!(code, Some(2), "{args:?}: {err}");
         assert!(out.is_empty(), "{out}");
-        let untrusted = format!("the certificate of 127.0.0.1:{} is not trusted", nginx.port);
-        assert!(err.contains(&untrusted), "{err}");
-        assert!(
-            err.lines()
-                .any(|l| l.starts_with("hint: ") && l.contains("--ca-bundle")),
-            "{err}"
-        );
+        assert_untrusted(&err, nginx.port);
     }
     assert!(
         started.elapsed() < Duration::from_secs(10),
@@ -744,13 +751,7 @@ fn s3_over_https_trusts_ssl_cert_file_and_the_ca_bundle() {
     s3(&mut ls);
     let (code, _, err) = run(&mut ls);
     assert_eq!(code, Some(2), "{err}");
-    let untrusted = format!("the certificate of 127.0.0.1:{} is not trusted", nginx.port);
-    assert!(err.contains(&untrusted), "{err}");
-    assert!(
-        err.lines()
-            .any(|l| l.starts_with("hint: ") && l.contains("SSL_CERT_FILE")),
-        "{err}"
-    );
+    assert_untrusted(&err, nginx.port);
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "retried a certificate error"
@@ -760,7 +761,7 @@ fn s3_over_https_trusts_ssl_cert_file_and_the_ca_bundle() {
     let other = other.ca().display().to_string();
     let not_pem = fixture("model").join(".metadata").display().to_string();
     for (bundle, says) in [
-        (&other, untrusted.as_str()),
+        (&other, "is not trusted"),
         (&not_pem, "holds no PEM certificate"),
     ] {
         let mut ls = cmd();
