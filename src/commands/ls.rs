@@ -288,7 +288,7 @@ fn printable(fqn: &str) -> Cow<'_, str> {
     )
 }
 
-fn shape_text(shape: Option<&Vec<u64>>) -> String {
+fn shape_text(shape: Option<&[u64]>) -> String {
     match shape {
         None => "-".into(),
         Some(s) => format!(
@@ -318,7 +318,7 @@ fn row(view: &EntryView) -> [String; 7] {
         printable(&view.entry.fqn).into_owned(),
         view.entry.kind().to_owned(),
         t.map_or_else(|| "-".into(), |t| t.dtype.to_string()),
-        shape_text(t.map(|t| &t.shape)),
+        shape_text(t.map(|t| &t.shape[..])),
         view.distinct_chunks().to_string(),
         human(view.stored_bytes()),
         files_text(&view.files()),
@@ -408,7 +408,7 @@ mod tests {
                 memory_format: "contiguous_format".into(),
                 pin_memory: false,
                 strides: None,
-                shape: vec![2],
+                shape: [2].into(),
                 chunks: vec![],
             }),
             chunks: vec![],

@@ -24,7 +24,7 @@ use super::model::{
     self, EntryMeta, Interner, PathPart, RankMetadata, StorageInfo, StorageMeta, TensorMeta,
 };
 use super::pickle::Limits;
-use super::{Chunk, Entry, Storage};
+use super::{Chunk, Dims, Entry, Storage};
 
 /// What the fast path read.
 #[derive(Debug)]
@@ -349,7 +349,7 @@ enum Rec {
     Chunk(Chunk),
     /// The fqn, the memo string it was read back from (1 + its index in `Machine::strs`, or 0)
     /// and the offset.
-    Index(Arc<str>, u32, Option<Box<[u64]>>),
+    Index(Arc<str>, u32, Option<Dims>),
     Info(StorageInfo),
     Properties(Box<TensorMeta>),
     /// A tensor's properties and shape, and its chunks.
@@ -1280,7 +1280,7 @@ impl<'a> Machine<'a> {
         self.release(state);
     }
 
-    fn dims_of(&self, v: Val) -> Option<Box<[u64]>> {
+    fn dims_of(&self, v: Val) -> Option<Dims> {
         match v {
             Val::Size(s, l) | Val::Dims(s, l) => self.dims_slice(s, l).map(Into::into),
             _ => None,
@@ -1459,7 +1459,7 @@ impl<'a> Machine<'a> {
                     memory_format,
                     pin_memory: Self::bool(items[4])?,
                     strides,
-                    shape: Vec::new(),
+                    shape: Dims::new(),
                     chunks: Vec::new(),
                 };
                 self.release(state);
@@ -1471,7 +1471,7 @@ impl<'a> Machine<'a> {
                 let (Val::Obj(pi), size) = (props?, size?) else {
                     return None;
                 };
-                let shape = self.dims_of(size)?.into_vec();
+                let shape = self.dims_of(size)?;
                 let Rec::Properties(mut t) = self.take_obj(pi)? else {
                     return None;
                 };

@@ -7,6 +7,7 @@
 //! one view, links every chunk to its stored copies (and every stored copy back to its chunk) and
 //! reports globals outside the known set as security findings ([`UnsafeGlobal`]).
 
+pub mod dims;
 pub mod dtype;
 mod fast;
 pub mod model;
@@ -22,8 +23,7 @@ use std::sync::Arc;
 use crate::source::{Source, SourceError};
 use model::{EntryMeta, ModelError, RankMetadata, StorageInfo, StorageMeta, TensorMeta};
 
-/// The dimensions of a chunk (its offsets or its sizes): one allocation of exactly its length.
-pub type Dims = Box<[u64]>;
+pub use dims::Dims;
 use pickle::{Limits, Pickle, PickleError};
 
 /// The name torch gives the metadata file of a checkpoint saved with collectives.
@@ -469,7 +469,7 @@ impl Checkpoint {
         // Group the storage entries by their entry (a counting sort: no allocation per entry),
         // sort each group by chunk offsets, and merge it with the entry's chunks sorted the same
         // way: one hash of each fqn, and no hashing of (fqn, offsets) keys.
-        let storage = &self.storage;
+        let storage = &mut self.storage;
         let mut owner: Vec<usize> = vec![usize::MAX; storage.len()];
         let mut start = vec![0usize; self.entries.len() + 1];
         {
@@ -527,7 +527,9 @@ impl Checkpoint {
             }
         }
         drop((owner, next));
-        let mut back: Vec<Option<ChunkIndex>> = vec![None; storage.len()];
+        // Every back-link is written below, straight into its storage entry: all unset yet (the
+        // readers make them `None`).
+        debug_assert!(storage.iter().all(|s| s.chunk.is_none()));
         let mut dropped = vec![false; storage.len()];
         let mut stored: Vec<usize> = Vec::new();
         let mut order: Vec<usize> = Vec::new();
@@ -565,7 +567,7 @@ impl Checkpoint {
                 }
                 let first = j;
                 while j < stored.len() && storage[stored[j]].chunk_offsets == c.offsets {
-                    back[stored[j]] = Some(ChunkIndex {
+                    storage[stored[j]].chunk = Some(ChunkIndex {
                         entry: ei,
                         chunk: ci,
                     });
@@ -588,15 +590,12 @@ impl Checkpoint {
                     "{}: storage_data sets the key of {:?} at offsets {:?} more than once; the last value is kept, as in Python",
                     self.metadata_files[s.metadata_file].name, s.fqn, s.chunk_offsets
                 ));
-            } else if back[i].is_none() {
+            } else if s.chunk.is_none() {
                 self.warnings.push(format!(
                     "storage entry for {:?} at offsets {:?} ({}) belongs to no entry",
                     s.fqn, s.chunk_offsets, s.info.relative_path
                 ));
             }
-        }
-        for (s, link) in self.storage.iter_mut().zip(back) {
-            s.chunk = link;
         }
         if dropped.contains(&true) {
             // Remove the overridden entries (no chunk links to them) and renumber the links.
@@ -759,7 +758,7 @@ mod tests {
             memory_format: "contiguous_format".into(),
             pin_memory: false,
             strides: None,
-            shape: vec![4, 4],
+            shape: [4, 4].into(),
             chunks: chunks
                 .iter()
                 .map(|(offsets, sizes)| ChunkMeta {

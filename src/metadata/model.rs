@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use super::dtype;
 use super::pickle::{CallKind, Node, Object, Pickle, Value};
-use super::{Entry, Storage};
+use super::{Dims, Entry, Storage};
 
 /// One `.metadata` file, as written by one save (or by one rank with `use_collectives=False`).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -69,7 +69,7 @@ pub struct TensorMeta {
     pub pin_memory: bool,
     /// Present in the 6-tuple form of `TensorProperties` (newer torch).
     pub strides: Option<Vec<i64>>,
-    pub shape: Vec<u64>,
+    pub shape: Dims,
     pub chunks: Vec<ChunkMeta>,
 }
 
@@ -83,8 +83,8 @@ impl TensorMeta {
 /// `ChunkStorageMetadata`: the box of the tensor one stored chunk covers.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ChunkMeta {
-    pub offsets: Box<[u64]>,
-    pub sizes: Box<[u64]>,
+    pub offsets: Dims,
+    pub sizes: Dims,
 }
 
 /// `MetadataIndex`: the key of a storage entry.
@@ -92,7 +92,7 @@ pub struct ChunkMeta {
 struct MetadataIndex {
     fqn: Arc<str>,
     /// The chunk's offsets; `None` for bytes entries.
-    offset: Option<Box<[u64]>>,
+    offset: Option<Dims>,
 }
 
 /// `_StorageInfo`: where an item's bytes are.
@@ -790,7 +790,7 @@ impl<'p> Reader<'p> {
             memory_format: intern.get(&memory_format),
             pin_memory,
             strides,
-            shape,
+            shape: shape.into(),
             chunks: Vec::new(),
         })
     }

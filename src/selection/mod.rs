@@ -343,7 +343,7 @@ mod tests {
                 memory_format: "contiguous_format".into(),
                 pin_memory: false,
                 strides: None,
-                shape: shape.to_vec(),
+                shape: shape.into(),
                 chunks: vec![],
             }),
             chunks,
