@@ -22,10 +22,6 @@ impl Dims {
     pub const fn new() -> Dims {
         Dims(Repr::Inline(0, [0; 2]))
     }
-
-    pub fn as_slice(&self) -> &[u64] {
-        self
-    }
 }
 
 impl Default for Dims {
@@ -46,12 +42,6 @@ impl Deref for Dims {
     }
 }
 
-impl AsRef<[u64]> for Dims {
-    fn as_ref(&self) -> &[u64] {
-        self
-    }
-}
-
 impl From<&[u64]> for Dims {
     #[inline]
     fn from(d: &[u64]) -> Dims {
@@ -66,12 +56,6 @@ impl From<&[u64]> for Dims {
 
 impl<const N: usize> From<[u64; N]> for Dims {
     fn from(d: [u64; N]) -> Dims {
-        Dims::from(&d[..])
-    }
-}
-
-impl<const N: usize> From<&[u64; N]> for Dims {
-    fn from(d: &[u64; N]) -> Dims {
         Dims::from(&d[..])
     }
 }
@@ -105,21 +89,6 @@ impl From<Dims> for Vec<u64> {
     }
 }
 
-impl FromIterator<u64> for Dims {
-    fn from_iter<I: IntoIterator<Item = u64>>(iter: I) -> Dims {
-        Dims::from(iter.into_iter().collect::<Vec<u64>>())
-    }
-}
-
-impl<'a> IntoIterator for &'a Dims {
-    type Item = &'a u64;
-    type IntoIter = std::slice::Iter<'a, u64>;
-
-    fn into_iter(self) -> Self::IntoIter {
-        self.iter()
-    }
-}
-
 /// Equal when the dimensions are: however they are kept.
 impl PartialEq for Dims {
     #[inline]
@@ -129,24 +98,6 @@ impl PartialEq for Dims {
 }
 
 impl Eq for Dims {}
-
-impl PartialEq<[u64]> for Dims {
-    fn eq(&self, other: &[u64]) -> bool {
-        **self == *other
-    }
-}
-
-impl PartialEq<Vec<u64>> for Dims {
-    fn eq(&self, other: &Vec<u64>) -> bool {
-        **self == **other
-    }
-}
-
-impl<const N: usize> PartialEq<[u64; N]> for Dims {
-    fn eq(&self, other: &[u64; N]) -> bool {
-        **self == other[..]
-    }
-}
 
 impl Hash for Dims {
     fn hash<H: Hasher>(&self, state: &mut H) {

@@ -601,6 +601,15 @@ impl<'a> Machine<'a> {
         }
     }
 
+    /// The memo string a value was read back from: 1 + its index in `strs`, or 0 (not a string
+    /// read back), as [`Read::owners`] matches keys by.
+    fn memo_string(v: Val) -> u32 {
+        match v {
+            Val::Str(_, _, i) => i,
+            _ => 0,
+        }
+    }
+
     /// Whether a value is the string `name`.
     fn is_str(&self, v: Val, name: &str) -> bool {
         // Field names are short: compared in place, not by a call to `memcmp`.
@@ -1162,10 +1171,7 @@ impl<'a> Machine<'a> {
                     let Val::Obj(i) = v else { return None };
                     let rec = self.take_obj(i)?;
                     self.release(v);
-                    keys.push(match k {
-                        Val::Str(_, _, i) => i,
-                        _ => 0,
-                    });
+                    keys.push(Self::memo_string(k));
                     let fqn = self.interned(k)?;
                     add.push(match rec {
                         Rec::Tensor(t, chunks) => Entry {
@@ -1353,10 +1359,7 @@ impl<'a> Machine<'a> {
                 let [fqn, offset, index] = f.values;
                 let fqn_val = fqn?;
                 let fqn = self.intern_span(fqn_val, |m| &mut m.last_fqn)?;
-                let id = match fqn_val {
-                    Val::Str(_, _, i) => i,
-                    _ => 0,
-                };
+                let id = Self::memo_string(fqn_val);
                 let offset = match offset {
                     Some(o) => Some(self.dims_of(o)?),
                     None => None,
@@ -1580,7 +1583,6 @@ impl<'a> Machine<'a> {
                 *slot = e;
             }
         }
-        entry_of[0] = u32::MAX;
         storage_ids
             .iter()
             .map(|&id| entry_of.get(id as usize).copied().unwrap_or(u32::MAX))
