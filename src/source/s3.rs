@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::retry::RetryConfig;
-use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{
     RequestChecksumCalculation, ResponseChecksumValidation, StalledStreamProtectionConfig,
 };
@@ -33,7 +32,7 @@ use bytes::Bytes;
 
 use super::Receive;
 use super::resume::{self, Attempts, Body, Failure, Received};
-use super::s3_transport::Transport;
+use super::s3_transport::{Transport, causes};
 use super::{
     BoxFuture, ObjectMeta, ObjectName, ObjectStore, RetryPolicy, SourceError, TransferStats,
 };
@@ -118,12 +117,7 @@ impl S3Source {
             .retry_config(RetryConfig::disabled())
             .stalled_stream_protection(StalledStreamProtectionConfig::disabled())
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
-            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
-            .timeout_config(
-                TimeoutConfig::builder()
-                    .connect_timeout(CONNECT_TIMEOUT)
-                    .build(),
-            );
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired);
         if sdk.region().is_none() {
             // S3 answers any region's endpoint with a redirect naming the right one.
             conf = conf.region(Region::from_static("us-east-1"));
@@ -318,8 +312,7 @@ impl S3Source {
     where
         E: std::error::Error + 'static,
     {
-        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
-        while let Some(c) = cause {
+        for c in causes(e) {
             if let Some(creds) =
                 c.downcast_ref::<aws_credential_types::provider::error::CredentialsError>()
             {
@@ -356,14 +349,6 @@ impl S3Source {
                     })
                 });
             }
-            // An I/O error's `source` is its payload's source, which skips the payload (where
-            // TLS puts its error): go into the payload instead.
-            cause = match c.downcast_ref::<std::io::Error>() {
-                Some(io) => io
-                    .get_ref()
-                    .map(|p| p as &(dyn std::error::Error + 'static)),
-                None => c.source(),
-            };
         }
         None
     }

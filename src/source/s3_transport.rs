@@ -153,8 +153,9 @@ impl HttpClient for Transport {
         _settings: &HttpConnectorSettings,
         _components: &RuntimeComponents,
     ) -> SharedHttpConnector {
-        // The one timeout the S3 source sets (connect) is the client's own; the SDK asks for a
-        // connector per operation, and each gets the same pool.
+        // The one timeout the S3 source sets (connect) is the client's own, so the SDK's timeout
+        // settings are not read (the source sets none); the SDK asks for a connector per
+        // operation, and each gets the same pool.
         SharedHttpConnector::new(self.clone())
     }
 }
@@ -196,11 +197,15 @@ fn classify(e: hyper_util::client::legacy::Error) -> ConnectorError {
     ConnectorError::other(e.into(), Some(ErrorKind::ClientError))
 }
 
-/// `e` and its sources, outermost first.
-fn causes<'a>(
+/// `e` and its causes, outermost first. After an I/O error comes its payload: `io::Error::source`
+/// is the payload's source, which would skip the payload (where TLS puts its error).
+pub(super) fn causes<'a>(
     e: &'a (dyn StdError + 'static),
 ) -> impl Iterator<Item = &'a (dyn StdError + 'static)> {
-    std::iter::successors(Some(e), |&c| c.source())
+    std::iter::successors(Some(e), |&c| match c.downcast_ref::<std::io::Error>() {
+        Some(io) => io.get_ref().map(|p| p as &(dyn StdError + 'static)),
+        None => c.source(),
+    })
 }
 
 #[cfg(test)]
