@@ -364,9 +364,9 @@ enum Cont {
     Taken,
     Dict(Vec<(Val, Val)>),
     List(Vec<Val>),
-    /// `state_dict_metadata`: a dict of strings to tensor or bytes entries, and the memo string
-    /// of each key (as [`Rec::Index`] has it).
-    Entries(Vec<Entry>, Vec<u32>),
+    /// `state_dict_metadata`: a dict of strings to tensor or bytes entries, the memo string of
+    /// each key (as [`Rec::Index`] has it) and the hash of each key.
+    Entries(Vec<Entry>, Vec<u32>, Box<model::KeyHashes>),
     /// `storage_data`: a dict of `MetadataIndex` to `_StorageInfo`, and the memo string of each
     /// key's fqn.
     Storage(Vec<Storage>, Vec<u32>),
@@ -1140,7 +1140,11 @@ impl<'a> Machine<'a> {
                 (Val::Str(..), _, Some(Rec::Tensor(..) | Rec::Pending(Class::BytesStorage))) => {
                     let first = !std::mem::replace(&mut self.reserved_entries, true);
                     let n = self.data.len();
-                    Some(Cont::Entries(Self::room(n, first), Self::room(n, first)))
+                    Some(Cont::Entries(
+                        Self::room(n, first),
+                        Self::room(n, first),
+                        Box::new(model::KeyHashes::new(Self::room(n, first))),
+                    ))
                 }
                 (_, Some(Rec::Index(..)), Some(Rec::Info(_))) => {
                     let first = !std::mem::replace(&mut self.reserved_storage, true);
@@ -1158,7 +1162,7 @@ impl<'a> Machine<'a> {
                 // The vectors are taken out of the slot while the items go straight in (an
                 // entry is moved once, not twice); a failure leaves the slot taken, and the
                 // whole read fails.
-                let Cont::Entries(mut add, mut keys) =
+                let Cont::Entries(mut add, mut keys, mut hashes) =
                     std::mem::replace(&mut self.conts.get_mut(t)?.value, Cont::Taken)
                 else {
                     return None;
@@ -1173,6 +1177,7 @@ impl<'a> Machine<'a> {
                     self.release(v);
                     keys.push(Self::memo_string(k));
                     let fqn = self.interned(k)?;
+                    hashes.push(&fqn);
                     add.push(match rec {
                         Rec::Tensor(t, chunks) => Entry {
                             fqn,
@@ -1183,7 +1188,7 @@ impl<'a> Machine<'a> {
                         _ => return None,
                     });
                 }
-                self.conts.get_mut(t)?.value = Cont::Entries(add, keys);
+                self.conts.get_mut(t)?.value = Cont::Entries(add, keys, hashes);
             }
             Cont::Storage(..) => {
                 let Cont::Storage(mut add, mut keys) =
@@ -1542,12 +1547,14 @@ impl<'a> Machine<'a> {
                     md.storage_meta = Some(*sm);
                 }
                 let Val::Cont(i) = sdm? else { return None };
-                let (entries, entry_ids) = match self.take_cont(i)? {
-                    (Cont::Entries(e, ids), _) => (e, ids),
-                    (Cont::Dict(d), _) if d.is_empty() => (Vec::new(), Vec::new()),
+                let (entries, entry_ids, hashes) = match self.take_cont(i)? {
+                    (Cont::Entries(e, ids, hashes), _) => (e, ids, *hashes),
+                    (Cont::Dict(d), _) if d.is_empty() => {
+                        (Vec::new(), Vec::new(), Default::default())
+                    }
                     _ => return None,
                 };
-                md.entries = model::dedup_entries(entries, &mut md.duplicate_keys);
+                md.entries = model::dedup_entries(entries, hashes, &mut md.duplicate_keys);
                 let mut storage_ids = Vec::new();
                 if let Some(v) = storage {
                     let Val::Cont(i) = v else { return None };

@@ -20,6 +20,11 @@ use super::{BoxFuture, ObjectMeta, ObjectName, ObjectStore, Receive, SourceError
 /// Bytes read at once: what a read holds in memory, twice.
 const BLOCK: u64 = 256 << 10;
 
+/// The least a read gives each of its threads: below this one thread reads it all. Above it, a
+/// large read (a `.metadata` of hundreds of MB) is cut among the cores, because faulting in and
+/// filling its buffer is the kernel's work on the reading thread.
+const PIECE: usize = 16 << 20;
+
 /// The folder a copy made by `dcpfetch fetch -o DIR` keeps its state in (journal, lock).
 pub const STATE_DIR: &str = ".dcpfetch";
 
@@ -109,7 +114,7 @@ impl LocalSource {
         let file = self.file(name)?;
         self.check_version(name, range, &file, meta)?;
         let mut buf = BytesMut::zeroed((range.end - range.start) as usize);
-        let read = file.read_exact_at(&mut buf, range.start);
+        let read = read_exact_at(&file, &mut buf, range.start);
         // Whatever the read gave, it counts only if the file is still the version pinned: a
         // rewrite or truncation during the read shows in its size, mtime or inode.
         self.check_version(name, range, &file, meta)?;
@@ -151,6 +156,34 @@ impl LocalSource {
         open.insert(name.clone(), f.clone());
         Ok(f)
     }
+}
+
+/// Fills `buf` from `file` at `offset`, in pieces of at least [`PIECE`] read at once by up to one
+/// thread per core.
+fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    let pieces = (buf.len() / PIECE).clamp(1, threads);
+    if pieces == 1 {
+        return file.read_exact_at(buf, offset);
+    }
+    let size = buf.len().div_ceil(pieces);
+    std::thread::scope(|s| {
+        let mut pieces = buf.chunks_mut(size).enumerate();
+        let first = pieces.next();
+        let others: Vec<_> = pieces
+            .map(|(i, piece)| {
+                s.spawn(move || file.read_exact_at(piece, offset + (i * size) as u64))
+            })
+            .collect();
+        let mut read = first.map_or(Ok(()), |(_, piece)| file.read_exact_at(piece, offset));
+        for other in others {
+            let other = other
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("a reading thread panicked")));
+            read = read.and(other);
+        }
+        read
+    })
 }
 
 impl ObjectStore for LocalSource {
@@ -282,5 +315,31 @@ impl ObjectStore for LocalSource {
             reader.await.map_err(|e| self.unjoined(name, e))?;
             result
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A large read is cut among threads: every piece lands in its place, at any offset, and a
+    /// file shorter than the range fails as a short read does.
+    #[test]
+    fn a_read_in_pieces_is_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big");
+        let data: Vec<u8> = (0..3 * PIECE + 12345)
+            .map(|i| (i % 251) as u8 ^ (i >> 20) as u8)
+            .collect();
+        std::fs::write(&path, &data).unwrap();
+        let file = File::open(&path).unwrap();
+        for (start, len) in [(0, data.len()), (7, data.len() - 7), (PIECE + 1, 2 * PIECE)] {
+            let mut buf = vec![0u8; len];
+            read_exact_at(&file, &mut buf, start as u64).unwrap();
+            assert!(buf == data[start..start + len], "bytes {start}..+{len}");
+        }
+        let mut buf = vec![0u8; data.len() + 1];
+        let e = read_exact_at(&file, &mut buf, 0).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
     }
 }
