@@ -36,6 +36,8 @@ for path in sorted(glob.glob("fixtures/*/.metadata") + glob.glob("fixtures/*/__*
 # Items cut from the shard files, at the offsets the expected JSON records.
 for path in sorted(glob.glob("fixtures/expected/*.json")):
     expected = json.load(open(path))
+    if "entries" not in expected:
+        continue  # not one checkpoint's description (full_tensors.json: values torch computed)
     folder = os.path.join("fixtures", expected["name"])
     storages = []
     for e in expected["entries"]:

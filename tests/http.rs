@@ -165,6 +165,129 @@ fn a_missing_shard_is_named() {
     assert!(err.contains("no listing"), "{err}");
 }
 
+/// `/signed/` serves the fixtures only to a URL that carries the signature in its query (as a
+/// presigned URL does); the checkpoint's own URL, under `/nowhere/`, serves nothing.
+const SIGNED: &str = r#"
+    location /signed/ {
+        if ($arg_sig != "s3cret") { return 403; }
+        alias {root}/;
+    }
+    location /nowhere/ { return 404; }
+"#;
+
+#[test]
+fn a_url_list_gives_each_file_its_own_url() {
+    let nginx = Nginx::start(&common::repo().join("fixtures"), SIGNED);
+    let ckpt = nginx.url("nowhere/model");
+    let lists = tempfile::tempdir().unwrap();
+    let list = |name: &str, skip: &str, extra: &str| {
+        let mut text = String::from("# presigned URLs of the files of model\n\n");
+        for f in std::fs::read_dir(fixture("model")).unwrap() {
+            let f = f.unwrap().file_name().into_string().unwrap();
+            if f != skip {
+                text.push_str(&format!(
+                    "  {}?sig=s3cret&X-Expires=60\n",
+                    nginx.url(&format!("signed/model/{f}"))
+                ));
+            }
+        }
+        text.push_str(extra);
+        let path = lists.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let all = list("all.txt", "", "");
+
+    // Every file through its own URL: the copy is the checkpoint, byte for byte.
+    let copies = tempfile::tempdir().unwrap();
+    let dir = copies.path().join("copy");
+    let (code, _, err) = run(cmd()
+        .args(["fetch", &ckpt, "--url-list", &all, "-v", "-o"])
+        .arg(&dir));
+    assert_eq!(code, Some(0), "{err}");
+    assert_same_files("model", &dir);
+    assert!(!err.contains("s3cret"), "a signature printed: {err}");
+    let (code, out, err) = run(cmd().args(["ls", &ckpt, "--url-list", &all, "--json"]));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        !out.contains("s3cret") && !err.contains("s3cret"),
+        "{out}{err}"
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["checkpoint"],
+        ckpt.as_str()
+    );
+    // Without the list, the checkpoint's own URL has nothing.
+    let (code, _, err) = run(cmd().args(["ls", &ckpt]));
+    assert_ne!(code, Some(0), "{err}");
+    let log = nginx.log();
+    assert!(
+        log.iter().any(|l| l.contains(" 206 \"GET /signed/model/")),
+        "{log:#?}"
+    );
+
+    // A file the list lacks is asked for at the checkpoint's URL, and named when it is not there.
+    let partial = list("partial.txt", SHARD, "");
+    let (code, _, err) = run(cmd()
+        .args(["fetch", &ckpt, "--url-list", &partial, "-q", "-o"])
+        .arg(copies.path().join("partial")));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(SHARD), "{err}");
+    assert!(!err.contains("s3cret"), "{err}");
+
+    // A list that is not one: usage errors (exit 2) that name the line and print no signature.
+    let twice = list(
+        "twice.txt",
+        "",
+        &format!("{}?sig=s3cret\n", nginx.url("signed/other/.metadata")),
+    );
+    let ftp = list("ftp.txt", "", "ftp://127.0.0.1/model/x?sig=s3cret\n");
+    let empty = lists.path().join("empty.txt");
+    std::fs::write(&empty, "# nothing\n").unwrap();
+    let local = fixture("model").display().to_string();
+    for (args, want) in [
+        (
+            vec!["ls", &ckpt, "--url-list", &twice],
+            "a second URL for \".metadata\"",
+        ),
+        (
+            vec!["ls", &ckpt, "--url-list", &ftp],
+            "only http:// and https:// URLs",
+        ),
+        (
+            vec!["ls", &ckpt, "--url-list", empty.to_str().unwrap()],
+            "holds no URL",
+        ),
+        (
+            vec!["ls", &ckpt, "--url-list", "/nonexistent/list.txt"],
+            "list.txt",
+        ),
+        (
+            vec!["ls", &local, "--url-list", &all],
+            "for http:// and https:// checkpoints",
+        ),
+    ] {
+        let (code, out, err) = run(cmd().args(&args));
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("--url-list") && err.contains(want),
+            "{args:?}: {err}"
+        );
+        assert!(
+            !out.contains("s3cret") && !err.contains("s3cret"),
+            "{out}{err}"
+        );
+    }
+    let (_, _, err) = run(cmd().args(["ls", &ckpt, "--url-list", &ftp]));
+    assert!(
+        err.contains(&format!(
+            "line {}",
+            std::fs::read_dir(fixture("model")).unwrap().count() + 3
+        )),
+        "{err}"
+    );
+}
+
 /// Nothing listens at the address: the first request fails at once (no backoff) naming host and
 /// port, as it does for S3; so does a host that does not resolve.
 #[test]

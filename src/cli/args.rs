@@ -201,6 +201,11 @@ pub struct HttpFlags {
     /// (default: the system's, or those of SSL_CERT_FILE).
     #[arg(long, value_name = "FILE")]
     pub ca_bundle: Option<PathBuf>,
+    /// For an http(s):// checkpoint: a file of URLs, one a line, for files that have URLs of
+    /// their own (presigned or signed URLs); each is the URL of the file its path ends in. Files
+    /// not in the list are read from the checkpoint's URL.
+    #[arg(long, value_name = "FILE")]
+    pub url_list: Option<PathBuf>,
 }
 
 /// Header values are secrets: only their names are shown.
@@ -214,6 +219,7 @@ impl std::fmt::Debug for HttpFlags {
         f.debug_struct("HttpFlags")
             .field("headers", &names)
             .field("ca_bundle", &self.ca_bundle)
+            .field("url_list", &self.url_list)
             .finish()
     }
 }

@@ -186,7 +186,7 @@ impl Settings {
 fn target(
     location: crate::source::Location,
     s3: &S3Flags,
-    http: &HttpFlags,
+    http_flags: &HttpFlags,
     select: &SelectFlags,
 ) -> Result<Target, UsageError> {
     let spec = match &select.spec {
@@ -194,13 +194,23 @@ fn target(
         None => Spec::default(),
     };
     let mut store = store_options(s3)?;
-    let http = HttpOptions::resolve(
-        &http.headers,
-        http.ca_bundle.clone(),
+    let mut http = HttpOptions::resolve(
+        &http_flags.headers,
+        http_flags.ca_bundle.clone(),
         |var| std::env::var(var).ok(),
         store.retry,
     )
     .map_err(UsageError::Invalid)?;
+    if let Some(path) = &http_flags.url_list {
+        if !matches!(location, crate::source::Location::Http { .. }) {
+            return Err(invalid(format!(
+                "--url-list is for http:// and https:// checkpoints, not {location}"
+            )));
+        }
+        let list =
+            crate::source::UrlList::read(path).map_err(|e| invalid(format!("--url-list {e}")))?;
+        http.urls = Some(std::sync::Arc::new(list));
+    }
     // An S3 endpoint with a private CA is trusted the same way.
     store.ca_bundle = http.ca_bundle.clone();
     Ok(Target {

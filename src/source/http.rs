@@ -2,8 +2,9 @@
 //! GETs, nothing else.
 //!
 //! Object `NAME` of a checkpoint at `https://host/path/ckpt` is `https://host/path/ckpt/NAME` (a
-//! query string on the base, such as a container-wide access token, goes with every object). There
-//! is no listing over HTTP: [`ObjectStore::list`] fails, and callers ask for each file by name.
+//! query string on the base, such as a container-wide access token, goes with every object), or
+//! the URL a [`UrlList`] gives for it (presigned URLs, one per file). There is no listing over
+//! HTTP: [`ObjectStore::list`] fails, and callers ask for each file by name.
 //!
 //! Like the S3 source: one loop retries requests that fail (5xx, 429, timeouts, broken
 //! connections, stalls) with exponential backoff and full jitter, and resumes a body that breaks
@@ -13,6 +14,7 @@
 //! one version of it. Redirects are followed here, not by the client, so that the headers a person
 //! gives (tokens) go only to the origin they named, never to another host.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::ops::Range;
 use std::path::PathBuf;
@@ -189,6 +191,86 @@ impl fmt::Debug for HttpHeader {
     }
 }
 
+/// The URL of each file of a checkpoint, where each has its own (`--url-list`: presigned URLs,
+/// signed CDN URLs), by file name: the last segment of the URL's path. Like [`HttpUrl`], it never
+/// prints a URL's query string.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct UrlList {
+    by_name: HashMap<String, Url>,
+}
+
+impl UrlList {
+    /// Most bytes of a list file: about 40,000 presigned URLs of 1.5 KiB.
+    pub const MAX_BYTES: u64 = 64 << 20;
+
+    /// One `http://` or `https://` URL a line; blank lines and lines that start with `#` are
+    /// skipped. Every error names its line and prints no query string.
+    pub fn parse(text: &str) -> Result<UrlList, String> {
+        let mut by_name = HashMap::new();
+        let mut line_of: HashMap<String, usize> = HashMap::new();
+        for (i, line) in text.lines().enumerate() {
+            let (n, line) = (i + 1, line.trim());
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let url = HttpUrl::parse(line).map_err(|e| format!("line {n}: {e}"))?;
+            let name = url
+                .url()
+                .path_segments()
+                .and_then(|mut s| s.next_back())
+                .map(|s| percent_encoding::percent_decode_str(s).decode_utf8_lossy())
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| format!("line {n}: {url} names no file"))?
+                .into_owned();
+            if let Some(first) = line_of.insert(name.clone(), n) {
+                return Err(format!(
+                    "line {n}: a second URL for {name:?} (the first is on line {first})"
+                ));
+            }
+            by_name.insert(name, url.0);
+        }
+        if by_name.is_empty() {
+            return Err("it holds no URL".into());
+        }
+        Ok(UrlList { by_name })
+    }
+
+    /// Reads and parses a list file.
+    pub fn read(path: &std::path::Path) -> Result<UrlList, String> {
+        let shown = path.display();
+        let file = std::fs::File::open(path).map_err(|e| format!("{shown}: {e}"))?;
+        let mut text = String::new();
+        std::io::Read::read_to_string(
+            &mut std::io::Read::take(file, Self::MAX_BYTES + 1),
+            &mut text,
+        )
+        .map_err(|e| format!("{shown}: {e}"))?;
+        if text.len() as u64 > Self::MAX_BYTES {
+            return Err(format!("{shown}: more than {} MiB", Self::MAX_BYTES >> 20));
+        }
+        Self::parse(&text).map_err(|e| format!("{shown}: {e}"))
+    }
+
+    /// The URL the list gives for the object `name`.
+    fn get(&self, name: &ObjectName) -> Option<&Url> {
+        self.by_name.get(name.as_str())
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+}
+
+impl fmt::Debug for UrlList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "UrlList({} files)", self.by_name.len())
+    }
+}
+
 /// How to reach a checkpoint over HTTP.
 #[derive(Debug, Clone, Default)]
 pub struct HttpOptions {
@@ -201,6 +283,8 @@ pub struct HttpOptions {
     /// Open every GET `--concurrency` allows from the start, without the ramp: a `bench` sweep
     /// measures the concurrency it names.
     pub no_ramp: bool,
+    /// Where files have URLs of their own (`--url-list`); the others are `base/NAME`.
+    pub urls: Option<Arc<UrlList>>,
 }
 
 impl HttpOptions {
@@ -240,6 +324,7 @@ impl HttpOptions {
             ca_bundle,
             retry,
             no_ramp: false,
+            urls: None,
         })
     }
 }
@@ -249,6 +334,7 @@ impl HttpOptions {
 pub struct HttpSource {
     client: Client,
     base: HttpUrl,
+    urls: Option<Arc<UrlList>>,
     headers: Vec<HttpHeader>,
     retry: RetryPolicy,
     stats: Arc<TransferStats>,
@@ -645,6 +731,7 @@ impl HttpSource {
         Ok(HttpSource {
             client,
             base,
+            urls: opts.urls.clone(),
             headers: opts.headers.clone(),
             retry: opts.retry,
             ramp: Arc::new(if opts.no_ramp {
@@ -674,7 +761,10 @@ impl HttpSource {
         };
         let what = what.as_str();
         let stall = self.retry.stall_timeout;
-        let mut url = self.base.object(name);
+        let mut url = match self.urls.as_ref().and_then(|u| u.get(name)) {
+            Some(url) => url.clone(),
+            None => self.base.object(name),
+        };
         for hop in 0..=MAX_REDIRECTS {
             let started = Instant::now();
             let trace = |status: &str| {
@@ -1136,6 +1226,47 @@ impl Body for Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_url_list_names_each_url_by_its_last_segment() {
+        let list = UrlList::parse(
+            "# files\n\n https://b.s3.amazonaws.com/c/.metadata?X-Amz-Signature=a \n\
+             https://cdn.example/x/%5F%5F0_0.distcp?sig=b\n",
+        )
+        .unwrap();
+        assert_eq!(list.len(), 2);
+        let url = |n: &str| {
+            list.get(&ObjectName::new(n).unwrap())
+                .map(|u| u.as_str().to_owned())
+        };
+        assert_eq!(
+            url(".metadata").as_deref(),
+            Some("https://b.s3.amazonaws.com/c/.metadata?X-Amz-Signature=a")
+        );
+        assert_eq!(
+            url("__0_0.distcp").as_deref(),
+            Some("https://cdn.example/x/%5F%5F0_0.distcp?sig=b")
+        );
+        assert_eq!(url("__1_0.distcp"), None);
+        assert!(!format!("{list:?}").contains("sig"));
+        for (text, want) in [
+            (
+                "https://h/a/x?s=SECRET\nhttps://g/b/x?s=SECRET",
+                "line 2: a second URL for \"x\" (the first is on line 1)",
+            ),
+            (
+                "\n\nftp://h/x?s=SECRET",
+                "line 3: \"ftp://h/x?<redacted>\": only http:// and https:// URLs",
+            ),
+            (
+                "https://h?s=SECRET",
+                "line 1: https://h?<redacted> names no file",
+            ),
+            ("# none", "it holds no URL"),
+        ] {
+            assert_eq!(UrlList::parse(text).unwrap_err(), want);
+        }
+    }
 
     #[test]
     fn urls_join_names_and_keep_the_query() {

@@ -26,7 +26,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 pub use fault::FaultStore;
-pub use http::{HttpHeader, HttpOptions, HttpSource, HttpUrl};
+pub use http::{HttpHeader, HttpOptions, HttpSource, HttpUrl, UrlList};
 pub use local::{LocalSource, STATE_DIR, is_dcpfetch_copy};
 pub use location::Location;
 pub use name::{NameError, ObjectName};
