@@ -72,6 +72,12 @@ fn hint(e: &anyhow::Error) -> Option<String> {
     for c in e.chain() {
         if let Some(s) = c.downcast_ref::<SourceError>() {
             match s {
+                // An HTTP source's refusal carries its own hint (a token, a presigned URL).
+                SourceError::AccessDenied { location, .. }
+                    if location.starts_with("http://") || location.starts_with("https://") =>
+                {
+                    return None;
+                }
                 SourceError::AccessDenied { .. } => {
                     return Some(
                         "check the credentials (AWS_PROFILE or --profile, AWS_ACCESS_KEY_ID) and the bucket policy; \

@@ -235,6 +235,23 @@ fn a_url_list_gives_each_file_its_own_url() {
     assert!(err.contains(SHARD), "{err}");
     assert!(!err.contains("s3cret"), "{err}");
 
+    // A signature the server refuses (an expired presigned URL): exit 2, with the hint for it.
+    let expired = lists.path().join("expired.txt");
+    std::fs::write(
+        &expired,
+        format!("{}?sig=0ld\n", nginx.url("signed/model/.metadata")),
+    )
+    .unwrap();
+    let (code, _, err) = run(cmd().args(["ls", &ckpt, "--url-list", expired.to_str().unwrap()]));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("HTTP 403")
+            && err.contains("may have expired")
+            && !err.contains("AWS_PROFILE"),
+        "{err}"
+    );
+    assert!(!err.contains("0ld"), "{err}");
+
     // A list that is not one: usage errors (exit 2) that name the line and print no signature.
     let twice = list(
         "twice.txt",

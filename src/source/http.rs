@@ -908,9 +908,14 @@ impl HttpSource {
                 name: name.to_string(),
             }),
             401 | 403 => {
-                let hint = if self.headers.is_empty() {
+                let listed = self.urls.as_ref().is_some_and(|u| u.get(name).is_some());
+                let hint = if listed {
+                    "hint: the server refused the file's URL in --url-list; a presigned URL may \
+                     have expired (make the list again)"
+                } else if self.headers.is_empty() {
                     "hint: pass --header 'Authorization: Bearer TOKEN' (or set \
-                     DCPFETCH_HTTP_BEARER_TOKEN) if the server needs a token"
+                     DCPFETCH_HTTP_BEARER_TOKEN) if the server needs a token, or --url-list FILE \
+                     if each file has a presigned URL of its own"
                 } else {
                     "hint: the server refused the headers given; check the token"
                 };
