@@ -940,23 +940,27 @@ impl HttpSource {
         }
     }
 
-    /// One stat: a HEAD, or a one-byte ranged GET where HEAD is refused or gives no length.
+    /// One stat: a HEAD, or a one-byte ranged GET where HEAD is refused or gives no length. A file
+    /// with a URL of its own (`--url-list`) gets the GET at once: a presigned URL is signed for
+    /// one method, GET, so a HEAD would only be refused.
     async fn stat_once(&self, name: &ObjectName, attempt: u32) -> Result<ObjectMeta, Failure> {
-        let head = self.send(Method::HEAD, name, None, attempt, |r| r).await?;
-        let status = head.status();
-        if status.is_success() {
-            if let Some(size) = header_u64(head.headers(), &header::CONTENT_LENGTH) {
-                return Ok(ObjectMeta {
-                    size,
-                    version: version_of(head.headers()),
-                });
+        if self.urls.as_ref().is_none_or(|u| u.get(name).is_none()) {
+            let head = self.send(Method::HEAD, name, None, attempt, |r| r).await?;
+            let status = head.status();
+            if status.is_success() {
+                if let Some(size) = header_u64(head.headers(), &header::CONTENT_LENGTH) {
+                    return Ok(ObjectMeta {
+                        size,
+                        version: version_of(head.headers()),
+                    });
+                }
+            } else if !matches!(status.as_u16(), 403 | 405 | 501) {
+                return Err(self.status_failure(name, None, status, head.headers()));
             }
-        } else if !matches!(status.as_u16(), 403 | 405 | 501) {
-            return Err(self.status_failure(name, None, status, head.headers()));
+            drop(head);
+            // A second request in the same attempt: the retry loop counted only the first.
+            self.stats.add_request();
         }
-        drop(head);
-        // A second request in the same attempt: the retry loop counted only the first.
-        self.stats.add_request();
         let get = self
             .send(Method::GET, name, Some(&(0..1)), attempt, |r| {
                 r.header(header::RANGE, http_range(&(0..1)))
