@@ -317,8 +317,9 @@ enum Val {
     Bool(bool),
     Int(i64),
     Float(f64),
-    /// A string: its span of the input (checked UTF-8), and 1 + its index in `Machine::strs`
-    /// once a memo entry that is read back holds it (0 before).
+    /// A string: its span of the input (checked UTF-8), and, once a memo entry that is read back
+    /// holds it, 1 + that entry's rank in `Machine::referenced` (its index in `Machine::strs`;
+    /// 0 before).
     Str(u32, u32, u32),
     Global(Class),
     /// A tuple of non-negative integers: its span of the dims pool.
@@ -347,8 +348,8 @@ enum Rec {
     Pending(Class),
     /// A chunk as the entry keeps it (not yet linked to storage).
     Chunk(Chunk),
-    /// The fqn, the memo string it was read back from (1 + its index in `Machine::strs`, or 0)
-    /// and the offset.
+    /// The fqn, the memo string it was read back from (as `Val::Str` numbers it, or 0) and the
+    /// offset.
     Index(Arc<str>, u32, Option<Dims>),
     Info(StorageInfo),
     Properties(Box<TensorMeta>),
@@ -464,8 +465,8 @@ struct Machine<'a> {
     objs: Slab<Rec>,
     conts: Slab<Cont>,
     intern: Interner,
-    /// The interned strings of memo entries that are read back.
-    strs: Vec<Arc<str>>,
+    /// The interned strings of memo entries that are read back, by their rank in `referenced`.
+    strs: Vec<Option<Arc<str>>>,
     last_fqn: LastInterned,
     last_path: LastInterned,
     last_properties: LastProperties<'a>,
@@ -499,7 +500,7 @@ impl<'a> Machine<'a> {
             // The strings read back (most of them fqns) are not interned: each memo entry is
             // one allocation, shared by every value that reads it back.
             intern: Interner::default(),
-            strs: Vec::with_capacity(read_back),
+            strs: vec![None; read_back],
             last_fqn: None,
             last_path: None,
             last_properties: None,
@@ -596,13 +597,13 @@ impl<'a> Machine<'a> {
     /// A string interned: a memo entry's by its index, any other by the interner.
     fn interned(&mut self, v: Val) -> Step<Arc<str>> {
         match v {
-            Val::Str(_, _, i @ 1..) => self.strs.get(i as usize - 1).cloned(),
+            Val::Str(_, _, i @ 1..) => self.strs.get(i as usize - 1)?.clone(),
             _ => Some(self.intern.get(self.str_of(v)?)),
         }
     }
 
-    /// The memo string a value was read back from: 1 + its index in `strs`, or 0 (not a string
-    /// read back), as [`Read::owners`] matches keys by.
+    /// The memo string a value was read back from: 1 + its rank in `referenced`, or 0 (not a
+    /// string read back), as [`Read::owners`] matches keys by.
     fn memo_string(v: Val) -> u32 {
         match v {
             Val::Str(_, _, i) => i,
@@ -918,8 +919,8 @@ impl<'a> Machine<'a> {
                     // allocated once, here, and found again by its index.
                     if let Val::Str(s, l, 0) = v {
                         let a: Arc<str> = Arc::from(self.str_of(v)?);
-                        self.strs.push(a);
-                        v = Val::Str(s, l, u32::try_from(self.strs.len()).ok()?);
+                        *self.strs.get_mut(r)? = Some(a);
+                        v = Val::Str(s, l, u32::try_from(r + 1).ok()?);
                         *self.stack.last_mut()? = v;
                     }
                     self.pin(v);
