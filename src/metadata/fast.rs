@@ -1149,6 +1149,7 @@ impl<'a> Machine<'a> {
     // ---- the opcodes -------------------------------------------------------------------------
 
     /// Runs one opcode (not `STOP` or `FRAME`), reading its argument from `ops`.
+    #[inline(always)]
     fn step(&mut self, op: u8, ops: &mut Ops<'a>) -> Step<()> {
         match op {
             0x80 => {
@@ -2287,6 +2288,182 @@ mod tests {
         .flat_map(|d| metadata_files(&root().join(d)))
         .map(|f| std::fs::read(f).unwrap())
         .collect()
+    }
+
+    fn single() -> Vec<u8> {
+        std::fs::read(root().join("fixtures/single/.metadata")).unwrap()
+    }
+
+    /// Every torch fixture the fast path reads, split at its `storage_data` key: the second
+    /// thread's part is taken, and the answer is the one-thread read's.
+    #[test]
+    fn fixtures_split_the_same() {
+        let mut merged = 0;
+        for f in metadata_files(&root().join("fixtures")) {
+            let data = std::fs::read(&f).unwrap();
+            let how = split_agrees(&data, Limits::default());
+            let split = referenced_memo(&data, &Limits::default()).and_then(|p| p.split);
+            if two_cores() && split.is_some() && read(&data, Limits::default()).is_some() {
+                assert_eq!(how, Split::Merged, "{}", f.display());
+                merged += 1;
+            }
+        }
+        assert!(!two_cores() || merged >= 10, "{merged} merged");
+    }
+
+    /// The split read's storage items share their fqn with their entry (not the placeholder,
+    /// not a copy).
+    #[test]
+    fn split_storage_shares_the_entries_fqns() {
+        let (r, how) = read_split(&single(), Limits::default(), 0);
+        let r = r.unwrap();
+        assert!(!two_cores() || how == Split::Merged);
+        let owners = r.owners.unwrap();
+        for (s, &e) in r.md.storage.iter().zip(&owners) {
+            assert!(Arc::ptr_eq(&r.md.entries[e as usize].fqn, &s.fqn));
+        }
+    }
+
+    /// Runs the first thread with the part that `tweak` changed (as a part that assumed
+    /// something else would be): returns how it went, and checks that the answer is the
+    /// one-thread read's all the same.
+    fn split_with(data: &[u8], tweak: impl FnOnce(&mut Part<'_>)) -> Split {
+        let limits = Limits::default();
+        let FirstPass {
+            mut referenced,
+            split,
+        } = referenced_memo(data, &limits).unwrap();
+        referenced.rank_all().unwrap();
+        let at = split.unwrap();
+        let mut part = Part::read(data, limits, &referenced, at, &AtomicBool::new(false));
+        if let Some(p) = &mut part {
+            tweak(p);
+        }
+        let r = Machine::new(data, limits, &referenced)
+            .unwrap()
+            .run_split(at.pos, &mut Some(move || part));
+        let (r, how) = match r {
+            Some((r, how)) => (Some(r), how),
+            None => (None, Split::Again),
+        };
+        same(&r, &read_split(data, limits, usize::MAX).0);
+        how
+    }
+
+    /// The first memo rank the part read from before its start.
+    fn first_outside_read(p: &Part<'_>) -> usize {
+        let (w, word) =
+            p.m.outside_read
+                .iter()
+                .enumerate()
+                .find(|(_, w)| **w != 0)
+                .unwrap();
+        w * 64 + word.trailing_zeros() as usize
+    }
+
+    /// Each check the first thread makes before it takes the part refuses a part that assumed
+    /// otherwise; the answer is the same.
+    #[test]
+    fn a_part_that_assumed_otherwise_is_refused() {
+        let data = single();
+        assert_eq!(split_with(&data, |_| {}), Split::Merged);
+        // A memo entry from before the split point that is not what the part read.
+        assert_eq!(
+            split_with(&data, |p| {
+                let r = first_outside_read(p);
+                p.m.memo[r] = Some(Val::Int(7));
+            }),
+            Split::Refused
+        );
+        assert_eq!(
+            split_with(&data, |p| {
+                let r = first_outside_read(p);
+                if let Some(Val::Str(s, l, id)) = p.m.memo[r] {
+                    p.m.memo[r] = Some(Val::Str(s + 1, l - 1, id));
+                }
+            }),
+            Split::Refused
+        );
+        // Another memo count at the split point.
+        assert_eq!(split_with(&data, |p| p.start_next += 1), Split::Refused);
+        // Marks nested deeper than the limit, counting the first thread's.
+        assert_eq!(
+            split_with(&data, |p| p.m.max_marks =
+                Limits::default().max_depth as usize),
+            Split::Refused
+        );
+    }
+
+    /// A part that reads a memo entry from before its start that it does not know (not a plain
+    /// string or global) gives up.
+    #[test]
+    fn a_part_gives_up_on_a_memo_entry_it_does_not_know() {
+        let data = single();
+        let limits = Limits::default();
+        let FirstPass {
+            mut referenced,
+            split,
+        } = referenced_memo(&data, &limits).unwrap();
+        referenced.rank_all().unwrap();
+        let at = split.unwrap();
+        let cancel = AtomicBool::new(false);
+        let mut m = Part::machine(&data, limits, &referenced, at).unwrap();
+        let outside = m.outside as usize;
+        assert!(m.memo[..outside].iter().any(Option::is_some));
+        m.memo[..outside].fill(None);
+        assert_eq!(m.run_part(at.pos, &cancel), None);
+        let mut m = Part::machine(&data, limits, &referenced, at).unwrap();
+        assert!(m.run_part(at.pos, &cancel).is_some());
+        cancel.store(true, Ordering::Relaxed);
+        let mut m = Part::machine(&data, limits, &referenced, at).unwrap();
+        assert_eq!(m.run_part(at.pos, &cancel), None);
+    }
+
+    /// `data` with `with` in place of the last `from`, and its one frame (after `PROTO`) as
+    /// long as the rest.
+    fn edited(data: &[u8], from: &[u8], with: &[u8]) -> Vec<u8> {
+        let i = data.windows(from.len()).rposition(|w| w == from).unwrap();
+        let mut out = [&data[..i], with, &data[i + from.len()..]].concat();
+        assert_eq!(out[2], 0x95);
+        let rest = (out.len() - 11) as u64;
+        out[3..11].copy_from_slice(&rest.to_le_bytes());
+        out
+    }
+
+    /// Crafted files: each reads the same split and not.
+    #[test]
+    fn crafted_splits_agree() {
+        let data = single();
+        // A `storage_data` string after the key (here `save_id`): the split point is there.
+        let at = edited(
+            &data,
+            b"\x8c\x07save_id\x94\x8c\x24",
+            b"\x8c\x07save_id\x94\x8c\x0cstorage_data",
+        );
+        let at = edited(&at, b"e5d9535d-e168-441e-b103-7a04970b2945", b"");
+        assert!(agrees(&at));
+        // The part ends early (a `SETITEMS` of the root's state after `storage_data`), and the
+        // root's state names `storage_data` again after that by a memo reference to the dict the
+        // part read: the first thread reads the part's memo entry.
+        let FirstPass { split, .. } = referenced_memo(&data, &Limits::default()).unwrap();
+        let dict = split.unwrap().next;
+        let mut again = b"X\x0c\x00\x00\x00storage_datj".to_vec();
+        again[16] = b'a';
+        again.push(b'j');
+        again.extend_from_slice(&dict.to_le_bytes());
+        let early = edited(&data, b"\x8c\x0cstorage_meta", b"u(\x8c\x0cstorage_meta");
+        let early = edited(&early, b"ub.", &[&again[..], b"ub."].concat());
+        assert!(agrees(&early));
+        assert!(!two_cores() || split_agrees(&early, Limits::default()) == Split::Merged);
+        // Limits on the nesting of marks, from too few to enough: the same both ways.
+        for max_depth in 0..8 {
+            let limits = Limits {
+                max_depth,
+                ..Limits::default()
+            };
+            split_agrees(&data, limits);
+            split_agrees(&early, limits);
+        }
     }
 
     proptest! {
