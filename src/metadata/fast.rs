@@ -2074,90 +2074,101 @@ fn outside_memo(
     at: SplitAt,
     memo: &mut [Option<Val>],
 ) -> Option<()> {
-    let mut ops = Ops { data, pos: 0 };
+    let mut pos = 0usize;
     let mut next = 0usize;
     // The top two values of the stack, where known.
     let (mut top, mut below): (Option<Val>, Option<Val>) = (None, None);
     let str_of =
         |s: u32, l: u32| std::str::from_utf8(data.get(s as usize..s as usize + l as usize)?).ok();
-    while ops.pos < at.pos {
-        let op = *data.get(ops.pos)?;
-        ops.pos += 1;
-        let pushed = match op {
-            0x94 | b'q' | b'r' => {
-                match op {
-                    b'q' => ops.take(1)?,
-                    b'r' => ops.take(4)?,
-                    _ => &[],
-                };
-                let i = next;
-                next += 1;
-                if let Some(r) = referenced.rank(i) {
-                    if let Some(Val::Str(s, l, 0)) = top {
-                        top = Some(Val::Str(s, l, u32::try_from(r + 1).ok()?));
-                    }
-                    *memo.get_mut(r)? = top;
+    let le = |i: usize, n: usize| -> Option<usize> {
+        let b = data.get(i..i + n)?;
+        let mut a = [0u8; 8];
+        a[..n].copy_from_slice(b);
+        usize::try_from(u64::from_le_bytes(a)).ok()
+    };
+    let span = |start: usize, len: usize| -> Option<Val> {
+        data.get(start..start + len)?;
+        Some(Val::Str(
+            u32::try_from(start).ok()?,
+            u32::try_from(len).ok()?,
+            0,
+        ))
+    };
+    while pos < at.pos {
+        let op = *data.get(pos)?;
+        pos += 1;
+        // The most frequent first, as in the first pass: a memo write, a short string, the
+        // opcodes of a fixed length.
+        let pushed = if op == 0x94 || op == b'q' || op == b'r' {
+            pos += match op {
+                b'q' => 1,
+                b'r' => 4,
+                _ => 0,
+            };
+            let i = next;
+            next += 1;
+            if let Some(r) = referenced.rank(i) {
+                if let Some(Val::Str(s, l, 0)) = top {
+                    top = Some(Val::Str(s, l, u32::try_from(r + 1).ok()?));
                 }
-                continue;
+                *memo.get_mut(r)? = top;
             }
-            0x8c | b'X' | 0x8d => {
-                let b = ops.string_arg(op)?;
-                let start = b.as_ptr() as usize - data.as_ptr() as usize;
-                Some(Val::Str(
-                    u32::try_from(start).ok()?,
-                    u32::try_from(b.len()).ok()?,
-                    0,
-                ))
-            }
-            b'h' | b'j' => {
-                let i = ops.uint(if op == b'h' { 1 } else { 4 })?;
-                let r = referenced.rank(usize::try_from(i).ok()?)?;
-                memo.get(r).copied().flatten()
-            }
-            0x93 => {
-                let g = match (below, top) {
-                    (Some(Val::Str(ms, ml, _)), Some(Val::Str(s, l, _))) => {
-                        class_of(str_of(ms, ml)?, str_of(s, l)?, (s, l)).map(Val::Global)
-                    }
-                    _ => None,
-                };
-                (top, below) = (g, None);
-                continue;
-            }
-            b'c' => {
-                let (module, name) = (ops.line()?, ops.line()?);
-                let s = u32::try_from(name.as_ptr() as usize - data.as_ptr() as usize).ok()?;
-                let l = u32::try_from(name.len()).ok()?;
-                class_of(std::str::from_utf8(module).ok()?, str_of(s, l)?, (s, l)).map(Val::Global)
-            }
+            continue;
+        } else if op == 0x8c {
+            let n = usize::from(*data.get(pos)?);
+            pos += 1 + n;
+            span(pos - n, n)
+        } else if op == b'h' || op == b'j' {
+            let n = if op == b'h' { 1 } else { 4 };
+            let i = le(pos, n)?;
+            pos += n;
+            memo.get(referenced.rank(i)?).copied().flatten()
+        } else if op == 0x93 {
+            let g = match (below, top) {
+                (Some(Val::Str(ms, ml, _)), Some(Val::Str(s, l, _))) => {
+                    class_of(str_of(ms, ml)?, str_of(s, l)?, (s, l)).map(Val::Global)
+                }
+                _ => None,
+            };
+            (top, below) = (g, None);
+            continue;
+        } else if op == 0x95 || op == 0x80 {
             // FRAME and PROTO leave the stack as it is.
-            0x95 => {
-                ops.take(8)?;
-                continue;
-            }
-            0x80 => {
-                ops.take(1)?;
-                continue;
-            }
-            _ => {
-                // Any other: what it leaves on top is not known here.
-                match SKIP[usize::from(op)] {
-                    0 if op == 0x8a => {
-                        let n = ops.uint(1)? as usize;
-                        ops.take(n)?;
-                    }
-                    0 => return None,
-                    skip => {
-                        ops.take(usize::from(skip - 1))?;
-                    }
+            pos += if op == 0x95 { 8 } else { 1 };
+            continue;
+        } else if SKIP[usize::from(op)] != 0 {
+            // Any other: what it leaves on top is not known here.
+            pos += usize::from(SKIP[usize::from(op)] - 1);
+            (top, below) = (None, None);
+            continue;
+        } else {
+            match op {
+                b'X' | 0x8d => {
+                    let w = if op == b'X' { 4 } else { 8 };
+                    let n = le(pos, w)?;
+                    pos = pos.checked_add(w)?.checked_add(n)?;
+                    span(pos - n, n)
                 }
-                (top, below) = (None, None);
-                continue;
+                b'c' => {
+                    let mut ops = Ops { data, pos };
+                    let (module, name) = (ops.line()?, ops.line()?);
+                    pos = ops.pos;
+                    let s = u32::try_from(name.as_ptr() as usize - data.as_ptr() as usize).ok()?;
+                    let l = u32::try_from(name.len()).ok()?;
+                    class_of(std::str::from_utf8(module).ok()?, str_of(s, l)?, (s, l))
+                        .map(Val::Global)
+                }
+                0x8a => {
+                    pos += 1 + usize::from(*data.get(pos)?);
+                    (top, below) = (None, None);
+                    continue;
+                }
+                _ => return None,
             }
         };
         (top, below) = (pushed, top);
     }
-    (ops.pos == at.pos).then_some(())
+    (pos == at.pos).then_some(())
 }
 
 #[cfg(test)]
