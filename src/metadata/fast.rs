@@ -10,6 +10,11 @@
 //! (its state dict, the `torch.Size` tuples) is freed at once. A first pass over the opcodes finds
 //! the memo entries that are ever read back, and only those are kept.
 //!
+//! A large input is read by two threads: the second reads `storage_data` (from its key on) while
+//! the first reads `state_dict_metadata`, and the first takes the second's values only once it
+//! has checked, where the second started, everything the second assumed (see [`read_split`]); it
+//! reads on by itself otherwise. The answer is always the one-thread read's.
+//!
 //! It never fails: on anything it does not know (an opcode, a global outside its set, a class or a
 //! field of another shape, a limit reached, malformed input) it returns `None` and the caller reads
 //! the file with the general unpickler and [`super::model`], which give the findings and the
