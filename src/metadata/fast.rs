@@ -10,6 +10,11 @@
 //! (its state dict, the `torch.Size` tuples) is freed at once. A first pass over the opcodes finds
 //! the memo entries that are ever read back, and only those are kept.
 //!
+//! A large input is read by two threads: the second reads `storage_data` (from its key on) while
+//! the first reads `state_dict_metadata`, and the first takes the second's values only once it
+//! has checked, where the second started, everything the second assumed (see [`read_split`]); it
+//! reads on by itself otherwise. The answer is always the one-thread read's.
+//!
 //! It never fails: on anything it does not know (an opcode, a global outside its set, a class or a
 //! field of another shape, a limit reached, malformed input) it returns `None` and the caller reads
 //! the file with the general unpickler and [`super::model`], which give the findings and the
@@ -18,6 +23,7 @@
 //! `metadata` fuzz target compare the two).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::dtype;
 use super::model::{
@@ -41,21 +47,98 @@ pub(crate) struct Read {
 
 /// Reads a torch `.metadata` pickle, or `None` when it is not one of the shapes this reader knows.
 pub(crate) fn read(data: &[u8], limits: Limits) -> Option<Read> {
+    read_split(data, limits, SPLIT_MIN).0
+}
+
+/// The smallest input whose `storage_data` is read on a second thread: below it the thread and the
+/// second look at the memo cost more than they save.
+const SPLIT_MIN: usize = 8 << 20;
+
+/// How a read went, for the tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Split {
+    /// One thread read it all (a small input, one core, no `storage_data` key, or no thread).
+    No,
+    /// The second thread's part was taken.
+    Merged,
+    /// The second thread's part was refused (it gave up, or what it assumed did not hold): the
+    /// first read on from the split point.
+    Refused,
+    /// The split read failed, and the one-thread read gave the answer.
+    Again,
+}
+
+/// [`read`], splitting off `storage_data` when the input has at least `min` bytes.
+///
+/// The first pass notes where the (last) `storage_data` key ends. A second thread learns from
+/// the opcodes before that point the memo entries that are plain strings and globals, then reads
+/// from there (its own stack, objects and pools) until an opcode would reach below its start,
+/// while this thread reads up to that point. There this thread checks every assumption the other
+/// made (the memo count, each memo entry it read, the nesting of marks) and takes its values, or
+/// reads on by itself. Whatever goes wrong, the answer is the one-thread read's.
+fn read_split(data: &[u8], limits: Limits, min: usize) -> (Option<Read>, Split) {
     if data.len() > limits.max_input || u32::try_from(data.len()).is_err() {
-        return None;
+        return (None, Split::No);
     }
-    let referenced = referenced_memo(data, &limits)?;
-    Machine::new(data, limits, referenced)?.run()
+    let Some(FirstPass {
+        mut referenced,
+        split,
+    }) = referenced_memo(data, &limits)
+    else {
+        return (None, Split::No);
+    };
+    if referenced.rank_all().is_none() {
+        return (None, Split::No);
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let one_thread = || Machine::new(data, limits, &referenced).and_then(Machine::run);
+    let Some(at) = split.filter(|_| data.len() >= min && cores >= 2) else {
+        return (one_thread(), Split::No);
+    };
+    let cancel = AtomicBool::new(false);
+    let r = std::thread::scope(|s| {
+        let worker = std::thread::Builder::new()
+            .name("metadata-split".into())
+            .spawn_scoped(s, || Part::read(data, limits, &referenced, at, &cancel))
+            .ok()?;
+        let mut join = Some(move || {
+            worker
+                .join()
+                .unwrap_or_else(|e| std::panic::resume_unwind(e))
+        });
+        let r =
+            Machine::new(data, limits, &referenced).and_then(|m| m.run_split(at.pos, &mut join));
+        // When this thread stopped before the split point, the other need not go on.
+        cancel.store(true, Ordering::Relaxed);
+        r
+    });
+    match r {
+        Some((r, how)) => (Some(r), how),
+        None => (one_thread(), Split::Again),
+    }
 }
 
 /// Reads `data` both ways and panics if the fast path returns a model the general path does not
-/// give (a different one, or one where the general path fails or finds an unknown global).
+/// give (a different one, or one where the general path fails or finds an unknown global), or if
+/// the fast path split at `storage_data` (whatever the size) does not give what one thread gives.
 /// Returns whether the fast path read it. For the tests and the `metadata` fuzz target.
 #[doc(hidden)]
 pub fn check_against_general(data: &[u8]) -> bool {
-    let Some(fast) = read(data, Limits::default()) else {
-        return false;
+    let (split, _) = read_split(data, Limits::default(), 0);
+    let (one, _) = read_split(data, Limits::default(), usize::MAX);
+    let (split, fast) = match (split, one) {
+        (None, None) => return false,
+        (Some(split), Some(fast)) => (split, fast),
+        (split, _) => panic!(
+            "the split read {} a pickle the one-thread read {}",
+            if split.is_some() { "reads" } else { "refuses" },
+            if split.is_some() { "refuses" } else { "reads" },
+        ),
     };
+    assert!(
+        split.md == fast.md && split.protocol == fast.protocol && split.owners == fast.owners,
+        "the split read reads another model than the one-thread read"
+    );
     let p = super::pickle::Pickle::parse(data)
         .unwrap_or_else(|e| panic!("the fast path read a pickle the general path refuses: {e}"));
     if let Some(g) = p
@@ -87,6 +170,8 @@ struct Bits {
     words: Vec<u64>,
     /// How many indexes the set holds below each word.
     ranks: Vec<u32>,
+    /// How many it holds.
+    count: usize,
 }
 
 impl Bits {
@@ -106,7 +191,18 @@ impl Bits {
             self.ranks.push(n);
             n = n.checked_add(w.count_ones())?;
         }
-        Some(n as usize)
+        self.count = n as usize;
+        Some(self.count)
+    }
+
+    /// How many indexes below `i` the set holds.
+    fn below(&self, i: usize) -> usize {
+        match self.words.get(i / 64) {
+            Some(w) => {
+                self.ranks[i / 64] as usize + (w & ((1u64 << (i % 64)) - 1)).count_ones() as usize
+            }
+            None => self.count,
+        }
     }
 
     /// The rank of `i` when it is in the set.
@@ -181,13 +277,30 @@ const SKIP: [u8; 256] = {
     t
 };
 
+/// What the first pass finds.
+struct FirstPass {
+    /// The memo indexes a `GET` reads.
+    referenced: Bits,
+    /// Where the last `storage_data` string (and its memo write) ends.
+    split: Option<SplitAt>,
+}
+
+/// A point between two opcodes, and how many memo entries were written before it.
+#[derive(Debug, Clone, Copy)]
+struct SplitAt {
+    pos: usize,
+    next: u32,
+}
+
 /// The first pass: which memo indexes a `GET` reads, with every memo write at the next index (as
-/// Python's pickler writes them).
-fn referenced_memo(data: &[u8], limits: &Limits) -> Option<Bits> {
+/// Python's pickler writes them), and where the `storage_data` key ends.
+fn referenced_memo(data: &[u8], limits: &Limits) -> Option<FirstPass> {
     let mut bits = Bits {
         words: Vec::new(),
         ranks: Vec::new(),
+        count: 0,
     };
+    let mut split = None;
     let mut next = 0usize;
     let mut pos = 0usize;
     let byte = |i: usize| data.get(i).copied().map(usize::from);
@@ -211,7 +324,11 @@ fn referenced_memo(data: &[u8], limits: &Limits) -> Option<Bits> {
             continue;
         }
         if op == 0x8c {
-            pos += 1 + byte(pos)?;
+            let n = byte(pos)?;
+            if n == 12 && data.get(pos + 1..pos + 13) == Some(b"storage_data") {
+                split = Some((pos + 13, next));
+            }
+            pos += 1 + n;
             continue;
         }
         let skip = SKIP[usize::from(op)];
@@ -220,7 +337,23 @@ fn referenced_memo(data: &[u8], limits: &Limits) -> Option<Bits> {
             continue;
         }
         match op {
-            b'.' => return Some(bits),
+            b'.' => {
+                // The split point is after the key's memo write, when it has one.
+                let split = split.and_then(|(pos, next): (usize, usize)| {
+                    let (pos, next) = match data.get(pos) {
+                        Some(0x94) => (pos + 1, next + 1),
+                        _ => (pos, next),
+                    };
+                    Some(SplitAt {
+                        pos,
+                        next: u32::try_from(next).ok()?,
+                    })
+                });
+                return Some(FirstPass {
+                    referenced: bits,
+                    split,
+                });
+            }
             b'q' | b'r' => {
                 if op == b'q' {
                     if byte(pos)? != next {
@@ -317,8 +450,9 @@ enum Val {
     Bool(bool),
     Int(i64),
     Float(f64),
-    /// A string: its span of the input (checked UTF-8), and 1 + its index in `Machine::strs`
-    /// once a memo entry that is read back holds it (0 before).
+    /// A string: its span of the input (checked UTF-8), and, once a memo entry that is read back
+    /// holds it, 1 + that entry's rank in `Machine::referenced` (its index in `Machine::strs`;
+    /// 0 before).
     Str(u32, u32, u32),
     Global(Class),
     /// A tuple of non-negative integers: its span of the dims pool.
@@ -347,8 +481,8 @@ enum Rec {
     Pending(Class),
     /// A chunk as the entry keeps it (not yet linked to storage).
     Chunk(Chunk),
-    /// The fqn, the memo string it was read back from (1 + its index in `Machine::strs`, or 0)
-    /// and the offset.
+    /// The fqn, the memo string it was read back from (as `Val::Str` numbers it, or 0) and the
+    /// offset.
     Index(Arc<str>, u32, Option<Dims>),
     Info(StorageInfo),
     Properties(Box<TensorMeta>),
@@ -446,7 +580,16 @@ type PlannerData = Vec<(String, Vec<PathPart>)>;
 struct Machine<'a> {
     data: &'a [u8],
     limits: Limits,
-    referenced: Bits,
+    referenced: &'a Bits,
+    /// For the second thread's part: the memo ranks below its start (the entries it did not
+    /// write), and which of them it read. 0 and empty for the first thread.
+    outside: u32,
+    outside_read: Vec<u64>,
+    /// The most marks the stack held.
+    max_marks: usize,
+    /// The fqn of a `MetadataIndex` the part reads from a memo entry outside it; the first
+    /// thread puts its own string in place (see [`Machine::take_part`]).
+    placeholder: Option<Arc<str>>,
     stack: Vec<Val>,
     marks: Vec<usize>,
     /// Emptied vectors of released dicts, reused.
@@ -464,8 +607,8 @@ struct Machine<'a> {
     objs: Slab<Rec>,
     conts: Slab<Cont>,
     intern: Interner,
-    /// The interned strings of memo entries that are read back.
-    strs: Vec<Arc<str>>,
+    /// The interned strings of memo entries that are read back, by their rank in `referenced`.
+    strs: Vec<Option<Arc<str>>>,
     last_fqn: LastInterned,
     last_path: LastInterned,
     last_properties: LastProperties<'a>,
@@ -478,13 +621,17 @@ struct Machine<'a> {
 type Step<T> = Option<T>;
 
 impl<'a> Machine<'a> {
-    fn new(data: &'a [u8], limits: Limits, mut referenced: Bits) -> Option<Self> {
-        let read_back = referenced.rank_all()?;
+    fn new(data: &'a [u8], limits: Limits, referenced: &'a Bits) -> Option<Self> {
+        let read_back = referenced.count;
         let memo = vec![None; read_back];
         Some(Machine {
             data,
             limits,
             referenced,
+            outside: 0,
+            outside_read: Vec::new(),
+            max_marks: 0,
+            placeholder: None,
             stack: Vec::new(),
             marks: Vec::new(),
             spare_dicts: Vec::new(),
@@ -499,7 +646,7 @@ impl<'a> Machine<'a> {
             // The strings read back (most of them fqns) are not interned: each memo entry is
             // one allocation, shared by every value that reads it back.
             intern: Interner::default(),
-            strs: Vec::with_capacity(read_back),
+            strs: vec![None; read_back],
             last_fqn: None,
             last_path: None,
             last_properties: None,
@@ -509,12 +656,35 @@ impl<'a> Machine<'a> {
         })
     }
 
-    fn run(mut self) -> Option<Read> {
+    fn run(self) -> Option<Read> {
+        self.run_split(usize::MAX, &mut None::<fn() -> Option<Part<'a>>>)
+            .map(|r| r.0)
+    }
+
+    /// Reads the whole input; at `at`, takes the other thread's part from `join` (when it is
+    /// `Some`: it is `None` afterwards).
+    fn run_split(
+        mut self,
+        at: usize,
+        join: &mut Option<impl FnOnce() -> Option<Part<'a>>>,
+    ) -> Option<(Read, Split)> {
         let mut ops = Ops {
             data: self.data,
             pos: 0,
         };
+        let mut how = Split::No;
         loop {
+            if ops.pos == at
+                && let Some(join) = join.take()
+            {
+                how = Split::Refused;
+                if let Some(part) = join()
+                    && let Some(end) = self.take_part(part)?
+                {
+                    ops.pos = end;
+                    how = Split::Merged;
+                }
+            }
             let op = *ops.data.get(ops.pos)?;
             ops.pos += 1;
             if op == b'.' {
@@ -523,21 +693,203 @@ impl<'a> Machine<'a> {
                 let Rec::Metadata(md, owners) = self.take_obj(id)? else {
                     return None;
                 };
-                return Some(Read {
+                let read = Read {
                     md: *md,
                     protocol: self.protocol,
                     owners,
-                });
+                };
+                return Some((read, how));
             }
             if op == 0x95 {
-                // FRAME: its declared length must be within the input, as the general reader checks.
-                if ops.uint(8)? > (self.data.len() - ops.pos) as u64 {
-                    return None;
-                }
+                Self::frame(&mut ops)?;
                 continue;
             }
             self.step(op, &mut ops)?;
         }
+    }
+
+    /// `FRAME`: its declared length must be within the input, as the general reader checks.
+    fn frame(ops: &mut Ops<'a>) -> Step<()> {
+        if ops.uint(8)? > (ops.data.len() - ops.pos) as u64 {
+            return None;
+        }
+        Some(())
+    }
+
+    // ---- the second thread -------------------------------------------------------------------
+
+    /// The second thread's part: reads from `from` until an opcode would take a value or a mark
+    /// from below its start, or `STOP`; returns where that opcode is.
+    fn run_part(&mut self, from: usize, cancel: &AtomicBool) -> Option<usize> {
+        let mut ops = Ops {
+            data: self.data,
+            pos: from,
+        };
+        loop {
+            let at = ops.pos;
+            let op = *ops.data.get(at)?;
+            if self.marks.is_empty() && self.stack.len() < usize::from(NEEDS[usize::from(op)]) {
+                return Some(at);
+            }
+            if cancel.load(Ordering::Relaxed) {
+                return None;
+            }
+            ops.pos += 1;
+            if op == 0x95 {
+                Self::frame(&mut ops)?;
+                continue;
+            }
+            self.step(op, &mut ops)?;
+        }
+    }
+
+    /// Takes the second thread's part when everything it assumed holds here (the memo count at
+    /// its start, each memo entry it read from before its start, the nesting of marks): moves its
+    /// values onto this stack and its memo entries into this memo, and returns where it ended.
+    /// `Some(None)` when it is refused (this thread reads on from here), `None` when taking it
+    /// failed (the read fails).
+    fn take_part(&mut self, mut part: Part<'a>) -> Step<Option<usize>> {
+        let b = &mut part.m;
+        if self.memo_next != part.start_next
+            || self.marks.len() + b.max_marks > self.limits.max_depth as usize
+        {
+            return Some(None);
+        }
+        for (w, &word) in b.outside_read.iter().enumerate() {
+            let mut word = word;
+            while word != 0 {
+                let r = w * 64 + word.trailing_zeros() as usize;
+                word &= word - 1;
+                let assumed = b.memo.get(r).copied().flatten();
+                if assumed.is_none() || self.memo.get(r).copied().flatten() != assumed {
+                    return Some(None);
+                }
+            }
+        }
+        self.protocol = self.protocol.max(b.protocol);
+        let mut moved = Moved {
+            objs: vec![u32::MAX; b.objs.slots.len()],
+            conts: vec![u32::MAX; b.conts.slots.len()],
+        };
+        let outside = b.outside as usize;
+        for r in outside..b.strs.len() {
+            if let Some(a) = b.strs[r].take() {
+                *self.strs.get_mut(r)? = Some(a);
+            }
+        }
+        for r in outside..b.memo.len() {
+            if let Some(v) = b.memo[r] {
+                let v = self.adopt(b, &mut moved, v)?;
+                self.pin(v);
+                *self.memo.get_mut(r)? = Some(v);
+            }
+        }
+        for v in std::mem::take(&mut b.stack) {
+            let v = self.adopt(b, &mut moved, v)?;
+            self.stack.push(v);
+        }
+        self.memo_next = b.memo_next;
+        // What came from the part is never cut from the pools (a pinned container's dimensions
+        // among it are not pinned one by one).
+        self.dims_floor = self.dims.len();
+        self.tuples_floor = self.tuples.len();
+        Some(Some(part.end))
+    }
+
+    /// A fqn of the part that is a placeholder (it names a memo string from before the part's
+    /// start): this thread's string of that memo entry.
+    fn fqn_for(&self, b: &Machine<'a>, id: u32) -> Option<Option<Arc<str>>> {
+        if !b.is_outside(id) {
+            return Some(None);
+        }
+        Some(Some(self.strs.get(id as usize - 1)?.clone()?))
+    }
+
+    /// A value of the part, moved into this machine (its objects and containers once each, as
+    /// `moved` records).
+    fn adopt(&mut self, b: &mut Machine<'a>, moved: &mut Moved, v: Val) -> Step<Val> {
+        Some(match v {
+            Val::Dims(s, l) | Val::Size(s, l) => {
+                let start = u32::try_from(self.dims.len()).ok()?;
+                self.dims.extend_from_slice(b.dims_slice(s, l)?);
+                match v {
+                    Val::Dims(..) => Val::Dims(start, l),
+                    _ => Val::Size(start, l),
+                }
+            }
+            Val::Tup(s, l) | Val::Path(s, l) => {
+                let items = b.tuples.get(s as usize..s as usize + l as usize)?.to_vec();
+                let items = items
+                    .into_iter()
+                    .map(|e| self.adopt(b, moved, e))
+                    .collect::<Option<Vec<Val>>>()?;
+                let start = u32::try_from(self.tuples.len()).ok()?;
+                self.tuples.extend_from_slice(&items);
+                match v {
+                    Val::Tup(..) => Val::Tup(start, l),
+                    _ => Val::Path(start, l),
+                }
+            }
+            Val::Obj(i) => {
+                let j = *moved.objs.get(i as usize)?;
+                if j != u32::MAX {
+                    return Some(Val::Obj(j));
+                }
+                let slot = b.objs.get_mut(i)?;
+                let pinned = slot.pinned;
+                let rec = match std::mem::replace(&mut slot.value, Rec::Free) {
+                    Rec::Free | Rec::Taken => return None,
+                    Rec::Index(fqn, id, offset) => {
+                        Rec::Index(self.fqn_for(b, id)?.unwrap_or(fqn), id, offset)
+                    }
+                    rec => rec,
+                };
+                let j = self.objs.alloc(rec, 0)?;
+                self.objs.get_mut(j)?.pinned = pinned;
+                moved.objs[i as usize] = j;
+                Val::Obj(j)
+            }
+            Val::Cont(i) => {
+                let j = *moved.conts.get(i as usize)?;
+                if j != u32::MAX {
+                    return Some(Val::Cont(j));
+                }
+                let slot = b.conts.get_mut(i)?;
+                let (pinned, depth) = (slot.pinned, slot.depth);
+                let c = std::mem::replace(&mut slot.value, Cont::Free);
+                // The slot first: a container may hold itself.
+                let j = self.conts.alloc(Cont::Taken, depth)?;
+                self.conts.get_mut(j)?.pinned = pinned;
+                moved.conts[i as usize] = j;
+                let c = match c {
+                    Cont::Free | Cont::Taken => return None,
+                    Cont::Dict(d) => Cont::Dict(
+                        d.into_iter()
+                            .map(|(k, v)| {
+                                Some((self.adopt(b, moved, k)?, self.adopt(b, moved, v)?))
+                            })
+                            .collect::<Option<_>>()?,
+                    ),
+                    Cont::List(l) => Cont::List(
+                        l.into_iter()
+                            .map(|v| self.adopt(b, moved, v))
+                            .collect::<Option<_>>()?,
+                    ),
+                    Cont::Storage(mut items, ids) => {
+                        for (item, &id) in items.iter_mut().zip(&ids) {
+                            if let Some(fqn) = self.fqn_for(b, id)? {
+                                item.fqn = fqn;
+                            }
+                        }
+                        Cont::Storage(items, ids)
+                    }
+                    c => c,
+                };
+                self.conts.get_mut(j)?.value = c;
+                Val::Cont(j)
+            }
+            v => v,
+        })
     }
 
     // ---- the stack -------------------------------------------------------------------------
@@ -593,16 +945,25 @@ impl<'a> Machine<'a> {
         Some(a)
     }
 
-    /// A string interned: a memo entry's by its index, any other by the interner.
+    /// A string interned: a memo entry's by its rank, any other (and, in the second thread's
+    /// part, one the part did not write) by the interner.
     fn interned(&mut self, v: Val) -> Step<Arc<str>> {
-        match v {
-            Val::Str(_, _, i @ 1..) => self.strs.get(i as usize - 1).cloned(),
-            _ => Some(self.intern.get(self.str_of(v)?)),
+        if let Val::Str(_, _, i @ 1..) = v
+            && let Some(Some(a)) = self.strs.get(i as usize - 1)
+        {
+            return Some(a.clone());
         }
+        Some(self.intern.get(self.str_of(v)?))
     }
 
-    /// The memo string a value was read back from: 1 + its index in `strs`, or 0 (not a string
-    /// read back), as [`Read::owners`] matches keys by.
+    /// Whether a memo string (as `Val::Str` numbers it) is one the second thread's part did not
+    /// write.
+    fn is_outside(&self, id: u32) -> bool {
+        id != 0 && id - 1 < self.outside
+    }
+
+    /// The memo string a value was read back from: 1 + its rank in `referenced`, or 0 (not a
+    /// string read back), as [`Read::owners`] matches keys by.
     fn memo_string(v: Val) -> u32 {
         match v {
             Val::Str(_, _, i) => i,
@@ -806,6 +1167,7 @@ impl<'a> Machine<'a> {
     // ---- the opcodes -------------------------------------------------------------------------
 
     /// Runs one opcode (not `STOP` or `FRAME`), reading its argument from `ops`.
+    #[inline(always)]
     fn step(&mut self, op: u8, ops: &mut Ops<'a>) -> Step<()> {
         match op {
             0x80 => {
@@ -897,6 +1259,7 @@ impl<'a> Machine<'a> {
                     return None;
                 }
                 self.marks.push(self.stack.len());
+                self.max_marks = self.max_marks.max(self.marks.len());
             }
             0x94 | b'q' | b'r' => {
                 match op {
@@ -918,8 +1281,8 @@ impl<'a> Machine<'a> {
                     // allocated once, here, and found again by its index.
                     if let Val::Str(s, l, 0) = v {
                         let a: Arc<str> = Arc::from(self.str_of(v)?);
-                        self.strs.push(a);
-                        v = Val::Str(s, l, u32::try_from(self.strs.len()).ok()?);
+                        *self.strs.get_mut(r)? = Some(a);
+                        v = Val::Str(s, l, u32::try_from(r + 1).ok()?);
                         *self.stack.last_mut()? = v;
                     }
                     self.pin(v);
@@ -930,6 +1293,9 @@ impl<'a> Machine<'a> {
                 let i = ops.uint(if op == b'h' { 1 } else { 4 })?;
                 let r = self.referenced.rank(usize::try_from(i).ok()?)?;
                 let v = (*self.memo.get(r)?)?;
+                if r < self.outside as usize {
+                    self.outside_read[r / 64] |= 1 << (r % 64);
+                }
                 self.stack.push(v);
             }
             b'c' => {
@@ -1363,8 +1729,11 @@ impl<'a> Machine<'a> {
                 let f = self.fields(state, ["fqn", "offset", "index"])?;
                 let [fqn, offset, index] = f.values;
                 let fqn_val = fqn?;
-                let fqn = self.intern_span(fqn_val, |m| &mut m.last_fqn)?;
                 let id = Self::memo_string(fqn_val);
+                let fqn = match &self.placeholder {
+                    Some(p) if self.is_outside(id) => p.clone(),
+                    _ => self.intern_span(fqn_val, |m| &mut m.last_fqn)?,
+                };
                 let offset = match offset {
                     Some(o) => Some(self.dims_of(o)?),
                     None => None,
@@ -1523,6 +1892,8 @@ impl<'a> Machine<'a> {
                 self.release_state(state, f);
                 Rec::StorageMeta(Box::new(sm))
             }
+            // The part's strings are not all its own (and it has no reason to read the root).
+            Class::Metadata if self.placeholder.is_some() => return None,
             Class::Metadata => {
                 let f = self.fields(
                     state,
@@ -1635,6 +2006,189 @@ impl<'a> Machine<'a> {
     }
 }
 
+/// For each opcode, how many values the second thread's part needs on its stack (when it holds
+/// no mark) to run it by itself: with fewer, the opcode reads below the part's start, and the
+/// part ends. 255 for the opcodes that take a mark, and `STOP`.
+const NEEDS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    t[b'.' as usize] = 255;
+    t[b't' as usize] = 255;
+    t[b'e' as usize] = 255;
+    t[b'u' as usize] = 255;
+    t[b'a' as usize] = 2;
+    t[b's' as usize] = 3;
+    t[b'R' as usize] = 2;
+    t[0x81] = 2;
+    t[b'b' as usize] = 2;
+    t[0x93] = 2;
+    t[0x85] = 1;
+    t[0x86] = 2;
+    t[0x87] = 3;
+    t[0x94] = 1;
+    t[b'q' as usize] = 1;
+    t[b'r' as usize] = 1;
+    t
+};
+
+/// Where the part's objects and containers went in the first thread's slabs (`u32::MAX`: not
+/// yet).
+struct Moved {
+    objs: Vec<u32>,
+    conts: Vec<u32>,
+}
+
+/// What the second thread read: from the split point to `end`.
+struct Part<'a> {
+    m: Machine<'a>,
+    end: usize,
+    /// The memo count at the split point.
+    start_next: u32,
+}
+
+impl<'a> Part<'a> {
+    /// The machine that reads the part, its memo filled with what it can know of the entries
+    /// before `at`.
+    fn machine(
+        data: &'a [u8],
+        limits: Limits,
+        referenced: &'a Bits,
+        at: SplitAt,
+    ) -> Option<Machine<'a>> {
+        let mut m = Machine::new(data, limits, referenced)?;
+        let outside = referenced.below(at.next as usize);
+        m.outside = u32::try_from(outside).ok()?;
+        m.outside_read = vec![0; outside.div_ceil(64)];
+        m.placeholder = Some(Arc::from(""));
+        m.memo_next = at.next;
+        outside_memo(data, referenced, at, m.memo.get_mut(..outside)?)?;
+        Some(m)
+    }
+
+    /// Reads from `at` as far as it can by itself; `None` when it gives up (or `cancel` is set).
+    fn read(
+        data: &'a [u8],
+        limits: Limits,
+        referenced: &'a Bits,
+        at: SplitAt,
+        cancel: &AtomicBool,
+    ) -> Option<Part<'a>> {
+        let mut m = Self::machine(data, limits, referenced, at)?;
+        let end = m.run_part(at.pos, cancel)?;
+        Some(Part {
+            m,
+            end,
+            start_next: at.next,
+        })
+    }
+}
+
+/// The memo entries written before `at`, as far as a look at the last two values pushed tells
+/// them: a string (its memo write right after it) or a global (named by two strings); the others
+/// stay `None` (the part gives up on reading one). The first thread checks each one the part
+/// read against its own memo.
+fn outside_memo(
+    data: &[u8],
+    referenced: &Bits,
+    at: SplitAt,
+    memo: &mut [Option<Val>],
+) -> Option<()> {
+    let mut pos = 0usize;
+    let mut next = 0usize;
+    // The top two values of the stack, where known.
+    let (mut top, mut below): (Option<Val>, Option<Val>) = (None, None);
+    let str_of =
+        |s: u32, l: u32| std::str::from_utf8(data.get(s as usize..s as usize + l as usize)?).ok();
+    let le = |i: usize, n: usize| -> Option<usize> {
+        let b = data.get(i..i + n)?;
+        let mut a = [0u8; 8];
+        a[..n].copy_from_slice(b);
+        usize::try_from(u64::from_le_bytes(a)).ok()
+    };
+    let span = |start: usize, len: usize| -> Option<Val> {
+        data.get(start..start + len)?;
+        Some(Val::Str(
+            u32::try_from(start).ok()?,
+            u32::try_from(len).ok()?,
+            0,
+        ))
+    };
+    while pos < at.pos {
+        let op = *data.get(pos)?;
+        pos += 1;
+        // The most frequent first, as in the first pass: a memo write, a short string, the
+        // opcodes of a fixed length.
+        let pushed = if op == 0x94 || op == b'q' || op == b'r' {
+            pos += match op {
+                b'q' => 1,
+                b'r' => 4,
+                _ => 0,
+            };
+            let i = next;
+            next += 1;
+            if let Some(r) = referenced.rank(i) {
+                if let Some(Val::Str(s, l, 0)) = top {
+                    top = Some(Val::Str(s, l, u32::try_from(r + 1).ok()?));
+                }
+                *memo.get_mut(r)? = top;
+            }
+            continue;
+        } else if op == 0x8c {
+            let n = usize::from(*data.get(pos)?);
+            pos += 1 + n;
+            span(pos - n, n)
+        } else if op == b'h' || op == b'j' {
+            let n = if op == b'h' { 1 } else { 4 };
+            let i = le(pos, n)?;
+            pos += n;
+            memo.get(referenced.rank(i)?).copied().flatten()
+        } else if op == 0x93 {
+            let g = match (below, top) {
+                (Some(Val::Str(ms, ml, _)), Some(Val::Str(s, l, _))) => {
+                    class_of(str_of(ms, ml)?, str_of(s, l)?, (s, l)).map(Val::Global)
+                }
+                _ => None,
+            };
+            (top, below) = (g, None);
+            continue;
+        } else if op == 0x95 || op == 0x80 {
+            // FRAME and PROTO leave the stack as it is.
+            pos += if op == 0x95 { 8 } else { 1 };
+            continue;
+        } else if SKIP[usize::from(op)] != 0 {
+            // Any other: what it leaves on top is not known here.
+            pos += usize::from(SKIP[usize::from(op)] - 1);
+            (top, below) = (None, None);
+            continue;
+        } else {
+            match op {
+                b'X' | 0x8d => {
+                    let w = if op == b'X' { 4 } else { 8 };
+                    let n = le(pos, w)?;
+                    pos = pos.checked_add(w)?.checked_add(n)?;
+                    span(pos - n, n)
+                }
+                b'c' => {
+                    let mut ops = Ops { data, pos };
+                    let (module, name) = (ops.line()?, ops.line()?);
+                    pos = ops.pos;
+                    let s = u32::try_from(name.as_ptr() as usize - data.as_ptr() as usize).ok()?;
+                    let l = u32::try_from(name.len()).ok()?;
+                    class_of(std::str::from_utf8(module).ok()?, str_of(s, l)?, (s, l))
+                        .map(Val::Global)
+                }
+                0x8a => {
+                    pos += 1 + usize::from(*data.get(pos)?);
+                    (top, below) = (None, None);
+                    continue;
+                }
+                _ => return None,
+            }
+        };
+        (top, below) = (pushed, top);
+    }
+    (pos == at.pos).then_some(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1643,6 +2197,36 @@ mod tests {
 
     fn agrees(data: &[u8]) -> bool {
         check_against_general(data)
+    }
+
+    fn same(a: &Option<Read>, b: &Option<Read>) {
+        match (a, b) {
+            (None, None) => {}
+            (Some(a), Some(b)) => {
+                assert!(a.md == b.md, "the split read gives another model");
+                assert_eq!(a.protocol, b.protocol);
+                assert_eq!(a.owners, b.owners);
+            }
+            _ => panic!(
+                "the split read {} where the one-thread read {}",
+                if a.is_some() { "reads" } else { "fails" },
+                if b.is_some() { "reads" } else { "fails" },
+            ),
+        }
+    }
+
+    /// Reads `data` split at its `storage_data` key whatever its size, and with one thread: the
+    /// same answer. Returns how the split went.
+    fn split_agrees(data: &[u8], limits: Limits) -> Split {
+        let (split, how) = read_split(data, limits, 0);
+        let (one, one_how) = read_split(data, limits, usize::MAX);
+        assert_eq!(one_how, Split::No);
+        same(&split, &one);
+        how
+    }
+
+    fn two_cores() -> bool {
+        std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2
     }
 
     fn metadata_files(dir: &Path) -> Vec<PathBuf> {
@@ -1731,6 +2315,182 @@ mod tests {
         .flat_map(|d| metadata_files(&root().join(d)))
         .map(|f| std::fs::read(f).unwrap())
         .collect()
+    }
+
+    fn single() -> Vec<u8> {
+        std::fs::read(root().join("fixtures/single/.metadata")).unwrap()
+    }
+
+    /// Every torch fixture the fast path reads, split at its `storage_data` key: the second
+    /// thread's part is taken, and the answer is the one-thread read's.
+    #[test]
+    fn fixtures_split_the_same() {
+        let mut merged = 0;
+        for f in metadata_files(&root().join("fixtures")) {
+            let data = std::fs::read(&f).unwrap();
+            let how = split_agrees(&data, Limits::default());
+            let split = referenced_memo(&data, &Limits::default()).and_then(|p| p.split);
+            if two_cores() && split.is_some() && read(&data, Limits::default()).is_some() {
+                assert_eq!(how, Split::Merged, "{}", f.display());
+                merged += 1;
+            }
+        }
+        assert!(!two_cores() || merged >= 10, "{merged} merged");
+    }
+
+    /// The split read's storage items share their fqn with their entry (not the placeholder,
+    /// not a copy).
+    #[test]
+    fn split_storage_shares_the_entries_fqns() {
+        let (r, how) = read_split(&single(), Limits::default(), 0);
+        let r = r.unwrap();
+        assert!(!two_cores() || how == Split::Merged);
+        let owners = r.owners.unwrap();
+        for (s, &e) in r.md.storage.iter().zip(&owners) {
+            assert!(Arc::ptr_eq(&r.md.entries[e as usize].fqn, &s.fqn));
+        }
+    }
+
+    /// Runs the first thread with the part that `tweak` changed (as a part that assumed
+    /// something else would be): returns how it went, and checks that the answer is the
+    /// one-thread read's all the same.
+    fn split_with(data: &[u8], tweak: impl FnOnce(&mut Part<'_>)) -> Split {
+        let limits = Limits::default();
+        let FirstPass {
+            mut referenced,
+            split,
+        } = referenced_memo(data, &limits).unwrap();
+        referenced.rank_all().unwrap();
+        let at = split.unwrap();
+        let mut part = Part::read(data, limits, &referenced, at, &AtomicBool::new(false));
+        if let Some(p) = &mut part {
+            tweak(p);
+        }
+        let r = Machine::new(data, limits, &referenced)
+            .unwrap()
+            .run_split(at.pos, &mut Some(move || part));
+        let (r, how) = match r {
+            Some((r, how)) => (Some(r), how),
+            None => (None, Split::Again),
+        };
+        same(&r, &read_split(data, limits, usize::MAX).0);
+        how
+    }
+
+    /// The first memo rank the part read from before its start.
+    fn first_outside_read(p: &Part<'_>) -> usize {
+        let (w, word) =
+            p.m.outside_read
+                .iter()
+                .enumerate()
+                .find(|(_, w)| **w != 0)
+                .unwrap();
+        w * 64 + word.trailing_zeros() as usize
+    }
+
+    /// Each check the first thread makes before it takes the part refuses a part that assumed
+    /// otherwise; the answer is the same.
+    #[test]
+    fn a_part_that_assumed_otherwise_is_refused() {
+        let data = single();
+        assert_eq!(split_with(&data, |_| {}), Split::Merged);
+        // A memo entry from before the split point that is not what the part read.
+        assert_eq!(
+            split_with(&data, |p| {
+                let r = first_outside_read(p);
+                p.m.memo[r] = Some(Val::Int(7));
+            }),
+            Split::Refused
+        );
+        assert_eq!(
+            split_with(&data, |p| {
+                let r = first_outside_read(p);
+                if let Some(Val::Str(s, l, id)) = p.m.memo[r] {
+                    p.m.memo[r] = Some(Val::Str(s + 1, l - 1, id));
+                }
+            }),
+            Split::Refused
+        );
+        // Another memo count at the split point.
+        assert_eq!(split_with(&data, |p| p.start_next += 1), Split::Refused);
+        // Marks nested deeper than the limit, counting the first thread's.
+        assert_eq!(
+            split_with(&data, |p| p.m.max_marks =
+                Limits::default().max_depth as usize),
+            Split::Refused
+        );
+    }
+
+    /// A part that reads a memo entry from before its start that it does not know (not a plain
+    /// string or global) gives up.
+    #[test]
+    fn a_part_gives_up_on_a_memo_entry_it_does_not_know() {
+        let data = single();
+        let limits = Limits::default();
+        let FirstPass {
+            mut referenced,
+            split,
+        } = referenced_memo(&data, &limits).unwrap();
+        referenced.rank_all().unwrap();
+        let at = split.unwrap();
+        let cancel = AtomicBool::new(false);
+        let mut m = Part::machine(&data, limits, &referenced, at).unwrap();
+        let outside = m.outside as usize;
+        assert!(m.memo[..outside].iter().any(Option::is_some));
+        m.memo[..outside].fill(None);
+        assert_eq!(m.run_part(at.pos, &cancel), None);
+        let mut m = Part::machine(&data, limits, &referenced, at).unwrap();
+        assert!(m.run_part(at.pos, &cancel).is_some());
+        cancel.store(true, Ordering::Relaxed);
+        let mut m = Part::machine(&data, limits, &referenced, at).unwrap();
+        assert_eq!(m.run_part(at.pos, &cancel), None);
+    }
+
+    /// `data` with `with` in place of the last `from`, and its one frame (after `PROTO`) as
+    /// long as the rest.
+    fn edited(data: &[u8], from: &[u8], with: &[u8]) -> Vec<u8> {
+        let i = data.windows(from.len()).rposition(|w| w == from).unwrap();
+        let mut out = [&data[..i], with, &data[i + from.len()..]].concat();
+        assert_eq!(out[2], 0x95);
+        let rest = (out.len() - 11) as u64;
+        out[3..11].copy_from_slice(&rest.to_le_bytes());
+        out
+    }
+
+    /// Crafted files: each reads the same split and not.
+    #[test]
+    fn crafted_splits_agree() {
+        let data = single();
+        // A `storage_data` string after the key (here `save_id`): the split point is there.
+        let at = edited(
+            &data,
+            b"\x8c\x07save_id\x94\x8c\x24",
+            b"\x8c\x07save_id\x94\x8c\x0cstorage_data",
+        );
+        let at = edited(&at, b"e5d9535d-e168-441e-b103-7a04970b2945", b"");
+        assert!(agrees(&at));
+        // The part ends early (a `SETITEMS` of the root's state after `storage_data`), and the
+        // root's state names `storage_data` again after that by a memo reference to the dict the
+        // part read: the first thread reads the part's memo entry.
+        let FirstPass { split, .. } = referenced_memo(&data, &Limits::default()).unwrap();
+        let dict = split.unwrap().next;
+        let mut again = b"X\x0c\x00\x00\x00storage_datj".to_vec();
+        again[16] = b'a';
+        again.push(b'j');
+        again.extend_from_slice(&dict.to_le_bytes());
+        let early = edited(&data, b"\x8c\x0cstorage_meta", b"u(\x8c\x0cstorage_meta");
+        let early = edited(&early, b"ub.", &[&again[..], b"ub."].concat());
+        assert!(agrees(&early));
+        assert!(!two_cores() || split_agrees(&early, Limits::default()) == Split::Merged);
+        // Limits on the nesting of marks, from too few to enough: the same both ways.
+        for max_depth in 0..8 {
+            let limits = Limits {
+                max_depth,
+                ..Limits::default()
+            };
+            split_agrees(&data, limits);
+            split_agrees(&early, limits);
+        }
     }
 
     proptest! {
