@@ -196,7 +196,8 @@ impl fmt::Debug for HttpHeader {
 /// prints a URL's query string.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct UrlList {
-    by_name: HashMap<String, Url>,
+    /// Each file's line in the list, and its URL.
+    by_name: HashMap<String, (usize, Url)>,
 }
 
 impl UrlList {
@@ -206,8 +207,7 @@ impl UrlList {
     /// One `http://` or `https://` URL a line; blank lines and lines that start with `#` are
     /// skipped. Every error names its line and prints no query string.
     pub fn parse(text: &str) -> Result<UrlList, String> {
-        let mut by_name = HashMap::new();
-        let mut line_of: HashMap<String, usize> = HashMap::new();
+        let mut by_name: HashMap<String, (usize, Url)> = HashMap::new();
         for (i, line) in text.lines().enumerate() {
             let (n, line) = (i + 1, line.trim());
             if line.is_empty() || line.starts_with('#') {
@@ -222,12 +222,12 @@ impl UrlList {
                 .filter(|s| !s.is_empty())
                 .ok_or_else(|| format!("line {n}: {url} names no file"))?
                 .into_owned();
-            if let Some(first) = line_of.insert(name.clone(), n) {
+            if let Some((first, _)) = by_name.get(&name) {
                 return Err(format!(
                     "line {n}: a second URL for {name:?} (the first is on line {first})"
                 ));
             }
-            by_name.insert(name, url.0);
+            by_name.insert(name, (n, url.0));
         }
         if by_name.is_empty() {
             return Err("it holds no URL".into());
@@ -253,7 +253,7 @@ impl UrlList {
 
     /// The URL the list gives for the object `name`.
     fn get(&self, name: &ObjectName) -> Option<&Url> {
-        self.by_name.get(name.as_str())
+        self.by_name.get(name.as_str()).map(|(_, url)| url)
     }
 
     pub fn len(&self) -> usize {
@@ -744,6 +744,11 @@ impl HttpSource {
         })
     }
 
+    /// The URL `--url-list` gives for `name`, if it gives one.
+    fn listed(&self, name: &ObjectName) -> Option<&Url> {
+        self.urls.as_ref().and_then(|u| u.get(name))
+    }
+
     /// Sends one request for `name` (`range` only names it in the log), following redirects;
     /// the person's headers go only to the origin of the checkpoint's URL. Every hop counts as a
     /// request, and is logged (`-v`) with the milliseconds until its headers arrived.
@@ -761,7 +766,7 @@ impl HttpSource {
         };
         let what = what.as_str();
         let stall = self.retry.stall_timeout;
-        let mut url = match self.urls.as_ref().and_then(|u| u.get(name)) {
+        let mut url = match self.listed(name) {
             Some(url) => url.clone(),
             None => self.base.object(name),
         };
@@ -908,8 +913,7 @@ impl HttpSource {
                 name: name.to_string(),
             }),
             401 | 403 => {
-                let listed = self.urls.as_ref().is_some_and(|u| u.get(name).is_some());
-                let hint = if listed {
+                let hint = if self.listed(name).is_some() {
                     "hint: the server refused the file's URL in --url-list; a presigned URL may \
                      have expired (make the list again)"
                 } else if self.headers.is_empty() {
@@ -944,7 +948,7 @@ impl HttpSource {
     /// with a URL of its own (`--url-list`) gets the GET at once: a presigned URL is signed for
     /// one method, GET, so a HEAD would only be refused.
     async fn stat_once(&self, name: &ObjectName, attempt: u32) -> Result<ObjectMeta, Failure> {
-        if self.urls.as_ref().is_none_or(|u| u.get(name).is_none()) {
+        if self.listed(name).is_none() {
             let head = self.send(Method::HEAD, name, None, attempt, |r| r).await?;
             let status = head.status();
             if status.is_success() {

@@ -161,6 +161,11 @@ impl LocalSource {
 /// Fills `buf` from `file` at `offset`, in pieces of at least [`PIECE`] read at once by up to one
 /// thread per core.
 fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    // Most reads (every block of a fetch) are far smaller: they do not ask for the cores, which
+    // reads the process's cgroup files on Linux.
+    if buf.len() < 2 * PIECE {
+        return file.read_exact_at(buf, offset);
+    }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
     let pieces = (buf.len() / PIECE).clamp(1, threads);
     if pieces == 1 {
