@@ -292,6 +292,16 @@ struct SplitAt {
     next: u32,
 }
 
+/// The little-endian unsigned integer of `n` (at most 8) bytes at `i` of the input, for the two
+/// scans that skip opcodes by their arguments' lengths.
+#[inline]
+fn le_at(data: &[u8], i: usize, n: usize) -> Option<usize> {
+    let b = data.get(i..i.checked_add(n)?)?;
+    let mut a = [0u8; 8];
+    a.get_mut(..n)?.copy_from_slice(b);
+    usize::try_from(u64::from_le_bytes(a)).ok()
+}
+
 /// The first pass: which memo indexes a `GET` reads, with every memo write at the next index (as
 /// Python's pickler writes them), and where the `storage_data` key ends.
 fn referenced_memo(data: &[u8], limits: &Limits) -> Option<FirstPass> {
@@ -304,12 +314,7 @@ fn referenced_memo(data: &[u8], limits: &Limits) -> Option<FirstPass> {
     let mut next = 0usize;
     let mut pos = 0usize;
     let byte = |i: usize| data.get(i).copied().map(usize::from);
-    let le = |i: usize, n: usize| -> Option<usize> {
-        let b = data.get(i..i + n)?;
-        let mut a = [0u8; 8];
-        a[..n].copy_from_slice(b);
-        usize::try_from(u64::from_le_bytes(a)).ok()
-    };
+    let le = |i: usize, n: usize| le_at(data, i, n);
     loop {
         let op = *data.get(pos)?;
         pos += 1;
@@ -2098,12 +2103,7 @@ fn outside_memo(
     let (mut top, mut below): (Option<Val>, Option<Val>) = (None, None);
     let str_of =
         |s: u32, l: u32| std::str::from_utf8(data.get(s as usize..s as usize + l as usize)?).ok();
-    let le = |i: usize, n: usize| -> Option<usize> {
-        let b = data.get(i..i + n)?;
-        let mut a = [0u8; 8];
-        a[..n].copy_from_slice(b);
-        usize::try_from(u64::from_le_bytes(a)).ok()
-    };
+    let le = |i: usize, n: usize| le_at(data, i, n);
     let span = |start: usize, len: usize| -> Option<Val> {
         data.get(start..start + len)?;
         Some(Val::Str(
