@@ -10,9 +10,11 @@
 //! A sink that places bytes by offset (a sparse folder) takes pieces in the order they arrive: the
 //! engine then holds only the chunks in the channel, whatever the size of the parts. A sink that
 //! needs plan order (a stream, a hash) gets the part at the head of the order as it arrives, and
-//! the chunks of later parts wait in memory until their turn; for these, the producer takes memory
-//! permits for a part's whole size before starting it, so the waiting chunks never exceed
-//! `max_memory`.
+//! the chunks of later parts wait in memory until their turn. A part before its turn takes memory
+//! permits for each chunk as it arrives; when `max_memory` is taken it stops reading, so the rest
+//! of its body waits in the connection (the sender is held back) and not in memory, until the
+//! permits come back or its turn comes. The part at the head never waits for memory, so the order
+//! always moves.
 
 mod progress;
 
@@ -32,9 +34,6 @@ pub use progress::Progress;
 
 use crate::plan::{FilePlan, Plan, PlanItem};
 use crate::source::{BoxFuture, ObjectMeta, ObjectName, Receive, Source, SourceError, Stopped};
-
-/// Memory is counted in units of this many bytes.
-const UNIT: u64 = 64 << 10;
 
 /// Most bytes of chunks on their way from the requests to the consumer: what a sink that places
 /// bytes costs in memory (with one batch in hand per request).
@@ -170,20 +169,20 @@ pub struct EngineReport {
 
 /// What a request task tells the consumer.
 enum Event {
-    /// The next bytes of a part, in order, and their place in the passage to the consumer.
+    /// The next bytes of a part, in order, their place in the passage to the consumer, and for a
+    /// part before its turn the memory they hold until they reach the sink.
     Chunks {
         part: PartId,
         data: Vec<Bytes>,
         _passage: OwnedSemaphorePermit,
+        memory: Option<OwnedSemaphorePermit>,
     },
     /// Ctrl-C.
     Interrupted,
-    /// A part's read is over: all its bytes were sent, or it failed. An ordered run's part keeps
-    /// its memory permits until its bytes have reached the sink.
+    /// A part's read is over: all its bytes were sent, or it failed.
     End {
         part: PartId,
         result: Result<(), SourceError>,
-        memory: Option<OwnedSemaphorePermit>,
     },
 }
 
@@ -192,10 +191,6 @@ enum Event {
 struct PartId {
     file: usize,
     part: usize,
-}
-
-fn units(bytes: u64) -> u32 {
-    bytes.div_ceil(UNIT).clamp(1, u32::MAX as u64) as u32
 }
 
 /// Body bytes held by the engine, and the most held at once.
@@ -212,6 +207,69 @@ impl Held {
     }
     fn sub(&self, n: u64) {
         self.now.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+/// For a sink that needs plan order: the plan-order number of the part whose turn it is, and a
+/// signal when it moves.
+#[derive(Debug, Default)]
+struct Order {
+    turn: AtomicU64,
+    moved: tokio::sync::Notify,
+}
+
+impl Order {
+    fn turn(&self) -> u64 {
+        self.turn.load(Ordering::Acquire)
+    }
+
+    /// The next part's turn (called by the consumer).
+    fn advance(&self) {
+        self.turn.fetch_add(1, Ordering::Release);
+        self.moved.notify_waiters();
+    }
+}
+
+/// The memory a part before its turn may take for its chunks, and where it is in the order.
+struct Waiting {
+    order: Arc<Order>,
+    /// This part's number in plan order.
+    ordinal: u64,
+    memory: Arc<Semaphore>,
+    /// Bytes of the whole budget: no one chunk asks for more.
+    budget: usize,
+    /// The permits of the chunks held and not yet passed on.
+    held: Option<OwnedSemaphorePermit>,
+}
+
+impl Waiting {
+    fn my_turn(&self) -> bool {
+        self.order.turn() >= self.ordinal
+    }
+
+    /// Takes memory for `n` more bytes unless the part's turn comes first. Returns whether the
+    /// turn has come; an error when the run is over.
+    async fn reserve(&mut self, n: usize) -> Result<bool, Stopped> {
+        let want = n.clamp(1, self.budget).min(u32::MAX as usize) as u32;
+        loop {
+            let moved = self.order.moved.notified();
+            tokio::pin!(moved);
+            moved.as_mut().enable();
+            if self.my_turn() {
+                return Ok(true);
+            }
+            tokio::select! {
+                permit = self.memory.clone().acquire_many_owned(want) => {
+                    let permit = permit.map_err(|_| Stopped)?;
+                    match &mut self.held {
+                        Some(held) => held.merge(permit),
+                        None => self.held = Some(permit),
+                    }
+                    return Ok(false);
+                }
+                () = &mut moved => {}
+            }
+        }
     }
 }
 
@@ -242,8 +300,7 @@ pub async fn run(
     }
     let ordered = sink.ordered();
     let held = Arc::new(Held::default());
-    // For an ordered sink, the plan-order number of the part whose turn it is.
-    let turn = Arc::new(AtomicU64::new(0));
+    let order = Arc::new(Order::default());
     let (tx, rx) = mpsc::unbounded_channel::<Event>();
     let passage = Arc::new(Semaphore::new(PASSAGE_BYTES));
 
@@ -251,9 +308,9 @@ pub async fn run(
     let consumer = {
         let plan = plan.clone();
         let held = held.clone();
-        let turn = turn.clone();
+        let order = order.clone();
         tokio::task::spawn_blocking(move || {
-            Consumer::new(&plan, sink, &held, &turn, &progress).run(rx)
+            Consumer::new(&plan, sink, &held, &order, &progress).run(rx)
         })
     };
     let mut tasks = JoinSet::new();
@@ -271,7 +328,7 @@ pub async fn run(
         &plan,
         objects,
         opts,
-        ordered.then_some(&turn),
+        ordered.then_some(&order),
         &held,
         &passage,
         tx,
@@ -294,36 +351,28 @@ pub async fn run(
     Ok(report)
 }
 
-/// Starts a task for every part, in plan order, as concurrency (and, for an ordered sink, memory)
-/// allows; returns once every part has started or the consumer has gone.
+/// Starts a task for every part, in plan order, as concurrency allows; returns once every part has
+/// started or the consumer has gone.
 #[allow(clippy::too_many_arguments)]
 async fn produce(
     source: &Source,
     plan: &Plan,
     objects: &HashMap<ObjectName, ObjectMeta>,
     opts: EngineOptions,
-    turn: Option<&Arc<AtomicU64>>,
+    order: Option<&Arc<Order>>,
     held: &Arc<Held>,
     passage: &Arc<Semaphore>,
     tx: mpsc::UnboundedSender<Event>,
     tasks: &mut JoinSet<()>,
 ) {
-    let memory = Arc::new(Semaphore::new(units(opts.max_memory) as usize));
+    let budget = opts.max_memory.min(Semaphore::MAX_PERMITS as u64) as usize;
+    let memory = Arc::new(Semaphore::new(budget));
     let in_flight = Arc::new(Semaphore::new(opts.concurrency.max(1)));
     let mut ordinal = 0u64;
     for (fi, f) in plan.files.iter().enumerate() {
         let meta = &objects[&f.name];
         for (pi, p) in f.parts.iter().enumerate() {
             ordinal += 1;
-            let memory = if turn.is_some() {
-                let len = p.range.end - p.range.start;
-                let Ok(permit) = memory.clone().acquire_many_owned(units(len)).await else {
-                    return;
-                };
-                Some(permit)
-            } else {
-                None
-            };
             let Ok(slot) = in_flight.clone().acquire_owned().await else {
                 return;
             };
@@ -347,8 +396,13 @@ async fn produce(
                 refused: None,
                 batch: Vec::new(),
                 batch_bytes: 0,
-                turn: turn.cloned(),
-                ordinal: ordinal - 1,
+                waiting: order.map(|order| Waiting {
+                    order: order.clone(),
+                    ordinal: ordinal - 1,
+                    memory: memory.clone(),
+                    budget,
+                    held: None,
+                }),
             };
             tasks.spawn(async move {
                 let read = source
@@ -374,11 +428,7 @@ async fn produce(
                     }),
                     (Ok(()), None) => Ok(()),
                 };
-                let _ = sender.tx.send(Event::End {
-                    part,
-                    result,
-                    memory,
-                });
+                let _ = sender.tx.send(Event::End { part, result });
             });
         }
     }
@@ -400,11 +450,10 @@ struct PartSender {
     /// Chunks not passed on yet.
     batch: Vec<Bytes>,
     batch_bytes: usize,
-    /// For an ordered sink, the number of the part whose turn it is, and this part's: a part
-    /// before its turn keeps its chunks until its turn or its end (one hand-over, not one per
-    /// batch; they would only wait at the consumer).
-    turn: Option<Arc<AtomicU64>>,
-    ordinal: u64,
+    /// For an ordered sink, the part's place in the order and the memory it holds: a part before
+    /// its turn keeps its chunks until its turn or its end (one hand-over, not one per batch; they
+    /// would only wait at the consumer).
+    waiting: Option<Waiting>,
 }
 
 impl PartSender {
@@ -416,6 +465,7 @@ impl PartSender {
         let bytes = std::mem::take(&mut self.batch_bytes);
         let data = std::mem::take(&mut self.batch);
         let permits = bytes.clamp(1, PASSAGE_BYTES) as u32;
+        let memory = self.waiting.as_mut().and_then(|w| w.held.take());
         let sent = match self.passage.clone().acquire_many_owned(permits).await {
             Ok(passage) => self
                 .tx
@@ -423,6 +473,7 @@ impl PartSender {
                     part: self.part,
                     data,
                     _passage: passage,
+                    memory,
                 })
                 .is_ok(),
             Err(_) => false,
@@ -459,14 +510,17 @@ impl Receive for PartSender {
                 });
                 return Err(Stopped);
             }
+            // Before its turn, a part holds its chunks in memory it must take first: while there
+            // is none, the rest of the body waits in the connection.
+            let my_turn = match &mut self.waiting {
+                None => true,
+                Some(w) if w.my_turn() => true,
+                Some(w) => w.reserve(data.len()).await?,
+            };
             self.left -= n;
             self.held.add(n);
             self.batch_bytes += data.len();
             self.batch.push(data);
-            let my_turn = self
-                .turn
-                .as_ref()
-                .is_none_or(|t| t.load(Ordering::Relaxed) >= self.ordinal);
             if my_turn && self.batch_bytes >= BATCH_BYTES {
                 self.pass_on().await?;
             }
@@ -482,7 +536,8 @@ struct PartState {
     item: usize,
     waiting: VecDeque<Bytes>,
     ended: bool,
-    _memory: Option<OwnedSemaphorePermit>,
+    /// The memory the waiting chunks hold.
+    memory: Option<OwnedSemaphorePermit>,
 }
 
 /// Cuts the chunks of the parts into item pieces for the sink, on a blocking thread.
@@ -498,7 +553,7 @@ struct Consumer<'r> {
     /// For an ordered sink, the part whose turn it is, and its number in plan order (shared with
     /// the requests).
     head: Option<PartId>,
-    turn: &'r AtomicU64,
+    order: &'r Order,
     report: EngineReport,
 }
 
@@ -507,7 +562,7 @@ impl<'r> Consumer<'r> {
         plan: &'r Plan,
         sink: Box<dyn Sink>,
         held: &'r Held,
-        turn: &'r AtomicU64,
+        order: &'r Order,
         progress: &'r Progress,
     ) -> Consumer<'r> {
         let ordered = sink.ordered();
@@ -520,7 +575,7 @@ impl<'r> Consumer<'r> {
             parts: HashMap::new(),
             unfinished: HashMap::new(),
             head: next_part(plan, None),
-            turn,
+            order,
             report: EngineReport::default(),
         }
     }
@@ -529,19 +584,15 @@ impl<'r> Consumer<'r> {
         let result = (|| {
             loop {
                 match rx.blocking_recv() {
-                    Some(Event::Chunks { part, data, .. }) => {
-                        for chunk in data {
-                            self.chunk(part, chunk)?;
-                        }
+                    Some(Event::Chunks {
+                        part, data, memory, ..
+                    }) => {
+                        self.chunks(part, data, memory)?;
                     }
                     Some(Event::Interrupted) => return Err(FetchError::Interrupted),
-                    Some(Event::End {
-                        part,
-                        result,
-                        memory,
-                    }) => {
+                    Some(Event::End { part, result }) => {
                         result?;
-                        self.end(part, memory)?;
+                        self.end(part)?;
                     }
                     None => break,
                 }
@@ -568,20 +619,37 @@ impl<'r> Consumer<'r> {
                 item: file.items.partition_point(|i| i.range.end <= start),
                 waiting: VecDeque::new(),
                 ended: false,
-                _memory: None,
+                memory: None,
             }
         })
     }
 
-    fn chunk(&mut self, id: PartId, data: Bytes) -> Result<(), FetchError> {
+    /// A part's next chunks: cut for the sink if it is the part's turn, else kept (with the memory
+    /// they hold) until it is.
+    fn chunks(
+        &mut self,
+        id: PartId,
+        data: Vec<Bytes>,
+        memory: Option<OwnedSemaphorePermit>,
+    ) -> Result<(), FetchError> {
         if self.ordered && self.head != Some(id) {
-            self.state(id).waiting.push_back(data);
+            let state = self.state(id);
+            state.waiting.extend(data);
+            if let Some(memory) = memory {
+                match &mut state.memory {
+                    Some(held) => held.merge(memory),
+                    None => state.memory = Some(memory),
+                }
+            }
             return Ok(());
         }
-        self.cut(id, data)
+        for chunk in data {
+            self.cut(id, chunk)?;
+        }
+        Ok(())
     }
 
-    fn end(&mut self, id: PartId, memory: Option<OwnedSemaphorePermit>) -> Result<(), FetchError> {
+    fn end(&mut self, id: PartId) -> Result<(), FetchError> {
         let part = &self.plan.files[id.file].parts[id.part];
         self.report.parts += 1;
         self.report.part_bytes += part.range.end - part.range.start;
@@ -589,25 +657,25 @@ impl<'r> Consumer<'r> {
             self.parts.remove(&id);
             return Ok(());
         }
-        let state = self.state(id);
-        state.ended = true;
-        state._memory = memory;
-        // Give the parts whose turn has come what they hold.
+        self.state(id).ended = true;
+        // Give the parts whose turn has come what they hold, and their memory back.
         while let Some(head) = self.head {
             let Some(state) = self.parts.get_mut(&head) else {
                 break;
             };
             let waiting = std::mem::take(&mut state.waiting);
+            let memory = state.memory.take();
             let ended = state.ended;
             for data in waiting {
                 self.cut(head, data)?;
             }
+            drop(memory);
             if !ended {
                 break;
             }
             self.parts.remove(&head);
             self.head = next_part(self.plan, Some(head));
-            self.turn.fetch_add(1, Ordering::Relaxed);
+            self.order.advance();
         }
         Ok(())
     }

@@ -373,7 +373,10 @@ const MIN_WINDOW: Duration = Duration::from_millis(20);
 /// connection falls behind (on loopback the kernel grows the buffers of the connections read
 /// fastest, and two of them took nearly all the bytes while others got a trickle for a quarter of
 /// a second), the later reads stop there instead of running on and holding their bytes in memory
-/// until the late one arrives, and the late one gets the machine to itself.
+/// until the late one arrives, and the late one gets the machine to itself. A read before every
+/// read holding a slot gets one at once, over the limit if need be: a stream's reads before their
+/// turn stop reading (and keep their slots) when its memory is taken, and only the first one in
+/// line can move the stream on.
 #[derive(Debug)]
 struct Ramp {
     stats: Arc<TransferStats>,
@@ -513,7 +516,10 @@ impl Ramp {
                 offset,
                 seq: st.seq,
             };
-            if st.open.len() < st.limit && st.waiting.is_empty() {
+            // The first read in line is never kept waiting: a read before its turn may hold its
+            // slot until its turn (the engine's memory bound), so the reads before it must run.
+            let first = st.open.first_key_value().is_none_or(|(t, _)| turn < *t);
+            if (st.open.len() < st.limit && st.waiting.is_empty()) || first {
                 st.open.insert(turn.clone(), false);
                 return Slot {
                     ramp: Some(self.clone()),
@@ -1552,16 +1558,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_first_read_in_line_never_waits_for_later_ones() {
+        let ramp = Arc::new(Ramp::new(Arc::new(TransferStats::default())));
+        ramp.answered(Duration::from_micros(100));
+        // Later reads ran first and took every slot (a stream's reads before their turn keep
+        // them while its memory is taken).
+        let mut held = Vec::new();
+        for i in 0..FIRST_CONNECTIONS {
+            held.push(ramp.slot("__1_0", 10 + i as u64).await);
+        }
+        assert_eq!(free(&ramp), 0);
+        // A read before all of them starts at once, over the limit...
+        let first = tokio::time::timeout(Duration::from_secs(5), ramp.slot("__0_0", 0))
+            .await
+            .expect("the first read in line got a slot");
+        assert_eq!(ramp.state().open.len(), FIRST_CONNECTIONS + 1);
+        // ...and one after them still waits its turn.
+        let later = {
+            let ramp = ramp.clone();
+            tokio::spawn(async move { ramp.slot("__1_0", 50).await })
+        };
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!later.is_finished());
+        drop(first);
+        drop(held);
+        drop(later.await.unwrap());
+        assert_eq!(free(&ramp), FIRST_CONNECTIONS);
+    }
+
+    #[tokio::test]
     async fn waiting_gets_run_in_the_engines_order_and_abandoned_ones_pass_their_turn() {
         let ramp = Arc::new(Ramp::new(Arc::new(TransferStats::default())));
         ramp.answered(Duration::from_micros(100));
         let mut held = Vec::new();
-        for i in 0..FIRST_CONNECTIONS {
-            held.push(ramp.slot("a", i as u64).await);
-        }
+        held.push(ramp.slot("__0_0", 0).await);
+        held.push(ramp.slot("__99_0", 0).await);
+        assert_eq!(free(&ramp), 0);
         let order = Arc::new(std::sync::Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
-        // Queued in another order than the engine reads them.
+        // Queued in another order than the engine reads them, all after the reads running.
         for (name, offset) in [("__10_0", 0), ("__2_0", 8), ("__2_0", 0), ("__9_0", 4)] {
             let (ramp, order) = (ramp.clone(), order.clone());
             tasks.push(tokio::spawn(async move {
@@ -1573,7 +1610,7 @@ mod tests {
         // One more that is abandoned while it waits (its task aborted).
         let abandoned = {
             let ramp = ramp.clone();
-            tokio::spawn(async move { ramp.slot("__0_0", 0).await })
+            tokio::spawn(async move { ramp.slot("__0_0", 5).await })
         };
         for _ in 0..10 {
             tokio::task::yield_now().await;
