@@ -313,6 +313,7 @@ async fn parts_waiting_for_a_slow_one_stay_within_max_memory() {
         .flat_map(|f| f.parts.iter().map(|p| p.range.clone()))
         .collect();
     assert!(parts.len() > 6, "{} parts", parts.len());
+    s.store.set_holds_back(true);
     let first = &s.plan.files[0];
     s.store.add(
         Rule::new(Fault::Delay(Duration::from_millis(300)))
@@ -333,6 +334,55 @@ async fn parts_waiting_for_a_slow_one_stay_within_max_memory() {
         "{report:?}"
     );
     assert_eq!(report.items, s.plan.items() as u64);
+}
+
+/// From a store whose reads do not hold back (a local folder), a part before its turn starts only
+/// once there is memory for all of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn from_a_local_store_parts_start_only_with_memory_for_all_of_them() {
+    let part_size = 64 << 10;
+    let s = setup(PlanOptions {
+        max_gap: u64::MAX,
+        part_size,
+    })
+    .await;
+    assert!(!s.source.holds_back());
+    let engine = EngineOptions {
+        concurrency: 64,
+        max_memory: 4 * part_size,
+    };
+    let first = &s.plan.files[0];
+    s.store.add(
+        Rule::new(Fault::Delay(Duration::from_millis(300)))
+            .on(Method::ReadRange)
+            .at_offset(first.parts[0].range.start),
+    );
+    let (result, log) = run(&s, engine).await;
+    let report = result.unwrap();
+    assert_eq!(check_writes_in_plan_order(&s.plan, &log), s.plan.items());
+    // Until the slow first part arrived nothing could be released: the parts started by then
+    // were those the budget holds whole, and the next one would not have fitted.
+    let held: Vec<Range<u64>> = log
+        .calls_at_first_write
+        .unwrap()
+        .into_iter()
+        .filter_map(|c| c.range)
+        .collect();
+    let bytes: u64 = held.iter().map(|r| r.end - r.start).sum();
+    assert!(held.len() >= 2, "{held:?}");
+    assert!(bytes <= engine.max_memory, "{bytes} bytes held: {held:?}");
+    let parts: Vec<Range<u64>> = s
+        .plan
+        .files
+        .iter()
+        .flat_map(|f| f.parts.iter().map(|p| p.range.clone()))
+        .collect();
+    let next = &parts[held.len()];
+    assert!(
+        bytes + (next.end - next.start) > engine.max_memory,
+        "{held:?} then {next:?}"
+    );
+    assert!(report.peak_memory <= engine.max_memory, "{report:?}");
 }
 
 /// A body of the wrong length on a part that holds several items: the run fails, and no byte

@@ -113,6 +113,27 @@ fn ls_plan_fetch_and_verify_over_http() {
         let got = stdout(&url);
         assert!(!got.is_empty());
         assert!(got == stdout(&local), "{name}: other bytes on stdout");
+        // Everything in order through a budget of two parts: parts before their turn stop reading
+        // mid-body and keep their connections, and the stream still moves.
+        let small = cmd()
+            .args(["fetch", &url, "-o", "-", "-q", "--concurrency", "16"])
+            .args(["--part-size", "4KiB", "--max-memory", "8KiB"])
+            .timeout(Duration::from_secs(60))
+            .output()
+            .unwrap();
+        assert!(
+            small.status.success(),
+            "{}",
+            String::from_utf8_lossy(&small.stderr)
+        );
+        let whole = cmd()
+            .args(["fetch", &local, "-o", "-", "-q"])
+            .output()
+            .unwrap();
+        assert!(
+            small.stdout == whole.stdout,
+            "{name}: other bytes on stdout"
+        );
         let report = json_of(&["verify", &url, "--json", "-q"]);
         assert_eq!(report["ok"], true, "{report:#}");
     }

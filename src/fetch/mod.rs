@@ -14,7 +14,9 @@
 //! permits for each chunk as it arrives; when `max_memory` is taken it stops reading, so the rest
 //! of its body waits in the connection (the sender is held back) and not in memory, until the
 //! permits come back or its turn comes. The part at the head never waits for memory, so the order
-//! always moves.
+//! always moves. From a store whose reads do not hold back ([`Source::holds_back`]: a local
+//! folder, where a paused read would keep a thread and its buffers), a part instead starts only
+//! once there is memory for all of it, and spends that as its chunks arrive.
 
 mod progress;
 
@@ -238,8 +240,10 @@ struct Waiting {
     memory: Arc<Semaphore>,
     /// Bytes of the whole budget: no one chunk asks for more.
     budget: usize,
-    /// The permits of the chunks held and not yet passed on.
+    /// The permits of the chunks held and not yet passed on, and of the bytes still to come that
+    /// were paid for before the part started.
     held: Option<OwnedSemaphorePermit>,
+    prepaid: usize,
 }
 
 impl Waiting {
@@ -250,6 +254,11 @@ impl Waiting {
     /// Takes memory for `n` more bytes unless the part's turn comes first. Returns whether the
     /// turn has come; an error when the run is over.
     async fn reserve(&mut self, n: usize) -> Result<bool, Stopped> {
+        if self.prepaid >= n {
+            self.prepaid -= n;
+            return Ok(false);
+        }
+        let n = n - std::mem::take(&mut self.prepaid);
         let want = n.clamp(1, self.budget).min(u32::MAX as usize) as u32;
         loop {
             let moved = self.order.moved.notified();
@@ -373,6 +382,22 @@ async fn produce(
         let meta = &objects[&f.name];
         for (pi, p) in f.parts.iter().enumerate() {
             ordinal += 1;
+            // From a store that does not hold back, a part before its turn would hold a reader
+            // and its buffers instead: it starts only once there is memory for all of it.
+            let prepaid = match order {
+                Some(_) if !source.holds_back() => {
+                    let len = (p.range.end - p.range.start).clamp(1, budget as u64) as usize;
+                    let Ok(permit) = memory
+                        .clone()
+                        .acquire_many_owned(len.min(u32::MAX as usize) as u32)
+                        .await
+                    else {
+                        return;
+                    };
+                    Some((permit, len))
+                }
+                _ => None,
+            };
             let Ok(slot) = in_flight.clone().acquire_owned().await else {
                 return;
             };
@@ -401,7 +426,8 @@ async fn produce(
                     ordinal: ordinal - 1,
                     memory: memory.clone(),
                     budget,
-                    held: None,
+                    prepaid: prepaid.as_ref().map_or(0, |p| p.1),
+                    held: prepaid.map(|p| p.0),
                 }),
             };
             tasks.spawn(async move {

@@ -225,6 +225,9 @@ struct State {
 pub struct FaultStore {
     inner: Arc<dyn ObjectStore>,
     state: Mutex<State>,
+    /// Whether to act as a store that holds back ([`ObjectStore::holds_back`]), whatever
+    /// `inner` is.
+    holds_back: std::sync::atomic::AtomicBool,
 }
 
 /// Ends a call's count of calls running, however the call ends.
@@ -243,9 +246,16 @@ impl FaultStore {
     /// Wraps `inner`, with no rules: every call passes through.
     pub fn new(inner: Arc<dyn ObjectStore>) -> FaultStore {
         FaultStore {
+            holds_back: inner.holds_back().into(),
             inner,
             state: Mutex::new(State::default()),
         }
+    }
+
+    /// Acts as a store whose reads hold back (a network store) or not.
+    pub fn set_holds_back(&self, yes: bool) {
+        self.holds_back
+            .store(yes, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Adds a rule after the existing ones.
@@ -370,6 +380,10 @@ impl ObjectStore for FaultStore {
 
     fn stats(&self) -> &Arc<TransferStats> {
         self.inner.stats()
+    }
+
+    fn holds_back(&self) -> bool {
+        self.holds_back.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn stat<'a>(&'a self, name: &'a ObjectName) -> BoxFuture<'a, Result<ObjectMeta, SourceError>> {

@@ -1121,6 +1121,10 @@ impl HttpSource {
 }
 
 impl ObjectStore for HttpSource {
+    fn holds_back(&self) -> bool {
+        true
+    }
+
     fn describe(&self) -> String {
         self.base.to_string()
     }

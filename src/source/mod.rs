@@ -232,6 +232,14 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
     /// The counters every read of this store adds to.
     fn stats(&self) -> &Arc<TransferStats>;
 
+    /// Whether a read that stops taking bytes leaves the rest with the sender (a network
+    /// connection, where a request started early hides its latency), rather than holding a reader
+    /// and its buffers here (a local file, read as fast as it is asked). For an ordered sink the
+    /// engine starts later parts before there is memory for them only on such a store.
+    fn holds_back(&self) -> bool {
+        false
+    }
+
     /// Size and version of an object.
     fn stat<'a>(&'a self, name: &'a ObjectName) -> BoxFuture<'a, Result<ObjectMeta, SourceError>>;
 
@@ -307,6 +315,11 @@ impl Receive for Vec<Bytes> {
 pub struct Source(Arc<dyn ObjectStore>);
 
 impl Source {
+    /// See [`ObjectStore::holds_back`].
+    pub fn holds_back(&self) -> bool {
+        self.0.holds_back()
+    }
+
     /// A handle on any store (a test double, another backend).
     pub fn new(store: Arc<dyn ObjectStore>) -> Source {
         Source(store)

@@ -487,6 +487,10 @@ impl S3Source {
 }
 
 impl ObjectStore for S3Source {
+    fn holds_back(&self) -> bool {
+        true
+    }
+
     fn describe(&self) -> String {
         if self.prefix.is_empty() {
             format!("s3://{}", self.bucket)
