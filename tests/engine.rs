@@ -238,10 +238,15 @@ async fn a_failed_part_fails_the_run_naming_the_file_and_range() {
     assert!(file.parts.len() >= 3, "{:?}", file.parts);
     let failed = file.parts[file.parts.len() / 2].range.clone();
     s.store.add(
-        Rule::new(Fault::fail(|call| SourceError::Exhausted {
-            what: call.to_string(),
-            attempts: 10,
-            last: "HTTP 503 (injected)".into(),
+        Rule::new(Fault::fail(|call| {
+            // Late, as a request that gives up after its retries is: the parts before it have
+            // reached the sink by then (else a loaded machine could fail the run first).
+            std::thread::sleep(Duration::from_millis(150));
+            SourceError::Exhausted {
+                what: call.to_string(),
+                attempts: 10,
+                last: "HTTP 503 (injected)".into(),
+            }
         }))
         .on(Method::ReadRange)
         .on_name(file.name.as_str())
@@ -292,16 +297,18 @@ async fn parts_completing_out_of_order_reach_the_sink_in_plan_order() {
     assert!(s.store.max_concurrent(Method::ReadRange) > 2);
 }
 
-/// Parts before their turn start at once, take memory for their chunks as they arrive, and stop
-/// reading when `max_memory` is taken: a slow first part holds the stream back, not the requests.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn parts_waiting_for_a_slow_one_stay_within_max_memory() {
+/// A stream of 64 KiB parts through a budget of four, from a store that holds back or not, whose
+/// first part comes 300 ms late: every part of the plan, the budget, the run's report and log
+/// (the writes checked to be in plan order).
+async fn slow_first_part(holds_back: bool) -> (Vec<Range<u64>>, EngineOptions, EngineReport, Log) {
     let part_size = 64 << 10;
     let s = setup(PlanOptions {
         max_gap: u64::MAX,
         part_size,
     })
     .await;
+    s.store.set_holds_back(holds_back);
+    assert_eq!(s.source.holds_back(), holds_back);
     let engine = EngineOptions {
         concurrency: 64,
         max_memory: 4 * part_size,
@@ -313,53 +320,41 @@ async fn parts_waiting_for_a_slow_one_stay_within_max_memory() {
         .flat_map(|f| f.parts.iter().map(|p| p.range.clone()))
         .collect();
     assert!(parts.len() > 6, "{} parts", parts.len());
-    s.store.set_holds_back(true);
-    let first = &s.plan.files[0];
     s.store.add(
         Rule::new(Fault::Delay(Duration::from_millis(300)))
             .on(Method::ReadRange)
-            .at_offset(first.parts[0].range.start),
+            .at_offset(parts[0].start),
     );
     let (result, log) = run(&s, engine).await;
     let report = result.unwrap();
     assert_eq!(check_writes_in_plan_order(&s.plan, &log), s.plan.items());
+    assert_eq!(report.items, s.plan.items() as u64);
+    (parts, engine, report, log)
+}
+
+/// Parts before their turn start at once, take memory for their chunks as they arrive, and stop
+/// reading when `max_memory` is taken: a slow first part holds the stream back, not the requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parts_waiting_for_a_slow_one_stay_within_max_memory() {
+    let (parts, engine, report, log) = slow_first_part(true).await;
     // Every part had started while the first was on its way: the memory bound no longer holds
     // requests back...
     let started = log.calls_at_first_write.unwrap().len();
     assert_eq!(started, parts.len().min(64), "{started} reads had started");
     // ...but the bytes: what waited for the first part is at most the budget (the part at the
     // head holds at most its own bytes on top, on their way to the sink).
+    let part_size = parts[0].end - parts[0].start;
     assert!(
         report.peak_memory <= engine.max_memory + part_size,
         "{report:?}"
     );
-    assert_eq!(report.items, s.plan.items() as u64);
 }
 
 /// From a store whose reads do not hold back (a local folder), a part before its turn starts only
 /// once there is memory for all of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn from_a_local_store_parts_start_only_with_memory_for_all_of_them() {
-    let part_size = 64 << 10;
-    let s = setup(PlanOptions {
-        max_gap: u64::MAX,
-        part_size,
-    })
-    .await;
-    assert!(!s.source.holds_back());
-    let engine = EngineOptions {
-        concurrency: 64,
-        max_memory: 4 * part_size,
-    };
-    let first = &s.plan.files[0];
-    s.store.add(
-        Rule::new(Fault::Delay(Duration::from_millis(300)))
-            .on(Method::ReadRange)
-            .at_offset(first.parts[0].range.start),
-    );
-    let (result, log) = run(&s, engine).await;
-    let report = result.unwrap();
-    assert_eq!(check_writes_in_plan_order(&s.plan, &log), s.plan.items());
+    let (parts, engine, report, log) = slow_first_part(false).await;
     // Until the slow first part arrived nothing could be released: the parts started by then
     // were those the budget holds whole, and the next one would not have fitted.
     let held: Vec<Range<u64>> = log
@@ -371,12 +366,6 @@ async fn from_a_local_store_parts_start_only_with_memory_for_all_of_them() {
     let bytes: u64 = held.iter().map(|r| r.end - r.start).sum();
     assert!(held.len() >= 2, "{held:?}");
     assert!(bytes <= engine.max_memory, "{bytes} bytes held: {held:?}");
-    let parts: Vec<Range<u64>> = s
-        .plan
-        .files
-        .iter()
-        .flat_map(|f| f.parts.iter().map(|p| p.range.clone()))
-        .collect();
     let next = &parts[held.len()];
     assert!(
         bytes + (next.end - next.start) > engine.max_memory,
