@@ -155,6 +155,49 @@ fn a_reset_mid_body_resumes_from_the_last_byte() {
     assert!(resumed_from(&s, 5000), "{:?}", s.server.stats().get_log);
 }
 
+/// A stream through a budget of two 4 KiB parts, with resets mid-body: reads before their turn
+/// stop mid-body (their bytes wait in the connection), reads are resumed, and the stream is the
+/// fixture's, byte for byte and in order.
+#[test]
+fn a_stream_through_a_small_budget_survives_resets() {
+    let s = serve("model");
+    s.server.add_fault(
+        FaultRule::new(Fault::ResetAfter(1000))
+            .on_key(".distcp")
+            .on_method("GET")
+            .times(6),
+    );
+    let stream = dcpfetch()
+        .args([
+            "fetch",
+            "s3://ckpt/model",
+            "--endpoint-url",
+            &s.server.endpoint(),
+        ])
+        .args(["--path-style", "-o", "-", "-q", "--concurrency", "16"])
+        .args(["--part-size", "4KiB", "--max-memory", "8KiB"])
+        .timeout(Duration::from_secs(60))
+        .output()
+        .unwrap();
+    assert!(
+        stream.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stream.stderr)
+    );
+    let local = dcpfetch()
+        .arg("fetch")
+        .arg(fixture("model"))
+        .args(["-o", "-", "-q"])
+        .output()
+        .unwrap();
+    assert!(stream.stdout == local.stdout, "other bytes on stdout");
+    assert!(
+        s.server.faults().iter().all(|r| r.times == 0),
+        "{:?}",
+        s.server.faults()
+    );
+}
+
 #[test]
 fn a_short_body_resumes_from_the_last_byte() {
     let s = serve("model");

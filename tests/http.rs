@@ -851,6 +851,35 @@ fn the_cli_fetches_through_faults() {
         "{:?}",
         server.faults()
     );
+    // A stream through a budget of two 4 KiB parts, with resets mid-body: reads before their
+    // turn stop mid-body, reads are resumed, and the bytes still come out whole and in order.
+    server.add_fault(
+        FaultRule::new(Fault::ResetAfter(1000))
+            .on_method("GET")
+            .times(6),
+    );
+    let small = cmd()
+        .args(["fetch", &url, "-o", "-", "-q", "--concurrency", "16"])
+        .args(["--part-size", "4KiB", "--max-memory", "8KiB"])
+        .timeout(Duration::from_secs(60))
+        .output()
+        .unwrap();
+    assert!(
+        small.status.success(),
+        "{}",
+        String::from_utf8_lossy(&small.stderr)
+    );
+    let local = fixture("model").display().to_string();
+    let whole = cmd()
+        .args(["fetch", &local, "-o", "-", "-q"])
+        .output()
+        .unwrap();
+    assert!(small.stdout == whole.stdout, "other bytes on stdout");
+    assert!(
+        server.faults().iter().all(|r| r.times == 0),
+        "{:?}",
+        server.faults()
+    );
 }
 
 /// The S3 source's own transport over HTTPS: nginx serves the repository, so a path-style GET of
