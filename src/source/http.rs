@@ -374,9 +374,10 @@ const MIN_WINDOW: Duration = Duration::from_millis(20);
 /// fastest, and two of them took nearly all the bytes while others got a trickle for a quarter of
 /// a second), the later reads stop there instead of running on and holding their bytes in memory
 /// until the late one arrives, and the late one gets the machine to itself. A read before every
-/// read holding a slot gets one at once, over the limit if need be: a stream's reads before their
-/// turn stop reading (and keep their slots) when its memory is taken, and only the first one in
-/// line can move the stream on.
+/// read holding a slot gets one, over the limit if need be, when it asks or as soon as the reads
+/// before it leave (even after the limit fell): a stream's reads before their turn stop reading
+/// (and keep their slots) when its memory is taken, and only the first one in line can move the
+/// stream on.
 #[derive(Debug)]
 struct Ramp {
     stats: Arc<TransferStats>,
@@ -518,8 +519,8 @@ impl Ramp {
             };
             // The first read in line is never kept waiting: a read before its turn may hold its
             // slot until its turn (the engine's memory bound), so the reads before it must run.
-            let first = st.open.first_key_value().is_none_or(|(t, _)| turn < *t);
-            if (st.open.len() < st.limit && st.waiting.is_empty()) || first {
+            if (st.open.len() < st.limit && st.waiting.is_empty()) || before_every_open(&st, &turn)
+            {
                 st.open.insert(turn.clone(), false);
                 return Slot {
                     ramp: Some(self.clone()),
@@ -544,7 +545,13 @@ impl Ramp {
 
     /// Gives the free slots to the first reads in line that still wait.
     fn hand_out(self: &Arc<Self>, st: &mut RampState) {
-        while st.open.len() < st.limit {
+        loop {
+            let Some((first, _)) = st.waiting.first_key_value() else {
+                return;
+            };
+            if st.open.len() >= st.limit && !before_every_open(st, first) {
+                return;
+            }
             let Some((turn, tx)) = st.waiting.pop_first() else {
                 return;
             };
@@ -596,6 +603,11 @@ impl Ramp {
         st.settled = settled;
         self.set(&mut st, limit);
     }
+}
+
+/// Whether a read comes before every read holding a slot: then it gets one whatever the limit.
+fn before_every_open(st: &RampState, turn: &Turn) -> bool {
+    st.open.first_key_value().is_none_or(|(t, _)| turn < t)
 }
 
 /// Marks a read done, and lets the first reads that are done leave.
@@ -1590,6 +1602,40 @@ mod tests {
         drop(held);
         drop(later.await.unwrap());
         assert_eq!(free(&ramp), FIRST_CONNECTIONS);
+    }
+
+    #[tokio::test]
+    async fn the_first_read_in_line_gets_a_slot_when_the_reads_before_it_leave_whatever_the_limit()
+    {
+        let ramp = Arc::new(Ramp::new(Arc::new(TransferStats::default())));
+        ramp.answered(Duration::from_micros(100));
+        let head = ramp.slot("__0_0", 0).await;
+        let paused = ramp.slot("__0_0", 20).await;
+        // The limit falls to 1 (doubling did not pay) while two reads hold slots.
+        {
+            let mut st = ramp.state();
+            ramp.set(&mut st, 1);
+        }
+        // The next read in line comes after the head, so it waits...
+        let next = {
+            let ramp = ramp.clone();
+            tokio::spawn(async move { ramp.slot("__0_0", 10).await })
+        };
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!next.is_finished());
+        // ...until the head is done: then it is before every read holding a slot (the paused one
+        // waits for it), and gets one over the limit.
+        drop(head);
+        let next = tokio::time::timeout(Duration::from_secs(5), next)
+            .await
+            .expect("the first read in line got a slot")
+            .unwrap();
+        assert_eq!(ramp.state().open.len(), 2);
+        drop(next);
+        drop(paused);
+        assert_eq!(free(&ramp), 1);
     }
 
     #[tokio::test]
