@@ -167,30 +167,17 @@ fn a_stream_through_a_small_budget_survives_resets() {
             .on_method("GET")
             .times(6),
     );
-    let stream = dcpfetch()
-        .args([
-            "fetch",
-            "s3://ckpt/model",
-            "--endpoint-url",
-            &s.server.endpoint(),
-        ])
-        .args(["--path-style", "-o", "-", "-q", "--concurrency", "16"])
-        .args(["--part-size", "4KiB", "--max-memory", "8KiB"])
-        .timeout(Duration::from_secs(60))
-        .output()
-        .unwrap();
+    let stream = common::stream_through_two_small_parts(dcpfetch().args([
+        "fetch",
+        "s3://ckpt/model",
+        "--endpoint-url",
+        &s.server.endpoint(),
+        "--path-style",
+    ]));
     assert!(
-        stream.status.success(),
-        "{}",
-        String::from_utf8_lossy(&stream.stderr)
+        stream == common::local_stream("model"),
+        "other bytes on stdout"
     );
-    let local = dcpfetch()
-        .arg("fetch")
-        .arg(fixture("model"))
-        .args(["-o", "-", "-q"])
-        .output()
-        .unwrap();
-    assert!(stream.stdout == local.stdout, "other bytes on stdout");
     assert!(
         s.server.faults().iter().all(|r| r.times == 0),
         "{:?}",

@@ -115,23 +115,9 @@ fn ls_plan_fetch_and_verify_over_http() {
         assert!(got == stdout(&local), "{name}: other bytes on stdout");
         // Everything in order through a budget of two parts: parts before their turn stop reading
         // mid-body and keep their connections, and the stream still moves.
-        let small = cmd()
-            .args(["fetch", &url, "-o", "-", "-q", "--concurrency", "16"])
-            .args(["--part-size", "4KiB", "--max-memory", "8KiB"])
-            .timeout(Duration::from_secs(60))
-            .output()
-            .unwrap();
+        let small = common::stream_through_two_small_parts(cmd().args(["fetch", &url]));
         assert!(
-            small.status.success(),
-            "{}",
-            String::from_utf8_lossy(&small.stderr)
-        );
-        let whole = cmd()
-            .args(["fetch", &local, "-o", "-", "-q"])
-            .output()
-            .unwrap();
-        assert!(
-            small.stdout == whole.stdout,
+            small == common::local_stream(name),
             "{name}: other bytes on stdout"
         );
         let report = json_of(&["verify", &url, "--json", "-q"]);
@@ -858,23 +844,11 @@ fn the_cli_fetches_through_faults() {
             .on_method("GET")
             .times(6),
     );
-    let small = cmd()
-        .args(["fetch", &url, "-o", "-", "-q", "--concurrency", "16"])
-        .args(["--part-size", "4KiB", "--max-memory", "8KiB"])
-        .timeout(Duration::from_secs(60))
-        .output()
-        .unwrap();
+    let small = common::stream_through_two_small_parts(cmd().args(["fetch", &url]));
     assert!(
-        small.status.success(),
-        "{}",
-        String::from_utf8_lossy(&small.stderr)
+        small == common::local_stream("model"),
+        "other bytes on stdout"
     );
-    let local = fixture("model").display().to_string();
-    let whole = cmd()
-        .args(["fetch", &local, "-o", "-", "-q"])
-        .output()
-        .unwrap();
-    assert!(small.stdout == whole.stdout, "other bytes on stdout");
     assert!(
         server.faults().iter().all(|r| r.times == 0),
         "{:?}",

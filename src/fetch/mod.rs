@@ -258,8 +258,7 @@ impl Waiting {
             self.prepaid -= n;
             return Ok(false);
         }
-        let n = n - std::mem::take(&mut self.prepaid);
-        let want = n.clamp(1, self.budget).min(u32::MAX as usize) as u32;
+        let want = permits((n - std::mem::take(&mut self.prepaid)) as u64, self.budget);
         loop {
             let moved = self.order.moved.notified();
             tokio::pin!(moved);
@@ -269,16 +268,26 @@ impl Waiting {
             }
             tokio::select! {
                 permit = self.memory.clone().acquire_many_owned(want) => {
-                    let permit = permit.map_err(|_| Stopped)?;
-                    match &mut self.held {
-                        Some(held) => held.merge(permit),
-                        None => self.held = Some(permit),
-                    }
+                    keep(&mut self.held, permit.map_err(|_| Stopped)?);
                     return Ok(false);
                 }
                 () = &mut moved => {}
             }
         }
+    }
+}
+
+/// The memory permits for `bytes`: at least one, and no more than the whole budget (which could
+/// never be granted) or one acquisition can take.
+fn permits(bytes: u64, budget: usize) -> u32 {
+    bytes.clamp(1, budget as u64).min(u32::MAX as u64) as u32
+}
+
+/// Adds `permit` to the permits held in `held`.
+fn keep(held: &mut Option<OwnedSemaphorePermit>, permit: OwnedSemaphorePermit) {
+    match held {
+        Some(held) => held.merge(permit),
+        None => *held = Some(permit),
     }
 }
 
@@ -377,26 +386,22 @@ async fn produce(
     let budget = opts.max_memory.min(Semaphore::MAX_PERMITS as u64) as usize;
     let memory = Arc::new(Semaphore::new(budget));
     let in_flight = Arc::new(Semaphore::new(opts.concurrency.max(1)));
+    // From a store that does not hold back, a part before its turn would hold a reader and its
+    // buffers instead: it starts only once there is memory for all of it.
+    let prepay = order.is_some() && !source.holds_back();
     let mut ordinal = 0u64;
     for (fi, f) in plan.files.iter().enumerate() {
         let meta = &objects[&f.name];
         for (pi, p) in f.parts.iter().enumerate() {
             ordinal += 1;
-            // From a store that does not hold back, a part before its turn would hold a reader
-            // and its buffers instead: it starts only once there is memory for all of it.
-            let prepaid = match order {
-                Some(_) if !source.holds_back() => {
-                    let len = (p.range.end - p.range.start).clamp(1, budget as u64) as usize;
-                    let Ok(permit) = memory
-                        .clone()
-                        .acquire_many_owned(len.min(u32::MAX as usize) as u32)
-                        .await
-                    else {
-                        return;
-                    };
-                    Some((permit, len))
-                }
-                _ => None,
+            let prepaid = if prepay {
+                let n = permits(p.range.end - p.range.start, budget);
+                let Ok(permit) = memory.clone().acquire_many_owned(n).await else {
+                    return;
+                };
+                Some((permit, n as usize))
+            } else {
+                None
             };
             let Ok(slot) = in_flight.clone().acquire_owned().await else {
                 return;
@@ -662,10 +667,7 @@ impl<'r> Consumer<'r> {
             let state = self.state(id);
             state.waiting.extend(data);
             if let Some(memory) = memory {
-                match &mut state.memory {
-                    Some(held) => held.merge(memory),
-                    None => state.memory = Some(memory),
-                }
+                keep(&mut state.memory, memory);
             }
             return Ok(());
         }

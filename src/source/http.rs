@@ -1470,6 +1470,30 @@ mod tests {
         );
     }
 
+    /// A ramp whose server answered in 100 us (near: it climbs step by step).
+    fn near_ramp() -> Arc<Ramp> {
+        let ramp = Arc::new(Ramp::new(Arc::new(TransferStats::default())));
+        ramp.answered(Duration::from_micros(100));
+        ramp
+    }
+
+    /// A read of `name` from `offset` that asks for a slot, checked to be still waiting for it.
+    async fn still_waiting(
+        ramp: &Arc<Ramp>,
+        name: &'static str,
+        offset: u64,
+    ) -> tokio::task::JoinHandle<Slot> {
+        let read = {
+            let ramp = ramp.clone();
+            tokio::spawn(async move { ramp.slot(name, offset).await })
+        };
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!read.is_finished(), "{name}@{offset} got a slot");
+        read
+    }
+
     fn free(ramp: &Arc<Ramp>) -> usize {
         let st = ramp.state();
         st.limit.saturating_sub(st.open.len())
@@ -1521,8 +1545,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_ramp_steps_back_as_reads_leave() {
-        let ramp = Arc::new(Ramp::new(Arc::new(TransferStats::default())));
-        ramp.answered(Duration::from_micros(100));
+        let ramp = near_ramp();
         let mut held = Vec::new();
         for i in 0..FIRST_CONNECTIONS {
             held.push(ramp.slot("f", i as u64).await);
@@ -1547,8 +1570,7 @@ mod tests {
 
     #[tokio::test]
     async fn no_read_starts_more_than_the_limit_after_the_oldest_one_arriving() {
-        let ramp = Arc::new(Ramp::new(Arc::new(TransferStats::default())));
-        ramp.answered(Duration::from_micros(100));
+        let ramp = near_ramp();
         let mut held = std::collections::VecDeque::new();
         for i in 0..FIRST_CONNECTIONS {
             held.push_back(ramp.slot("f", i as u64).await);
@@ -1575,8 +1597,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_first_read_in_line_never_waits_for_later_ones() {
-        let ramp = Arc::new(Ramp::new(Arc::new(TransferStats::default())));
-        ramp.answered(Duration::from_micros(100));
+        let ramp = near_ramp();
         // Later reads ran first and took every slot (a stream's reads before their turn keep
         // them while its memory is taken).
         let mut held = Vec::new();
@@ -1590,14 +1611,7 @@ mod tests {
             .expect("the first read in line got a slot");
         assert_eq!(ramp.state().open.len(), FIRST_CONNECTIONS + 1);
         // ...and one after them still waits its turn.
-        let later = {
-            let ramp = ramp.clone();
-            tokio::spawn(async move { ramp.slot("__1_0", 50).await })
-        };
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
-        assert!(!later.is_finished());
+        let later = still_waiting(&ramp, "__1_0", 50).await;
         drop(first);
         drop(held);
         drop(later.await.unwrap());
@@ -1607,8 +1621,7 @@ mod tests {
     #[tokio::test]
     async fn the_first_read_in_line_gets_a_slot_when_the_reads_before_it_leave_whatever_the_limit()
     {
-        let ramp = Arc::new(Ramp::new(Arc::new(TransferStats::default())));
-        ramp.answered(Duration::from_micros(100));
+        let ramp = near_ramp();
         let head = ramp.slot("__0_0", 0).await;
         let paused = ramp.slot("__0_0", 20).await;
         // The limit falls to 1 (doubling did not pay) while two reads hold slots.
@@ -1617,14 +1630,7 @@ mod tests {
             ramp.set(&mut st, 1);
         }
         // The next read in line comes after the head, so it waits...
-        let next = {
-            let ramp = ramp.clone();
-            tokio::spawn(async move { ramp.slot("__0_0", 10).await })
-        };
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
-        assert!(!next.is_finished());
+        let next = still_waiting(&ramp, "__0_0", 10).await;
         // ...until the head is done: then it is before every read holding a slot (the paused one
         // waits for it), and gets one over the limit.
         drop(head);
@@ -1640,8 +1646,7 @@ mod tests {
 
     #[tokio::test]
     async fn waiting_gets_run_in_the_engines_order_and_abandoned_ones_pass_their_turn() {
-        let ramp = Arc::new(Ramp::new(Arc::new(TransferStats::default())));
-        ramp.answered(Duration::from_micros(100));
+        let ramp = near_ramp();
         let mut held = Vec::new();
         held.push(ramp.slot("__0_0", 0).await);
         held.push(ramp.slot("__99_0", 0).await);

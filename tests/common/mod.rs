@@ -76,6 +76,40 @@ impl Backend {
 }
 
 /// The `dcpfetch` binary with a clean AWS environment (dummy credentials, no instance metadata).
+/// Runs `fetch` (given its checkpoint and source options) to stdout, everything in order through a
+/// budget of two 4 KiB parts with 16 requests allowed, so that parts before their turn stop
+/// reading mid-body; checks that it succeeded (within a minute) and gives its stdout.
+pub fn stream_through_two_small_parts(fetch: &mut assert_cmd::Command) -> Vec<u8> {
+    let out = fetch
+        .args(["-o", "-", "-q", "--concurrency", "16"])
+        .args(["--part-size", "4KiB", "--max-memory", "8KiB"])
+        .timeout(Duration::from_secs(60))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// Everything of fixture `name`, streamed in order from its folder.
+pub fn local_stream(name: &str) -> Vec<u8> {
+    let out = dcpfetch()
+        .arg("fetch")
+        .arg(fixture(name))
+        .args(["-o", "-", "-q"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 pub fn dcpfetch() -> assert_cmd::Command {
     assert_cmd::Command::from_std(clean_dcpfetch())
 }
