@@ -99,16 +99,7 @@ fn ls_plan_fetch_and_verify_over_http() {
         assert_same_files(name, &dir);
         // A selection to stdout: the bytes fetched from the folder.
         let stdout = |loc: &str| {
-            let out = cmd()
-                .args(["fetch", loc, "-o", "-", "-q", "-s", select])
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            out.stdout
+            common::stdout_of(cmd().args(["fetch", loc, "-o", "-", "-q", "-s", select]))
         };
         let got = stdout(&url);
         assert!(!got.is_empty());

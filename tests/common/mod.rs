@@ -80,28 +80,27 @@ impl Backend {
 /// budget of two 4 KiB parts with 16 requests allowed, so that parts before their turn stop
 /// reading mid-body; checks that it succeeded (within a minute) and gives its stdout.
 pub fn stream_through_two_small_parts(fetch: &mut assert_cmd::Command) -> Vec<u8> {
-    let out = fetch
-        .args(["-o", "-", "-q", "--concurrency", "16"])
-        .args(["--part-size", "4KiB", "--max-memory", "8KiB"])
-        .timeout(Duration::from_secs(60))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
+    stdout_of(
+        fetch
+            .args(["-o", "-", "-q", "--concurrency", "16"])
+            .args(["--part-size", "4KiB", "--max-memory", "8KiB"])
+            .timeout(Duration::from_secs(60)),
+    )
 }
 
 /// Everything of fixture `name`, streamed in order from its folder.
 pub fn local_stream(name: &str) -> Vec<u8> {
-    let out = dcpfetch()
-        .arg("fetch")
-        .arg(fixture(name))
-        .args(["-o", "-", "-q"])
-        .output()
-        .unwrap();
+    stdout_of(
+        dcpfetch()
+            .arg("fetch")
+            .arg(fixture(name))
+            .args(["-o", "-", "-q"]),
+    )
+}
+
+/// Runs a command that must succeed (its stderr shown if not) and gives its stdout.
+pub fn stdout_of(c: &mut assert_cmd::Command) -> Vec<u8> {
+    let out = c.output().unwrap();
     assert!(
         out.status.success(),
         "{}",
