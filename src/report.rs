@@ -72,13 +72,11 @@ fn hint(e: &anyhow::Error) -> Option<String> {
     for c in e.chain() {
         if let Some(s) = c.downcast_ref::<SourceError>() {
             match s {
-                // An HTTP source's refusal carries its own hint (a token, a presigned URL).
-                SourceError::AccessDenied { location, .. }
-                    if location.starts_with("http://") || location.starts_with("https://") =>
-                {
-                    return None;
-                }
-                SourceError::AccessDenied { .. } => {
+                // A store that knows the likely fix (HTTP: a token, a presigned URL) says it.
+                SourceError::AccessDenied {
+                    hint: Some(hint), ..
+                } => return Some((*hint).into()),
+                SourceError::AccessDenied { hint: None, .. } => {
                     return Some(
                         "check the credentials (AWS_PROFILE or --profile, AWS_ACCESS_KEY_ID) and the bucket policy; \
                          for a public bucket pass --no-sign-request"
@@ -219,5 +217,24 @@ mod tests {
         let pipe = anyhow::Error::new(std::io::Error::from(std::io::ErrorKind::BrokenPipe))
             .context("writing to stdout");
         assert!(is_broken_pipe(&pipe));
+    }
+
+    #[test]
+    fn a_refusal_gets_the_stores_own_hint_or_the_credentials_one() {
+        let refused = |hint| {
+            anyhow::Error::new(SourceError::AccessDenied {
+                location: "somewhere".into(),
+                name: ".metadata".into(),
+                detail: "HTTP 403".into(),
+                hint,
+            })
+            .context("cannot read the metadata")
+        };
+        assert_eq!(
+            hint(&refused(Some("check the token"))).as_deref(),
+            Some("check the token")
+        );
+        let aws = hint(&refused(None)).unwrap();
+        assert!(aws.contains("AWS_PROFILE"), "{aws}");
     }
 }

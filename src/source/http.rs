@@ -932,19 +932,20 @@ impl HttpSource {
             }),
             401 | 403 => {
                 let hint = if self.listed(name).is_some() {
-                    "hint: the server refused the file's URL in --url-list; a presigned URL may \
-                     have expired (make the list again)"
+                    "the server refused the file's URL in --url-list; a presigned URL may have \
+                     expired (make the list again)"
                 } else if self.headers.is_empty() {
-                    "hint: pass --header 'Authorization: Bearer TOKEN' (or set \
+                    "pass --header 'Authorization: Bearer TOKEN' (or set \
                      DCPFETCH_HTTP_BEARER_TOKEN) if the server needs a token, or --url-list FILE \
                      if each file has a presigned URL of its own"
                 } else {
-                    "hint: the server refused the headers given; check the token"
+                    "the server refused the headers given; check the token"
                 };
                 Failure::Fatal(SourceError::AccessDenied {
                     location: self.describe(),
                     name: what,
-                    detail: format!("{detail}\n{hint}"),
+                    detail,
+                    hint: Some(hint),
                 })
             }
             412 => Failure::Fatal(SourceError::Changed {

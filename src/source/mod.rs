@@ -146,6 +146,9 @@ pub enum SourceError {
         location: String,
         name: String,
         detail: String,
+        /// The fix this kind of store suggests (a token, a presigned URL), printed as the
+        /// error's hint; without one the hint is about AWS credentials.
+        hint: Option<&'static str>,
     },
     #[error("{name} changed while it was read (was {expected}, now {found})")]
     Changed {

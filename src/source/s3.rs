@@ -262,6 +262,7 @@ impl S3Source {
                         location: self.describe(),
                         name: what,
                         detail,
+                        hint: None,
                     }),
                     412 => Failure::Fatal(SourceError::Changed {
                         name: what,

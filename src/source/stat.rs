@@ -154,6 +154,7 @@ mod tests {
                 location: "test".into(),
                 name: "list".into(),
                 detail: "injected".into(),
+                hint: None,
             }))
             .on(Method::List),
         );
