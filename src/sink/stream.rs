@@ -67,7 +67,7 @@ pub struct StreamSink {
 
 /// Write the gathered pieces once they hold this many bytes, or this many pieces. Small enough that
 /// the received buffers are written and freed while still in the CPU's cache and reused for the
-/// next bytes: at 4 MiB every byte was received into memory the cache had lost, and a stream of
+/// next bytes: at 4 MiB most bytes were received into memory the cache had lost, and a stream of
 /// everything from nginx on loopback took 1.1x the time and 1.2x the CPU (docs/performance.md
 /// "Gathering less for stdout").
 const GATHER_BYTES: usize = 256 << 10;
