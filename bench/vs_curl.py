@@ -30,6 +30,11 @@ table gives median wall times, the median of the pairwise ratios curl_time / dcp
 relative to curl, 1.0 = as fast), CPU seconds (curl: all its processes), and peak RSS (dcpfetch:
 the process; curl: the largest of its processes, and their sum).
 
+For the stream sink a third command, C = "curl in order", runs after A and B in every round: one
+curl process fetching every group of the plan in plan order over one connection, the same ordered
+bytes `-o -` writes, made the way curl can make them (parallel curls write four outputs, not one
+stream in order). Its columns are its median time and the median of C_time / dcpfetch_time.
+
 `--memory-sweep`: only everything, `-o -` with `--max-memory` 16 MiB to 1 GiB and `-o DIR` at the
 default, peak RSS against the budget (median of `--runs`).
 """
@@ -263,6 +268,23 @@ def curl_commands(server, plan, out_dir):
     return cmds
 
 
+def curl_in_order(server, plan):
+    """One curl argv fetching every range group of dcpfetch's plan in plan order (files in order,
+    groups by offset) over one connection: the ordered stream `dcpfetch -o -` writes, made the way
+    curl can make it (curl's parallel mode does not keep the order of one output)."""
+    cmd = server.curl()
+    for f in plan["files"]:
+        url = server.file_url(f["file"])
+        for g in f["range_groups"]:
+            if len(cmd) > len(server.curl()):
+                cmd.append("--next")
+                cmd += server.curl()[1:]
+            if not (len(f["range_groups"]) == 1 and g["start"] == 0 and g["end"] == f["size"]):
+                cmd += ["-r", f"{g['start']}-{g['end'] - 1}"]
+            cmd += [url, "-o", "/dev/null"]
+    return cmd
+
+
 def dcpfetch_command(dcpfetch, server, select, output, extra):
     args = [dcpfetch, "fetch", *server.dcpfetch_args(), "-o", output, "-q", *extra]
     if select:
@@ -279,9 +301,10 @@ def fresh(path):
 def compare(a, server, tmp):
     out_a, out_b = os.path.join(tmp, "out-dcpfetch"), os.path.join(tmp, "out-curl")
     print(f"\n### {server.label}, {a.runs} pairs\n")
-    print("| selection | sink | MB needed | dcpfetch s | curl s | speed vs curl | dcpfetch CPU s | curl CPU s "
-          "| dcpfetch peak RSS MiB | curl peak RSS MiB (max / sum) |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| selection | sink | MB needed | dcpfetch s | curl s | speed vs curl | curl in order s "
+          "| speed vs curl in order | dcpfetch CPU s | curl CPU s | dcpfetch peak RSS MiB "
+          "| curl peak RSS MiB (max / sum) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for label, select in SELECTIONS:
         plan = plan_of(a.dcpfetch, server, select)
         mb = plan["totals"]["bytes_needed"] / 1e6
@@ -295,16 +318,22 @@ def compare(a, server, tmp):
             def run_b():
                 return measure(curl_commands(server, plan, fresh(out_b) if sink == "dir" else None))
 
+            def run_c():
+                return measure([curl_in_order(server, plan)]) if sink == "stream" else None
+
             os.environ.update(server.env)
-            run_a(), run_b()
+            run_a(), run_b(), run_c()
             rows = []
             for _ in range(a.runs):
-                ra, rb = run_a(), run_b()
-                rows.append((ra, rb))
+                rows.append((run_a(), run_b(), run_c()))
             med = lambda xs: statistics.median(xs)
             da, db = med([r[0][0] for r in rows]), med([r[1][0] for r in rows])
             ratio = med([r[1][0] / r[0][0] for r in rows])
-            print(f"| {label} | {sink} | {mb:.0f} | {da:.3f} | {db:.3f} | {ratio:.2f} | "
+            in_order = "| |"
+            if sink == "stream":
+                dc = med([r[2][0] for r in rows])
+                in_order = f"| {dc:.3f} | {med([r[2][0] / r[0][0] for r in rows]):.2f} |"
+            print(f"| {label} | {sink} | {mb:.0f} | {da:.3f} | {db:.3f} | {ratio:.2f} {in_order} "
                   f"{med([r[0][1] for r in rows]):.2f} | {med([r[1][1] for r in rows]):.2f} | "
                   f"{med([r[0][2] for r in rows]):.0f} | {med([r[1][2] for r in rows]):.0f} / "
                   f"{med([r[1][3] for r in rows]):.0f} |", flush=True)

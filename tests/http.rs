@@ -531,6 +531,38 @@ fn https_with_a_private_ca_needs_its_bundle() {
     assert!(err.contains(&local), "{err}");
 }
 
+/// The system's roots are read for an https:// store only: a system without any CA certificate (a
+/// slim container image) still reaches http:// stores, and an https:// store is refused in words.
+/// `SSL_CERT_DIR` is one of the system's places for roots.
+#[test]
+fn a_system_without_roots_reaches_plain_http() {
+    let fixtures = common::repo().join("fixtures");
+    let empty = tempfile::tempdir().unwrap();
+    let no_roots = |args: &[&str]| run(cmd().env("SSL_CERT_DIR", empty.path()).args(args));
+
+    let plain = Nginx::start(&fixtures, "");
+    let (code, _, err) = no_roots(&["ls", &plain.url("model")]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, out, err) = no_roots(&["fetch", &plain.url("model"), "-o", "-", "-s", LAYER]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!out.is_empty());
+
+    let ca = common::TestCa::new();
+    let tls = Nginx::start_tls(&fixtures, &ca);
+    let (code, out, err) = no_roots(&["ls", &tls.url("model")]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(out.is_empty(), "{out}");
+    assert_untrusted(&err, tls.port);
+
+    // The CA in a folder named by SSL_CERT_DIR is trusted.
+    let roots = tempfile::tempdir().unwrap();
+    std::fs::copy(ca.ca(), roots.path().join("private-ca.pem")).unwrap();
+    let (code, _, err) = run(cmd()
+        .env("SSL_CERT_DIR", roots.path())
+        .args(["ls", &tls.url("model")]));
+    assert_eq!(code, Some(0), "{err}");
+}
+
 #[test]
 fn a_server_that_ignores_range_is_refused_unread() {
     // A file big enough that reading it whole would show.

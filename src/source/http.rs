@@ -290,8 +290,9 @@ pub struct HttpOptions {
 impl HttpOptions {
     /// Options from the command line and the environment (`env` looks a variable up):
     /// `DCPFETCH_HTTP_BEARER_TOKEN`, then `DCPFETCH_HTTP_HEADERS` (one header a line), then the
-    /// `--header` flags; a later header replaces an earlier one of the same name. The CA bundle
-    /// is `--ca-bundle`, else `SSL_CERT_FILE`.
+    /// `--header` flags; a later header replaces an earlier one of the same name. Without
+    /// `--ca-bundle` the system's roots are trusted, `SSL_CERT_FILE` and `SSL_CERT_DIR` included
+    /// (`source::tls`).
     pub fn resolve(
         flags: &[String],
         ca_bundle: Option<PathBuf>,
@@ -314,11 +315,6 @@ impl HttpOptions {
         for line in flags {
             add(HttpHeader::parse(line).map_err(|e| format!("--header: {e}"))?);
         }
-        let ca_bundle = ca_bundle.or_else(|| {
-            env("SSL_CERT_FILE")
-                .filter(|f| !f.is_empty())
-                .map(PathBuf::from)
-        });
         Ok(HttpOptions {
             headers,
             ca_bundle,
@@ -718,34 +714,18 @@ impl HttpSource {
         opts: &HttpOptions,
         stats: Arc<TransferStats>,
     ) -> Result<HttpSource, SourceError> {
-        let mut builder = Client::builder()
+        // HTTP/1.1 over TLS, the one version the client speaks.
+        let tls = super::tls::client_config(opts.ca_bundle.as_deref(), &["http/1.1"])?;
+        let client = Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(10))
             .tcp_nodelay(true)
-            .user_agent(concat!("dcpfetch/", env!("CARGO_PKG_VERSION")));
-        if let Some(path) = &opts.ca_bundle {
-            let pem = std::fs::read(path).map_err(|e| SourceError::Io {
-                path: path.display().to_string(),
-                source: e,
+            .user_agent(concat!("dcpfetch/", env!("CARGO_PKG_VERSION")))
+            .tls_backend_preconfigured(tls)
+            .build()
+            .map_err(|e| {
+                SourceError::Config(format!("cannot set up the HTTP client: {}", error_chain(e)))
             })?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                SourceError::Config(format!(
-                    "cannot read the CA bundle {}: {}",
-                    path.display(),
-                    error_chain(e)
-                ))
-            })?;
-            if certs.is_empty() {
-                return Err(SourceError::Config(format!(
-                    "the CA bundle {} holds no PEM certificate",
-                    path.display()
-                )));
-            }
-            builder = builder.tls_certs_only(certs);
-        }
-        let client = builder.build().map_err(|e| {
-            SourceError::Config(format!("cannot set up the HTTP client: {}", error_chain(e)))
-        })?;
         Ok(HttpSource {
             client,
             base,
@@ -1384,22 +1364,6 @@ mod tests {
         assert_eq!(names, ["authorization", "x-other", "x-api-key"]);
         assert_eq!(opts.headers[2].value, "FLAGSECRET");
         assert_eq!(opts.headers[0].value, "Bearer ENVSECRET");
-    }
-
-    #[test]
-    fn the_ca_bundle_falls_back_to_ssl_cert_file() {
-        let env = |v: &str| (v == "SSL_CERT_FILE").then(|| "/etc/ca.pem".to_owned());
-        let o = HttpOptions::resolve(&[], None, env, RetryPolicy::default()).unwrap();
-        assert_eq!(
-            o.ca_bundle.as_deref(),
-            Some(std::path::Path::new("/etc/ca.pem"))
-        );
-        let o = HttpOptions::resolve(&[], Some("mine.pem".into()), env, RetryPolicy::default())
-            .unwrap();
-        assert_eq!(
-            o.ca_bundle.as_deref(),
-            Some(std::path::Path::new("mine.pem"))
-        );
     }
 
     #[test]

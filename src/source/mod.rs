@@ -14,6 +14,7 @@ mod resume;
 pub mod s3;
 mod s3_transport;
 mod stat;
+mod tls;
 
 use std::fmt;
 use std::future::Future;

@@ -5,14 +5,12 @@
 //! chunk is a slice of that buffer, so a buffer lives as long as its last chunk. At 32 connections
 //! that was a third of a folder fetch's memory (docs/performance.md "What a connection costs").
 //! The SDK's client does not let hyper's limit be set; this one caps it at [`READ_BUFFER`].
-//! Everything else is what the SDK's default client does: HTTP/1.1 over rustls (aws-lc) with the
-//! system's roots (`SSL_CERT_FILE` and `SSL_CERT_DIR` honoured), plain HTTP for an `http://`
-//! endpoint, pooled connections, a connect timeout, and no proxy; `--ca-bundle` is honoured as
-//! for `https://` checkpoints (only its CAs are trusted).
+//! Everything else is what the SDK's default client does: HTTP/1.1 over TLS as [`super::tls`] sets
+//! it up (the system's roots, or only those of `--ca-bundle`), plain HTTP for an `http://`
+//! endpoint, pooled connections, a connect timeout, and no proxy.
 
 use std::error::Error as StdError;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use aws_smithy_runtime_api::client::http::{
@@ -27,11 +25,8 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector as TcpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use rustls::RootCertStore;
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
 
-use super::SourceError;
+use super::{SourceError, tls};
 
 /// hyper's limit on a connection's read buffer (a read may fill the buffer's free room, which can
 /// be up to twice this). At 256 KiB a fetch of everything into a folder over 32 connections peaks
@@ -65,16 +60,16 @@ impl Transport {
         connect_timeout: Duration,
         ca_bundle: Option<&Path>,
     ) -> Result<Transport, SourceError> {
-        let roots = match ca_bundle {
-            Some(path) => bundle_roots(path)?,
-            None => system_roots(),
-        };
-        Transport::build(connect_timeout, roots, READ_BUFFER)
+        Transport::build(
+            connect_timeout,
+            tls::client_config(ca_bundle, &[])?,
+            READ_BUFFER,
+        )
     }
 
     fn build(
         connect_timeout: Duration,
-        roots: RootCertStore,
+        tls: rustls::ClientConfig,
         read_buffer: usize,
     ) -> Result<Transport, SourceError> {
         let mut tcp = TcpConnector::new();
@@ -82,7 +77,7 @@ impl Transport {
         tcp.set_nodelay(true);
         tcp.set_connect_timeout(Some(connect_timeout));
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls_config(roots)?)
+            .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
             .wrap_connector(tcp);
@@ -96,55 +91,6 @@ impl Transport {
             read_buffer,
         })
     }
-}
-
-/// The system's roots (`SSL_CERT_FILE` and `SSL_CERT_DIR` honoured). A system without any still
-/// reaches `http://` endpoints; an `https://` one then fails to verify, and the error says the
-/// certificate is not trusted.
-fn system_roots() -> RootCertStore {
-    let mut roots = RootCertStore::empty();
-    let found = rustls_native_certs::load_native_certs();
-    for e in &found.errors {
-        tracing::debug!("system certificates: {e}");
-    }
-    let (added, ignored) = roots.add_parsable_certificates(found.certs);
-    tracing::debug!("system certificates: {added} trusted, {ignored} unreadable");
-    roots
-}
-
-/// The CA certificates of a PEM file, which must hold at least one.
-fn bundle_roots(path: &Path) -> Result<RootCertStore, SourceError> {
-    let unreadable = |detail: String| {
-        SourceError::Config(format!(
-            "cannot read the CA bundle {}: {detail}",
-            path.display()
-        ))
-    };
-    let pem = std::fs::read(path).map_err(|e| SourceError::Io {
-        path: path.display().to_string(),
-        source: e,
-    })?;
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&pem) {
-        let cert = cert.map_err(|e| unreadable(e.to_string()))?;
-        roots.add(cert).map_err(|e| unreadable(e.to_string()))?;
-    }
-    if roots.is_empty() {
-        return Err(SourceError::Config(format!(
-            "the CA bundle {} holds no PEM certificate",
-            path.display()
-        )));
-    }
-    Ok(roots)
-}
-
-/// rustls with aws-lc, the provider the SDK uses.
-fn tls_config(roots: RootCertStore) -> Result<rustls::ClientConfig, SourceError> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| SourceError::Config(format!("TLS: {e}")))?;
-    Ok(builder.with_root_certificates(roots).with_no_client_auth())
 }
 
 impl HttpClient for Transport {
@@ -261,7 +207,8 @@ mod tests {
         });
         // A small cap, so that hyper's default (pieces of up to about 400 KiB) would fail.
         let cap = 64 << 10;
-        let t = Transport::build(Duration::from_secs(5), RootCertStore::empty(), cap).unwrap();
+        let tls = tls::client_config(None, &[]).unwrap();
+        let t = Transport::build(Duration::from_secs(5), tls, cap).unwrap();
         let req = http::Request::get(format!("http://{addr}/b/k"))
             .body(SdkBody::empty())
             .unwrap();
