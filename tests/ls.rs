@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::{Backend, dcpfetch, expected, fixture, json};
+use common::{Backend, dcpfetch, expected, fixture, json, moto};
 use serde_json::{Value, json};
 
 /// A chunk's stored copy as a comparable value.
@@ -252,6 +252,43 @@ fn missing_checkpoint_exits_2_with_a_hint() {
     assert!(err.starts_with("error: "), "{err}");
     assert!(err.contains("no .metadata"), "{err}");
     assert!(err.contains("hint: "), "{err}");
+}
+
+/// Without a region set, a custom S3 endpoint never waits for the EC2 metadata service (off EC2
+/// its address often drops packets: 3 s of timeouts before every command). The "metadata
+/// service" here accepts connections and never answers; it must see none.
+#[test]
+fn a_custom_endpoint_does_not_ask_the_metadata_service_for_a_region() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let imds = format!("http://{}", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = seen.clone();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming() {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(conn);
+        }
+    });
+    for endpoint_from_env in [false, true] {
+        let mut c = dcpfetch();
+        c.env_remove("AWS_REGION")
+            .env_remove("AWS_EC2_METADATA_DISABLED")
+            .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", &imds)
+            .args(["ls", &Backend::S3.location("model"), "--path-style"]);
+        if endpoint_from_env {
+            c.env("AWS_ENDPOINT_URL", &moto().endpoint);
+        } else {
+            c.args(["--endpoint-url", &moto().endpoint]);
+        }
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
 
 // ---- hostile metadata ------------------------------------------------------------------------

@@ -20,6 +20,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use aws_config::environment::EnvironmentVariableRegionProvider;
+use aws_config::imds::region::ImdsRegionProvider;
+use aws_config::meta::region::RegionProviderChain;
+use aws_config::profile::ProfileFileRegionProvider;
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::retry::RetryConfig;
@@ -94,9 +98,28 @@ impl S3Source {
         stats: Arc<TransferStats>,
     ) -> Result<Self, SourceError> {
         let mut loader = aws_config::defaults(BehaviorVersion::latest());
-        if let Some(r) = &opts.region {
-            loader = loader.region(Region::new(r.clone()));
-        }
+        // The region: the flag, else the environment, else the profile, else (for AWS's own
+        // endpoints) the EC2 instance's, else us-east-1: S3 answers any region's endpoint with a
+        // redirect naming the right one. Off EC2 the metadata service's address often drops
+        // packets and asking it costs 3 s of timeouts, so a custom endpoint (MinIO, Garage, Ceph:
+        // an instance's region means nothing there) never waits for it. The loader always gets
+        // a region: without one, the credential and token chains would ask again.
+        loader = match &opts.region {
+            Some(r) => loader.region(Region::new(r.clone())),
+            None => {
+                let mut profile = ProfileFileRegionProvider::builder();
+                if let Some(p) = &opts.profile {
+                    profile = profile.profile_name(p);
+                }
+                let mut chain =
+                    RegionProviderChain::first_try(EnvironmentVariableRegionProvider::new())
+                        .or_else(profile.build());
+                if !custom_endpoint(opts) {
+                    chain = chain.or_else(ImdsRegionProvider::builder().build());
+                }
+                loader.region(chain.or_else(Region::from_static("us-east-1")))
+            }
+        };
         if let Some(p) = &opts.profile {
             loader = loader.profile_name(p);
         }
@@ -111,17 +134,13 @@ impl S3Source {
         // virtual-hosted is asked for; AWS's own endpoints get virtual-hosted style.
         let endpoint = sdk.endpoint_url().map(str::to_owned);
         let path_style = opts.path_style || (endpoint.is_some() && !opts.virtual_hosted);
-        let mut conf = aws_sdk_s3::config::Builder::from(&sdk)
+        let conf = aws_sdk_s3::config::Builder::from(&sdk)
             .http_client(Transport::new(CONNECT_TIMEOUT, opts.ca_bundle.as_deref())?)
             .force_path_style(path_style)
             .retry_config(RetryConfig::disabled())
             .stalled_stream_protection(StalledStreamProtectionConfig::disabled())
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired);
-        if sdk.region().is_none() {
-            // S3 answers any region's endpoint with a redirect naming the right one.
-            conf = conf.region(Region::from_static("us-east-1"));
-        }
         Ok(S3Source {
             client: Client::from_conf(conf.build()),
             bucket,
@@ -730,6 +749,17 @@ fn http_date(secs: i64) -> String {
     DateTime::from_secs(secs)
         .fmt(aws_smithy_types::date_time::Format::HttpDate)
         .unwrap_or_else(|_| secs.to_string())
+}
+
+/// Whether the S3 endpoint is not AWS's: `--endpoint-url`, or `AWS_ENDPOINT_URL_S3` or
+/// `AWS_ENDPOINT_URL` unless `AWS_IGNORE_CONFIGURED_ENDPOINT_URLS` is true (as the SDK reads them;
+/// an endpoint set in a profile is not looked at here).
+fn custom_endpoint(opts: &S3Options) -> bool {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    let ignored = var("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS")
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+    opts.endpoint_url.is_some()
+        || (!ignored && (var("AWS_ENDPOINT_URL_S3").is_some() || var("AWS_ENDPOINT_URL").is_some()))
 }
 
 /// Whether the AWS config or credentials file defines `profile`; else the files looked in.

@@ -4,9 +4,9 @@
 //!
 //! The system's roots are read at the first certificate to verify, not when a client is set up:
 //! reading them (a folder of a hundred or more PEM files on Linux) took 3-6 ms of every command's
-//! start (docs/performance.md "Start-up"), and a plain `http://` store never needs them. A system without any still reaches
-//! `http://` stores; an `https://` one then fails to verify, and the error says the certificate
-//! is not trusted (as with roots that do not hold its CA).
+//! start (docs/performance.md "Start-up"), and a plain `http://` store never needs them. A system
+//! without any still reaches `http://` stores; an `https://` one then fails to verify, and the
+//! error says the certificate is not trusted (as with roots that do not hold its CA).
 
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
