@@ -85,7 +85,7 @@ fn system_roots() -> RootCertStore {
 #[derive(Debug)]
 struct SystemRoots {
     provider: Arc<CryptoProvider>,
-    /// `None` once read: the system has no roots.
+    /// Set at the first certificate to verify; `None` when the system has no roots.
     verifier: OnceLock<Option<Arc<WebPkiServerVerifier>>>,
 }
 
