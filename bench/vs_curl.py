@@ -271,17 +271,11 @@ def curl_commands(server, plan, out_dir):
 def curl_in_order(server, plan):
     """One curl argv fetching every range group of dcpfetch's plan in plan order (files in order,
     groups by offset) over one connection: the ordered stream `dcpfetch -o -` writes, made the way
-    curl can make it (curl's parallel mode does not keep the order of one output)."""
-    cmd = server.curl()
-    for f in plan["files"]:
-        url = server.file_url(f["file"])
-        for g in f["range_groups"]:
-            if len(cmd) > len(server.curl()):
-                cmd.append("--next")
-                cmd += server.curl()[1:]
-            if not (len(f["range_groups"]) == 1 and g["start"] == 0 and g["end"] == f["size"]):
-                cmd += ["-r", f"{g['start']}-{g['end'] - 1}"]
-            cmd += [url, "-o", "/dev/null"]
+    curl can make it (curl's parallel mode does not keep the order of one output). The per-file
+    commands of `curl_commands`, joined with `--next`."""
+    cmd = []
+    for c in curl_commands(server, plan, None):
+        cmd += ["--next", *c[1:]] if cmd else c
     return cmd
 
 
