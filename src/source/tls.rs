@@ -97,20 +97,17 @@ impl SystemRoots {
         }
     }
 
+    /// The verifier of the system's roots, read on the first call; none when there are none
+    /// (the builder refuses an empty set, which would trust nothing).
     fn verifier(&self) -> Option<&Arc<WebPkiServerVerifier>> {
         self.verifier
-            .get_or_init(|| Self::from_roots(system_roots(), &self.provider))
+            .get_or_init(|| {
+                let roots = Arc::new(system_roots());
+                WebPkiServerVerifier::builder_with_provider(roots, self.provider.clone())
+                    .build()
+                    .ok()
+            })
             .as_ref()
-    }
-
-    /// A verifier of `roots`; none for no roots (which would trust nothing).
-    fn from_roots(
-        roots: RootCertStore,
-        provider: &Arc<CryptoProvider>,
-    ) -> Option<Arc<WebPkiServerVerifier>> {
-        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .build()
-            .ok()
     }
 }
 
