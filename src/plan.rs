@@ -234,9 +234,18 @@ pub fn coalesce(ranges: &[Range<u64>], max_gap: u64) -> Result<Vec<RangeGroup>, 
 
 /// Splits each group into parts of at most `part_size` bytes that start and end on needed bytes;
 /// a gap that would straddle a part boundary is not fetched.
+///
+/// A group is cut into as few parts as `part_size` allows, of even size: a group one byte longer
+/// than two parts is three parts of a third each, not two full parts and a one-byte request. (DCP
+/// stores each tensor with a small header, so a tensor of a multiple of the part size would
+/// otherwise end in a request for a few hundred bytes that costs a whole round trip, and the
+/// group's bytes would arrive only when its full-size parts had.)
 pub fn split(ranges: &[Range<u64>], groups: &[RangeGroup], part_size: u64) -> Vec<Part> {
     let mut parts = Vec::new();
     for (gi, g) in groups.iter().enumerate() {
+        let span = g.range.end - g.range.start;
+        // The even size of the fewest parts that cover the group.
+        let limit = span.div_ceil(span.div_ceil(part_size).max(1)).max(1);
         let mut current: Option<Range<u64>> = None;
         for r in &ranges[g.items.clone()] {
             if r.is_empty() {
@@ -246,8 +255,8 @@ pub fn split(ranges: &[Range<u64>], groups: &[RangeGroup], part_size: u64) -> Ve
             while start < r.end {
                 match &mut current {
                     // Extend the current part over the gap and as much of this range as fits.
-                    Some(p) if start - p.start < part_size => {
-                        let end = r.end.min(p.start.saturating_add(part_size));
+                    Some(p) if start - p.start < limit => {
+                        let end = r.end.min(p.start.saturating_add(limit));
                         p.end = end;
                         start = end;
                     }
@@ -258,7 +267,7 @@ pub fn split(ranges: &[Range<u64>], groups: &[RangeGroup], part_size: u64) -> Ve
                                 group: gi,
                             });
                         }
-                        let end = r.end.min(start.saturating_add(part_size));
+                        let end = r.end.min(start.saturating_add(limit));
                         current = Some(start..end);
                         start = end;
                     }
@@ -624,9 +633,18 @@ impl Plan {
                     storage: i.storage.clone(),
                 })
                 .collect();
-            files.push(FilePlan::new(f.name.clone(), items, self.options, &|_| {
-                String::new()
-            })?);
+            let mut sub = FilePlan::new(f.name.clone(), items, self.options, &|_| String::new())?;
+            // The share's requests are the whole plan's: split afresh, a group cut at the share's
+            // edge would be split into other (even) parts. Each part lies in one group of the
+            // share, since the gaps inside a part are gaps inside one group.
+            sub.parts = f.parts[parts.clone()]
+                .iter()
+                .map(|p| Part {
+                    range: p.range.clone(),
+                    group: sub.groups.partition_point(|g| g.range.end <= p.range.start),
+                })
+                .collect();
+            files.push(sub);
         }
         Ok(Plan {
             options: self.options,
@@ -761,13 +779,63 @@ mod tests {
             .into_iter()
             .map(|p| p.range)
             .collect();
-        // 0..16 (item 0, gap, start of item 1), 16..30 (rest), then the gap to 100 is skipped.
-        assert_eq!(parts, vec![0..16, 16..30, 100..105]);
+        // The group spans 105 bytes: 7 parts of 16 at most, so parts of 15 at most. 0..15 (item 0,
+        // gap, start of item 1), 15..30 (rest), then the gap to 100 is skipped.
+        assert_eq!(parts, vec![0..15, 15..30, 100..105]);
         let parts: Vec<_> = split(&ranges, &groups, 1000)
             .into_iter()
             .map(|p| p.range)
             .collect();
         assert_eq!(parts, vec![0..105]);
+    }
+
+    #[test]
+    fn a_group_just_over_whole_parts_is_split_evenly() {
+        // A 16 MiB tensor as DCP stores it (854 bytes of header) with 8 MiB parts: three parts of
+        // about 5.3 MiB, not 8 MiB, 8 MiB and a request for 854 bytes. A group of whole parts
+        // (the second, 16 MiB exactly, after a gap) stays as it was.
+        let first = 1000..1000 + (16 << 20) + 854;
+        let second = first.end + 10..first.end + 10 + (16 << 20);
+        let ranges = [first, second];
+        let groups = coalesce(&ranges, 0).unwrap();
+        assert_eq!(groups.len(), 2);
+        let lens: Vec<(usize, u64)> = split(&ranges, &groups, 8 << 20)
+            .iter()
+            .map(|p| (p.group, p.range.end - p.range.start))
+            .collect();
+        let third = ((16 << 20) + 854) / 3;
+        assert_eq!(
+            lens,
+            vec![
+                (0, third),
+                (0, third),
+                (0, third),
+                (1, 8 << 20),
+                (1, 8 << 20)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_share_keeps_the_whole_plans_parts() {
+        // Share 1 of 2 starts inside the group: it fetches the whole plan's last two parts, not
+        // its own even split of what is left of the group.
+        let plan = plan_of(&[vec![0..150, 150..301]], 0, 100);
+        let all: Vec<_> = plan.files[0]
+            .parts
+            .iter()
+            .map(|p| p.range.clone())
+            .collect();
+        assert_eq!(all, vec![0..76, 76..152, 152..228, 228..301]);
+        let share = plan
+            .share(Share { index: 1, count: 2 }, Cut::Parts)
+            .unwrap();
+        let parts: Vec<_> = share.files[0]
+            .parts
+            .iter()
+            .map(|p| p.range.clone())
+            .collect();
+        assert_eq!(parts, vec![152..228, 228..301]);
     }
 
     fn arb_ranges() -> impl Strategy<Value = Vec<Range<u64>>> {
@@ -826,6 +894,25 @@ mod tests {
             for r in &ranges {
                 for x in r.clone() {
                     prop_assert_eq!(parts.iter().filter(|p| p.range.contains(&x)).count(), 1);
+                }
+            }
+            // As few parts as the part size allows, and no part of a group much smaller than
+            // another: a group without gaps has parts of one size, give or take a byte each.
+            for (gi, g) in groups.iter().enumerate() {
+                let lens: Vec<u64> = parts
+                    .iter()
+                    .filter(|p| p.group == gi)
+                    .map(|p| p.range.end - p.range.start)
+                    .collect();
+                let span = g.range.end - g.range.start;
+                prop_assert!(lens.len() as u64 <= span.div_ceil(part).max(1));
+                let gaps = g.range.end - g.range.start
+                    != ranges[g.items.clone()].iter().map(|r| r.end - r.start).sum::<u64>();
+                if !gaps {
+                    let (min, max) = (lens.iter().min(), lens.iter().max());
+                    if let (Some(min), Some(max)) = (min, max) {
+                        prop_assert!(max - min < lens.len() as u64, "{:?}", lens);
+                    }
                 }
             }
         }
@@ -939,6 +1026,13 @@ mod tests {
                 parts.sort();
                 bytes.sort();
                 prop_assert_eq!(bytes, needed_bytes(&plan));
+                // Every part lies in its own group.
+                for f in shares.iter().flat_map(|s| &s.files) {
+                    for p in &f.parts {
+                        let g = &f.groups[p.group].range;
+                        prop_assert!(g.start <= p.range.start && p.range.end <= g.end);
+                    }
+                }
                 // Balanced: each share within one unit (a part, or an item) of the mean.
                 let (largest, size): (u64, fn(&Plan) -> u64) = match cut {
                     Cut::Parts => {
