@@ -10,7 +10,7 @@ use crate::metadata::{Checkpoint, MetadataError};
 use crate::plan::{Plan, PlanError, PlanOptions, describe_storage};
 use crate::selection::{Selected, SelectionError, Spec, stored_copies};
 use crate::source::{
-    HttpOptions, Location, NameError, ObjectMeta, ObjectName, S3Options, STATE_DIR, Source,
+    Ahead, HttpOptions, Location, NameError, ObjectMeta, ObjectName, S3Options, STATE_DIR, Source,
     SourceError, StatError, TransferStats, is_dcpfetch_copy, stat_all,
 };
 use crate::units::count;
@@ -71,6 +71,8 @@ impl PipelineError {
 pub struct Opened {
     pub source: Source,
     pub ck: Arc<Checkpoint>,
+    /// The listing started beside the metadata's read ([`Opened::open_to_stat`]), for the stats.
+    pub ahead: Ahead,
 }
 
 /// A selection resolved against a checkpoint.
@@ -114,6 +116,17 @@ impl Drop for Opened {
 impl Opened {
     /// Opens the source and reads the metadata.
     pub async fn open(target: &Target) -> Result<Opened, PipelineError> {
+        Self::open_with(target, false).await
+    }
+
+    /// Opens the source and reads the metadata, for a command that then stats the shard files:
+    /// where a listing saves the stats their round trip (S3), its first page is asked for beside
+    /// the metadata's GET.
+    pub async fn open_to_stat(target: &Target) -> Result<Opened, PipelineError> {
+        Self::open_with(target, true).await
+    }
+
+    async fn open_with(target: &Target, list_ahead: bool) -> Result<Opened, PipelineError> {
         let location = target.location.to_string();
         let stats = Arc::new(TransferStats::default());
         let source = Source::open(&target.location, &target.store, &target.http, stats)
@@ -122,6 +135,11 @@ impl Opened {
                 location: location.clone(),
                 source,
             })?;
+        let ahead = if list_ahead {
+            Ahead::start(&source)
+        } else {
+            Ahead::default()
+        };
         let mut ck = Checkpoint::load(&source)
             .await
             .map_err(|source| PipelineError::Metadata {
@@ -140,6 +158,7 @@ impl Opened {
         Ok(Opened {
             source,
             ck: Arc::new(ck),
+            ahead,
         })
     }
 
@@ -169,7 +188,7 @@ impl Opened {
         names: &[ObjectName],
         in_flight: usize,
     ) -> Result<HashMap<ObjectName, ObjectMeta>, PipelineError> {
-        stat_all(&self.source, names, in_flight)
+        stat_all(&self.source, names, in_flight, &self.ahead)
             .await
             .map_err(PipelineError::MissingFile)
     }
@@ -199,7 +218,7 @@ impl Planned {
         files: Files,
         in_flight: usize,
     ) -> Result<Planned, PipelineError> {
-        let opened = Opened::open(target).await?;
+        let opened = Opened::open_to_stat(target).await?;
         let selection = opened.select(&target.spec)?;
         let plan = opened.plan(&selection, opts)?;
         let names = match files {

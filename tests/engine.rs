@@ -39,7 +39,7 @@ async fn setup(opts: PlanOptions) -> Setup {
     let (selected, _) = Spec::default().resolve(&ck).unwrap();
     let plan = Plan::build(&ck, &selected, opts).unwrap();
     let names: Vec<ObjectName> = plan.files.iter().map(|f| f.name.clone()).collect();
-    let objects = dcpfetch::source::stat_all(&source, &names, 8)
+    let objects = dcpfetch::source::stat_all(&source, &names, 8, &Default::default())
         .await
         .unwrap();
     assert!(plan.files.len() >= 2, "the fixture has two shard files");
@@ -568,9 +568,10 @@ async fn a_placing_sink_holds_chunks_not_parts() {
         options: opts,
         files: vec![file],
     });
-    let objects = dcpfetch::source::stat_all(&source, std::slice::from_ref(&name), 1)
-        .await
-        .unwrap();
+    let objects =
+        dcpfetch::source::stat_all(&source, std::slice::from_ref(&name), 1, &Default::default())
+            .await
+            .unwrap();
     struct Slow {
         data: Vec<u8>,
         bytes: u64,

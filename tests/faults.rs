@@ -33,7 +33,7 @@ fn interrupt(child: std::process::Child) -> std::process::Output {
 
 /// The `model` fixture served at `s3://ckpt/model`.
 struct Served {
-    _root: tempfile::TempDir,
+    root: tempfile::TempDir,
     server: TestServer,
 }
 
@@ -46,10 +46,7 @@ fn serve(name: &str) -> Served {
         std::fs::copy(f.path(), dir.join(f.file_name())).unwrap();
     }
     let server = TestServer::start(ServerConfig::new(root.path())).unwrap();
-    Served {
-        _root: root,
-        server,
-    }
+    Served { root, server }
 }
 
 /// A rule answering with an HTTP status and S3 error code.
@@ -408,7 +405,8 @@ fn metadata_reads_are_retried_too() {
             (Some((100, size)), 206)
         ]
     );
-    assert_eq!(stats.heads, 2, "the two shard files: {stats:?}");
+    // The two shard files' sizes come from the listing sent beside the first GET.
+    assert_eq!((stats.lists, stats.heads), (1, 0), "{stats:?}");
 }
 
 #[test]
@@ -605,6 +603,97 @@ fn without_list_permission_each_file_is_asked_for() {
     let stats = s.server.stats();
     assert_eq!(stats.lists, 1, "{stats:?}");
     assert_eq!(stats.heads, files, "{stats:?}");
+}
+
+/// A command that needs the shard files' sizes lists the checkpoint beside the `.metadata` GET
+/// (one round trip for both) instead of sending a HEAD per file after it; `ls`, which needs no
+/// sizes, does not list.
+#[test]
+fn shard_sizes_come_from_a_listing_sent_beside_the_metadata_get() {
+    let (_d, out) = out_dir();
+    let commands: [Vec<String>; 5] = [
+        vec!["ls".into()],
+        vec!["plan".into()],
+        vec!["verify".into(), "--quick".into()],
+        vec!["fetch".into(), "-o".into(), "-".into()],
+        vec!["fetch".into(), "-o".into(), out.to_str().unwrap().into()],
+    ];
+    for (i, command) in commands.iter().enumerate() {
+        let s = serve("model");
+        let run = dcpfetch()
+            .args(command)
+            .args(["s3://ckpt/model", "--endpoint-url", &s.server.endpoint()])
+            .arg("--path-style")
+            .output()
+            .unwrap();
+        assert!(
+            run.status.success(),
+            "{command:?}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let stats = s.server.stats();
+        let listed = u64::from(i > 0);
+        assert_eq!(
+            (stats.lists, stats.heads),
+            (listed, 0),
+            "{command:?}: {stats:?}"
+        );
+    }
+    assert_complete(&out);
+}
+
+/// The listing beside the `.metadata` GET is tried once: refused (503), the files are asked for
+/// one by one, and the fetch is complete.
+#[test]
+fn a_failed_listing_ahead_falls_back_to_a_head_per_file() {
+    let s = serve("model");
+    s.server
+        .add_fault(status(503, "SlowDown").on_method("LIST"));
+    let (_d, out) = out_dir();
+    summary(&fetch(&s, &out, &[]));
+    assert_complete(&out);
+    let stats = s.server.stats();
+    let files = expected("model")["files"].as_object().unwrap().len() as u64;
+    assert_eq!((stats.lists, stats.heads), (1, files), "{stats:?}");
+}
+
+/// A listing ahead that has not answered a second after the stats need it (here it takes 30 s)
+/// is given up: the files are asked for one by one and the fetch does not wait for it.
+#[test]
+fn a_slow_listing_ahead_is_not_waited_for() {
+    let s = serve("model");
+    s.server
+        .add_fault(FaultRule::new(Fault::Latency(Duration::from_secs(30))).on_method("LIST"));
+    let (_d, out) = out_dir();
+    let started = Instant::now();
+    summary(&fetch(&s, &out, &[]));
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_complete(&out);
+    let stats = s.server.stats();
+    let files = expected("model")["files"].as_object().unwrap().len() as u64;
+    assert_eq!(stats.heads, files, "{stats:?}");
+}
+
+/// A prefix of more than 1,000 objects: the listing ahead is one page, the shard files that it
+/// does not reach are asked for one by one (no walk through every page of a crowded prefix).
+#[test]
+fn a_crowded_prefix_is_listed_one_page_ahead() {
+    let s = serve("model");
+    let dir = s.root.path().join("ckpt").join("model");
+    // Names that sort before `__0_0.distcp`, filling the first page.
+    for i in 0..1100 {
+        std::fs::write(dir.join(format!("{i:04}.txt")), b"x").unwrap();
+    }
+    let (_d, out) = out_dir();
+    summary(&fetch(&s, &out, &[]));
+    assert_complete(&out);
+    let stats = s.server.stats();
+    let files = expected("model")["files"].as_object().unwrap().len() as u64;
+    assert_eq!((stats.lists, stats.heads), (1, files), "{stats:?}");
 }
 
 /// A `.metadata` larger than dcpfetch parses (2 GiB) is refused from the size its GET announces,

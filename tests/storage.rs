@@ -110,7 +110,7 @@ async fn list_refused_and_each_file_stat(c: &Ctx) {
     names.push("__7_7.distcp".into());
     let names: Vec<ObjectName> = names.iter().map(|n| ObjectName::new(n).unwrap()).collect();
     // More names than in flight: a store that can list would be listed.
-    let each = stat_each(&c.source, &names, 1).await;
+    let each = stat_each(&c.source, &names, 1, &Default::default()).await;
     assert_eq!(each.len(), names.len());
     for (name, meta) in each {
         match meta {

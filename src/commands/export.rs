@@ -47,7 +47,7 @@ pub struct ExportSummary {
 
 pub async fn run(s: ExportSettings) -> anyhow::Result<Outcome> {
     let started = std::time::Instant::now();
-    let opened = Opened::open(&s.target).await?;
+    let opened = Opened::open_to_stat(&s.target).await?;
     let selection = opened.select(&s.target.spec)?;
     let ck = opened.ck.clone();
     let mut warnings = selection.warnings.clone();

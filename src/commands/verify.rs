@@ -13,7 +13,7 @@ use crate::verify::{self, Status, VerifyOptions, VerifyReport};
 
 pub async fn run(s: VerifySettings) -> anyhow::Result<Outcome> {
     super::fetch::note_shard(&s.printer, &s.shard);
-    let opened = Opened::open(&s.target).await?;
+    let opened = Opened::open_to_stat(&s.target).await?;
     let selection = opened.select(&s.target.spec)?;
     let opts = VerifyOptions {
         quick: s.quick,

@@ -38,7 +38,8 @@ use super::Receive;
 use super::resume::{self, Attempts, Body, Failure, Received};
 use super::s3_transport::{Transport, causes};
 use super::{
-    BoxFuture, ObjectMeta, ObjectName, ObjectStore, RetryPolicy, SourceError, TransferStats,
+    BoxFuture, Listing, ObjectMeta, ObjectName, ObjectStore, RetryPolicy, SourceError,
+    TransferStats,
 };
 
 /// How long a connection may take to open.
@@ -182,6 +183,64 @@ impl S3Source {
                 }
                 None => "no answer".into(),
             },
+        }
+    }
+
+    /// The objects directly under the prefix, from at most `pages` ListObjectsV2 requests (1,000
+    /// objects each) of at most `attempts` each, and whether that is all of them.
+    async fn list_pages(
+        &self,
+        mut pages: usize,
+        attempts: u32,
+    ) -> Result<(Listing, bool), SourceError> {
+        let retry = RetryPolicy {
+            max_attempts: attempts.min(self.retry.max_attempts),
+            ..self.retry
+        };
+        let prefix = if self.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.prefix)
+        };
+        let mut names = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = resume::retrying(&retry, &self.stats, &self.describe(), |attempt| {
+                let (prefix, token) = (&prefix, token.clone());
+                async move {
+                    let started = Instant::now();
+                    let out = self
+                        .client
+                        .list_objects_v2()
+                        .bucket(&self.bucket)
+                        .prefix(prefix)
+                        .delimiter("/")
+                        .set_continuation_token(token)
+                        .send()
+                        .await;
+                    let status = self.status_of(&out, 200);
+                    resume::trace("LIST", prefix, None, &status, started, attempt);
+                    out.map_err(|e| self.classify(&self.describe(), None, e))
+                }
+            })
+            .await?;
+            names.extend(page.contents().iter().filter_map(|o| {
+                let name = o.key()?.strip_prefix(&prefix)?.to_owned();
+                self.pin_modified(&name, o.e_tag(), o.last_modified());
+                let meta = ObjectMeta {
+                    size: u64::try_from(o.size()?).ok()?,
+                    version: o.e_tag().map(str::to_owned),
+                };
+                Some((name, meta))
+            }));
+            match page.next_continuation_token() {
+                Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_owned()),
+                _ => return Ok((names, true)),
+            }
+            pages -= 1;
+            if pages == 0 {
+                return Ok((names, false));
+            }
         }
     }
 
@@ -557,51 +616,12 @@ impl ObjectStore for S3Source {
 
     /// One ListObjectsV2 request per 1,000 objects.
     fn list(&self) -> BoxFuture<'_, Result<Vec<(String, ObjectMeta)>, SourceError>> {
-        Box::pin(async move {
-            let prefix = if self.prefix.is_empty() {
-                String::new()
-            } else {
-                format!("{}/", self.prefix)
-            };
-            let mut names = Vec::new();
-            let mut token: Option<String> = None;
-            loop {
-                let page =
-                    resume::retrying(&self.retry, &self.stats, &self.describe(), |attempt| {
-                        let (prefix, token) = (&prefix, token.clone());
-                        async move {
-                            let started = Instant::now();
-                            let out = self
-                                .client
-                                .list_objects_v2()
-                                .bucket(&self.bucket)
-                                .prefix(prefix)
-                                .delimiter("/")
-                                .set_continuation_token(token)
-                                .send()
-                                .await;
-                            let status = self.status_of(&out, 200);
-                            resume::trace("LIST", prefix, None, &status, started, attempt);
-                            out.map_err(|e| self.classify(&self.describe(), None, e))
-                        }
-                    })
-                    .await?;
-                names.extend(page.contents().iter().filter_map(|o| {
-                    let name = o.key()?.strip_prefix(&prefix)?.to_owned();
-                    self.pin_modified(&name, o.e_tag(), o.last_modified());
-                    let meta = ObjectMeta {
-                        size: u64::try_from(o.size()?).ok()?,
-                        version: o.e_tag().map(str::to_owned),
-                    };
-                    Some((name, meta))
-                }));
-                match page.next_continuation_token() {
-                    Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_owned()),
-                    _ => break,
-                }
-            }
-            Ok(names)
-        })
+        Box::pin(async move { Ok(self.list_pages(usize::MAX, u32::MAX).await?.0) })
+    }
+
+    /// One attempt: the stats that would wait for a retried listing ask for themselves instead.
+    fn list_first_page(&self) -> Option<BoxFuture<'_, Result<(Listing, bool), SourceError>>> {
+        Some(Box::pin(self.list_pages(1, 1)))
     }
 
     /// A whole object of at most `limit` bytes in one GET, with the size and ETag of its answer

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::{Check, Checks, Finding, VerifyError, safetensors};
 use crate::metadata::Checkpoint;
 use crate::plan::describe_storage;
-use crate::source::{ObjectMeta, ObjectName, Source, SourceError, stat_each};
+use crate::source::{Ahead, ObjectMeta, ObjectName, Source, SourceError, stat_each};
 
 /// A sha256 manifest of shard files, in the layout Megatron-Core writes as `integrity.json`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -25,12 +25,13 @@ pub async fn check_exist(
     source: &Source,
     names: &BTreeSet<ObjectName>,
     in_flight: usize,
+    ahead: &Ahead,
     checks: &mut Checks,
 ) -> Result<HashMap<ObjectName, ObjectMeta>, VerifyError> {
     let names: Vec<ObjectName> = names.iter().cloned().collect();
     let mut out = HashMap::new();
     let mut missing = Vec::new();
-    for (name, meta) in stat_each(source, &names, in_flight).await {
+    for (name, meta) in stat_each(source, &names, in_flight, ahead).await {
         match meta {
             Ok(m) => {
                 out.insert(name, m);

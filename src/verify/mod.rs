@@ -465,7 +465,14 @@ pub async fn run(
                 .filter_map(|n| ObjectName::new(n).ok()),
         );
     }
-    let objects = files::check_exist(source, &names, opts.engine.concurrency, &mut checks).await?;
+    let objects = files::check_exist(
+        source,
+        &names,
+        opts.engine.concurrency,
+        &opened.ahead,
+        &mut checks,
+    )
+    .await?;
     let in_bounds = files::check_in_bounds(ck, &storage, &objects, &mut checks);
     let overlapping = metadata::check_overlaps(ck, &in_bounds, &mut checks);
     metadata::check_empty_items(ck, &in_bounds, &mut checks);
