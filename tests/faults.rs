@@ -678,6 +678,21 @@ fn a_slow_listing_ahead_is_not_waited_for() {
     assert_eq!(stats.heads, files, "{stats:?}");
 }
 
+/// A store whose listings give ETags without their quotes (NetApp ONTAP) while its answers'
+/// headers quote them: the listed ETag is the same version, and is sent quoted in `If-Match`.
+#[test]
+fn a_listing_with_unquoted_etags_pins_the_same_versions() {
+    for name in ["model", "torch1_13"] {
+        let s = serve(name);
+        s.server.unquoted_listing_etags();
+        let (_d, out) = out_dir();
+        summary(&fetch_all(&s, name, &out));
+        assert_files_as_torch_wrote(name, &out);
+        let stats = s.server.stats();
+        assert_eq!((stats.lists, stats.heads), (1, 0), "{name}: {stats:?}");
+    }
+}
+
 /// A prefix of more than 1,000 objects: the listing ahead is one page, the shard files that it
 /// does not reach are asked for one by one (no walk through every page of a crowded prefix).
 #[test]

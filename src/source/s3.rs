@@ -86,6 +86,23 @@ pub struct S3Source {
     warned: Arc<AtomicBool>,
 }
 
+/// An ETag as an HTTP header carries it, quoted: some stores (NetApp ONTAP) list ETags without
+/// their quotes, and `If-Match` needs them.
+fn quoted(etag: &str) -> String {
+    if etag.starts_with('"') || etag.starts_with("W/\"") {
+        etag.to_owned()
+    } else {
+        format!("\"{etag}\"")
+    }
+}
+
+/// An ETag without its quotes, to compare a listed version with an answer's.
+fn unquoted(etag: &str) -> &str {
+    etag.strip_prefix('"')
+        .and_then(|e| e.strip_suffix('"'))
+        .unwrap_or(etag)
+}
+
 /// The inclusive HTTP form of a half-open range: the only place it is built.
 fn http_range(range: &Range<u64>) -> String {
     format!("bytes={}-{}", range.start, range.end - 1)
@@ -229,7 +246,7 @@ impl S3Source {
                 self.pin_modified(&name, o.e_tag(), o.last_modified());
                 let meta = ObjectMeta {
                     size: u64::try_from(o.size()?).ok()?,
-                    version: o.e_tag().map(str::to_owned),
+                    version: o.e_tag().map(quoted),
                 };
                 Some((name, meta))
             }));
@@ -538,7 +555,7 @@ impl S3Source {
             )));
         }
         if let (Some(seen), Some(now)) = (&meta.version, out.e_tag())
-            && seen != now
+            && unquoted(seen) != unquoted(now)
         {
             return Err(Failure::Fatal(SourceError::Changed {
                 name: what,

@@ -569,6 +569,14 @@ impl TestServer {
         self.shared.no_etags.store(true, Ordering::Relaxed);
     }
 
+    /// Lists ETags without their quotes from now on (object headers keep them), as NetApp ONTAP's
+    /// S3 does.
+    pub fn unquoted_listing_etags(&self) {
+        self.shared
+            .unquoted_listing_etags
+            .store(true, Ordering::Relaxed);
+    }
+
     /// Ignores `If-Unmodified-Since` from now on (it is honoured by default, as on S3).
     pub fn ignore_if_unmodified_since(&self) {
         self.shared
@@ -635,6 +643,8 @@ struct Shared {
     request_ids: AtomicU64,
     /// Send no ETags (headers and listings), as some S3-compatible servers do.
     no_etags: AtomicBool,
+    /// List ETags without their quotes.
+    unquoted_listing_etags: AtomicBool,
     /// Ignore `If-Unmodified-Since` (honoured by default, as S3 does).
     ignore_if_unmodified_since: AtomicBool,
 }
@@ -663,6 +673,7 @@ impl Shared {
             generations: Mutex::new(HashMap::new()),
             request_ids: AtomicU64::new(1),
             no_etags: AtomicBool::new(false),
+            unquoted_listing_etags: AtomicBool::new(false),
             ignore_if_unmodified_since: AtomicBool::new(false),
         }
     }
@@ -1644,10 +1655,11 @@ fn list_objects(
         let etag = if shared.no_etags.load(Ordering::Relaxed) {
             String::new()
         } else {
-            format!(
-                "<ETag>{}</ETag>",
-                xml_escape(&etag(obj.size, mtime, generation))
-            )
+            let mut tag = etag(obj.size, mtime, generation);
+            if shared.unquoted_listing_etags.load(Ordering::Relaxed) {
+                tag = tag.trim_matches('"').to_owned();
+            }
+            format!("<ETag>{}</ETag>", xml_escape(&tag))
         };
         let _ = write!(
             xml,
