@@ -389,7 +389,25 @@ fn the_token_goes_to_the_origin_and_not_after_a_cross_host_redirect() {
     let log = nginx.log();
     let origin: Vec<&String> = log.iter().filter(|l| l.starts_with("127.0.0.1 ")).collect();
     let cdn: Vec<&String> = log.iter().filter(|l| l.starts_with("127.0.0.2 ")).collect();
-    assert!(!cdn.is_empty() && origin.len() >= 2 * cdn.len(), "{log:#?}");
+    // Each file is resolved at the origin once (two redirects); its later requests (the HEAD,
+    // then its parts) go to where it led.
+    let files = |lines: &[&String]| -> std::collections::BTreeSet<String> {
+        lines
+            .iter()
+            .map(|l| {
+                l.split(' ')
+                    .nth(3)
+                    .unwrap()
+                    .rsplit('/')
+                    .next()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect()
+    };
+    assert_eq!(files(&origin), files(&cdn), "{log:#?}");
+    assert_eq!(origin.len(), 2 * files(&origin).len(), "{log:#?}");
+    assert!(cdn.len() > files(&cdn).len(), "{log:#?}");
     for l in &origin {
         assert!(
             l.contains("auth=\"Bearer s3cret\"") && l.contains(" 302 "),
@@ -667,6 +685,61 @@ fn proxies_from_the_environment_are_used() {
         .env("NO_PROXY", "ckpt.invalid")
         .args(["ls", url, "--max-attempts", "1"]));
     assert_eq!(code, Some(2), "{err}");
+}
+
+/// A hub that redirects every file to a signed URL on a CDN (here the S3 test server): the
+/// first request of a file goes through the hub, the rest straight to the CDN; when the CDN
+/// refuses the URL it gave before (an expired signature: 403), the hub is asked again and the
+/// fetch goes on.
+#[test]
+fn a_file_redirected_once_is_read_from_where_it_led_until_that_refuses() {
+    let (_root, cdn) = test_server();
+    let hub = Nginx::start(
+        &common::repo().join("fixtures"),
+        &format!(
+            "location /hub/ {{ rewrite ^/hub/(.*)$ {}/ckpt/$1 redirect; }}",
+            cdn.endpoint()
+        ),
+    );
+    cdn.add_fault(
+        FaultRule::new(Fault::Status {
+            status: 403,
+            code: "AccessDenied",
+        })
+        .on_method("GET")
+        .on_key(SHARD),
+    );
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("copy");
+    let (code, _, err) = run(cmd()
+        .args([
+            "fetch",
+            &hub.url("hub/model"),
+            "-q",
+            "--part-size",
+            "16KiB",
+            "-o",
+        ])
+        .arg(&dir));
+    assert_eq!(code, Some(0), "{err}");
+    assert_same_files("model", &dir);
+    let redirects: Vec<String> = hub
+        .log()
+        .into_iter()
+        .filter(|l| l.contains(" 302 "))
+        .collect();
+    let count = |key: &str| redirects.iter().filter(|l| l.contains(key)).count();
+    // `.metadata` and the other shard once each; the refused shard again after the 403 (by the
+    // refused request, and by any of its parts that started before the new answer was known).
+    assert_eq!(
+        (count(".metadata"), count("__0_0")),
+        (1, 1),
+        "{redirects:#?}"
+    );
+    assert!((2..=4).contains(&count(SHARD)), "{redirects:#?}");
+    // Every other request went straight to the CDN: more than 20 parts of 16 KiB.
+    let stats = cdn.stats();
+    assert!(stats.gets > 20 && stats.heads == 2, "{stats:?}");
 }
 
 /// The `model` fixture served by the S3 test server at `/ckpt/model`.

@@ -35,6 +35,12 @@ use super::{
 /// Redirects followed for one request before giving up.
 const MAX_REDIRECTS: usize = 10;
 
+/// Whether a redirect's target that answered before refuses now, as a signed URL does once it
+/// has expired (S3 and CloudFront 403, GCS 400, others 401, 404 or 410).
+fn refused_target(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 400 | 401 | 403 | 404 | 410)
+}
+
 /// The prefix of an [`ObjectMeta::version`] that holds a Last-Modified date, not an ETag.
 const LAST_MODIFIED: &str = "Last-Modified ";
 
@@ -338,6 +344,10 @@ pub struct HttpSource {
     /// Whether any request got an answer: a refused connection after that is a server
     /// restarting (retried), before it a wrong address (not retried).
     reached: Arc<AtomicBool>,
+    /// Where each file's requests were redirected to (a hub's `resolve` URL to a signed CDN URL):
+    /// later requests for the file go there at once, instead of paying the origin a round trip
+    /// (and its time to sign) for every part.
+    resolved: Arc<std::sync::Mutex<HashMap<ObjectName, Url>>>,
 }
 
 /// Ranged GETs a source starts with at once (the engine's `--concurrency` bounds them too). The
@@ -739,7 +749,15 @@ impl HttpSource {
             }),
             stats,
             reached: Arc::default(),
+            resolved: Arc::default(),
         })
+    }
+
+    /// The URL each file's requests were last redirected to.
+    fn resolved_urls(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectName, Url>> {
+        self.resolved
+            .lock()
+            .expect("no panics while holding the lock")
     }
 
     /// The URL `--url-list` gives for `name`, if it gives one.
@@ -764,10 +782,12 @@ impl HttpSource {
         };
         let what = what.as_str();
         let stall = self.retry.stall_timeout;
-        let mut url = match self.listed(name) {
+        let origin = match self.listed(name) {
             Some(url) => url.clone(),
             None => self.base.object(name),
         };
+        let mut resolved = self.resolved_urls().get(name).cloned();
+        let mut url = resolved.clone().unwrap_or_else(|| origin.clone());
         for hop in 0..=MAX_REDIRECTS {
             let started = Instant::now();
             let trace = |status: &str| {
@@ -806,11 +826,20 @@ impl HttpSource {
             self.reached.store(true, Ordering::Relaxed);
             trace(response.status().as_str());
             self.ramp.answered(started.elapsed());
-            if !response.status().is_redirection() || response.status() == StatusCode::NOT_MODIFIED
-            {
+            let status = response.status();
+            // A redirect target that now refuses (a signed URL that expired): ask the origin
+            // where to go again.
+            if resolved.take().is_some() && refused_target(status) {
+                self.resolved_urls().remove(name);
+                url = origin.clone();
+                continue;
+            }
+            if !status.is_redirection() || status == StatusCode::NOT_MODIFIED {
+                if status.is_success() && url != origin {
+                    self.resolved_urls().insert(name.clone(), url);
+                }
                 return Ok(response);
             }
-            let status = response.status();
             let next = response
                 .headers()
                 .get(header::LOCATION)
