@@ -711,6 +711,33 @@ fn a_crowded_prefix_is_listed_one_page_ahead() {
     assert_eq!((stats.lists, stats.heads), (1, files), "{stats:?}");
 }
 
+/// A bucket in another region than the one configured: S3 answers 301 naming the bucket's
+/// region, and dcpfetch moves there (once, with a note) instead of failing.
+#[test]
+fn a_bucket_in_another_region_is_followed_there() {
+    let s = serve("model");
+    s.server.set_bucket_region("eu-west-3");
+    let (_d, out) = out_dir();
+    let run = fetch(&s, &out, &["--region", "us-east-1"]);
+    let err = String::from_utf8_lossy(&run.stderr).into_owned();
+    summary(&run);
+    assert_complete(&out);
+    assert!(
+        err.contains("region eu-west-3, not us-east-1") && err.contains("--region eu-west-3"),
+        "{err}"
+    );
+    assert_eq!(err.matches("eu-west-3, not").count(), 1, "{err}");
+    let redirected = s.server.stats().other;
+    assert!((1..=4).contains(&redirected), "{:?}", s.server.stats());
+
+    // Signed for the bucket's region from the start: no redirect.
+    let s = serve("model");
+    s.server.set_bucket_region("eu-west-3");
+    let (_d, out) = out_dir();
+    summary(&fetch(&s, &out, &["--region", "eu-west-3"]));
+    assert_eq!(s.server.stats().other, 0);
+}
+
 /// A `.metadata` larger than dcpfetch parses (2 GiB) is refused from the size its GET announces,
 /// without reading the body; from a folder, from its size.
 #[test]

@@ -68,7 +68,10 @@ pub struct S3Options {
 /// An S3 prefix holding a checkpoint.
 #[derive(Debug, Clone)]
 pub struct S3Source {
-    client: Client,
+    /// Shared by clones; replaced once when S3 says the bucket is in another region.
+    client: Arc<std::sync::RwLock<Client>>,
+    /// Whether the client was moved to the bucket's region.
+    moved: Arc<AtomicBool>,
     bucket: String,
     prefix: String,
     retry: RetryPolicy,
@@ -160,7 +163,8 @@ impl S3Source {
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired);
         Ok(S3Source {
-            client: Client::from_conf(conf.build()),
+            client: Arc::new(std::sync::RwLock::new(Client::from_conf(conf.build()))),
+            moved: Arc::default(),
             bucket,
             prefix,
             retry: opts.retry,
@@ -174,6 +178,53 @@ impl S3Source {
             modified: Arc::default(),
             warned: Arc::default(),
         })
+    }
+
+    /// The client requests are sent with now.
+    fn client(&self) -> Client {
+        self.client
+            .read()
+            .expect("no panics while holding the lock")
+            .clone()
+    }
+
+    /// Moves the client to `region`, the bucket's as S3 names it in a redirect (once, with a
+    /// note): whether a request redirected there is worth sending again.
+    fn move_to_region(&self, region: &str) -> bool {
+        let valid = !region.is_empty()
+            && region.len() <= 64
+            && region
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !valid {
+            return false;
+        }
+        let mut client = self
+            .client
+            .write()
+            .expect("no panics while holding the lock");
+        let current = client.config().region().map(|r| r.to_string());
+        if current.as_deref() == Some(region) {
+            // Sent before another request moved the client here, or a redirect to where it
+            // already is (which sending again cannot mend).
+            return self.moved.load(Ordering::Relaxed);
+        }
+        if self.moved.swap(true, Ordering::Relaxed) {
+            return false;
+        }
+        crate::report::warn(&format!(
+            "{} is in region {region}, not {}: asking there (pass --region {region} to skip the \
+             redirect)",
+            self.describe(),
+            current.as_deref().unwrap_or("the one configured")
+        ));
+        let conf = client
+            .config()
+            .to_builder()
+            .region(Region::new(region.to_owned()))
+            .build();
+        *client = Client::from_conf(conf);
+        true
     }
 
     /// The endpoint as a person would name it.
@@ -227,7 +278,7 @@ impl S3Source {
                 async move {
                     let started = Instant::now();
                     let out = self
-                        .client
+                        .client()
                         .list_objects_v2()
                         .bucket(&self.bucket)
                         .prefix(prefix)
@@ -370,10 +421,34 @@ impl S3Source {
                         end: range.map_or(0, |r| r.end),
                         detail: "the object is shorter than the range (HTTP 416)".into(),
                     }),
-                    301 => Failure::Fatal(SourceError::Request {
-                        name: what,
-                        detail: format!("{detail}: the bucket is in another region; pass --region"),
-                    }),
+                    // A bucket in another region: S3 names it (`x-amz-bucket-region`) in a 301,
+                    // or in a 400 when the request reached the region's endpoint signed for
+                    // another.
+                    301 | 400 if status == 301 || code == "AuthorizationHeaderMalformed" => {
+                        let region = se
+                            .raw()
+                            .headers()
+                            .get("x-amz-bucket-region")
+                            .map(str::to_owned);
+                        match region {
+                            Some(r) if self.move_to_region(&r) => {
+                                Failure::Retry(format!("{what}: the bucket is in region {r}"))
+                            }
+                            Some(r) => Failure::Fatal(SourceError::Request {
+                                name: what,
+                                detail: format!(
+                                    "{detail}: the bucket is in {r}; pass --region {r}"
+                                ),
+                            }),
+                            None if status == 301 => Failure::Fatal(SourceError::Request {
+                                name: what,
+                                detail: format!(
+                                    "{detail}: the bucket is in another region; pass --region"
+                                ),
+                            }),
+                            None => Failure::Fatal(SourceError::Request { name: what, detail }),
+                        }
+                    }
                     _ => Failure::Fatal(SourceError::Request { name: what, detail }),
                 }
             }
@@ -489,7 +564,7 @@ impl S3Source {
             None => self.pinned_modified(name.as_str()),
         };
         let request = self
-            .client
+            .client()
             .get_object()
             .bucket(&self.bucket)
             .key(key)
@@ -610,7 +685,7 @@ impl ObjectStore for S3Source {
                 |attempt| async move {
                     let started = Instant::now();
                     let out = self
-                        .client
+                        .client()
                         .head_object()
                         .bucket(&self.bucket)
                         .key(key)
@@ -658,7 +733,7 @@ impl ObjectStore for S3Source {
                 |attempt| async move {
                     let started = Instant::now();
                     let out = self
-                        .client
+                        .client()
                         .get_object()
                         .bucket(&self.bucket)
                         .key(key)

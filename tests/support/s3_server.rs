@@ -569,6 +569,13 @@ impl TestServer {
         self.shared.no_etags.store(true, Ordering::Relaxed);
     }
 
+    /// Puts every bucket in `region` from now on: a request signed for another region gets S3's
+    /// answer for a bucket in another region, a 301 `PermanentRedirect` naming the bucket's region
+    /// in `x-amz-bucket-region` (counted as `other`).
+    pub fn set_bucket_region(&self, region: &str) {
+        *lock(&self.shared.bucket_region) = Some(region.to_owned());
+    }
+
     /// Lists ETags without their quotes from now on (object headers keep them), as NetApp ONTAP's
     /// S3 does.
     pub fn unquoted_listing_etags(&self) {
@@ -645,6 +652,8 @@ struct Shared {
     no_etags: AtomicBool,
     /// List ETags without their quotes.
     unquoted_listing_etags: AtomicBool,
+    /// The region every bucket is in, when requests must be signed for it.
+    bucket_region: Mutex<Option<String>>,
     /// Ignore `If-Unmodified-Since` (honoured by default, as S3 does).
     ignore_if_unmodified_since: AtomicBool,
 }
@@ -674,6 +683,7 @@ impl Shared {
             request_ids: AtomicU64::new(1),
             no_etags: AtomicBool::new(false),
             unquoted_listing_etags: AtomicBool::new(false),
+            bucket_region: Mutex::new(None),
             ignore_if_unmodified_since: AtomicBool::new(false),
         }
     }
@@ -1006,6 +1016,7 @@ fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
         206 => "Partial Content",
+        301 => "Moved Permanently",
         304 => "Not Modified",
         400 => "Bad Request",
         403 => "Forbidden",
@@ -1062,6 +1073,22 @@ fn route(shared: &Shared, req: &Request) -> (Response, Option<Fault>) {
             Response::error(400, "InvalidBucketName", msg, &req.path, head),
             None,
         );
+    }
+    if let Some(region) = lock(&shared.bucket_region).clone() {
+        let signed_for = req
+            .header("authorization")
+            .and_then(|a| a.split("Credential=").nth(1))
+            .and_then(|c| c.split('/').nth(2));
+        if signed_for.is_some_and(|r| r != region) {
+            shared.count(|s| s.other += 1);
+            let msg = "The bucket you are attempting to access must be addressed using the \
+                       specified endpoint. Please send all future requests to this endpoint.";
+            return (
+                Response::error(301, "PermanentRedirect", msg, &req.path, head)
+                    .header("x-amz-bucket-region", region),
+                None,
+            );
+        }
     }
     if key.is_empty() {
         return bucket_request(shared, req, bucket, head);
