@@ -649,12 +649,19 @@ fn a_failed_listing_ahead_falls_back_to_a_head_per_file() {
     let s = serve("model");
     s.server
         .add_fault(status(503, "SlowDown").on_method("LIST"));
+    let (lists, heads, files) = fetch_model_counting(&s);
+    assert_eq!((lists, heads), (1, files));
+}
+
+/// Fetches `model` from `s` into a fresh folder and checks it; the LISTs and HEADs the server
+/// got, and the number of shard files.
+fn fetch_model_counting(s: &Served) -> (u64, u64, u64) {
     let (_d, out) = out_dir();
-    summary(&fetch(&s, &out, &[]));
+    summary(&fetch(s, &out, &[]));
     assert_complete(&out);
     let stats = s.server.stats();
     let files = expected("model")["files"].as_object().unwrap().len() as u64;
-    assert_eq!((stats.lists, stats.heads), (1, files), "{stats:?}");
+    (stats.lists, stats.heads, files)
 }
 
 /// A listing ahead that has not answered a second after the stats need it (here it takes 30 s)
@@ -664,18 +671,14 @@ fn a_slow_listing_ahead_is_not_waited_for() {
     let s = serve("model");
     s.server
         .add_fault(FaultRule::new(Fault::Latency(Duration::from_secs(30))).on_method("LIST"));
-    let (_d, out) = out_dir();
     let started = Instant::now();
-    summary(&fetch(&s, &out, &[]));
+    let (_, heads, files) = fetch_model_counting(&s);
     assert!(
         started.elapsed() < Duration::from_secs(15),
         "{:?}",
         started.elapsed()
     );
-    assert_complete(&out);
-    let stats = s.server.stats();
-    let files = expected("model")["files"].as_object().unwrap().len() as u64;
-    assert_eq!(stats.heads, files, "{stats:?}");
+    assert_eq!(heads, files);
 }
 
 /// A store whose listings give ETags without their quotes (NetApp ONTAP) while its answers'
@@ -703,12 +706,8 @@ fn a_crowded_prefix_is_listed_one_page_ahead() {
     for i in 0..1100 {
         std::fs::write(dir.join(format!("{i:04}.txt")), b"x").unwrap();
     }
-    let (_d, out) = out_dir();
-    summary(&fetch(&s, &out, &[]));
-    assert_complete(&out);
-    let stats = s.server.stats();
-    let files = expected("model")["files"].as_object().unwrap().len() as u64;
-    assert_eq!((stats.lists, stats.heads), (1, files), "{stats:?}");
+    let (lists, heads, files) = fetch_model_counting(&s);
+    assert_eq!((lists, heads), (1, files));
 }
 
 /// A bucket in another region than the one configured: S3 answers 301 naming the bucket's
