@@ -249,7 +249,7 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
 
     /// The objects directly inside the checkpoint (not in sub-folders), with their size and
     /// version as [`ObjectStore::stat`] gives them.
-    fn list(&self) -> BoxFuture<'_, Result<Vec<(String, ObjectMeta)>, SourceError>>;
+    fn list(&self) -> BoxFuture<'_, Result<Listing, SourceError>>;
 
     /// The first page of [`ObjectStore::list`] (one request) and whether it is the whole
     /// listing, where a stat costs a round trip that this one request, sent beside the
@@ -374,7 +374,7 @@ impl Source {
 
     /// The objects directly inside the checkpoint (not in sub-folders), with their size and
     /// version as [`Source::stat`] gives them: one listing request per 1,000 objects on S3.
-    pub async fn list(&self) -> Result<Vec<(String, ObjectMeta)>, SourceError> {
+    pub async fn list(&self) -> Result<Listing, SourceError> {
         self.0.list().await
     }
 

@@ -69,9 +69,7 @@ pub struct S3Options {
 #[derive(Debug, Clone)]
 pub struct S3Source {
     /// Shared by clones; replaced once when S3 says the bucket is in another region.
-    client: Arc<std::sync::RwLock<Client>>,
-    /// Whether the client was moved to the bucket's region.
-    moved: Arc<AtomicBool>,
+    client: Arc<std::sync::RwLock<Regional>>,
     bucket: String,
     prefix: String,
     retry: RetryPolicy,
@@ -87,6 +85,13 @@ pub struct S3Source {
     modified: Arc<Mutex<HashMap<String, i64>>>,
     /// Whether the "no ETags" warning has been printed.
     warned: Arc<AtomicBool>,
+}
+
+/// The client requests are sent with, and whether it was moved to the bucket's region.
+#[derive(Debug)]
+struct Regional {
+    client: Client,
+    moved: bool,
 }
 
 /// An ETag as an HTTP header carries it, quoted: some stores (NetApp ONTAP) list ETags without
@@ -163,8 +168,10 @@ impl S3Source {
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired);
         Ok(S3Source {
-            client: Arc::new(std::sync::RwLock::new(Client::from_conf(conf.build()))),
-            moved: Arc::default(),
+            client: Arc::new(std::sync::RwLock::new(Regional {
+                client: Client::from_conf(conf.build()),
+                moved: false,
+            })),
             bucket,
             prefix,
             retry: opts.retry,
@@ -185,6 +192,7 @@ impl S3Source {
         self.client
             .read()
             .expect("no panics while holding the lock")
+            .client
             .clone()
     }
 
@@ -199,17 +207,17 @@ impl S3Source {
         if !valid {
             return false;
         }
-        let mut client = self
+        let mut state = self
             .client
             .write()
             .expect("no panics while holding the lock");
-        let current = client.config().region().map(|r| r.to_string());
+        let current = state.client.config().region().map(|r| r.to_string());
         if current.as_deref() == Some(region) {
             // Sent before another request moved the client here, or a redirect to where it
             // already is (which sending again cannot mend).
-            return self.moved.load(Ordering::Relaxed);
+            return state.moved;
         }
-        if self.moved.swap(true, Ordering::Relaxed) {
+        if state.moved {
             return false;
         }
         crate::report::warn(&format!(
@@ -218,12 +226,16 @@ impl S3Source {
             self.describe(),
             current.as_deref().unwrap_or("the one configured")
         ));
-        let conf = client
+        let conf = state
+            .client
             .config()
             .to_builder()
             .region(Region::new(region.to_owned()))
             .build();
-        *client = Client::from_conf(conf);
+        *state = Regional {
+            client: Client::from_conf(conf),
+            moved: true,
+        };
         true
     }
 
@@ -707,7 +719,7 @@ impl ObjectStore for S3Source {
     }
 
     /// One ListObjectsV2 request per 1,000 objects.
-    fn list(&self) -> BoxFuture<'_, Result<Vec<(String, ObjectMeta)>, SourceError>> {
+    fn list(&self) -> BoxFuture<'_, Result<Listing, SourceError>> {
         Box::pin(async move { Ok(self.list_pages(usize::MAX, u32::MAX).await?.0) })
     }
 

@@ -87,7 +87,7 @@ pub async fn stat_each(
     let in_flight = in_flight.max(1);
     let mut out = Vec::with_capacity(names.len());
     let mut rest = names.to_vec();
-    let mut take = |listed: Listing, rest: &mut Vec<ObjectName>| {
+    let mut found = |listed: Listing, rest: &mut Vec<ObjectName>| {
         let mut listed: HashMap<String, ObjectMeta> = listed.into_iter().collect();
         rest.retain(|name| match listed.remove(name.as_str()) {
             Some(meta) => {
@@ -101,7 +101,7 @@ pub async fn stat_each(
     let mut list_again = true;
     match ahead.take().await {
         Some(Ok((listed, whole))) => {
-            take(listed, &mut rest);
+            found(listed, &mut rest);
             list_again = !whole;
         }
         Some(Err(SourceError::AccessDenied { .. })) => list_again = false,
@@ -111,7 +111,7 @@ pub async fn stat_each(
         && rest.len() > in_flight
         && let Ok(listed) = source.0.list().await
     {
-        take(listed, &mut rest);
+        found(listed, &mut rest);
     }
     let mut tasks = JoinSet::new();
     let mut pending = rest.into_iter();
